@@ -1,0 +1,153 @@
+"""create_app(settings) -> Flask: settings, backends, blueprints, error handlers."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backends.base import BackendError
+from backends.ggml_file import ModelFile, ModelFileError, read_model_file
+from backends.registry import Registry
+from compat.auth import check_bearer
+from compat.errors import APIError, from_backend, internal_error
+from compat.routes import chat, health, models
+from settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("aigate")
+
+DEMO_OWNER = "aigate-demo (random weights: set CHATGLM_MODEL to a real chatglm3-ggml.bin)"
+DEMO_MODEL_ID = "chatglm3-demo"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    registry: Registry
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["aigate"] = AppState(settings, build_registry(settings))
+    if not settings.api_keys:
+        log.warning("API_KEYS is empty: anyone who can reach this server can use it")
+
+    for bp in (models.bp, chat.bp, health.bp):
+        app.register_blueprint(bp)
+    _install_request_hooks(app, settings)
+    _install_error_handlers(app)
+    return app
+
+
+def build_registry(settings: Settings) -> Registry:
+    from backends.chatglm import ChatGLMBackend
+    from backends.slots import GenerationSlots
+
+    model, model_id = check_local_model(settings)
+    slots = GenerationSlots(settings.slots_dir, settings.generation_slots, settings.max_queue,
+                            settings.queue_timeout)
+    backend = ChatGLMBackend(model, model_id=model_id, max_length=settings.chatglm_max_length, slots=slots,
+                             owned_by=DEMO_OWNER if settings.uses_demo_model else "local")
+    try:
+        return Registry([backend], dict(settings.model_aliases))
+    except ValueError as exc:
+        raise ConfigError(f"MODEL_ALIASES: {exc}") from None
+
+
+def check_config(settings: Settings) -> None:
+    """Everything build_registry checks, without loading a model (for the gunicorn master)."""
+    _model, model_id = check_local_model(settings)
+    for alias, target in settings.model_aliases:
+        if target != model_id:
+            raise ConfigError(f"MODEL_ALIASES: alias {alias}={target}: no configured model is called "
+                              f"{target!r} (models: {model_id})")
+
+
+def check_local_model(settings: Settings) -> tuple[ModelFile, str]:
+    """The checked model file (the demo model written first if none is configured) and its id."""
+    if settings.uses_demo_model:
+        ensure_demo_model(settings)
+    try:
+        model = read_model_file(settings.model_path)
+    except ModelFileError as exc:
+        raise ConfigError(f"CHATGLM_MODEL: {exc}") from None
+    if settings.chatglm_max_length and settings.chatglm_max_length > model.config.max_length:
+        raise ConfigError(f"CHATGLM_MAX_LENGTH={settings.chatglm_max_length} is more than the model's own "
+                          f"{model.config.max_length}; lower it or leave it unset")
+    if settings.chatglm_model_id:
+        return model, settings.chatglm_model_id
+    return model, DEMO_MODEL_ID if settings.uses_demo_model else model.path.name.removesuffix(".bin")
+
+
+def ensure_demo_model(settings: Settings) -> None:
+    if settings.demo_model_path.is_file():
+        return
+    from backends.demo_model import write_demo_model
+
+    log.warning("no CHATGLM_MODEL set: writing the random-weight demo model to %s. It answers with "
+                "nonsense; set CHATGLM_MODEL=/path/to/chatglm3-ggml.bin to serve a real model.",
+                settings.demo_model_path)
+    write_demo_model(settings.demo_model_path)
+
+
+def _install_request_hooks(app: Flask, settings: Settings) -> None:
+    @app.before_request
+    def authenticate():
+        g.request_id = request.headers.get("X-Request-ID") or "req_" + secrets.token_hex(12)
+        if request.method == "OPTIONS":
+            return _preflight(settings)
+        if request.path.startswith("/v1/"):
+            check_bearer(request.headers.get("Authorization"), settings.api_keys)
+        return None
+
+    @app.after_request
+    def decorate(response: Response) -> Response:
+        response.headers["x-request-id"] = g.get("request_id", "")
+        response.headers["Access-Control-Allow-Origin"] = settings.cors_origins
+        response.headers["Access-Control-Expose-Headers"] = "x-request-id"
+        return response
+
+
+def _preflight(settings: Settings) -> Response:
+    """CORS preflight, without auth; the SDKs send x-stainless-* headers, so reflect them."""
+    response = Response(status=204)
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+        "Access-Control-Request-Headers", "authorization, content-type")
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def _install_error_handlers(app: Flask) -> None:
+    def respond(err: APIError) -> Response:
+        response = jsonify(err.body())
+        response.status_code = err.status
+        response.headers.update(err.headers)
+        return response
+
+    @app.errorhandler(APIError)
+    def api_error(err: APIError):
+        return respond(err)
+
+    @app.errorhandler(BackendError)
+    def backend_error(err: BackendError):
+        return respond(from_backend(err))
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        status = err.code or 500
+        code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        message = {404: f"Unknown request URL: {request.method} {request.path}.",
+                   413: "The request body is too large (MAX_BODY_BYTES)."}.get(status, err.description or "")
+        return respond(APIError(status, message, code=code))
+
+    @app.errorhandler(Exception)
+    def unexpected(err: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return respond(internal_error())

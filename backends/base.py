@@ -1,0 +1,95 @@
+"""What every backend speaks: the request it is given, the events it yields, the errors it raises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: tuple[Message, ...]
+    max_tokens: int | None = None  # None: as many as the context allows
+    temperature: float | None = None  # None: the backend's default; 0: greedy
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    usage: Usage
+
+
+Event = TextDelta | Finish
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    owned_by: str
+    created: int = 0
+
+
+class Backend(Protocol):
+    def models(self) -> list[ModelInfo]: ...
+
+    def chat(self, request: ChatRequest) -> Iterator[Event]:
+        """Yield TextDeltas then exactly one Finish. Errors raised before the first event are the
+        request's fault or the server's state (BackendError); closing the iterator must stop
+        the work at once."""
+        ...
+
+
+@dataclass
+class BackendError(Exception):
+    """A failure a client should hear about; compat maps each kind to an HTTP status."""
+
+    message: str
+    param: str | None = None
+    retry_after: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ContextLengthExceeded(BackendError):
+    """The prompt does not fit the model's context."""
+
+
+class QueueFull(BackendError):
+    """Every generation slot is busy and the waiting line is full."""
+
+
+class QueueTimeout(BackendError):
+    """The request waited in line longer than QUEUE_TIMEOUT."""

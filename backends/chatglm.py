@@ -1,0 +1,164 @@
+"""chatglm.cpp: one Pipeline per slot in each worker, driven token by token.
+
+Pipeline.generate() is broken in chatglm-cpp 0.4.2 and Pipeline.chat() truncates long prompts
+in silence, so this module runs the token loop itself (``model.generate_next_token``), which
+lets it count tokens exactly, honour max_tokens and stop strings, stop the moment the client
+goes away, and give the gevent hub a turn between steps (a step holds the GIL throughout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, Message, ModelInfo, TextDelta,
+                           Usage)
+from backends.ggml_file import ModelFile
+from backends.slots import GenerationSlots
+from backends.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+# The prompt is evaluated this many tokens per C++ call so that other requests get a turn
+# during a long prefill; 128 keeps the batched matrix products efficient.
+PREFILL_CHUNK = 128
+CHATGLM_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
+DEFAULT_TEMPERATURE = 0.95  # chatglm.cpp's own defaults, used when the client sends none
+DEFAULT_TOP_P = 0.7
+
+
+def hub_yield() -> Callable[[], None]:
+    """gevent.idle under a gevent worker (sleep(0) would starve timers and I/O); else nothing."""
+    try:
+        from gevent import idle, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return lambda: None
+    return idle if monkey.is_module_patched("socket") else (lambda: None)
+
+
+class Detokenizer:
+    """Turns token ids into text pieces as they come.
+
+    Each new token is decoded together with the one before it, because sentencepiece drops the
+    leading space of the first piece it decodes; text ending in an unfinished UTF-8 sequence
+    (byte-fallback tokens) is held until the sequence is complete.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context
+        self._read = 0  # end of what was already emitted
+        self._prefix_text = ""
+
+    def add(self, token: int) -> str:
+        self._ids.append(token)
+        try:
+            text = self._decode(self._ids[self._prefix:])
+        except UnicodeDecodeError:
+            return ""
+        if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self._prefix_text):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix_text = self._safe_decode(self._ids[self._prefix:self._read])
+        return delta
+
+    def flush(self) -> str:
+        text = self._safe_decode(self._ids[self._prefix:])
+        return text[len(self._prefix_text):]
+
+    def _safe_decode(self, ids: list[int]) -> str:
+        try:
+            return self._decode(ids)
+        except UnicodeDecodeError:
+            return "\ufffd"
+
+
+class ChatGLMBackend:
+    def __init__(self, model: ModelFile, *, model_id: str, owned_by: str, max_length: int | None,
+                 slots: GenerationSlots) -> None:
+        import chatglm_cpp  # imported here: loading the extension is the backend's business only
+
+        self._chatglm = chatglm_cpp
+        self.slots = slots
+        self.context_length = max_length or model.config.max_length
+        self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime))
+        # One Pipeline (one KV cache) per generation slot: the slots keep at most that many
+        # generations running on the machine, so one is always free when a slot is won.
+        self._free = [chatglm_cpp.Pipeline(str(model.path), max_length=self.context_length)
+                      for _ in range(slots.slots)]
+        self._tokenizer = self._free[0].tokenizer
+        config = self._free[0].model.config
+        self._end_ids = frozenset([config.eos_token_id, *config.extra_eos_token_ids])
+        self._pieces = model.tokenizer_pieces
+        self._yield = hub_yield()
+        log.info("loaded %s (%s), context %d tokens", model_id, model.path, self.context_length)
+
+    def models(self) -> list[ModelInfo]:
+        return [self._info]
+
+    def count_prompt_tokens(self, messages: tuple[Message, ...]) -> int:
+        return len(self._encode(messages))
+
+    def chat(self, request: ChatRequest) -> Iterator[Event]:
+        prompt = self._encode(request.messages)
+        room = self.context_length - len(prompt)
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens, and your messages "
+                f"take {len(prompt)} tokens. Shorten the messages.", param="messages")
+        max_new = room if request.max_tokens is None else min(request.max_tokens, room)
+        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+        config = self._chatglm._C.GenerationConfig(
+            max_length=self.context_length, max_new_tokens=max_new, max_context_length=self.context_length,
+            do_sample=temperature > 0, top_k=0,
+            top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
+            temperature=temperature, repetition_penalty=1.0)
+        with self.slots.acquire():
+            pipeline = self._free.pop()
+            try:
+                yield from self._generate(pipeline, prompt, config, max_new, StopMatcher(request.stop))
+            finally:
+                self._free.append(pipeline)
+
+    def _encode(self, messages: tuple[Message, ...]) -> list[int]:
+        chat_messages = [self._chatglm.ChatMessage(role=CHATGLM_ROLES[m.role], content=m.content)
+                         for m in messages]
+        # A limit beyond any prompt: chatglm.cpp would otherwise drop the oldest tokens in silence.
+        return list(self._tokenizer.apply_chat_template(chat_messages, 1 << 30))
+
+    def _generate(self, pipeline, prompt: list[int], config, max_new: int, stop: StopMatcher) -> Iterator[Event]:
+        model = pipeline.model
+        ids = list(prompt)
+        n_past = 0
+        while len(ids) - n_past > PREFILL_CHUNK:
+            model.generate_next_token(ids[:n_past + PREFILL_CHUNK], None, config, n_past, len(prompt))
+            n_past += PREFILL_CHUNK
+            self._yield()
+
+        detok = Detokenizer(self._tokenizer.decode)
+        generated = 0
+        reason = "length"
+        while generated < max_new:
+            token = model.generate_next_token(ids, None, config, n_past, len(prompt))
+            n_past = len(ids)
+            ids.append(token)
+            generated += 1
+            # End of text: eos, or any id past the ordinary pieces (special or padding ids;
+            # decoding a padding id would crash the tokenizer).
+            if token in self._end_ids or not 0 <= token < self._pieces:
+                reason = "stop"
+                break
+            text = stop.feed(detok.add(token))
+            if text:
+                yield TextDelta(text)
+            if stop.stopped:
+                reason = "stop"
+                break
+            self._yield()
+        if not stop.stopped:
+            tail = stop.feed(detok.flush()) + stop.flush()
+            if tail:
+                yield TextDelta(tail)
+        yield Finish(reason, Usage(len(prompt), generated))  # type: ignore[arg-type]

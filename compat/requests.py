@@ -1,0 +1,192 @@
+"""Parse and check a /v1/chat/completions body; every problem is a 400 naming the field.
+
+Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
+``logprobs``, JSON response formats, tools) or, where ignoring them changes nothing a client
+relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...), are accepted and ignored.
+Unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import ChatRequest, Message
+from compat.errors import APIError, invalid
+
+# OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
+# "function" the deprecated form of "tool".
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool", "function": "tool"}
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    request: ChatRequest
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat(body: Any) -> ChatCall:
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("you must provide a model parameter" if model is None else "model must be a non-empty string",
+                      "model", "missing_required_parameter" if model is None else "invalid_type")
+    messages = _messages(body.get("messages"))
+
+    n = _integer(body, "n", minimum=1)
+    if n is not None and n > 1:
+        raise invalid("n > 1 is not supported: this server returns one choice per request; "
+                      "send n separate requests instead.", "n", "unsupported_value")
+    if body.get("logprobs") is True:
+        raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
+    _optional_bool(body, "logprobs")
+    _response_format(body.get("response_format"))
+    _tools(body)
+
+    max_tokens = _integer(body, "max_completion_tokens", minimum=1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", minimum=1)
+    stream = _optional_bool(body, "stream") or False
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("stream_options must be an object.", "stream_options", "invalid_type")
+    include_usage = bool(options and _optional_bool(options, "include_usage", "stream_options.include_usage"))
+
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user must be a string.", "user", "invalid_type")
+    request = ChatRequest(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        stop=_stop(body.get("stop")),
+        seed=_integer(body, "seed"),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
+    )
+    return ChatCall(request, stream, include_usage)
+
+
+def _messages(raw: Any) -> tuple[Message, ...]:
+    if raw is None:
+        raise invalid("you must provide a messages parameter", "messages", "missing_required_parameter")
+    if not isinstance(raw, list):
+        raise invalid("messages must be an array of message objects.", "messages", "invalid_type")
+    if not raw:
+        raise invalid("messages must contain at least one message.", "messages", "empty_array")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(f"{where} must be an object with a role and content.", where, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise invalid(f"{where}.role must be one of system, developer, user, assistant, tool; got {role!r}.",
+                          f"{where}.role", "invalid_value")
+        content = m.get("content")
+        if content is None and role != "assistant":
+            raise invalid(f"{where}.content is required for role {role!r}.", f"{where}.content",
+                          "missing_required_parameter")
+        out.append(Message(ROLES[role], _content(content, f"{where}.content")))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _content(content: Any, where: str) -> str:
+    """A string, an array of text parts (joined), or null (an assistant turn with tool calls)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise invalid(f"{where} must be a string or an array of content parts.", where, "invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise invalid(f"{where}[{j}]: content parts of type {kind!r} are not supported; "
+                          "this server's models take text only.", f"{where}[{j}].type", "unsupported_content")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise invalid(f"{where}[{j}].text must be a string.", f"{where}[{j}].text", "invalid_type")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _stop(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    stops = [raw] if isinstance(raw, str) else raw
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid("stop must be a string or an array of strings.", "stop", "invalid_type")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid(f"stop takes at most {MAX_STOP_SEQUENCES} sequences.", "stop", "invalid_value")
+    if any(s == "" for s in stops):
+        raise invalid("stop sequences must not be empty strings.", "stop", "invalid_value")
+    return tuple(stops)
+
+
+def _response_format(raw: Any) -> None:
+    if raw is None:
+        return
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise invalid(f"'response_format' of type {kind!r} is not supported with this model.",
+                      "response_format", "unsupported_value")
+    raise invalid("response_format must be an object with type text, json_object or json_schema.",
+                  "response_format", "invalid_value")
+
+
+def _tools(body: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        return
+    if not isinstance(tools, list):
+        raise invalid("tools must be an array.", "tools", "invalid_type")
+    if body.get("tool_choice") != "none":
+        raise invalid("tool calling is not supported by this server yet; send the request without tools "
+                      "(or with tool_choice 'none').", "tools", "unsupported_parameter")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or value != value:
+        raise invalid(f"{name} must be a number.", name, "invalid_type")
+    if not low <= value <= high:
+        raise invalid(f"{value} is not a valid {name}: it must be between {low:g} and {high:g}.", name,
+                      "invalid_value")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, *, minimum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise invalid(f"{name} must be an integer.", name, "invalid_type")
+    if minimum is not None and value < minimum:
+        raise invalid(f"{value} is not a valid {name}: it must be at least {minimum}.", name, "invalid_value")
+    return value
+
+
+def _optional_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"{param or name} must be true or false.", param or name, "invalid_type")
+    return value
+
+
+__all__ = ["APIError", "ChatCall", "parse_chat"]

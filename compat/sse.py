@@ -1,0 +1,21 @@
+"""Server-sent events as the OpenAI SDKs read them: `data: <one-line JSON>\n\n`, then `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keepalive\n\n"
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One event. JSON never contains a raw newline, so one data line always suffices; lone
+    surrogates (never valid UTF-8) are replaced rather than allowed to break the stream."""
+    return b"data: " + _encoder.encode(obj).encode("utf-8", "replace") + b"\n\n"
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    return _encoder.encode(obj).encode("utf-8", "replace")

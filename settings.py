@@ -1,0 +1,129 @@
+"""Settings: one frozen object read from the environment, or a .env file in the working directory.
+
+Every problem is reported as a ConfigError naming the variable and the fix, so the server can
+stop at start with one clear line instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_keys: tuple[str, ...] = ()
+    chatglm_model: Path | None = None  # None: serve the random-weight demo model
+    chatglm_model_id: str | None = None
+    chatglm_max_length: int | None = None
+    demo_model_path: Path = DEFAULT_DEMO_MODEL
+    model_aliases: tuple[tuple[str, str], ...] = ()
+    generation_slots: int = 1
+    max_queue: int = 8
+    queue_timeout: float = 60.0
+    slots_dir: Path = Path(tempfile.gettempdir()) / f"aigate-slots-{os.getuid()}"
+    max_body_bytes: int = 4 * 1024 * 1024
+    cors_origins: str = "*"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    worker_connections: int = 1000
+    timeout: int = 300
+    graceful_timeout: int = 60
+    keepalive: int = 75
+    log_level: str = "info"
+
+    @property
+    def uses_demo_model(self) -> bool:
+        return self.chatglm_model is None
+
+    @property
+    def model_path(self) -> Path:
+        return self.chatglm_model or self.demo_model_path
+
+
+def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.PathLike[str] | None = ".env") -> Settings:
+    """Read settings from ``environ`` (default os.environ) over the values of a .env file."""
+    env: dict[str, str] = {}
+    if dotenv is not None and Path(dotenv).is_file():
+        env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+    env.update(os.environ if environ is None else environ)
+    r = _Reader(env)
+    model = r.text("CHATGLM_MODEL") or r.text("MODEL")
+    return Settings(
+        api_keys=tuple(k.strip() for k in r.text("API_KEYS").split(",") if k.strip()),
+        chatglm_model=Path(model).expanduser() if model else None,
+        chatglm_model_id=r.text("CHATGLM_MODEL_ID") or None,
+        chatglm_max_length=r.integer("CHATGLM_MAX_LENGTH", None, minimum=16),
+        demo_model_path=Path(r.text("DEMO_MODEL_PATH") or DEFAULT_DEMO_MODEL),
+        model_aliases=_aliases(r.text("MODEL_ALIASES")),
+        generation_slots=r.integer("GENERATION_SLOTS", 1, minimum=1),
+        max_queue=r.integer("MAX_QUEUE", 8, minimum=0),
+        queue_timeout=r.number("QUEUE_TIMEOUT", 60.0, minimum=0.0),
+        slots_dir=Path(r.text("SLOTS_DIR") or Settings.slots_dir),
+        max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
+        cors_origins=r.text("CORS_ORIGINS") or "*",
+        host=r.text("HOST") or "127.0.0.1",
+        port=r.integer("PORT", 8000, minimum=0),
+        workers=r.integer("WORKERS", 1, minimum=1),
+        worker_connections=r.integer("WORKER_CONNECTIONS", 1000, minimum=1),
+        timeout=r.integer("TIMEOUT", 300, minimum=1),
+        graceful_timeout=r.integer("GRACEFUL_TIMEOUT", 60, minimum=0),
+        keepalive=r.integer("KEEPALIVE", 75, minimum=0),
+        log_level=(r.text("LOG_LEVEL") or "info").lower(),
+    )
+
+
+def _aliases(raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        alias, sep, target = (s.strip() for s in item.partition("="))
+        if not sep or not alias or not target:
+            raise ConfigError(f"MODEL_ALIASES: {item!r} is not alias=model "
+                              "(example: MODEL_ALIASES=gpt-3.5-turbo=chatglm3-6b)")
+        pairs.append((alias, target))
+    return tuple(pairs)
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str) -> str:
+        return self.env.get(name, "").strip()
+
+    def integer(self, name: str, default, *, minimum: int):
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={value} is too small (at least {minimum})")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if value < minimum:
+            raise ConfigError(f"{name}={value} is too small (at least {minimum:g})")
+        return value

@@ -1,0 +1,5 @@
+"""The WSGI entry point: gunicorn wsgi:application, mod_wsgi, Passenger."""
+
+from app import create_app
+
+application = create_app()
