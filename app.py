@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.register_blueprint(bp)
     _install_request_hooks(app, settings)
     _install_error_handlers(app)
+    log.info("aigate ready: serving %s", ", ".join(m.id for m in app.extensions["aigate"].registry.models()))
     return app
 
 

@@ -30,3 +30,15 @@ errorlog = "-"
 preload_app = False
 # gunicorn 27's control socket defaults to one path per user: two servers would fight over it.
 control_socket_disable = True
+
+# aigate's own loggers (the root) and gunicorn's error log to stderr, the access log to stdout,
+# each line once.
+logconfig_dict = {
+    "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False,
+                           "qualname": "gunicorn.error"},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False,
+                            "qualname": "gunicorn.access"},
+    },
+}

@@ -19,9 +19,6 @@ from backends.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
-# The prompt is evaluated this many tokens per C++ call so that other requests get a turn
-# during a long prefill; 128 keeps the batched matrix products efficient.
-PREFILL_CHUNK = 128
 CHATGLM_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 DEFAULT_TEMPERATURE = 0.95  # chatglm.cpp's own defaults, used when the client sends none
 DEFAULT_TOP_P = 0.7
@@ -129,14 +126,11 @@ class ChatGLMBackend:
         return list(self._tokenizer.apply_chat_template(chat_messages, 1 << 30))
 
     def _generate(self, pipeline, prompt: list[int], config, max_new: int, stop: StopMatcher) -> Iterator[Event]:
+        # The first step evaluates the whole prompt in one C++ call: chatglm.cpp evaluates a single
+        # new token whenever n_past > 0, so the prefill cannot be split to let the hub run between parts.
         model = pipeline.model
         ids = list(prompt)
         n_past = 0
-        while len(ids) - n_past > PREFILL_CHUNK:
-            model.generate_next_token(ids[:n_past + PREFILL_CHUNK], None, config, n_past, len(prompt))
-            n_past += PREFILL_CHUNK
-            self._yield()
-
         detok = Detokenizer(self._tokenizer.decode)
         generated = 0
         reason = "length"

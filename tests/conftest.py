@@ -1,0 +1,108 @@
+"""Shared fixtures: models written by the project's own demo generator, and real gunicorn servers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from backends.demo_model import write_demo_model
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+# A model big enough that a long answer takes seconds (about 400 tokens/s here) and that never
+# writes end-of-text, so max_tokens decides every length.
+SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, ffn_size=2816, eos_every=0)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def demo_model(models_dir: Path) -> Path:
+    return write_demo_model(models_dir / "demo.bin")
+
+
+@pytest.fixture(scope="session")
+def slow_model(models_dir: Path) -> Path:
+    return write_demo_model(models_dir / "endless.bin", **SLOW_MODEL)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    base_url: str
+    log: list[str] = field(default_factory=list)
+    exited: bool = False
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(tmp: Path, env: dict[str, str], *, ready_timeout: float = 60) -> Server:
+    """gunicorn -k gevent on an ephemeral loopback port; returns once a worker answers /health."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_", "MODEL", "API_KEYS"))}
+    full_env.update({"HOST": "127.0.0.1", "PORT": "0", "SLOTS_DIR": str(tmp / "slots"),
+                     "DEMO_MODEL_PATH": str(tmp / "demo-default.bin"), "PYTHONUNBUFFERED": "1"})
+    full_env.update(env)
+    process = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:application"], cwd=ROOT, env=full_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = Server(process, "")
+    workers = int(env.get("WORKERS", "1"))
+    ready = threading.Condition()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            with ready:
+                server.log.append(line)
+                found = re.search(r"Listening at: (http://[\d.]+:\d+)", line)
+                if found:
+                    server.base_url = found.group(1)
+                ready.notify_all()
+        with ready:
+            server.exited = True
+            ready.notify_all()
+
+    threading.Thread(target=pump, daemon=True).start()
+    with ready:  # each worker logs "aigate ready" once its model is loaded
+        ok = ready.wait_for(lambda: server.exited or (
+            server.base_url and sum("aigate ready" in line for line in server.log) >= workers), ready_timeout)
+    if not ok or server.exited:
+        server.stop()
+        raise RuntimeError("gunicorn did not become ready:\n" + "".join(server.log))
+    return server
+
+
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    servers: list[Server] = []
+
+    def make(**env: str) -> Server:
+        server = start_server(tmp_path_factory.mktemp("server"), env)
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.stop()

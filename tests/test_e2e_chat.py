@@ -1,0 +1,213 @@
+"""End to end: the official openai SDK against a real gunicorn (-k gevent) serving demo models."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+USER = [{"role": "user", "content": "Tell me about the river and the old town."}]
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, demo_model, slow_model):
+    # The endless model: every length is decided by max_tokens, never by chance.
+    return server_factory(CHATGLM_MODEL=str(slow_model), MODEL_ALIASES="gpt-3.5-turbo=endless")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+def test_models_list_and_retrieve(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["endless", "gpt-3.5-turbo"]
+    model = client.models.retrieve("endless")
+    assert (model.id, model.object, model.owned_by) == ("endless", "model", "local")
+    assert model.created > 1_600_000_000
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.code == "model_not_found"
+
+
+def test_stream_and_non_stream_agree_at_temperature_zero(client):
+    full = client.chat.completions.create(model="endless", messages=USER, temperature=0, max_tokens=40)
+    stream = client.chat.completions.create(model="endless", messages=USER, temperature=0, max_tokens=40,
+                                            stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert full.choices[0].message.content == text
+    assert len(full.choices[0].message.content) > 20
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:])
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    assert full.object == "chat.completion" and chunks[0].object == "chat.completion.chunk"
+
+
+def test_max_tokens_gives_length_and_exact_counts(client):
+    for n in (1, 7, 25):
+        r = client.chat.completions.create(model="endless", messages=USER, temperature=0, max_tokens=n)
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == n
+        assert r.usage.total_tokens == r.usage.prompt_tokens + n
+    longer = USER + [{"role": "assistant", "content": "It is old."}, {"role": "user", "content": "More?"}]
+    a = client.chat.completions.create(model="endless", messages=USER, max_tokens=1)
+    b = client.chat.completions.create(model="endless", messages=longer, max_tokens=1)
+    assert b.usage.prompt_tokens > a.usage.prompt_tokens
+    c = client.chat.completions.create(model="endless", messages=USER, max_completion_tokens=3, max_tokens=9)
+    assert c.usage.completion_tokens == 3  # max_completion_tokens wins, as at OpenAI
+
+
+def test_include_usage_chunk(client):
+    full = client.chat.completions.create(model="endless", messages=USER, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="endless", messages=USER, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump(exclude_none=True) == full.usage.model_dump(exclude_none=True)
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.chat.completions.create(model="endless", messages=USER, max_tokens=3, stream=True))
+    assert all(c.choices for c in plain)  # no usage chunk unless asked for
+
+
+def test_stop_string_cuts_the_text(client):
+    reference = client.chat.completions.create(model="endless", messages=USER, temperature=0,
+                                               max_tokens=60).choices[0].message.content
+    stop = reference[20:23]
+    expected = reference[:reference.index(stop)]
+    r = client.chat.completions.create(model="endless", messages=USER, temperature=0, max_tokens=60, stop=stop)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "stop")
+    assert r.usage.completion_tokens < 60
+    chunks = list(client.chat.completions.create(model="endless", messages=USER, temperature=0, max_tokens=60,
+                                                 stop=["\u2603never", stop], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_alias_answers_as_its_model(client):
+    r = client.chat.completions.create(model="gpt-3.5-turbo", messages=USER, max_tokens=2)
+    assert r.model == "endless"
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": USER}, 400, "model"),
+    ({"model": "endless"}, 400, "messages"),
+    ({"model": "endless", "messages": []}, 400, "messages"),
+    ({"model": "endless", "messages": "hi"}, 400, "messages"),
+    ({"model": "endless", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ({"model": "endless", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({"model": "endless", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"model": "endless", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0].type"),
+    ({"model": "endless", "messages": USER, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "endless", "messages": USER, "temperature": 2.5}, 400, "temperature"),
+    ({"model": "endless", "messages": USER, "top_p": -0.1}, 400, "top_p"),
+    ({"model": "endless", "messages": USER, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "endless", "messages": USER, "max_tokens": True}, 400, "max_tokens"),
+    ({"model": "endless", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "endless", "messages": USER, "stream": "yes"}, 400, "stream"),
+    ({"model": "endless", "messages": USER, "n": 2}, 400, "n"),
+    ({"model": "endless", "messages": USER, "logprobs": True}, 400, "logprobs"),
+    ({"model": "endless", "messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": "no-such-model", "messages": USER}, 404, "model"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    r = requests.post(server.v1 + "/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"", b"[1, 2]", b"\xff\xfe\x00", b"[" * 100_000])
+def test_malformed_bodies_get_400(server, data):
+    r = requests.post(server.v1 + "/chat/completions", data=data, timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_oversized_body_gets_413(server):
+    r = requests.post(server.v1 + "/chat/completions", data=b"x" * (5 * 1024 * 1024), timeout=30)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_ignored_fields_are_accepted(client):
+    r = client.chat.completions.create(model="endless", messages=[{"role": "developer", "content": "Be brief."}] + USER,
+                                       max_tokens=2, seed=1, user="u1", presence_penalty=0.5,
+                                       frequency_penalty=0.1, parallel_tool_calls=False,
+                                       extra_body={"some_vendor_field": {"x": 1}})
+    assert r.usage.completion_tokens == 2
+
+
+def test_prompt_longer_than_context_is_400(client):
+    huge = [{"role": "user", "content": "word " * 3000}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="endless", messages=huge, max_tokens=5)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="endless", messages=huge, max_tokens=5, stream=True)
+
+
+def test_generation_never_runs_past_the_context(client):
+    # About 1,000 prompt tokens in a 1,024 context: max_tokens is clamped to the room left.
+    prompt = [{"role": "user", "content": "river town " * 330}]
+    r = client.chat.completions.create(model="endless", messages=prompt, max_tokens=500)
+    assert r.usage.total_tokens == 1024
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_models_answer_while_a_long_generation_runs(server, client):
+    stream = client.chat.completions.create(model="endless", messages=USER, max_tokens=900, stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    started = time.monotonic()
+    r = requests.get(server.v1 + "/models", timeout=5)
+    health = requests.get(server.base_url + "/health", timeout=5)
+    elapsed = time.monotonic() - started
+    rest = list(stream)  # the generation was still running: it still had chunks to send
+    assert r.status_code == 200 and health.status_code == 200
+    assert elapsed < 1.0
+    assert len(rest) > 100 and rest[-1].choices[0].finish_reason == "length"
+
+
+def test_disconnect_mid_stream_frees_the_model(server, client):
+    t0 = time.monotonic()
+    client.chat.completions.create(model="endless", messages=USER, max_tokens=800)
+    whole = time.monotonic() - t0
+
+    with requests.post(server.v1 + "/chat/completions", stream=True, timeout=30,
+                       json={"model": "endless", "messages": USER, "max_tokens": 800, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data: ")
+    # The socket is closed: the worker notices at its next write and must stop generating.
+    t1 = time.monotonic()
+    r = client.chat.completions.create(model="endless", messages=USER, max_tokens=5)
+    assert r.usage.completion_tokens == 5
+    assert time.monotonic() - t1 < whole / 2, "the abandoned generation kept the model busy"
+
+
+def test_concurrent_streams_get_uncorrupted_text(client):
+    prompts = [[{"role": "user", "content": "The train leaves the station."}],
+               [{"role": "user", "content": "你好，今天天气很好。"}]]
+    alone = [client.chat.completions.create(model="endless", messages=p, temperature=0, max_tokens=150)
+             .choices[0].message.content for p in prompts]
+    assert alone[0] != alone[1]
+    results: list[str | None] = [None, None]
+
+    def run(i: int) -> None:
+        chunks = client.chat.completions.create(model="endless", messages=prompts[i], temperature=0,
+                                                max_tokens=150, stream=True)
+        results[i] = "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
