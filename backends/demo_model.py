@@ -42,6 +42,7 @@ Good software is simple, tested, fast and pleasant to use; bad software surprise
 """
 
 PAD_TO = 64  # round the vocabulary up like real ChatGLM3 (65024): ids past the tokenizer are padding
+DEFAULT_EOS_EVERY = 96  # end-of-text after at most this many tokens of the chain: answers of a sentence or two
 
 
 def train_tokenizer(vocab_size: int = 1000) -> bytes:
@@ -107,7 +108,7 @@ def write_demo_model(
     num_kv_heads: int = 2,
     ffn_size: int = 256,
     max_length: int = 1024,
-    eos_every: int = 24,
+    eos_every: int = DEFAULT_EOS_EVERY,
     seed: int = 0,
 ) -> Path:
     """Write the model atomically (a reader never sees half a file) and return its path."""

@@ -51,7 +51,7 @@ class Server:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGINT)  # quick shutdown: idle keep-alives hold SIGTERM
             try:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:

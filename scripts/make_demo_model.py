@@ -1,0 +1,32 @@
+"""Write a random-weight ChatGLM3 GGML model: python scripts/make_demo_model.py OUT.bin [--endless]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends.demo_model import DEFAULT_EOS_EVERY, write_demo_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--ffn", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--endless", action="store_true", help="never write end-of-text")
+    args = parser.parse_args()
+    path = write_demo_model(args.out, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                            num_kv_heads=args.kv_heads, ffn_size=args.ffn, max_length=args.max_length,
+                            eos_every=0 if args.endless else DEFAULT_EOS_EVERY)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Unit tests of the wire layer: request parsing, chunk building, SSE framing."""
+
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from backends.base import Finish, Message, TextDelta, Usage
+from compat import sse
+from compat.errors import APIError
+from compat.requests import parse_chat
+from compat.responses import Completion, fold, stream_chunks
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def parse(**fields):
+    return parse_chat({**BASE, **fields})
+
+
+def test_minimal_request_defaults():
+    call = parse()
+    assert call.request.messages == (Message("user", "hi"),)
+    assert (call.stream, call.include_usage, call.request.max_tokens, call.request.stop) == (False, False, None, ())
+
+
+def test_roles_and_content_forms_are_normalised():
+    call = parse(messages=[
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        {"role": "function", "content": "x", "name": "f"},
+    ])
+    assert [(m.role, m.content) for m in call.request.messages] == [
+        ("system", "be brief"), ("user", "ab"), ("assistant", ""), ("tool", "42"), ("tool", "x")]
+
+
+def test_stream_options_and_token_limits():
+    call = parse(stream=True, stream_options={"include_usage": True}, max_tokens=9, max_completion_tokens=4,
+                 stop="\n", temperature=0, top_p=1, seed=3)
+    assert (call.stream, call.include_usage, call.request.max_tokens, call.request.stop) == (True, True, 4, ("\n",))
+    assert (call.request.temperature, call.request.top_p) == (0.0, 1.0)
+    assert parse(stream_options={"include_usage": True}).include_usage is True  # harmless without stream
+    assert parse(max_tokens=5.0).request.max_tokens == 5
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"model": None}, "model"),
+    ({"model": 3}, "model"),
+    ({"messages": [{"role": "user", "content": {"text": "x"}}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "messages[0].content[0].text"),
+    ({"messages": [1]}, "messages[0]"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"max_tokens": 1.5}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"stop": ""}, "stop"),
+    ({"stop": [1]}, "stop"),
+    ({"stream_options": []}, "stream_options"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"user": 5}, "user"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+])
+def test_bad_fields_name_their_param(fields, param):
+    with pytest.raises(APIError) as err:
+        parse(**fields)
+    assert err.value.status == 400 and err.value.param == param
+    assert set(err.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_unknown_and_ignored_fields_are_accepted():
+    call = parse(user="u", metadata={"a": 1}, logit_bias={"5": 1}, tools=[], tool_choice="none",
+                 parallel_tool_calls=True, response_format={"type": "text"}, logprobs=False, n=1, store=False)
+    assert call.request.model == "m"
+
+
+def events(*texts, reason="stop", usage=Usage(3, 4)):
+    return iter([*(TextDelta(t) for t in texts), Finish(reason, usage)])
+
+
+def test_stream_chunk_sequence():
+    c = Completion("m", id="chatcmpl-x", created=5)
+    chunks = list(stream_chunks(c, events("He", "", "llo"), include_usage=True))
+    assert [ch["choices"][0]["delta"] if ch["choices"] else None for ch in chunks] == [
+        {"role": "assistant", "content": ""}, {"content": "He"}, {"content": "llo"}, {}, None]
+    assert chunks[3]["choices"][0]["finish_reason"] == "stop"
+    assert all(ch["choices"][0]["finish_reason"] is None for ch in chunks[:3])
+    assert chunks[4] == {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 5, "model": "m",
+                         "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    assert {ch["id"] for ch in chunks} == {"chatcmpl-x"}
+    assert len(list(stream_chunks(c, events("a"), include_usage=False))) == 3
+
+
+def test_fold_equals_the_stream():
+    c = Completion("m")
+    body = fold(c, events("He", "llo", reason="length"))
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
+                                "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"]["total_tokens"] == 7 and body["object"] == "chat.completion"
+
+
+def test_sse_frames():
+    assert sse.encode({"a": "x\ny"}) == b'data: {"a":"x\\ny"}\n\n'
+    assert sse.DONE == b"data: [DONE]\n\n"
+    assert sse.encode({"a": "\ud800"}) .endswith(b"\n\n")  # a lone surrogate cannot break the stream
+
+
+@given(st.text())
+def test_sse_event_is_one_line_of_json_for_any_text(text):
+    frame = sse.encode({"content": text})
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
+    body = frame[6:-2]
+    assert b"\n" not in body and b"\r" not in body
+    assert json.loads(body)["content"] == text.encode("utf-8", "replace").decode("utf-8")

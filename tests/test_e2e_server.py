@@ -1,0 +1,146 @@
+"""End to end: start-up, auth, CORS, the demo default, and the generation queue under gunicorn."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import GUNICORN, ROOT, start_server
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+def test_default_server_serves_the_demo_model(server_factory):
+    server = server_factory()
+    models = requests.get(server.v1 + "/models", timeout=10).json()["data"]
+    assert [m["id"] for m in models] == ["chatglm3-demo"]
+    assert "random weights" in models[0]["owned_by"] and "CHATGLM_MODEL" in models[0]["owned_by"]
+    assert any("CHATGLM_MODEL" in line and "demo" in line for line in server.log)
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="chatglm3-demo", messages=USER, max_tokens=30)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+
+
+def test_auth(server_factory, demo_model):
+    server = server_factory(CHATGLM_MODEL=str(demo_model), API_KEYS="key-one, key-two")
+    for key in ("key-one", "key-two"):
+        client = openai.OpenAI(base_url=server.v1, api_key=key, max_retries=0)
+        assert client.chat.completions.create(model="demo", messages=USER, max_tokens=1).usage.completion_tokens == 1
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=server.v1, api_key="key-three", max_retries=0).models.list()
+    assert err.value.code == "invalid_api_key"
+    r = requests.get(server.v1 + "/models", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
+    preflight = requests.options(server.v1 + "/chat/completions", timeout=10, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-stainless-os"
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_request_id_is_returned(server_factory, demo_model):
+    server = server_factory(CHATGLM_MODEL=str(demo_model))
+    assert requests.get(server.v1 + "/models", timeout=10).headers["x-request-id"].startswith("req_")
+    echoed = requests.get(server.v1 + "/models", headers={"X-Request-ID": "abc-123"}, timeout=10)
+    assert echoed.headers["x-request-id"] == "abc-123"
+
+
+def test_full_queue_is_429_with_retry_after(server_factory, slow_model):
+    server = server_factory(CHATGLM_MODEL=str(slow_model), MAX_QUEUE="0")
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    stream = client.chat.completions.create(model="endless", messages=USER, max_tokens=900, stream=True)
+    next(iter(stream))  # the only slot is taken
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="endless", messages=USER, max_tokens=1)
+    assert err.value.code == "queue_full"
+    assert int(err.value.response.headers["Retry-After"]) >= 1
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="endless", messages=USER, max_tokens=1, stream=True)
+    stream.close()
+    assert client.chat.completions.create(model="endless", messages=USER, max_tokens=1).usage.completion_tokens == 1
+
+
+def test_queue_timeout_is_503(server_factory, slow_model):
+    server = server_factory(CHATGLM_MODEL=str(slow_model), MAX_QUEUE="2", QUEUE_TIMEOUT="0.2")
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    stream = client.chat.completions.create(model="endless", messages=USER, max_tokens=900, stream=True)
+    next(iter(stream))
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model="endless", messages=USER, max_tokens=1)
+    assert err.value.status_code == 503 and err.value.code == "queue_timeout"
+    assert "Retry-After" in err.value.response.headers
+    stream.close()
+
+
+def test_queued_requests_wait_and_complete(server_factory, slow_model):
+    """Two workers, one slot: the second request waits its turn instead of failing, and both
+    get the same text they get alone."""
+    server = server_factory(CHATGLM_MODEL=str(slow_model), WORKERS="2")
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    prompts = [[{"role": "user", "content": "the fox"}], [{"role": "user", "content": "the bridge"}]]
+    alone = [client.chat.completions.create(model="endless", messages=p, temperature=0, max_tokens=200)
+             .choices[0].message.content for p in prompts]
+    got: list[str | None] = [None, None]
+
+    def run(i: int) -> None:
+        own = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)  # its own connection
+        got[i] = own.chat.completions.create(model="endless", messages=prompts[i], temperature=0,
+                                             max_tokens=200).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+
+
+def test_two_slots_two_pipelines_stay_uncorrupted(server_factory, slow_model):
+    """GENERATION_SLOTS=2 in one worker: two generations interleave on two Pipelines."""
+    server = server_factory(CHATGLM_MODEL=str(slow_model), GENERATION_SLOTS="2")
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    prompts = [[{"role": "user", "content": "one two three"}], [{"role": "user", "content": "北京是中国的首都"}]]
+    alone = [client.chat.completions.create(model="endless", messages=p, temperature=0, max_tokens=120)
+             .choices[0].message.content for p in prompts]
+    streams = [client.chat.completions.create(model="endless", messages=p, temperature=0, max_tokens=120,
+                                              stream=True) for p in prompts]
+    iters = [iter(s) for s in streams]
+    texts = ["", ""]
+    done = [False, False]
+    while not all(done):  # read both streams in lockstep: both generations are running at once
+        for i, it in enumerate(iters):
+            if done[i]:
+                continue
+            chunk = next(it, None)
+            if chunk is None:
+                done[i] = True
+            elif chunk.choices:
+                texts[i] += chunk.choices[0].delta.content or ""
+    assert texts == alone
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "not-a-model", "missing"])
+def test_bad_model_file_stops_startup_with_one_line(tmp_path, demo_model, corruption):
+    path = tmp_path / "model.bin"
+    if corruption == "truncated":
+        path.write_bytes(demo_model.read_bytes()[:-100])
+    elif corruption == "not-a-model":
+        path.write_text("hello")
+    env = {"CHATGLM_MODEL": str(path), "PORT": "0", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:application"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("aigate: configuration error: CHATGLM_MODEL:") and str(path) in lines[0]
+
+
+def test_bad_alias_stops_startup(tmp_path, demo_model):
+    with pytest.raises(RuntimeError, match="MODEL_ALIASES"):
+        start_server(tmp_path, {"CHATGLM_MODEL": str(demo_model), "MODEL_ALIASES": "gpt-4=nothing"})
