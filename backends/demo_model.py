@@ -63,14 +63,15 @@ def train_tokenizer(vocab_size: int = 1000) -> bytes:
 
 
 def make_weights(c: ModelConfig, sp: sentencepiece.SentencePieceProcessor, *, eos_every: int,
-                 seed: int) -> dict[str, np.ndarray]:
+                 end_token: int, seed: int) -> dict[str, np.ndarray]:
     """Random weights whose greedy decoding follows a chain through the ordinary pieces.
 
     The residual stream carries each token's embedding to the output layer, whose row for token
     s(t) is the embedding of t: so the most likely next token after t is s(t), nudged by the
     (random, not tiny) attention layers, which makes the answer depend on the whole prompt.
-    s walks every ordinary piece once; every ``eos_every``-th step goes to end-of-text instead
-    (0: never, for long generations). Padding ids get a zero row, so they never win greedily.
+    s walks every ordinary piece once; every ``eos_every``-th step goes to ``end_token`` instead
+    (end-of-text, or a padding id to test the server's guard; ``eos_every`` 0: never, for long
+    generations). Padding ids get a zero row, so they never win greedily.
     """
     rng = np.random.default_rng(seed)
     pieces = sp.get_piece_size()
@@ -80,7 +81,7 @@ def make_weights(c: ModelConfig, sp: sentencepiece.SentencePieceProcessor, *, eo
     out = np.zeros((c.vocab_size, c.hidden_size), np.float32)
     for i, tok in enumerate(chain):
         ends = eos_every and (i + 1) % eos_every == 0
-        out[c.eos_token_id if ends else chain[(i + 1) % len(chain)]] += emb[tok]
+        out[end_token if ends else chain[(i + 1) % len(chain)]] += emb[tok]
     # After the prompt's last token (<|assistant|>) and the other specials, start somewhere on the chain.
     for special in range(pieces, pieces + len(SPECIAL_TOKENS)):
         out[chain[rng.integers(len(chain))]] += emb[special]
@@ -109,6 +110,7 @@ def write_demo_model(
     ffn_size: int = 256,
     max_length: int = 1024,
     eos_every: int = DEFAULT_EOS_EVERY,
+    end_with_padding: bool = False,
     seed: int = 0,
 ) -> Path:
     """Write the model atomically (a reader never sees half a file) and return its path."""
@@ -119,7 +121,8 @@ def write_demo_model(
     vocab = -(-(pieces + len(SPECIAL_TOKENS)) // PAD_TO) * PAD_TO
     config = ModelConfig(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size, 0, max_length,
                          sp.eos_id())
-    weights = make_weights(config, sp, eos_every=eos_every, seed=seed)
+    end_token = vocab - 1 if end_with_padding else sp.eos_id()
+    weights = make_weights(config, sp, eos_every=eos_every, end_token=end_token, seed=seed)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ class Server:
     log: list[str] = field(default_factory=list)
     exited: bool = False
 
+    slots_dir: Path = Path()
+
     @property
     def v1(self) -> str:
         return self.base_url + "/v1"
@@ -67,7 +69,7 @@ def start_server(tmp: Path, env: dict[str, str], *, ready_timeout: float = 60) -
     full_env.update(env)
     process = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:application"], cwd=ROOT, env=full_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = Server(process, "")
+    server = Server(process, "", slots_dir=tmp / "slots")
     workers = int(env.get("WORKERS", "1"))
     ready = threading.Condition()
 

@@ -115,3 +115,42 @@ def test_sse_event_is_one_line_of_json_for_any_text(text):
     body = frame[6:-2]
     assert b"\n" not in body and b"\r" not in body
     assert json.loads(body)["content"] == text.encode("utf-8", "replace").decode("utf-8")
+
+
+def test_failure_after_the_first_byte_goes_in_band():
+    from backends.base import QueueTimeout
+    from compat.routes.chat import sse_stream
+
+    closed = []
+
+    def backend_events():
+        try:
+            yield TextDelta("partial")
+            raise QueueTimeout("upstream went away")
+        finally:
+            closed.append(True)
+
+    events = backend_events()
+    frames = list(sse_stream(stream_chunks(Completion("m"), events, False), events))
+    assert json.loads(frames[1][6:])["choices"][0]["delta"] == {"content": "partial"}
+    assert json.loads(frames[-2][6:])["error"]["code"] == "queue_timeout"
+    assert frames[-1] == sse.DONE and closed == [True]
+
+
+def test_closing_the_stream_closes_the_backend():
+    from compat.routes.chat import sse_stream
+
+    closed = []
+
+    def backend_events():
+        try:
+            while True:
+                yield TextDelta("x")
+        finally:
+            closed.append(True)
+
+    events = backend_events()
+    body = sse_stream(stream_chunks(Completion("m"), events, False), events)
+    next(body), next(body)
+    body.close()  # what the WSGI server does when the client goes away
+    assert closed == [True]

@@ -15,7 +15,7 @@ USER = [{"role": "user", "content": "Tell me about the river and the old town."}
 @pytest.fixture(scope="module")
 def server(server_factory, demo_model, slow_model):
     # The endless model: every length is decided by max_tokens, never by chance.
-    return server_factory(CHATGLM_MODEL=str(slow_model), MODEL_ALIASES="gpt-3.5-turbo=endless")
+    return server_factory(CHATGLM_MODEL=str(slow_model), MODEL_ALIASES="gpt-3.5-turbo=endless,local/glm=endless")
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,42 @@ def client(server) -> openai.OpenAI:
 
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == ["endless", "gpt-3.5-turbo"]
+    assert ids == ["endless", "gpt-3.5-turbo", "local/glm"]
+    assert client.models.retrieve("local/glm").id == "local/glm"  # the SDK sends the / as %2F
     model = client.models.retrieve("endless")
     assert (model.id, model.object, model.owned_by) == ("endless", "model", "local")
     assert model.created > 1_600_000_000
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("no-such-model")
     assert err.value.code == "model_not_found"
+
+
+def test_stream_headers_and_framing(server):
+    r = requests.post(server.v1 + "/chat/completions", stream=True, timeout=30,
+                      json={"model": "endless", "messages": USER, "max_tokens": 3, "stream": True})
+    assert r.headers["Content-Type"] == "text/event-stream"
+    assert r.headers["Cache-Control"] == "no-cache" and r.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Length" not in r.headers
+    events = r.content.split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    assert all(e.startswith(b"data: {") for e in events[:-2])
+
+
+def test_tool_results_and_system_prompts_are_part_of_the_prompt(client):
+    chat = [{"role": "system", "content": "You are terse."}, *USER,
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                    "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    r = client.chat.completions.create(model="endless", messages=chat, max_tokens=2)
+    assert r.usage.prompt_tokens > client.chat.completions.create(
+        model="endless", messages=USER, max_tokens=1).usage.prompt_tokens + 5
+
+
+def test_wrong_method_and_unknown_path_are_openai_errors(server):
+    r = requests.get(server.v1 + "/chat/completions", timeout=10)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = requests.post(server.v1 + "/nothing", json={}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_stream_and_non_stream_agree_at_temperature_zero(client):
@@ -174,6 +203,27 @@ def test_models_answer_while_a_long_generation_runs(server, client):
     assert r.status_code == 200 and health.status_code == 200
     assert elapsed < 1.0
     assert len(rest) > 100 and rest[-1].choices[0].finish_reason == "length"
+
+
+def test_waiting_requests_do_not_block_the_worker(server, client):
+    """While one request generates and another waits for the slot in the same worker, that
+    worker still answers other requests."""
+    from backends.slots import GenerationSlots
+
+    line = GenerationSlots(server.slots_dir, slots=1, max_queue=8, queue_timeout=0)  # as the server
+    stream = client.chat.completions.create(model="endless", messages=USER, max_tokens=900, stream=True)
+    next(iter(stream))
+    waiter = threading.Thread(target=client.chat.completions.create,
+                              kwargs=dict(model="endless", messages=USER, max_tokens=1))
+    waiter.start()
+    while line.in_line() < 2:  # the second request has joined the line
+        assert waiter.is_alive()
+    started = time.monotonic()
+    assert requests.get(server.v1 + "/models", timeout=5).status_code == 200
+    assert time.monotonic() - started < 1.0
+    assert line.in_line() == 2  # both were still there while /v1/models answered
+    stream.close()
+    waiter.join()
 
 
 def test_disconnect_mid_stream_frees_the_model(server, client):

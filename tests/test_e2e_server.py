@@ -144,3 +144,18 @@ def test_bad_model_file_stops_startup_with_one_line(tmp_path, demo_model, corrup
 def test_bad_alias_stops_startup(tmp_path, demo_model):
     with pytest.raises(RuntimeError, match="MODEL_ALIASES"):
         start_server(tmp_path, {"CHATGLM_MODEL": str(demo_model), "MODEL_ALIASES": "gpt-4=nothing"})
+
+
+def test_a_padding_token_ends_the_text_instead_of_crashing(server_factory, models_dir):
+    """The model below ends its answers with a padding id: decoding one crashes sentencepiece
+    (SIGSEGV), so the server must take it as the end of the text."""
+    from backends.demo_model import write_demo_model
+
+    model = write_demo_model(models_dir / "pads.bin", end_with_padding=True)
+    server = server_factory(CHATGLM_MODEL=str(model))
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    for prompt in ("hello", "What is the capital of China?", "tell me a story"):
+        r = client.chat.completions.create(model="pads", messages=[{"role": "user", "content": prompt}],
+                                           temperature=0, max_tokens=300)
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 300
+    assert client.models.list().data[0].id == "pads"  # the worker is alive

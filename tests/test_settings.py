@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from settings import ConfigError, load_settings
+
+
+def test_defaults_without_environment():
+    s = load_settings({}, dotenv=None)
+    assert s.uses_demo_model and s.api_keys == () and (s.host, s.port, s.generation_slots) == ("127.0.0.1", 8000, 1)
+
+
+def test_environment_wins_over_dotenv(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("API_KEYS=a, b\nMODEL=/models/x.bin\nPORT=9000\nMODEL_ALIASES=gpt-4o=x , gpt-3.5-turbo=x\n")
+    s = load_settings({"PORT": "9100"}, dotenv=env_file)
+    assert s.api_keys == ("a", "b")
+    assert s.chatglm_model == Path("/models/x.bin")  # MODEL is an alias of CHATGLM_MODEL
+    assert s.port == 9100
+    assert s.model_aliases == (("gpt-4o", "x"), ("gpt-3.5-turbo", "x"))
+
+
+def test_chatglm_model_wins_over_model():
+    assert load_settings({"MODEL": "/a.bin", "CHATGLM_MODEL": "/b.bin"}, dotenv=None).chatglm_model == Path("/b.bin")
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"PORT": "eighty"}, "PORT"),
+    ({"WORKERS": "0"}, "WORKERS"),
+    ({"QUEUE_TIMEOUT": "soon"}, "QUEUE_TIMEOUT"),
+    ({"MODEL_ALIASES": "gpt-4o"}, "MODEL_ALIASES"),
+    ({"MODEL_ALIASES": "=x"}, "MODEL_ALIASES"),
+    ({"CHATGLM_MAX_LENGTH": "-5"}, "CHATGLM_MAX_LENGTH"),
+])
+def test_bad_values_name_the_variable(env, name):
+    with pytest.raises(ConfigError) as err:
+        load_settings(env, dotenv=None)
+    assert str(err.value).startswith(name)
