@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backends.base import BackendError
+from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import check_bearer
@@ -47,31 +47,54 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def build_registry(settings: Settings) -> Registry:
-    from backends.chatglm import ChatGLMBackend
-    from backends.slots import GenerationSlots
+    local = check_config(settings)
+    backends: list[Backend] = []
+    if local is not None:
+        from backends.chatglm import ChatGLMBackend
+        from backends.slots import GenerationSlots
 
-    model, model_id = check_local_model(settings)
-    slots = GenerationSlots(settings.slots_dir, settings.generation_slots, settings.max_queue,
-                            settings.queue_timeout)
-    backend = ChatGLMBackend(model, model_id=model_id, max_length=settings.chatglm_max_length, slots=slots,
-                             owned_by=DEMO_OWNER if settings.uses_demo_model else "local")
-    try:
-        return Registry([backend], dict(settings.model_aliases))
-    except ValueError as exc:
-        raise ConfigError(f"MODEL_ALIASES: {exc}") from None
+        model, model_id = local
+        slots = GenerationSlots(settings.slots_dir, settings.generation_slots, settings.max_queue,
+                                settings.queue_timeout)
+        backends.append(ChatGLMBackend(model, model_id=model_id, max_length=settings.chatglm_max_length,
+                                       slots=slots, owned_by=DEMO_OWNER if settings.uses_demo_model else "local"))
+    if settings.uses_cloudflare:
+        from backends.cloudflare import CloudflareBackend  # imports requests: only in workers, after patching
+
+        backends.append(CloudflareBackend(cloudflare_config(settings)))
+    return Registry(backends, dict(settings.model_aliases))
 
 
-def check_config(settings: Settings) -> None:
-    """Everything build_registry checks, without loading a model (for the gunicorn master)."""
-    _model, model_id = check_local_model(settings)
+def cloudflare_config(settings: Settings):
+    from backends.cloudflare import CloudflareConfig
+
+    discover = settings.cloudflare_models == ("auto",)
+    return CloudflareConfig(
+        account_id=settings.cloudflare_account_id, api_token=settings.cloudflare_api_token,
+        api_base=settings.cloudflare_api_base, models=() if discover else settings.cloudflare_models,
+        discover=discover, max_tokens=settings.cloudflare_max_tokens, connect_timeout=settings.cloudflare_timeout[0],
+        read_timeout=settings.cloudflare_timeout[1], retries=settings.cloudflare_retries,
+        pool_size=settings.worker_connections)
+
+
+def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
+    """Everything that can be checked without loading a model or calling Cloudflare (the gunicorn
+    master runs this before starting workers); returns the checked local model file and its id."""
+    local = check_local_model(settings) if settings.model_path is not None else None
+    known = {local[1]} if local else set()
+    discovering = settings.uses_cloudflare and settings.cloudflare_models == ("auto",)
+    if settings.uses_cloudflare and not discovering:
+        known.update(settings.cloudflare_models)
     for alias, target in settings.model_aliases:
-        if target != model_id:
-            raise ConfigError(f"MODEL_ALIASES: alias {alias}={target}: no configured model is called "
-                              f"{target!r} (models: {model_id})")
+        if target not in known and not (discovering and target.startswith("@")):
+            raise ConfigError(f"MODEL_ALIASES: alias {alias}={target}: no configured model is called {target!r} "
+                              f"(models: {', '.join(sorted(known))})")
+    return local
 
 
 def check_local_model(settings: Settings) -> tuple[ModelFile, str]:
-    """The checked model file (the demo model written first if none is configured) and its id."""
+    """The checked model file (the demo model written first if it stands in) and its id."""
+    assert settings.model_path is not None
     if settings.uses_demo_model:
         ensure_demo_model(settings)
     try:

@@ -15,6 +15,8 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 PROJECT_DIR = Path(__file__).resolve().parent
+DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
+                             "@cf/mistralai/mistral-small-3.1-24b-instruct", "@cf/zai-org/glm-4.7-flash")
 DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
 
 
@@ -25,11 +27,18 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     api_keys: tuple[str, ...] = ()
-    chatglm_model: Path | None = None  # None: serve the random-weight demo model
+    chatglm_model: Path | None = None  # None: no local model (the demo model if nothing else is set)
     chatglm_model_id: str | None = None
     chatglm_max_length: int | None = None
     demo_model_path: Path = DEFAULT_DEMO_MODEL
     model_aliases: tuple[tuple[str, str], ...] = ()
+    cloudflare_account_id: str = ""
+    cloudflare_api_token: str = ""
+    cloudflare_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_MODELS  # ("auto",): discover them
+    cloudflare_api_base: str = "https://api.cloudflare.com/client/v4"
+    cloudflare_max_tokens: int = 2048
+    cloudflare_timeout: tuple[float, float] = (10.0, 120.0)  # connect, read
+    cloudflare_retries: int = 2
     generation_slots: int = 1
     max_queue: int = 8
     queue_timeout: float = 60.0
@@ -46,12 +55,17 @@ class Settings:
     log_level: str = "info"
 
     @property
-    def uses_demo_model(self) -> bool:
-        return self.chatglm_model is None
+    def uses_cloudflare(self) -> bool:
+        return bool(self.cloudflare_account_id)
 
     @property
-    def model_path(self) -> Path:
-        return self.chatglm_model or self.demo_model_path
+    def uses_demo_model(self) -> bool:
+        """The random-weight demo model stands in when no backend at all is configured."""
+        return self.chatglm_model is None and not self.uses_cloudflare
+
+    @property
+    def model_path(self) -> Path | None:
+        return self.chatglm_model or (self.demo_model_path if self.uses_demo_model else None)
 
 
 def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.PathLike[str] | None = ".env") -> Settings:
@@ -62,6 +76,11 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
     env.update(os.environ if environ is None else environ)
     r = _Reader(env)
     model = r.text("CHATGLM_MODEL") or r.text("MODEL")
+    account, token = r.text("CLOUDFLARE_ACCOUNT_ID"), r.text("CLOUDFLARE_API_TOKEN")
+    if bool(account) != bool(token):
+        missing = "CLOUDFLARE_API_TOKEN" if account else "CLOUDFLARE_ACCOUNT_ID"
+        raise ConfigError(f"{missing} is not set: Workers AI needs both CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN")
+    cf_models = tuple(m.strip() for m in r.text("CLOUDFLARE_MODELS").split(",") if m.strip())
     return Settings(
         api_keys=tuple(k.strip() for k in r.text("API_KEYS").split(",") if k.strip()),
         chatglm_model=Path(model).expanduser() if model else None,
@@ -69,6 +88,13 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         chatglm_max_length=r.integer("CHATGLM_MAX_LENGTH", None, minimum=16),
         demo_model_path=Path(r.text("DEMO_MODEL_PATH") or DEFAULT_DEMO_MODEL),
         model_aliases=_aliases(r.text("MODEL_ALIASES")),
+        cloudflare_account_id=account,
+        cloudflare_api_token=token,
+        cloudflare_models=cf_models or DEFAULT_CLOUDFLARE_MODELS,
+        cloudflare_api_base=r.text("CLOUDFLARE_API_BASE") or Settings.cloudflare_api_base,
+        cloudflare_max_tokens=r.integer("CLOUDFLARE_MAX_TOKENS", 2048, minimum=1),
+        cloudflare_timeout=_timeouts(r.text("CLOUDFLARE_TIMEOUT")),
+        cloudflare_retries=r.integer("CLOUDFLARE_RETRIES", 2, minimum=0),
         generation_slots=r.integer("GENERATION_SLOTS", 1, minimum=1),
         max_queue=r.integer("MAX_QUEUE", 8, minimum=0),
         queue_timeout=r.number("QUEUE_TIMEOUT", 60.0, minimum=0.0),
@@ -95,6 +121,19 @@ def _aliases(raw: str) -> tuple[tuple[str, str], ...]:
                               "(example: MODEL_ALIASES=gpt-3.5-turbo=chatglm3-6b)")
         pairs.append((alias, target))
     return tuple(pairs)
+
+
+def _timeouts(raw: str) -> tuple[float, float]:
+    """CLOUDFLARE_TIMEOUT: "read" or "connect,read", in seconds."""
+    if not raw:
+        return Settings.cloudflare_timeout
+    try:
+        values = [float(v) for v in raw.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise ConfigError(f"CLOUDFLARE_TIMEOUT={raw!r} is not 'read' or 'connect,read' in seconds (example: 10,120)")
+    return (min(values[0], 10.0), values[0]) if len(values) == 1 else (values[0], values[1])
 
 
 class _Reader:

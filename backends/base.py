@@ -83,8 +83,28 @@ class BackendError(Exception):
         return self.message
 
 
-class ContextLengthExceeded(BackendError):
+class InvalidRequest(BackendError):
+    """The engine refused the request as given (the client can fix it)."""
+
+
+class ContextLengthExceeded(InvalidRequest):
     """The prompt does not fit the model's context."""
+
+
+class ModelNotFound(BackendError):
+    """The engine does not know the model."""
+
+
+class RateLimited(BackendError):
+    """The engine (or the account behind it) takes no more requests for now."""
+
+
+class UpstreamError(BackendError):
+    """The engine behind us failed, refused our credentials, or could not be reached."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The engine behind us did not answer in time."""
 
 
 class QueueFull(BackendError):

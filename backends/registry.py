@@ -14,24 +14,24 @@ class Route:
 
 
 class Registry:
-    def __init__(self, backends: list[Backend], aliases: dict[str, str]) -> None:
-        self._routes: dict[str, Route] = {}
-        self._infos: dict[str, ModelInfo] = {}
-        for backend in backends:
-            for info in backend.models():
-                self._routes[info.id] = Route(backend, info.id)
-                self._infos[info.id] = info
-        for alias, target in aliases.items():
-            if target not in self._routes:
-                raise ValueError(f"alias {alias}={target}: no configured model is called {target!r}")
-            self._routes[alias] = self._routes[target]
-            self._infos[alias] = ModelInfo(alias, self._infos[target].owned_by, self._infos[target].created)
+    """Asks the backends each time: a backend's list may change (Cloudflare discovery)."""
 
-    def resolve(self, name: str) -> Route | None:
-        return self._routes.get(name)
+    def __init__(self, backends: list[Backend], aliases: dict[str, str]) -> None:
+        self.backends = backends
+        self.aliases = aliases
 
     def models(self) -> list[ModelInfo]:
-        return list(self._infos.values())
+        served = [m for b in self.backends for m in b.models()]
+        by_id = {m.id: m for m in served}
+        return served + [ModelInfo(alias, by_id[target].owned_by, by_id[target].created)
+                         for alias, target in self.aliases.items() if target in by_id]
+
+    def resolve(self, name: str) -> Route | None:
+        target = self.aliases.get(name, name)
+        for backend in self.backends:
+            if any(m.id == target for m in backend.models()):
+                return Route(backend, target)
+        return None
 
     def get(self, name: str) -> ModelInfo | None:
-        return self._infos.get(name)
+        return next((m for m in self.models() if m.id == name), None)

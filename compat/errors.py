@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import BackendError, ContextLengthExceeded, QueueFull, QueueTimeout
+from backends.base import (BackendError, ContextLengthExceeded, InvalidRequest, ModelNotFound, QueueFull, QueueTimeout,
+                           RateLimited, UpstreamError, UpstreamTimeout)
 
 
 @dataclass
@@ -44,6 +45,20 @@ def from_backend(exc: BackendError) -> APIError:
     """The HTTP face of a backend's error."""
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, exc.message, param=exc.param or "messages", code="context_length_exceeded")
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, exc.message, param=exc.param, code=exc.extra.get("code", "invalid_request"))
+    if isinstance(exc, ModelNotFound):
+        return APIError(404, exc.message, param="model", code="model_not_found")
+    if isinstance(exc, RateLimited):
+        return APIError(429, exc.message, type="rate_limit_error", code=exc.extra.get("code", "rate_limit_exceeded"),
+                        headers=retry_headers(exc.retry_after))
+    if isinstance(exc, UpstreamTimeout):
+        return APIError(504, exc.message, type="server_error", code="upstream_timeout")
+    if isinstance(exc, UpstreamError):
+        code = exc.extra.get("code", "upstream_error")
+        # A configuration problem will not mend itself: tell the SDKs not to resend.
+        headers = {"x-should-retry": "false"} if code == "upstream_auth_failed" else retry_headers(exc.retry_after)
+        return APIError(502, exc.message, type="server_error", code=code, headers=headers)
     if isinstance(exc, QueueFull):
         return APIError(429, exc.message, type="rate_limit_error", code="queue_full",
                         headers=retry_headers(exc.retry_after))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import chain
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -27,7 +28,7 @@ def create_chat_completion():
     route = current_app.extensions["aigate"].registry.resolve(call.request.model)
     if route is None:
         raise model_not_found(call.request.model)
-    events = route.backend.chat(call.request)
+    events = route.backend.chat(replace(call.request, model=route.model_id))
     # Peek: anything that fails before the first event (a full queue, a prompt too long) still
     # gets a real HTTP status, which is what the SDKs' retry logic reads.
     first = next(events)

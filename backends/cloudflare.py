@@ -1,0 +1,344 @@
+"""Cloudflare Workers AI over its REST API (`POST {base}/accounts/{id}/ai/run/{model}`), with
+`requests`: real streaming, usage from Cloudflare's own counts, and every upstream failure turned
+into a BackendError that never carries the account id or the token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest,
+                           ModelInfo, ModelNotFound, RateLimited, TextDelta, UpstreamError, UpstreamTimeout, Usage)
+from backends.sse_reader import sse_data
+from backends.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+CAPACITY_CODES = {3040, 971}  # transient: worth a retry
+DAILY_LIMIT_CODES = {3036, 4006}  # the free allocation is used up until 00:00 UTC
+UNKNOWN_MODEL_CODES = {5007, 3042}
+TOO_LARGE_CODES = {3006}
+AUTH_CODES = {10000, 9106, 6111, 7003}  # bad token, malformed header, bad account id
+MAX_RETRY_WAIT = 2.0  # an upstream Retry-After longer than this goes back to the client instead
+
+
+@dataclass(frozen=True)
+class CloudflareConfig:
+    account_id: str
+    api_token: str
+    api_base: str
+    models: tuple[str, ...]  # () with discover=True: found through the models search API
+    discover: bool = False
+    max_tokens: int = 2048  # sent when the client sets none: Cloudflare's own default (256) cuts answers short
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    retries: int = 2
+    models_ttl: float = 3600.0
+    pool_size: int = 100
+
+
+class CloudflareBackend:
+    def __init__(self, config: CloudflareConfig) -> None:
+        self.config = config
+        self.session = requests.Session()
+        # One pool sized to the worker's connections: under gevent each waiting stream is a greenlet.
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=config.pool_size, max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        self.session.headers["Authorization"] = f"Bearer {config.api_token}"
+        self._account_url = f"{config.api_base.rstrip('/')}/accounts/{config.account_id}"
+        self._models = [ModelInfo(m, "cloudflare") for m in config.models]
+        self._models_expire = 0.0 if config.discover else math.inf
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        if time.monotonic() >= self._models_expire:
+            self._discover()
+        return self._models
+
+    def _discover(self) -> None:
+        """Text-generation models from the catalogue; on failure keep what we had, retry later."""
+        found: list[ModelInfo] = []
+        try:
+            for page in range(1, 41):
+                r = self.session.get(f"{self._account_url}/ai/models/search", timeout=self._timeouts(),
+                                     params={"task": "Text Generation", "per_page": 50, "page": page})
+                r.raise_for_status()
+                items = r.json().get("result") or []
+                found += [ModelInfo(i["name"], "cloudflare" if i.get("source", 1) == 1 else "huggingface",
+                                    _created(i.get("created_at"))) for i in items if isinstance(i.get("name"), str)]
+                if len(items) < 50:
+                    break
+        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("Cloudflare model discovery failed (%s); retrying in a minute", self._scrub(str(exc)))
+            self._models_expire = time.monotonic() + 60
+            return
+        self._models = found
+        self._models_expire = time.monotonic() + self.config.models_ttl
+
+    # -- chat -------------------------------------------------------------------------------------
+
+    def chat(self, request: ChatRequest) -> Iterator[Event]:
+        body = self._body(request)
+        response = self._post(request.model, body)
+        try:
+            if "text/event-stream" in response.headers.get("Content-Type", ""):
+                yield from self._stream(response, request, body["max_tokens"])
+            else:  # some models answer a stream request with plain JSON
+                yield from self._whole(self._envelope(response), request, body["max_tokens"])
+        finally:
+            response.close()  # a client that went away closes the upstream connection with it
+
+    def _body(self, r: ChatRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "messages": [{"role": m.role, "content": m.content} for m in r.messages],
+            "stream": True,
+            "max_tokens": r.max_tokens or self.config.max_tokens,
+        }
+        if r.temperature is not None:
+            body["temperature"] = r.temperature
+        if r.top_p is not None:
+            body["top_p"] = max(r.top_p, 0.001)  # some models' minimum
+        if r.seed is not None and 1 <= r.seed <= 9_999_999_999:
+            body["seed"] = r.seed
+        # Classic models take penalties in 0..2 only; OpenAI's negative values mean "none" there.
+        if r.frequency_penalty is not None:
+            body["frequency_penalty"] = max(r.frequency_penalty, 0.0)
+        if r.presence_penalty is not None:
+            body["presence_penalty"] = max(r.presence_penalty, 0.0)
+        return body
+
+    def _post(self, model: str, body: dict[str, Any]) -> requests.Response:
+        """POST with bounded retries of what is safe to resend: connection failures, capacity 429s
+        and 5xx, all before anything reached our client."""
+        url = f"{self._account_url}/ai/run/{model}"
+        for attempt in range(self.config.retries + 1):
+            last = attempt == self.config.retries
+            try:
+                response = self.session.post(url, json=body, stream=True, timeout=self._timeouts())
+            except requests.ConnectTimeout:
+                if last:
+                    raise UpstreamTimeout("Cloudflare Workers AI did not accept a connection in time") from None
+            except requests.Timeout:  # connected, but no answer: resending could pay twice
+                raise UpstreamTimeout("Cloudflare Workers AI did not answer in time") from None
+            except requests.ConnectionError as exc:
+                if last:
+                    raise UpstreamError(f"cannot reach Cloudflare Workers AI: {self._scrub(_reason(exc))}") from None
+            else:
+                if response.ok:
+                    return response
+                error = self._error(response)
+                response.close()
+                retryable = response.status_code >= 500 or error.extra.get("code") == "upstream_capacity"
+                wait = error.retry_after if error.retry_after is not None else 0.25 * 2 ** attempt
+                if last or not retryable or wait > MAX_RETRY_WAIT:
+                    raise error
+                time.sleep(wait)
+                continue
+            time.sleep(0.25 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _stream(self, response: requests.Response, request: ChatRequest, max_tokens: int) -> Iterator[Event]:
+        stop = StopMatcher(request.stop)
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+        parts = 0
+        done = False
+        try:
+            for data in sse_data(response.iter_content(chunk_size=None)):
+                if data.strip() == "[DONE]":
+                    done = True
+                    break
+                try:
+                    frame = json.loads(data)
+                except ValueError:
+                    raise UpstreamError("Cloudflare sent a malformed stream event") from None
+                if not isinstance(frame, dict):
+                    raise UpstreamError("Cloudflare sent a malformed stream event")
+                if frame.get("errors") or frame.get("error"):
+                    raise UpstreamError(f"Cloudflare failed mid-stream: {self._scrub(_first_message(frame))}")
+                text, frame_finish = _frame_text(frame)
+                finish = frame_finish or finish
+                usage = frame.get("usage") or usage
+                if text:
+                    parts += 1
+                    out = stop.feed(text)
+                    if out:
+                        yield TextDelta(out)
+                    if stop.stopped:
+                        break
+        except requests.exceptions.ConnectionError as exc:  # urllib3 wraps a read timeout as this
+            if "timed out" in str(exc).lower():
+                raise UpstreamTimeout("Cloudflare Workers AI stopped sending (read timeout)") from None
+            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-stream") from None
+        except requests.RequestException:
+            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-stream") from None
+        if not done and not stop.stopped:
+            raise UpstreamError("the Cloudflare stream ended before its end marker (truncated)")
+        tail = stop.flush()
+        if tail:
+            yield TextDelta(tail)
+        yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens),
+                     _usage(usage, request, parts))
+
+    def _whole(self, result: dict[str, Any], request: ChatRequest, max_tokens: int) -> Iterator[Event]:
+        text, finish = _result_text(result)
+        stop = StopMatcher(request.stop)
+        text = stop.feed(text) + stop.flush()
+        if text:
+            yield TextDelta(text)
+        usage = result.get("usage") or {}
+        yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens),
+                     _usage(usage, request, math.ceil(len(text) / 4)))
+
+    # -- errors ------------------------------------------------------------------------------------
+
+    def _envelope(self, response: requests.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            raise UpstreamError("Cloudflare answered with something that is not JSON") from None
+        if not isinstance(body, dict) or body.get("success") is False or not isinstance(body.get("result"), dict):
+            raise UpstreamError(f"Cloudflare reported a failure: {self._scrub(_first_message(body))}")
+        return body["result"]
+
+    def _error(self, response: requests.Response) -> BackendError:
+        """The BackendError for a non-2xx answer."""
+        status = response.status_code
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        codes = {e.get("code") for e in body.get("errors") or [] if isinstance(e, dict)} if isinstance(body, dict) else set()
+        message = self._scrub(_first_message(body) or f"HTTP {status}")
+        retry_after = _retry_after(response.headers.get("Retry-After"))
+        if codes & AUTH_CODES or status in (401, 403) and not codes - AUTH_CODES - {None}:
+            return UpstreamError(f"Cloudflare rejected aigate's credentials ({message}): check CLOUDFLARE_API_TOKEN "
+                                 "and CLOUDFLARE_ACCOUNT_ID in the server's configuration",
+                                 extra={"code": "upstream_auth_failed"})
+        if codes & DAILY_LIMIT_CODES:
+            return RateLimited(f"Cloudflare Workers AI: {message}", retry_after=_seconds_to_utc_midnight(),
+                               extra={"code": "upstream_quota_exceeded"})
+        if status == 429 or codes & CAPACITY_CODES:
+            return RateLimited(f"Cloudflare Workers AI is over capacity: {message}", retry_after=retry_after,
+                               extra={"code": "upstream_capacity"})
+        if codes & UNKNOWN_MODEL_CODES:
+            return ModelNotFound(f"Cloudflare Workers AI: {message}", param="model")
+        if status == 413 or codes & TOO_LARGE_CODES:
+            return ContextLengthExceeded(f"Cloudflare Workers AI: {message}", param="messages",
+                                         extra={"code": "context_length_exceeded"})
+        if status == 408:
+            return UpstreamTimeout(f"Cloudflare Workers AI timed out: {message}")
+        if 400 <= status < 500:
+            return InvalidRequest(f"Cloudflare Workers AI refused the request: {message}",
+                                  extra={"code": "upstream_bad_request"})
+        return UpstreamError(f"Cloudflare Workers AI failed (HTTP {status}): {message}", retry_after=retry_after)
+
+    def _scrub(self, text: str) -> str:
+        """Upstream messages may quote the account id (or, in theory, the token): never pass them on."""
+        for secret in (self.config.api_token, self.config.account_id):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _timeouts(self) -> tuple[float, float]:
+        return (self.config.connect_timeout, self.config.read_timeout)
+
+
+def _frame_text(frame: dict[str, Any]) -> tuple[str, str | None]:
+    """Text and finish reason of one stream event: native `response`, or an OpenAI chunk."""
+    response = frame.get("response")
+    if response is not None:
+        return _as_text(response), frame.get("finish_reason")
+    choices = frame.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        delta = choices[0].get("delta") or {}
+        return _as_text(delta.get("content")), choices[0].get("finish_reason")
+    return "", frame.get("finish_reason")
+
+
+def _result_text(result: dict[str, Any]) -> tuple[str, str | None]:
+    """Text of a whole answer: `result.response` (a string, or an object in JSON mode), or an
+    OpenAI chat.completion inside `result`."""
+    choices = result.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        message = choices[0].get("message") or {}
+        return _as_text(message.get("content")), choices[0].get("finish_reason")
+    return _as_text(result.get("response")), None
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _finish_reason(upstream: str | None, stopped: bool, usage: dict[str, Any], max_tokens: int) -> str:
+    if stopped:
+        return "stop"
+    if upstream in ("stop", "length"):
+        return upstream
+    # Native models say nothing: an answer that used every token it was allowed was cut short.
+    return "length" if _int(usage.get("completion_tokens")) >= max_tokens else "stop"
+
+
+def _usage(usage: dict[str, Any], request: ChatRequest, completion_estimate: int) -> Usage:
+    """Cloudflare's own counts; a rough estimate only where it sent none (or we closed early)."""
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = _int(usage.get("completion_tokens"))
+    if not prompt and not completion:
+        prompt = math.ceil(sum(len(m.content) for m in request.messages) / 4)
+        completion = completion_estimate
+    return Usage(prompt, completion)
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _first_message(body: Any) -> str:
+    if not isinstance(body, dict):
+        return ""
+    errors = body.get("errors") or ([body["error"]] if isinstance(body.get("error"), dict) else [])
+    for e in errors:
+        if isinstance(e, dict) and e.get("message"):
+            return str(e["message"])
+    return ""
+
+
+def _reason(exc: Exception) -> str:
+    """The OS error inside requests' and urllib3's wrappers ("[Errno 111] Connection refused")."""
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
+    return found.group(0).strip() if found else exc.__class__.__name__
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _seconds_to_utc_midnight() -> float:
+    now = datetime.now(timezone.utc)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (midnight - now).total_seconds()
+
+
+def _created(value: Any) -> int:
+    try:
+        return int(datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc).timestamp())
+    except ValueError:
+        return 0

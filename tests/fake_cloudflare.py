@@ -1,0 +1,265 @@
+"""A fake Cloudflare API on 127.0.0.1 speaking Workers AI's wire format (shared notes on Cloudflare,
+sections 1-5): the v4 envelope, SSE frames with the random "p" padding, the usage frame, `[DONE]`,
+chunked transfer, and the error bodies and codes.
+
+The model name picks the behaviour: `@cf/fake/<mode>` (see MODES). Every request is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+ACCOUNT = "0123456789abcdef0123456789abcdef"
+TOKEN = "cf-test-token-SECRET-8d7f6e5a"
+
+ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
+    "429": (429, {"errors": [{"message": "Capacity temporarily exceeded, please try again.", "code": 3040}],
+                  "success": False, "result": {}, "messages": []}, {"Retry-After": "1"}),
+    "4006": (429, {"errors": [{"message": "AiError: AiError: you have used up your daily free allocation of 10,000 "
+                                          "neurons, please upgrade to Cloudflare's Workers Paid plan if you would "
+                                          "like to continue usage. (51afe8c9-aaaa)", "code": 4006}],
+                   "success": False, "result": {}, "messages": []}, {}),
+    "5006": (400, {"errors": [{"message": "AiError: Bad input: Error: oneOf at '/' not met, 0 matches: required "
+                                          "properties at '/' are 'prompt'", "code": 5006}],
+                   "success": False, "result": {}, "messages": []}, {}),
+    "5007": (400, {"errors": [{"code": 5007, "message": "No such model @cf/fake/5007 or task"}], "success": False}, {}),
+    "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
+}
+MODES = ["chat", "slow", "openai", "json", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
+         "unauthorized", *ERRORS]
+TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeCloudflare:
+    """Start with .start(); .base is the CLOUDFLARE_API_BASE to configure."""
+
+    frame_delay: float = 0.01
+    requests: list[Recorded] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)  # models whose stream the client closed early
+    finished: list[str] = field(default_factory=list)  # models whose stream ran to [DONE]
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def start(self) -> FakeCloudflare:
+        fake = self
+
+        class Handler(_Handler):
+            server_state = fake
+
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/client/v4"
+
+    def wait_for(self, predicate, timeout: float = 10) -> bool:
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def note(self, bucket: list[str], model: str) -> None:
+        with self.changed:
+            bucket.append(model)
+            self.changed.notify_all()
+
+    def runs(self, model: str) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith("/ai/run/" + model)]
+
+
+def reply_words(body: dict[str, Any]) -> list[str]:
+    """What the fake model says: its last user message echoed, one word per token."""
+    last = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    words = ("You said: " + last).split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)][: body.get("max_tokens", 256)]
+
+
+def usage_for(body: dict[str, Any], completion: int) -> dict[str, int]:
+    prompt = sum(len(str(m.get("content", "")).split()) + 4 for m in body.get("messages", []))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default listen backlog of 5 resets bursts of connections
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that hang up mid-stream are what several tests do on purpose
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_state: FakeCloudflare
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_sse(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def frame(self, obj: Any) -> None:
+        self.chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+
+    def end_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def envelope(self, result: Any) -> dict[str, Any]:
+        return {"result": result, "success": True, "errors": [], "messages": []}
+
+    # -- routes --------------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        self.record(None)
+        if not self.authorized():
+            return
+        if url.path.endswith("/ai/models/search"):
+            query = parse_qs(url.query)
+            page = int(query.get("page", ["1"])[0])
+            items = [{"id": f"uuid-{i}", "source": 1, "name": m, "description": "fake",
+                      "task": {"id": "t", "name": "Text Generation", "description": ""},
+                      "created_at": "2025-01-28 16:04:39.346", "tags": [], "properties": []}
+                     for i, m in enumerate(TEXT_MODELS)]
+            self.send_json(200, {**self.envelope(items if page == 1 else []),
+                                 "result_info": {"page": page, "per_page": 50, "count": len(items)}})
+        else:
+            self.send_json(400, {"success": False, "errors": [{"code": 7000, "message": "No route for that URI"}]})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw)  # whatever the Content-Type says, like the real API
+        except ValueError:
+            body = None
+        self.record(body)
+        if not self.authorized():
+            return
+        marker = "/ai/run/"
+        if marker not in self.path or not isinstance(body, dict):
+            self.send_json(400, {"success": False, "errors": [{"code": 7000, "message": "No route for that URI"}]})
+            return
+        model = self.path.split(marker, 1)[1]
+        mode = model.removeprefix("@cf/fake/")
+        state = self.server_state
+        try:
+            self.answer(model, mode, body, state)
+        except (BrokenPipeError, ConnectionResetError):
+            state.note(state.aborted, model)
+
+    def answer(self, model: str, mode: str, body: dict[str, Any], state: FakeCloudflare) -> None:
+        if mode == "flaky":
+            state.counters[model] = state.counters.get(model, 0) + 1
+            if state.counters[model] % 2:
+                self.send_json(500, {"success": False, "errors": [{"code": 3000, "message": "Internal error"}]})
+                return
+        if mode in ERRORS:
+            status, error, headers = ERRORS[mode]
+            self.send_json(status, error, headers)
+            return
+        if mode == "500":
+            data = b"internal server error"
+            self.send_response(500)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        if mode not in MODES:
+            self.send_json(400, ERRORS["5007"][1] | {"errors": [{"code": 5007, "message": f"No such model {model} or task"}]})
+            return
+        words = reply_words(body)
+        if not body.get("stream") or mode == "json":
+            self.send_json(200, self.envelope({"response": "".join(words), "tool_calls": [],
+                                               "usage": usage_for(body, len(words))}))
+            return
+        delay = 0.05 if mode == "slow" else state.frame_delay
+        if mode == "slow":
+            words = (words * 20)[:20]
+        self.start_sse()
+        for i, word in enumerate(words):
+            if mode == "drop" and i == 3:
+                self.connection.shutdown(socket.SHUT_RDWR)  # no end of chunks: the connection just dies
+                return
+            if mode == "stall" and i == 2:
+                time.sleep(30)
+                return
+            if mode == "malformed" and i == 2:
+                self.frame(b'{"response": "bro')
+                continue
+            time.sleep(delay)
+            if mode == "openai":
+                self.frame({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model,
+                            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
+            elif mode == "split":  # one frame in three network chunks, split inside the JSON
+                data = b"data: " + json.dumps({"response": word}).encode() + b"\r\n\r\n"
+                for part in (data[:4], data[4:11], data[11:]):
+                    self.chunk(part)
+            else:
+                self.frame({"response": word, "p": "x" * random.randint(1, 40)})
+        if mode == "openai":
+            self.frame({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model,
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                        "usage": usage_for(body, len(words))})
+        else:
+            self.frame({"response": ""})
+            self.frame({"response": "", "usage": usage_for(body, len(words))})
+        if mode != "nodone":
+            self.frame(b"[DONE]")
+        self.end_chunks()
+        state.note(state.finished, model)
+
+    def record(self, body: Any) -> None:
+        self.server_state.requests.append(Recorded(self.command, self.path, dict(self.headers), body))
+
+    def authorized(self) -> bool:
+        if f"/accounts/{ACCOUNT}/" not in self.path:
+            self.send_json(404, {"result": None, "success": False, "errors": [{"code": 7003, "message": (
+                f"Could not route to {urlsplit(self.path).path}, perhaps your object identifier is invalid?")}],
+                "messages": []})
+            return False
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}" or "unauthorized" in self.path:
+            self.send_json(401, {"success": False, "errors": [{"code": 10000, "message": "Authentication error"}]})
+            return False
+        return True
