@@ -36,3 +36,20 @@ def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError) as err:
         load_settings(env, dotenv=None)
     assert str(err.value).startswith(name)
+
+
+def test_cloudflare_needs_both_account_and_token():
+    with pytest.raises(ConfigError, match="CLOUDFLARE_API_TOKEN"):
+        load_settings({"CLOUDFLARE_ACCOUNT_ID": "abc"}, dotenv=None)
+    with pytest.raises(ConfigError, match="CLOUDFLARE_ACCOUNT_ID"):
+        load_settings({"CLOUDFLARE_API_TOKEN": "t"}, dotenv=None)
+
+
+def test_cloudflare_settings():
+    s = load_settings({"CLOUDFLARE_ACCOUNT_ID": "a", "CLOUDFLARE_API_TOKEN": "t", "CLOUDFLARE_TIMEOUT": "3,30",
+                       "CLOUDFLARE_MODELS": "@cf/x/y, @hf/z"}, dotenv=None)
+    assert s.uses_cloudflare and not s.uses_demo_model and s.model_path is None
+    assert s.cloudflare_timeout == (3.0, 30.0) and s.cloudflare_models == ("@cf/x/y", "@hf/z")
+    assert load_settings({"CLOUDFLARE_TIMEOUT": "60"}, dotenv=None).cloudflare_timeout == (10.0, 60.0)
+    with pytest.raises(ConfigError, match="CLOUDFLARE_TIMEOUT"):
+        load_settings({"CLOUDFLARE_TIMEOUT": "soon"}, dotenv=None)
