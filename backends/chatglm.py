@@ -95,9 +95,6 @@ class ChatGLMBackend:
     def models(self) -> list[ModelInfo]:
         return [self._info]
 
-    def count_prompt_tokens(self, messages: tuple[Message, ...]) -> int:
-        return len(self._encode(messages))
-
     def chat(self, request: ChatRequest) -> Iterator[Event]:
         prompt = self._encode(request.messages)
         room = self.context_length - len(prompt)

@@ -12,14 +12,15 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest,
-                           ModelInfo, ModelNotFound, RateLimited, TextDelta, UpstreamError, UpstreamTimeout, Usage)
+from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason,
+                           InvalidRequest, ModelInfo, ModelNotFound, RateLimited, TextDelta, UpstreamError,
+                           UpstreamTimeout, Usage)
 from backends.sse_reader import sse_data
 from backends.stops import StopMatcher
 
@@ -74,7 +75,7 @@ class CloudflareBackend:
         try:
             for page in range(1, 41):
                 r = self.session.get(f"{self._account_url}/ai/models/search", timeout=self._timeouts(),
-                                     params={"task": "Text Generation", "per_page": 50, "page": page})
+                                     params={"task": "Text Generation", "per_page": "50", "page": str(page)})
                 r.raise_for_status()
                 items = r.json().get("result") or []
                 found += [ModelInfo(i["name"], "cloudflare" if i.get("source", 1) == 1 else "huggingface",
@@ -221,7 +222,8 @@ class CloudflareBackend:
             body = response.json()
         except ValueError:
             body = {}
-        codes = {e.get("code") for e in body.get("errors") or [] if isinstance(e, dict)} if isinstance(body, dict) else set()
+        errors = body.get("errors") if isinstance(body, dict) else None
+        codes = {e.get("code") for e in errors or [] if isinstance(e, dict)}
         message = self._scrub(_first_message(body) or f"HTTP {status}")
         retry_after = _retry_after(response.headers.get("Retry-After"))
         if codes & AUTH_CODES or status in (401, 403) and not codes - AUTH_CODES - {None}:
@@ -285,11 +287,13 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def _finish_reason(upstream: str | None, stopped: bool, usage: dict[str, Any], max_tokens: int) -> str:
+def _finish_reason(upstream: str | None, stopped: bool, usage: dict[str, Any], max_tokens: int) -> FinishReason:
     if stopped:
         return "stop"
-    if upstream in ("stop", "length"):
-        return upstream
+    if upstream == "length":
+        return "length"
+    if upstream == "stop":
+        return "stop"
     # Native models say nothing: an answer that used every token it was allowed was cut short.
     return "length" if _int(usage.get("completion_tokens")) >= max_tokens else "stop"
 
@@ -332,13 +336,13 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _seconds_to_utc_midnight() -> float:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return (midnight - now).total_seconds()
 
 
 def _created(value: Any) -> int:
     try:
-        return int(datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc).timestamp())
+        return int(datetime.fromisoformat(str(value)).replace(tzinfo=UTC).timestamp())
     except ValueError:
         return 0

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-from backends.ggml_file import ALIGN, CHATGLM3, CONFIG_V2, F16, F32, MAGIC, SPECIAL_TOKENS, ModelConfig, expected_tensors
+from backends.ggml_file import (ALIGN, CHATGLM3, CONFIG_V2, F16, MAGIC, SPECIAL_TOKENS, ModelConfig,
+                                expected_tensors)
 
 CORPUS = """\
 aigate is a small server that speaks the OpenAI API and answers with a model that runs on your own machine.

@@ -74,7 +74,8 @@ def expected_tensors(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], int]]:
     head_dim = c.hidden_size // c.num_attention_heads
     qkv_rows = c.hidden_size + 2 * c.num_key_value_heads * head_dim
     h, ffn, t = c.hidden_size, c.intermediate_size, c.dtype
-    tensors = {"transformer.embedding.word_embeddings.weight": ((c.vocab_size, h), t)}
+    tensors: dict[str, tuple[tuple[int, ...], int]] = {
+        "transformer.embedding.word_embeddings.weight": ((c.vocab_size, h), t)}
     for i in range(c.num_hidden_layers):
         p = f"transformer.encoder.layers.{i}."
         tensors.update({

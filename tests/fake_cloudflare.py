@@ -33,7 +33,7 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "5007": (400, {"errors": [{"code": 5007, "message": "No such model @cf/fake/5007 or task"}], "success": False}, {}),
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
-MODES = ["chat", "slow", "openai", "json", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
+MODES = ["chat", "slow", "openai", "json", "jsonobj", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
 
@@ -207,9 +207,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             return
         if mode not in MODES:
-            self.send_json(400, ERRORS["5007"][1] | {"errors": [{"code": 5007, "message": f"No such model {model} or task"}]})
+            self.send_json(400, {"errors": [{"code": 5007, "message": f"No such model {model} or task"}],
+                                 "success": False})
             return
         words = reply_words(body)
+        if mode == "jsonobj":  # JSON mode: `response` is an object, and there is no streaming
+            self.send_json(200, self.envelope({"response": {"said": "".join(words)}, "usage": usage_for(body, 7)}))
+            return
         if not body.get("stream") or mode == "json":
             self.send_json(200, self.envelope({"response": "".join(words), "tool_calls": [],
                                                "usage": usage_for(body, len(words))}))

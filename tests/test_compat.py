@@ -77,8 +77,8 @@ def test_unknown_and_ignored_fields_are_accepted():
     assert call.request.model == "m"
 
 
-def events(*texts, reason="stop", usage=Usage(3, 4)):
-    return iter([*(TextDelta(t) for t in texts), Finish(reason, usage)])
+def events(*texts, reason="stop"):
+    return iter([*(TextDelta(t) for t in texts), Finish(reason, Usage(3, 4))])
 
 
 def test_stream_chunk_sequence():

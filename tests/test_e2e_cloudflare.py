@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -86,6 +87,12 @@ def test_stream_content_and_usage(client, mode):
     assert chunks[-2].choices[0].finish_reason == "stop"
     assert chunks[-1].usage.completion_tokens == 5
     assert chunks[-1].usage.prompt_tokens == usage_for({"messages": HELLO}, 5)["prompt_tokens"]
+
+
+def test_an_object_response_comes_back_as_json_text(client):
+    r = client.chat.completions.create(model="@cf/fake/jsonobj", messages=HELLO)
+    assert json.loads(r.choices[0].message.content) == {"said": "You said: hello there friend"}
+    assert r.usage.completion_tokens == 7
 
 
 def test_stream_is_token_by_token(client, fake):
