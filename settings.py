@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dotenv import dotenv_values
 
@@ -143,26 +144,20 @@ class _Reader:
     def text(self, name: str) -> str:
         return self.env.get(name, "").strip()
 
-    def integer(self, name: str, default, *, minimum: int):
-        raw = self.text(name)
-        if not raw:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-        if value < minimum:
-            raise ConfigError(f"{name}={value} is too small (at least {minimum})")
-        return value
+    def integer(self, name: str, default: Any, *, minimum: int) -> Any:
+        return self._parsed(name, default, int, "a whole number", minimum)
 
     def number(self, name: str, default: float, *, minimum: float) -> float:
+        return self._parsed(name, default, float, "a number", minimum)
+
+    def _parsed(self, name: str, default: Any, kind: Callable[[str], Any], what: str, minimum: float) -> Any:
         raw = self.text(name)
         if not raw:
             return default
         try:
-            value = float(raw)
+            value = kind(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number") from None
+            raise ConfigError(f"{name}={raw!r} is not {what}") from None
         if value < minimum:
             raise ConfigError(f"{name}={value} is too small (at least {minimum:g})")
         return value

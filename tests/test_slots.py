@@ -32,6 +32,15 @@ def wait_for_line(slots: GenerationSlots, count: int) -> None:
         time.sleep(0.002)
 
 
+def start_holder(slots: GenerationSlots):
+    """A process that takes a slot and keeps it until the returned event is set."""
+    started, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=hold, args=(slots, started, release))
+    p.start()
+    assert started.wait(10)
+    return p, release
+
+
 @pytest.fixture
 def slots(tmp_path):
     return GenerationSlots(tmp_path / "slots", slots=1, max_queue=3, queue_timeout=10)
@@ -39,10 +48,7 @@ def slots(tmp_path):
 
 def test_full_line_is_refused_at_once(tmp_path):
     s = GenerationSlots(tmp_path, slots=1, max_queue=0, queue_timeout=10)
-    started, release = ctx.Event(), ctx.Event()
-    p = ctx.Process(target=hold, args=(s, started, release))
-    p.start()
-    assert started.wait(10)
+    p, release = start_holder(s)
     with pytest.raises(QueueFull) as err:
         with s.acquire():
             pass
@@ -55,10 +61,7 @@ def test_full_line_is_refused_at_once(tmp_path):
 
 def test_wait_times_out(tmp_path):
     s = GenerationSlots(tmp_path, slots=1, max_queue=1, queue_timeout=0.05)
-    started, release = ctx.Event(), ctx.Event()
-    p = ctx.Process(target=hold, args=(s, started, release))
-    p.start()
-    assert started.wait(10)
+    p, release = start_holder(s)
     with pytest.raises(QueueTimeout):
         with s.acquire():
             pass
@@ -68,10 +71,7 @@ def test_wait_times_out(tmp_path):
 
 
 def test_a_killed_holder_frees_its_slot(slots):
-    started, release = ctx.Event(), ctx.Event()
-    p = ctx.Process(target=hold, args=(slots, started, release))
-    p.start()
-    assert started.wait(10)
+    p, _release = start_holder(slots)
     os.kill(p.pid, signal.SIGKILL)
     p.join(10)
     with slots.acquire():
@@ -79,10 +79,7 @@ def test_a_killed_holder_frees_its_slot(slots):
 
 
 def test_first_come_first_served_across_processes(slots):
-    started, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=hold, args=(slots, started, release))
-    holder.start()
-    assert started.wait(10)
+    holder, release = start_holder(slots)
     log = ctx.Queue()
     go = ctx.Event()
     go.set()
@@ -102,10 +99,7 @@ def test_first_come_first_served_across_processes(slots):
 
 def test_two_slots_run_two_at_once(tmp_path):
     s = GenerationSlots(tmp_path, slots=2, max_queue=0, queue_timeout=1)
-    started, release = ctx.Event(), ctx.Event()
-    p = ctx.Process(target=hold, args=(s, started, release))
-    p.start()
-    assert started.wait(10)
+    p, release = start_holder(s)
     with s.acquire():  # the second slot is free
         with pytest.raises(QueueFull):
             with s.acquire():
