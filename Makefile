@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 # chatglm-cpp 0.4.2 builds from source; CMake 4 rejects its bundled cmake_minimum_required.
 export CMAKE_ARGS ?= -DCMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: run test install install-dev clean
+.PHONY: run test install install-dev test-servers clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:application
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev test-servers
 	$(BIN)/python -m pytest
 
 install: $(VENV)/.installed
@@ -26,6 +26,19 @@ $(VENV)/.installed: requirements.txt
 $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
+
+# The deployment tests run the real nginx and Apache and check the systemd unit: install them from
+# Debian's packages when we can (root); without them those tests are skipped and say so.
+test-servers:
+	@missing=""; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	[ -x /usr/sbin/apache2 ] || missing="$$missing apache2"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "not root: the tests that need$$missing will be skipped"; fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) .cache

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
+import threading
 from dataclasses import dataclass
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import check_bearer
 from compat.errors import APIError, from_backend, internal_error
-from compat.routes import chat, health, models
+from compat.routes import chat, models, ops
+from request_log import RequestRecord
 from settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("aigate")
 
 DEMO_OWNER = "aigate-demo (random weights: set CHATGLM_MODEL to a real chatglm3-ggml.bin)"
 DEMO_MODEL_ID = "chatglm3-demo"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 @dataclass
@@ -38,12 +43,31 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
-    for bp in (models.bp, chat.bp, health.bp):
+    for bp in (models.bp, chat.bp, ops.bp):
         app.register_blueprint(bp)
+    if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     _install_request_hooks(app, settings)
     _install_error_handlers(app)
-    log.info("aigate ready: serving %s", ", ".join(m.id for m in app.extensions["aigate"].registry.models()))
     return app
+
+
+def load_backends(app: Flask) -> None:
+    """Load models (the slow part of start-up); /ready answers 200 once this is done."""
+    registry: Registry = app.extensions["aigate"].registry
+    for backend in registry.backends:
+        try:
+            backend.load()
+        except Exception:
+            log.exception("the %s backend failed to load; /ready will say so", backend.name)
+    log.info("aigate ready: serving %s", ", ".join(m.id for m in registry.models()))
+
+
+def start_loading(app: Flask) -> None:
+    """Load in the background so the worker answers /health (and gunicorn's heartbeat) at once;
+    under gevent this thread is a greenlet."""
+    threading.Thread(target=load_backends, args=(app,), name="aigate-load", daemon=True).start()
 
 
 def build_registry(settings: Settings) -> Registry:
@@ -123,7 +147,10 @@ def ensure_demo_model(settings: Settings) -> None:
 def _install_request_hooks(app: Flask, settings: Settings) -> None:
     @app.before_request
     def authenticate():
-        g.request_id = request.headers.get("X-Request-ID") or "req_" + secrets.token_hex(12)
+        # An incoming id (from a proxy or the client) is kept if it is a plain token, so logs line up.
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(12)
+        g.record = RequestRecord(g.request_id, request.method, request.path, request.remote_addr or "-")
         if request.method == "OPTIONS":
             return _preflight(settings)
         if request.path.startswith("/v1/"):
@@ -132,6 +159,11 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
 
     @app.after_request
     def decorate(response: Response) -> Response:
+        record: RequestRecord | None = g.get("record")
+        if record is not None:
+            record.status = response.status_code
+            record.route = request.url_rule.rule if request.url_rule else "other"
+            response.call_on_close(lambda: record.close(settings.log_prompts))
         response.headers["x-request-id"] = g.get("request_id", "")
         response.headers["Access-Control-Allow-Origin"] = settings.cors_origins
         response.headers["Access-Control-Expose-Headers"] = "x-request-id"

@@ -6,15 +6,24 @@ here first, in the master, so a bad setting or model file stops the server with 
 instead of a crash loop of workers.
 """
 
+import os
+import shutil
 import sys
+import tempfile
 
-import app as _app
-from settings import ConfigError, load_settings
+# Metrics from every worker add up through files in one directory, which must be known before
+# anything imports prometheus_client; a fresh one per start, so counts begin at zero.
+_metrics_dir = tempfile.mkdtemp(prefix="aigate-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+import app as _app  # noqa: E402
+from settings import ConfigError, load_settings  # noqa: E402
 
 try:
     _settings = load_settings()
     _app.check_config(_settings)
 except ConfigError as _exc:
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
     sys.exit(f"aigate: configuration error: {_exc}")
 
 bind = f"{_settings.host}:{_settings.port}"
@@ -22,17 +31,18 @@ workers = _settings.workers
 worker_class = "gevent"
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout  # the worker's heartbeat waits out the longest single model step
-graceful_timeout = _settings.graceful_timeout
+graceful_timeout = _settings.graceful_timeout  # SIGTERM: running streams get this long to finish
 keepalive = _settings.keepalive
-loglevel = _settings.log_level
-accesslog = "-"
-errorlog = "-"
+# The heartbeat file on tmpfs, so a busy disk never delays it.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 preload_app = False
+loglevel = _settings.log_level
+errorlog = "-"
+accesslog = None  # aigate logs one richer line per request itself (request_log.py)
 # gunicorn 27's control socket defaults to one path per user: two servers would fight over it.
 control_socket_disable = True
 
-# aigate's own loggers (the root) and gunicorn's error log to stderr, the access log to stdout,
-# each line once.
+# aigate's own loggers (the root) and gunicorn's error log to stderr, each line once.
 logconfig_dict = {
     "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
     "loggers": {
@@ -42,3 +52,14 @@ logconfig_dict = {
                             "qualname": "gunicorn.access"},
     },
 }
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (active streams) must stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(_metrics_dir, ignore_errors=True)

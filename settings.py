@@ -46,6 +46,9 @@ class Settings:
     slots_dir: Path = Path(tempfile.gettempdir()) / f"aigate-slots-{os.getuid()}"
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: str = "*"
+    trusted_proxies: int = 0  # proxies in front that set X-Forwarded-*; 0: trust none
+    metrics_token: str = ""  # bearer for /metrics; empty: /metrics answers loopback clients only
+    log_prompts: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -102,6 +105,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         slots_dir=Path(r.text("SLOTS_DIR") or Settings.slots_dir),
         max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
         cors_origins=r.text("CORS_ORIGINS") or "*",
+        trusted_proxies=r.integer("TRUSTED_PROXIES", 0, minimum=0),
+        metrics_token=r.text("METRICS_TOKEN"),
+        log_prompts=r.flag("LOG_PROMPTS"),
         host=r.text("HOST") or "127.0.0.1",
         port=r.integer("PORT", 8000, minimum=0),
         workers=r.integer("WORKERS", 1, minimum=1),
@@ -143,6 +149,14 @@ class _Reader:
 
     def text(self, name: str) -> str:
         return self.env.get(name, "").strip()
+
+    def flag(self, name: str) -> bool:
+        raw = self.text(name).lower()
+        if raw in ("", "0", "false", "no", "off"):
+            return False
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        raise ConfigError(f"{name}={raw!r} is not a yes/no value (use 1 or 0)")
 
     def integer(self, name: str, default: Any, *, minimum: int) -> Any:
         return self._parsed(name, default, int, "a whole number", minimum)

@@ -1,5 +1,6 @@
 """The WSGI entry point: gunicorn wsgi:application, mod_wsgi, Passenger."""
 
-from app import create_app
+from app import create_app, start_loading
 
 application = create_app()
+start_loading(application)

@@ -61,7 +61,21 @@ class ModelInfo:
 
 
 class Backend(Protocol):
+    name: str  # for logs, metrics and /ready
+
     def models(self) -> list[ModelInfo]: ...
+
+    def load(self) -> None:
+        """Do the slow start-up work (loading a model); called once, off the request path."""
+        ...
+
+    def readiness(self) -> str | None:
+        """None when requests can be served; otherwise why not."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Gauges read at scrape time (e.g. generations running, requests waiting)."""
+        ...
 
     def chat(self, request: ChatRequest) -> Iterator[Event]:
         """Yield TextDeltas then exactly one Finish. Errors raised before the first event are the
@@ -105,6 +119,10 @@ class UpstreamError(BackendError):
 
 class UpstreamTimeout(UpstreamError):
     """The engine behind us did not answer in time."""
+
+
+class Unavailable(BackendError):
+    """The backend cannot serve yet (a model still loading) or any more (it failed to load)."""
 
 
 class QueueFull(BackendError):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, Message, ModelInfo, TextDelta,
-                           Usage)
+                           Unavailable, Usage)
 from backends.ggml_file import ModelFile
 from backends.slots import GenerationSlots
 from backends.stops import StopMatcher
@@ -73,29 +74,53 @@ class Detokenizer:
 
 
 class ChatGLMBackend:
+    name = "chatglm"
+
     def __init__(self, model: ModelFile, *, model_id: str, owned_by: str, max_length: int | None,
                  slots: GenerationSlots) -> None:
         import chatglm_cpp  # imported here: loading the extension is the backend's business only
 
         self._chatglm = chatglm_cpp
+        self._model = model
         self.slots = slots
         self.context_length = max_length or model.config.max_length
         self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime))
-        # One Pipeline (one KV cache) per generation slot: the slots keep at most that many
-        # generations running on the machine, so one is always free when a slot is won.
-        self._free = [chatglm_cpp.Pipeline(str(model.path), max_length=self.context_length)
-                      for _ in range(slots.slots)]
-        self._tokenizer = self._free[0].tokenizer
-        config = self._free[0].model.config
-        self._end_ids = frozenset([config.eos_token_id, *config.extra_eos_token_ids])
-        self._pieces = model.tokenizer_pieces
+        self._free: list[Any] = []
+        self._loaded = False
+        self._load_error: str | None = None
         self._yield = hub_yield()
-        log.info("loaded %s (%s), context %d tokens", model_id, model.path, self.context_length)
+
+    def load(self) -> None:
+        try:
+            # One Pipeline (one KV cache) per generation slot: the slots keep at most that many
+            # generations running on the machine, so one is always free when a slot is won.
+            pipelines = [self._chatglm.Pipeline(str(self._model.path), max_length=self.context_length)
+                         for _ in range(self.slots.slots)]
+        except Exception as exc:  # chatglm.cpp's RuntimeError on a file the checks let through
+            self._load_error = f"loading {self._model.path} failed: {exc}"
+            raise
+        self._tokenizer = pipelines[0].tokenizer
+        config = pipelines[0].model.config
+        self._end_ids = frozenset([config.eos_token_id, *config.extra_eos_token_ids])
+        self._free = pipelines
+        self._loaded = True
+        log.info("loaded %s (%s), context %d tokens", self._info.id, self._model.path, self.context_length)
+
+    def readiness(self) -> str | None:
+        if self._loaded:
+            return None
+        return self._load_error or f"model {self._info.id} is loading"
+
+    def stats(self) -> dict[str, float]:
+        running, waiting = self.slots.counts()
+        return {"generations_running": running, "requests_waiting": waiting}
 
     def models(self) -> list[ModelInfo]:
         return [self._info]
 
     def chat(self, request: ChatRequest) -> Iterator[Event]:
+        if not self._loaded:
+            raise Unavailable(self.readiness() or "", retry_after=None if self._load_error else 2)
         prompt = self._encode(request.messages)
         room = self.context_length - len(prompt)
         if room < 1:
@@ -138,7 +163,7 @@ class ChatGLMBackend:
             generated += 1
             # End of text: eos, or any id past the ordinary pieces (special or padding ids;
             # decoding a padding id would crash the tokenizer).
-            if token in self._end_ids or not 0 <= token < self._pieces:
+            if token in self._end_ids or not 0 <= token < self._model.tokenizer_pieces:
                 reason = "stop"
                 break
             text = stop.feed(detok.add(token))

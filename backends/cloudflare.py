@@ -50,6 +50,8 @@ class CloudflareConfig:
 
 
 class CloudflareBackend:
+    name = "cloudflare"
+
     def __init__(self, config: CloudflareConfig) -> None:
         self.config = config
         self.session = requests.Session()
@@ -61,6 +63,15 @@ class CloudflareBackend:
         self._account_url = f"{config.api_base.rstrip('/')}/accounts/{config.account_id}"
         self._models = [ModelInfo(m, "cloudflare") for m in config.models]
         self._models_expire = 0.0 if config.discover else math.inf
+
+    def load(self) -> None:
+        self.models()  # with discovery on, fill the list before the first client asks
+
+    def readiness(self) -> str | None:
+        return None  # credentials are present (settings insist on both); each request is independent
+
+    def stats(self) -> dict[str, float]:
+        return {}
 
     # -- models ---------------------------------------------------------------------------------
 

@@ -72,9 +72,15 @@ class GenerationSlots:
         return float(min(60, max(1, math.ceil(self._hold_seconds))))
 
     def in_line(self) -> int:
-        """Live requests in line or generating, machine-wide (for metrics and tests)."""
+        """Live requests in line or generating, machine-wide."""
+        return sum(self.counts())
+
+    def counts(self) -> tuple[int, int]:
+        """(generating, waiting), machine-wide."""
         with self._guarded():
-            return sum(1 for i in range(self.places) if self._read_live(i) is not None)
+            states = [live[1] for i in range(self.places) if (live := self._read_live(i)) is not None]
+        running = states.count(_RUNNING)
+        return running, len(states) - running
 
     # -- the table ---------------------------------------------------------------------------
 

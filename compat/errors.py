@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import (BackendError, ContextLengthExceeded, InvalidRequest, ModelNotFound, QueueFull, QueueTimeout,
-                           RateLimited, UpstreamError, UpstreamTimeout)
+                           RateLimited, Unavailable, UpstreamError, UpstreamTimeout)
 
 
 @dataclass
@@ -61,6 +61,9 @@ def from_backend(exc: BackendError) -> APIError:
         return APIError(502, exc.message, type="server_error", code=code, headers=headers)
     if isinstance(exc, QueueFull):
         return APIError(429, exc.message, type="rate_limit_error", code="queue_full",
+                        headers=retry_headers(exc.retry_after))
+    if isinstance(exc, Unavailable):
+        return APIError(503, exc.message, type="server_error", code="model_not_ready",
                         headers=retry_headers(exc.retry_after))
     if isinstance(exc, QueueTimeout):
         return APIError(503, exc.message, type="server_error", code="queue_timeout",

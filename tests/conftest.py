@@ -44,8 +44,14 @@ class Server:
     base_url: str
     log: list[str] = field(default_factory=list)
     exited: bool = False
-
     slots_dir: Path = Path()
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+        """The first log line containing ``text``, once the server has written it."""
+        with self.changed:
+            self.changed.wait_for(lambda: any(text in line for line in self.log), timeout)
+            return next(line for line in self.log if text in line)
 
     @property
     def v1(self) -> str:
@@ -71,7 +77,7 @@ def start_server(tmp: Path, env: dict[str, str], *, ready_timeout: float = 60) -
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Server(process, "", slots_dir=tmp / "slots")
     workers = int(env.get("WORKERS", "1"))
-    ready = threading.Condition()
+    ready = server.changed
 
     def pump() -> None:
         assert process.stdout is not None

@@ -130,11 +130,15 @@ def test_failure_after_the_first_byte_goes_in_band():
         finally:
             closed.append(True)
 
+    from request_log import RequestRecord
+
     events = backend_events()
-    frames = list(sse_stream(stream_chunks(Completion("m"), events, False), events))
+    record = RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1")
+    frames = list(sse_stream(stream_chunks(Completion("m"), events, False), events, record))
     assert json.loads(frames[1][6:])["choices"][0]["delta"] == {"content": "partial"}
     assert json.loads(frames[-2][6:])["error"]["code"] == "queue_timeout"
     assert frames[-1] == sse.DONE and closed == [True]
+    assert record.error == "queue_timeout"
 
 
 def test_closing_the_stream_closes_the_backend():
@@ -149,8 +153,11 @@ def test_closing_the_stream_closes_the_backend():
         finally:
             closed.append(True)
 
+    from request_log import RequestRecord
+
     events = backend_events()
-    body = sse_stream(stream_chunks(Completion("m"), events, False), events)
+    body = sse_stream(stream_chunks(Completion("m"), events, False), events,
+                      RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1"))
     next(body), next(body)
     body.close()  # what the WSGI server does when the client goes away
     assert closed == [True]

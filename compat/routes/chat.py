@@ -8,13 +8,16 @@ from collections.abc import Iterator
 from dataclasses import replace
 from itertools import chain
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+import metrics
 
 from backends.base import BackendError, Event
 from compat import sse
 from compat.errors import from_backend, internal_error, invalid, model_not_found
 from compat.requests import parse_chat
 from compat.responses import Completion, fold, stream_chunks
+from request_log import RequestRecord
 
 log = logging.getLogger(__name__)
 bp = Blueprint("chat", __name__)
@@ -28,34 +31,44 @@ def create_chat_completion():
     route = current_app.extensions["aigate"].registry.resolve(call.request.model)
     if route is None:
         raise model_not_found(call.request.model)
+    record: RequestRecord = g.record
+    record.model, record.backend, record.stream = route.model_id, route.backend.name, call.stream
+    log_prompts = current_app.extensions["aigate"].settings.log_prompts
+    if log_prompts:
+        record.messages = call.request.messages
     events = route.backend.chat(replace(call.request, model=route.model_id))
     # Peek: anything that fails before the first event (a full queue, a prompt too long) still
     # gets a real HTTP status, which is what the SDKs' retry logic reads.
     first = next(events)
     completion = Completion(route.model_id)
-    answer = chain([first], events)
+    answer = record.observe(chain([first], events), keep_text=log_prompts)
     if not call.stream:
         try:
             return jsonify(fold(completion, answer))
         finally:
             events.close()
-    body = sse_stream(stream_chunks(completion, answer, call.include_usage), events)
+    body = sse_stream(stream_chunks(completion, answer, call.include_usage), events, record)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def sse_stream(chunks: Iterator[dict], events: Iterator[Event]) -> Iterator[bytes]:
+def sse_stream(chunks: Iterator[dict], events: Iterator[Event], record: RequestRecord) -> Iterator[bytes]:
     """Write each chunk the moment it exists. A failure after the first byte goes in-band as an
     error event; a client that goes away closes this generator, which closes the backend's."""
+    metrics.ACTIVE_STREAMS.inc()
     try:
         for c in chunks:
             yield sse.encode(c)
     except BackendError as exc:
-        yield sse.encode(from_backend(exc).body())
+        error = from_backend(exc)
+        record.error = error.code or error.type
+        yield sse.encode(error.body())
     except Exception:
         log.exception("stream failed after it started")
+        record.error = "internal_error"
         yield sse.encode(internal_error().body())
     finally:
         events.close()  # type: ignore[attr-defined]
+        metrics.ACTIVE_STREAMS.dec()
     yield sse.DONE
 
 

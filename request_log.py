@@ -1,0 +1,79 @@
+"""One log line and one set of metrics per request, written when the response is closed (for a
+stream, when its last byte is sent or the client went away). Never the prompt, the answer or a
+key, unless LOG_PROMPTS is set."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import metrics
+from backends.base import Event, Finish, Message, TextDelta
+
+log = logging.getLogger("aigate.requests")
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    method: str
+    path: str
+    client: str
+    started: float = field(default_factory=time.monotonic)
+    route: str = "other"
+    status: int = 0
+    model: str = ""  # set only once resolved: client-chosen strings never become metric labels
+    backend: str = ""
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str = ""
+    error: str = ""
+    messages: tuple[Message, ...] = ()  # only kept with LOG_PROMPTS
+    answer: list[str] = field(default_factory=list)  # likewise
+
+    def observe(self, events: Iterator[Event], keep_text: bool) -> Iterator[Event]:
+        """Pass the events through, noting time to first token, usage and finish reason."""
+        for event in events:
+            if isinstance(event, TextDelta):
+                if self.first_token_at is None and event.text:
+                    self.first_token_at = time.monotonic()
+                if keep_text:
+                    self.answer.append(event.text)
+            elif isinstance(event, Finish):
+                self.prompt_tokens = event.usage.prompt_tokens
+                self.completion_tokens = event.usage.completion_tokens
+                self.finish_reason = event.reason
+            yield event
+
+    def close(self, log_prompts: bool) -> None:
+        ended = time.monotonic()
+        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        fields = {
+            "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client,
+            "model": self.model or "-", "backend": self.backend or "-", "stream": str(self.stream).lower(),
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "ttft_ms": "-" if ttft is None else f"{ttft * 1000:.1f}",
+            "duration_ms": f"{(ended - self.started) * 1000:.1f}",
+            "finish": self.finish_reason or "-", "error": self.error or "-",
+        }
+        log.info("request %s", " ".join(f"{k}={v}" for k, v in fields.items()))
+        if log_prompts and self.messages:
+            log.info("request %s prompt=%r answer=%r", self.id,
+                     [(m.role, m.content) for m in self.messages], "".join(self.answer))
+        self._count(ended, ttft)
+
+    def _count(self, ended: float, ttft: float | None) -> None:
+        metrics.REQUESTS.labels(self.route, self.model, str(self.status)).inc()
+        if not self.model:
+            return
+        metrics.TOKENS.labels(self.model, "prompt").inc(self.prompt_tokens)
+        metrics.TOKENS.labels(self.model, "completion").inc(self.completion_tokens)
+        if ttft is not None and self.first_token_at is not None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(ttft)
+            decode_time = ended - self.first_token_at
+            if self.completion_tokens > 1 and decode_time > 0:
+                metrics.TOKENS_PER_SECOND.labels(self.model).observe((self.completion_tokens - 1) / decode_time)

@@ -1,0 +1,139 @@
+"""Operations: readiness, Prometheus metrics across workers, request logs, proxies, graceful stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import signal
+
+import openai
+import pytest
+import requests
+
+from app import create_app, load_backends
+from settings import load_settings
+
+USER = [{"role": "user", "content": "SECRET-PROMPT-TEXT about the river"}]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 if absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"{name}{{(.*)}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def test_ready_is_503_until_the_model_is_loaded(tmp_path, demo_model):
+    settings = dataclasses.replace(load_settings({}, dotenv=None), chatglm_model=demo_model,
+                                   slots_dir=tmp_path / "slots")
+    app = create_app(settings)
+    client = app.test_client()
+    r = client.get("/ready")
+    assert r.status_code == 503 and r.json["backends"] == {"chatglm": "model demo is loading"}
+    assert client.get("/health").status_code == 200
+    early = client.post("/v1/chat/completions", json={"model": "demo", "messages": USER})
+    assert early.status_code == 503 and early.json["error"]["code"] == "model_not_ready"
+    assert early.headers["Retry-After"] == "2"
+    load_backends(app)
+    assert client.get("/ready").json == {"status": "ready", "backends": {"chatglm": "ready"}}
+    served = client.post("/v1/chat/completions", json={"model": "demo", "messages": USER, "max_tokens": 1})
+    assert served.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, slow_model):
+    return server_factory(CHATGLM_MODEL=str(slow_model), WORKERS="2", API_KEYS="sk-SECRET-KEY-1",
+                          GRACEFUL_TIMEOUT="30")
+
+
+def served_by(server, request_id: str) -> str:
+    """The pid of the worker that logged the request (the log format is "[time] [pid] [level] ...")."""
+    line = server.wait_for_log(f"id={request_id} ")
+    return re.search(r"\[(\d+)\] \[INFO\]", line).group(1)
+
+
+def test_metrics_add_up_across_workers(server):
+    before = requests.get(server.base_url + "/metrics", timeout=10).text
+    headers = {"Authorization": "Bearer sk-SECRET-KEY-1"}
+    completion, sent, pids = 0, 0, set()
+    while len(pids) < 2 or sent < 6:  # fresh connections until both workers have served some
+        assert sent < 60, "every request went to one worker"
+        stream = sent % 2 == 0
+        body = {"model": "endless", "messages": USER, "max_tokens": 5 + sent % 3, "stream": stream,
+                "stream_options": {"include_usage": True}}
+        r = requests.post(server.v1 + "/chat/completions", json=body, timeout=30,
+                          headers={**headers, "X-Request-ID": f"m-{sent}"})
+        usage = r.json()["usage"] if not stream else [
+            json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")][-1]["usage"]
+        completion += usage["completion_tokens"]
+        sent += 1
+        pids.add(served_by(server, f"m-{sent - 1}"))
+    assert requests.post(server.v1 + "/chat/completions", json={"model": "nope", "messages": USER}, headers=headers,
+                         timeout=30).status_code == 404
+    after = requests.get(server.base_url + "/metrics", timeout=10).text
+    route = "/v1/chat/completions"
+    served = metric(after, "aigate_requests_total", route=route, model="endless", status="200")
+    assert served - metric(before, "aigate_requests_total", route=route, model="endless", status="200") == sent
+    assert metric(after, "aigate_requests_total", route=route, model="", status="404") >= 1
+    assert metric(after, "aigate_tokens_total", model="endless", kind="completion") - metric(
+        before, "aigate_tokens_total", model="endless", kind="completion") == completion
+    assert metric(after, "aigate_time_to_first_token_seconds_count", model="endless") >= sent
+    assert metric(after, "aigate_completion_tokens_per_second_count", model="endless") >= sent
+    assert 'aigate_requests_waiting{backend="chatglm"} 0.0' in after
+    assert "aigate_active_streams 0.0" in after
+
+
+def test_metrics_need_the_token_or_a_local_client(server_factory, demo_model):
+    guarded = server_factory(CHATGLM_MODEL=str(demo_model), METRICS_TOKEN="m-token")
+    assert requests.get(guarded.base_url + "/metrics", timeout=10).status_code == 401
+    r = requests.get(guarded.base_url + "/metrics", headers={"Authorization": "Bearer m-token"}, timeout=10)
+    assert r.status_code == 200 and "aigate_requests_total" in r.text
+    # Behind one trusted proxy, the client is the one in X-Forwarded-For, not the proxy's 127.0.0.1.
+    proxied = server_factory(CHATGLM_MODEL=str(demo_model), TRUSTED_PROXIES="1")
+    remote = requests.get(proxied.base_url + "/metrics", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10)
+    assert remote.status_code == 403 and remote.json()["error"]["code"] == "metrics_forbidden"
+    assert requests.get(proxied.base_url + "/metrics", headers={"X-Forwarded-For": "127.0.0.1"},
+                        timeout=10).status_code == 200
+    requests.get(proxied.v1 + "/models", headers={"X-Forwarded-For": "198.51.100.7", "X-Request-ID": "via-proxy"},
+                 timeout=10)
+    assert "client=198.51.100.7" in proxied.wait_for_log("id=via-proxy")
+
+
+def test_one_log_line_per_request_without_secrets(server):
+    client = openai.OpenAI(base_url=server.v1, api_key="sk-SECRET-KEY-1", max_retries=0,
+                           default_headers={"X-Request-ID": "trace-42"})
+    r = client.chat.completions.with_raw_response.create(model="endless", messages=USER, max_tokens=9)
+    assert r.headers["x-request-id"] == "trace-42"
+    line = server.wait_for_log("id=trace-42")
+    assert sum("id=trace-42" in line for line in server.log) == 1
+    for part in ("status=200", "model=endless", "backend=chatglm", "stream=false", "completion_tokens=9",
+                 "finish=length"):
+        assert part in line
+    assert re.search(r"prompt_tokens=\d+ ", line) and re.search(r"ttft_ms=[\d.]+ duration_ms=[\d.]+", line)
+    text = "".join(server.log)
+    assert "SECRET-PROMPT-TEXT" not in text and "sk-SECRET-KEY-1" not in text
+
+
+def test_log_prompts_when_asked(server_factory, demo_model):
+    server = server_factory(CHATGLM_MODEL=str(demo_model), LOG_PROMPTS="1")
+    requests.post(server.v1 + "/chat/completions", json={"model": "demo", "messages": USER, "max_tokens": 3},
+                  headers={"X-Request-ID": "logged-1"}, timeout=30)
+    assert "SECRET-PROMPT-TEXT" in server.wait_for_log("logged-1 prompt=")
+
+
+def test_sigterm_lets_a_running_stream_finish(server_factory, slow_model):
+    server = server_factory(CHATGLM_MODEL=str(slow_model), GRACEFUL_TIMEOUT="30")
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    stream = iter(client.chat.completions.create(model="endless", messages=USER, max_tokens=800, stream=True))
+    next(stream)
+    server.process.send_signal(signal.SIGTERM)
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert sum(1 for c in rest if c.choices and c.choices[0].delta.content) > 700
+    assert server.process.wait(timeout=30) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.base_url + "/health", timeout=5)
