@@ -72,8 +72,9 @@ def test_metrics_add_up_across_workers(server):
         completion += usage["completion_tokens"]
         sent += 1
         pids.add(served_by(server, f"m-{sent - 1}"))
-    assert requests.post(server.v1 + "/chat/completions", json={"model": "nope", "messages": USER}, headers=headers,
-                         timeout=30).status_code == 404
+    assert requests.post(server.v1 + "/chat/completions", json={"model": "nope", "messages": USER},
+                         headers={**headers, "X-Request-ID": "m-404"}, timeout=30).status_code == 404
+    served_by(server, "m-404")  # counted when its response closed, which may come after the client read it
     after = requests.get(server.base_url + "/metrics", timeout=10).text
     route = "/v1/chat/completions"
     served = metric(after, "aigate_requests_total", route=route, model="endless", status="200")
