@@ -27,13 +27,15 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The deployment tests run the real nginx and Apache and check the systemd unit: install them from
+# The deployment tests run the real nginx and Apache and check the systemd unit, and the playground
+# test drives Debian's Chromium (through Playwright's Python package, which downloads no browser): install them from
 # Debian's packages when we can (root); without them those tests are skipped and say so.
 test-servers:
 	@missing=""; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
 	[ -x /usr/sbin/apache2 ] || missing="$$missing apache2"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
