@@ -7,13 +7,32 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 Role = Literal["system", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made (in an answer) or made earlier (in the history)."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=dict)  # JSON Schema
 
 
 @dataclass(frozen=True)
 class Message:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call answered
+    name: str | None = None  # tool turns: the function's name, when the client sent it
 
 
 @dataclass(frozen=True)
@@ -27,6 +46,8 @@ class ChatRequest:
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"  # "auto", "none", "required", or the name of the tool to call
 
 
 @dataclass(frozen=True)
@@ -50,7 +71,7 @@ class Finish:
     usage: Usage
 
 
-Event = TextDelta | Finish
+Event = TextDelta | ToolCall | Finish
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, Message, ModelInfo, TextDelta,
+from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, Message, ModelInfo, TextDelta, Tool,
                            Unavailable, Usage)
+from backends.chatglm_tools import ReplySplitter, render_call, tools_system_prompt
 from backends.ggml_file import ModelFile
 from backends.slots import GenerationSlots
 from backends.stops import StopMatcher
@@ -121,7 +122,7 @@ class ChatGLMBackend:
     def chat(self, request: ChatRequest) -> Iterator[Event]:
         if not self._loaded:
             raise Unavailable(self.readiness() or "", retry_after=None if self._load_error else 2)
-        prompt = self._encode(request.messages)
+        prompt = self._encode(request.messages, request.tools)
         room = self.context_length - len(prompt)
         if room < 1:
             raise ContextLengthExceeded(
@@ -137,17 +138,42 @@ class ChatGLMBackend:
         with self.slots.acquire():
             pipeline = self._free.pop()
             try:
-                yield from self._generate(pipeline, prompt, config, max_new, StopMatcher(request.stop))
+                yield from self._generate(pipeline, prompt, config, max_new, StopMatcher(request.stop),
+                                          ReplySplitter(tools_offered=bool(request.tools)))
             finally:
                 self._free.append(pipeline)
 
-    def _encode(self, messages: tuple[Message, ...]) -> list[int]:
-        chat_messages = [self._chatglm.ChatMessage(role=CHATGLM_ROLES[m.role], content=m.content)
-                         for m in messages]
-        # A limit beyond any prompt: chatglm.cpp would otherwise drop the oldest tokens in silence.
-        return list(self._tokenizer.apply_chat_template(chat_messages, 1 << 30))
+    def _encode(self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> list[int]:
+        """ChatGLM3's chat template, built here rather than by chatglm.cpp's apply_chat_template,
+        which can neither write a turn's metadata line (a tool call's name) nor be kept from
+        dropping the oldest tokens of a long prompt in silence."""
+        special = self._model.special_token_ids
+        ids = [special["[gMASK]"], special["sop"]]
 
-    def _generate(self, pipeline, prompt: list[int], config, max_new: int, stop: StopMatcher) -> Iterator[Event]:
+        def turn(role: str, content: str, metadata: str = "") -> None:
+            ids.append(special[f"<|{role}|>"])
+            ids.extend(self._sp_encode(metadata + "\n"))
+            ids.extend(self._sp_encode(content))
+
+        if tools:
+            turn("system", tools_system_prompt(tools))
+        for m in messages:
+            if m.role == "assistant" and m.tool_calls:
+                if m.content:
+                    turn("assistant", m.content)
+                for call in m.tool_calls:
+                    turn("assistant", render_call(call), metadata=call.name)
+            else:
+                turn(CHATGLM_ROLES[m.role], m.content)
+        ids.append(special["<|assistant|>"])
+        return ids
+
+    def _sp_encode(self, text: str) -> list[int]:
+        """Sentencepiece ids of text (chatglm.cpp's encode adds [gMASK] sop in front)."""
+        return list(self._tokenizer.encode(text, 1 << 30))[2:] if text else []
+
+    def _generate(self, pipeline, prompt: list[int], config, max_new: int, stop: StopMatcher,
+                  reply: ReplySplitter) -> Iterator[Event]:
         # The first step evaluates the whole prompt in one C++ call: chatglm.cpp evaluates a single
         # new token whenever n_past > 0, so the prefill cannot be split to let the hub run between parts.
         model = pipeline.model
@@ -166,15 +192,21 @@ class ChatGLMBackend:
             if token in self._end_ids or not 0 <= token < self._model.tokenizer_pieces:
                 reason = "stop"
                 break
-            text = stop.feed(detok.add(token))
+            text = stop.feed(reply.feed(detok.add(token)))
             if text:
                 yield TextDelta(text)
             if stop.stopped:
                 reason = "stop"
                 break
             self._yield()
+        call = None
         if not stop.stopped:
-            tail = stop.feed(detok.flush()) + stop.flush()
+            content = reply.feed(detok.flush())
+            rest, call = reply.finish()
+            tail = stop.feed(content + rest) + stop.flush()
             if tail:
                 yield TextDelta(tail)
+        if call is not None:
+            yield call
+            reason = "tool_calls"
         yield Finish(reason, Usage(len(prompt), generated))  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason,
-                           InvalidRequest, ModelInfo, ModelNotFound, RateLimited, TextDelta, UpstreamError,
-                           UpstreamTimeout, Usage)
+                           InvalidRequest, Message, ModelInfo, ModelNotFound, RateLimited, TextDelta, ToolCall,
+                           UpstreamError, UpstreamTimeout, Usage)
 from backends.sse_reader import sse_data
 from backends.stops import StopMatcher
 
@@ -115,10 +116,13 @@ class CloudflareBackend:
 
     def _body(self, r: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "messages": [{"role": m.role, "content": m.content} for m in r.messages],
+            "messages": [_message(m) for m in r.messages],
             "stream": True,
             "max_tokens": r.max_tokens or self.config.max_tokens,
         }
+        if r.tools:  # the OpenAI form, which Workers AI's function-calling models take
+            body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                               "parameters": t.parameters}} for t in r.tools]
         if r.temperature is not None:
             body["temperature"] = r.temperature
         if r.top_p is not None:
@@ -164,6 +168,7 @@ class CloudflareBackend:
 
     def _stream(self, response: requests.Response, request: ChatRequest, max_tokens: int) -> Iterator[Event]:
         stop = StopMatcher(request.stop)
+        calls = _ToolCalls()
         usage: dict[str, Any] = {}
         finish: str | None = None
         parts = 0
@@ -181,8 +186,9 @@ class CloudflareBackend:
                     raise UpstreamError("Cloudflare sent a malformed stream event")
                 if frame.get("errors") or frame.get("error"):
                     raise UpstreamError(f"Cloudflare failed mid-stream: {self._scrub(_first_message(frame))}")
-                text, frame_finish = _frame_text(frame)
+                text, frame_finish, frame_calls = _frame_parts(frame)
                 finish = frame_finish or finish
+                calls.add(frame_calls)
                 usage = frame.get("usage") or usage
                 if text:
                     parts += 1
@@ -202,17 +208,21 @@ class CloudflareBackend:
         tail = stop.flush()
         if tail:
             yield TextDelta(tail)
-        yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens),
+        yield from calls.events()
+        yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens, bool(calls)),
                      _usage(usage, request, parts))
 
     def _whole(self, result: dict[str, Any], request: ChatRequest, max_tokens: int) -> Iterator[Event]:
-        text, finish = _result_text(result)
+        text, finish, items = _result_parts(result)
         stop = StopMatcher(request.stop)
         text = stop.feed(text) + stop.flush()
         if text:
             yield TextDelta(text)
+        calls = _ToolCalls()
+        calls.add(items)
+        yield from calls.events()
         usage = result.get("usage") or {}
-        yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens),
+        yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens, bool(calls)),
                      _usage(usage, request, math.ceil(len(text) / 4)))
 
     # -- errors ------------------------------------------------------------------------------------
@@ -270,26 +280,74 @@ class CloudflareBackend:
         return (self.config.connect_timeout, self.config.read_timeout)
 
 
-def _frame_text(frame: dict[str, Any]) -> tuple[str, str | None]:
-    """Text and finish reason of one stream event: native `response`, or an OpenAI chunk."""
-    response = frame.get("response")
-    if response is not None:
-        return _as_text(response), frame.get("finish_reason")
+def _message(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name:
+        out["name"] = m.name
+    return out
+
+
+def _frame_parts(frame: dict[str, Any]) -> tuple[str, str | None, list[Any]]:
+    """Text, finish reason and tool-call pieces of one stream event: native (`response`,
+    `tool_calls`), or an OpenAI chunk (`choices[0].delta`)."""
     choices = frame.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+    if frame.get("response") is None and isinstance(choices, list) and choices and isinstance(choices[0], dict):
         delta = choices[0].get("delta") or {}
-        return _as_text(delta.get("content")), choices[0].get("finish_reason")
-    return "", frame.get("finish_reason")
+        return _as_text(delta.get("content")), choices[0].get("finish_reason"), _list(delta.get("tool_calls"))
+    return _as_text(frame.get("response")), frame.get("finish_reason"), _list(frame.get("tool_calls"))
 
 
-def _result_text(result: dict[str, Any]) -> tuple[str, str | None]:
-    """Text of a whole answer: `result.response` (a string, or an object in JSON mode), or an
-    OpenAI chat.completion inside `result`."""
+def _result_parts(result: dict[str, Any]) -> tuple[str, str | None, list[Any]]:
+    """Text, finish reason and tool calls of a whole answer: `result.response` (a string, or an
+    object in JSON mode) with `result.tool_calls`, or an OpenAI chat.completion inside `result`."""
     choices = result.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         message = choices[0].get("message") or {}
-        return _as_text(message.get("content")), choices[0].get("finish_reason")
-    return _as_text(result.get("response")), None
+        return (_as_text(message.get("content")), choices[0].get("finish_reason"),
+                _list(message.get("tool_calls")) or _list(result.get("tool_calls")))
+    return _as_text(result.get("response")), None, _list(result.get("tool_calls"))
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+class _ToolCalls:
+    """Tool calls gathered from either of Cloudflare's shapes: flat `{name, arguments: object}`,
+    or OpenAI's `{index, id, type, function: {name, arguments: string}}`, whose arguments may
+    arrive in pieces over several stream events."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def __bool__(self) -> bool:
+        return any(c.get("name") for c in self._calls.values())
+
+    def add(self, items: list[Any]) -> None:
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            function: dict[str, Any] = item["function"] if isinstance(item.get("function"), dict) else item
+            index: int = item["index"] if isinstance(item.get("index"), int) else len(self._calls)
+            call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            if isinstance(item.get("id"), str):
+                call["id"] = item["id"]
+            if isinstance(function.get("name"), str):
+                call["name"] = function["name"]
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                call["arguments"] += arguments
+            elif arguments is not None:
+                call["arguments"] = json.dumps(arguments, ensure_ascii=False)
+
+    def events(self) -> list[ToolCall]:
+        return [ToolCall(c["id"] or "call_" + secrets.token_hex(12), c["name"], c["arguments"] or "{}")
+                for _, c in sorted(self._calls.items()) if c["name"]]
 
 
 def _as_text(value: Any) -> str:
@@ -298,7 +356,10 @@ def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def _finish_reason(upstream: str | None, stopped: bool, usage: dict[str, Any], max_tokens: int) -> FinishReason:
+def _finish_reason(upstream: str | None, stopped: bool, usage: dict[str, Any], max_tokens: int,
+                   called: bool) -> FinishReason:
+    if called:
+        return "tool_calls"
     if stopped:
         return "stop"
     if upstream == "length":

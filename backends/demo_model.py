@@ -46,8 +46,10 @@ PAD_TO = 64  # round the vocabulary up like real ChatGLM3 (65024): ids past the 
 DEFAULT_EOS_EVERY = 96  # end-of-text after at most this many tokens of the chain: answers of a sentence or two
 
 
-def train_tokenizer(vocab_size: int = 1000) -> bytes:
-    """A BPE sentencepiece model with byte fallback, trained on CORPUS (deterministic)."""
+def train_tokenizer(vocab_size: int = 1000, extra_pieces: tuple[str, ...] = ()) -> bytes:
+    """A BPE sentencepiece model with byte fallback, trained on CORPUS (deterministic). Like
+    ChatGLM3's, it keeps text as written (no normalisation, no space added in front), so newlines
+    and spaces survive a round trip: ChatGLM3's turns and tool calls are line-based."""
     out = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS.splitlines() * 4),
@@ -57,6 +59,10 @@ def train_tokenizer(vocab_size: int = 1000) -> bytes:
         byte_fallback=True,
         hard_vocab_limit=False,
         character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        user_defined_symbols=["\n", *extra_pieces],
         num_threads=1,
         minloglevel=2,
     )
@@ -64,7 +70,7 @@ def train_tokenizer(vocab_size: int = 1000) -> bytes:
 
 
 def make_weights(c: ModelConfig, sp: sentencepiece.SentencePieceProcessor, *, eos_every: int,
-                 end_token: int, seed: int) -> dict[str, np.ndarray]:
+                 end_token: int, seed: int, script: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
     """Random weights whose greedy decoding follows a chain through the ordinary pieces.
 
     The residual stream carries each token's embedding to the output layer, whose row for token
@@ -86,6 +92,12 @@ def make_weights(c: ModelConfig, sp: sentencepiece.SentencePieceProcessor, *, eo
     # After the prompt's last token (<|assistant|>) and the other specials, start somewhere on the chain.
     for special in range(pieces, pieces + len(SPECIAL_TOKENS)):
         out[chain[rng.integers(len(chain))]] += emb[special]
+    # A script: what the model says after <|assistant|>, whatever the prompt (each of its tokens
+    # must be unique), drawn much stronger than the chain so that it always wins.
+    if script:
+        assistant = pieces + SPECIAL_TOKENS.index("<|assistant|>")
+        for a, b in zip((assistant, *script), script):
+            out[b] += 6 * emb[a]
     out *= 0.08
 
     weights: dict[str, np.ndarray] = {}
@@ -112,10 +124,11 @@ def write_demo_model(
     max_length: int = 1024,
     eos_every: int = DEFAULT_EOS_EVERY,
     end_with_padding: bool = False,
+    script: tuple[str, ...] = (),
     seed: int = 0,
 ) -> Path:
     """Write the model atomically (a reader never sees half a file) and return its path."""
-    proto = train_tokenizer()
+    proto = train_tokenizer(extra_pieces=tuple(p for p in script if not p.startswith("<|")))
     sp = sentencepiece.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
     pieces = sp.get_piece_size()
@@ -123,7 +136,11 @@ def write_demo_model(
     config = ModelConfig(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size, 0, max_length,
                          sp.eos_id())
     end_token = vocab - 1 if end_with_padding else sp.eos_id()
-    weights = make_weights(config, sp, eos_every=eos_every, end_token=end_token, seed=seed)
+    script_ids = tuple(sp.piece_to_id(p) if not p.startswith("<|") else pieces + SPECIAL_TOKENS.index(p)
+                       for p in script)
+    if len(set(script_ids)) != len(script_ids):
+        raise ValueError("a script's pieces must all differ: the model picks the next token from the last one")
+    weights = make_weights(config, sp, eos_every=eos_every, end_token=end_token, seed=seed, script=script_ids)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

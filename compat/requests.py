@@ -1,17 +1,19 @@
 """Parse and check a /v1/chat/completions body; every problem is a 400 naming the field.
 
 Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
-``logprobs``, JSON response formats, tools) or, where ignoring them changes nothing a client
+``logprobs``, JSON response formats) or, where ignoring them changes nothing a client
 relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...), are accepted and ignored.
 Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import ChatRequest, Message
+from backends.base import ChatRequest, Message, Tool, ToolCall
 from compat.errors import APIError, invalid
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
@@ -19,6 +21,7 @@ from compat.errors import APIError, invalid
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool", "function": "tool"}
 MAX_STOP_SEQUENCES = 4
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ def parse_chat(body: Any) -> ChatCall:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     _optional_bool(body, "logprobs")
     _response_format(body.get("response_format"))
-    _tools(body)
+    tools = _tools(body.get("tools"))
+    tool_choice = _tool_choice(body.get("tool_choice"), tools)
 
     max_tokens = _integer(body, "max_completion_tokens", minimum=1)
     if max_tokens is None:
@@ -69,6 +73,8 @@ def parse_chat(body: Any) -> ChatCall:
         seed=_integer(body, "seed"),
         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
+        tools=tools if tool_choice != "none" else (),
+        tool_choice=tool_choice,
     )
     return ChatCall(request, stream, include_usage)
 
@@ -93,8 +99,37 @@ def _messages(raw: Any) -> tuple[Message, ...]:
         if content is None and role != "assistant":
             raise invalid(f"{where}.content is required for role {role!r}.", f"{where}.content",
                           "missing_required_parameter")
-        out.append(Message(ROLES[role], _content(content, f"{where}.content")))  # type: ignore[arg-type]
+        calls = _history_tool_calls(m.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else ()
+        tool_call_id = m.get("tool_call_id")
+        name = m.get("name")
+        for field_name, value in (("tool_call_id", tool_call_id), ("name", name)):
+            if value is not None and not isinstance(value, str):
+                raise invalid(f"{where}.{field_name} must be a string.", f"{where}.{field_name}", "invalid_type")
+        out.append(Message(ROLES[role], _content(content, f"{where}.content"), tool_calls=calls,  # type: ignore[arg-type]
+                           tool_call_id=tool_call_id if role in ("tool", "function") else None,
+                           name=name if role in ("tool", "function") else None))
     return tuple(out)
+
+
+def _history_tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
+    """Tool calls of an earlier assistant turn, as the client sends them back."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise invalid(f"{where} must be an array.", where, "invalid_type")
+    calls = []
+    for k, call in enumerate(raw):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(function, dict) or not isinstance(name, str) or not name:
+            raise invalid(f"{where}[{k}].function.name must be a string.", f"{where}[{k}].function.name",
+                          "invalid_type")
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):  # some clients send an object: take it as meant
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        call_id = call.get("id")
+        calls.append(ToolCall(call_id if isinstance(call_id, str) else f"call_{k}", name, arguments))
+    return tuple(calls)
 
 
 def _content(content: Any, where: str) -> str:
@@ -142,15 +177,50 @@ def _response_format(raw: Any) -> None:
                   "response_format", "invalid_value")
 
 
-def _tools(body: dict[str, Any]) -> None:
-    tools = body.get("tools")
-    if tools is None or tools == []:
-        return
-    if not isinstance(tools, list):
-        raise invalid("tools must be an array.", "tools", "invalid_type")
-    if body.get("tool_choice") != "none":
-        raise invalid("tool calling is not supported by this server yet; send the request without tools "
-                      "(or with tool_choice 'none').", "tools", "unsupported_parameter")
+def _tools(raw: Any) -> tuple[Tool, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise invalid("tools must be an array of function tools.", "tools", "invalid_type")
+    tools = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise invalid(f"{where} must be an object of type 'function'.", f"{where}.type", "invalid_value")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise invalid(f"{where}.function must be an object.", f"{where}.function", "invalid_type")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise invalid(f"{where}.function.name must be 1-64 letters, digits, _ or -.", f"{where}.function.name",
+                          "invalid_value")
+        description = function.get("description", "")
+        parameters = function.get("parameters", {})
+        if not isinstance(description, str) or not isinstance(parameters, dict):
+            raise invalid(f"{where}.function: description must be a string and parameters an object.",
+                          f"{where}.function", "invalid_type")
+        tools.append(Tool(name, description, parameters))
+    return tuple(tools)
+
+
+def _tool_choice(raw: Any, tools: tuple[Tool, ...]) -> str:
+    if raw is None:
+        return "auto"
+    if raw in ("none", "auto"):
+        return raw
+    if raw == "required":
+        choice = raw
+    elif isinstance(raw, dict) and isinstance(raw.get("function"), dict) and isinstance(raw["function"].get("name"),
+                                                                                           str):
+        choice = raw["function"]["name"]
+        if choice not in {t.name for t in tools}:
+            raise invalid(f"tool_choice names {choice!r}, which is not in tools.", "tool_choice", "invalid_value")
+    else:
+        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                      "{'name': ...}}.", "tool_choice", "invalid_value")
+    if not tools:
+        raise invalid("tool_choice needs tools.", "tool_choice", "invalid_value")
+    return choice
 
 
 def _is_number(value: Any) -> bool:

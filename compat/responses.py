@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import Event, Finish, TextDelta, Usage
+from backends.base import Event, Finish, TextDelta, ToolCall, Usage
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,17 @@ def stream_chunks(c: Completion, events: Iterator[Event], include_usage: bool) -
     """The chunk sequence: role first, content deltas, a final chunk with finish_reason, and the
     usage-only chunk (``choices: []``) when the client asked for it."""
     yield chunk(c, {"role": "assistant", "content": ""})
+    calls = 0
     for event in events:
         if isinstance(event, TextDelta):
             if event.text:
                 yield chunk(c, {"content": event.text})
+        elif isinstance(event, ToolCall):
+            # As OpenAI streams them: id, type and name once, then the arguments; index always.
+            yield chunk(c, {"tool_calls": [{"index": calls, "id": event.id, "type": "function",
+                                            "function": {"name": event.name, "arguments": ""}}]})
+            yield chunk(c, {"tool_calls": [{"index": calls, "function": {"arguments": event.arguments}}]})
+            calls += 1
         elif isinstance(event, Finish):
             yield chunk(c, {}, event.reason)
             if include_usage:
@@ -54,17 +61,26 @@ def stream_chunks(c: Completion, events: Iterator[Event], include_usage: bool) -
 def fold(c: Completion, events: Iterator[Event]) -> dict[str, Any]:
     """One chat.completion from the same events."""
     parts: list[str] = []
+    calls: list[dict[str, Any]] = []
     for event in events:
         if isinstance(event, TextDelta):
             parts.append(event.text)
+        elif isinstance(event, ToolCall):
+            calls.append(tool_call_object(event))
         elif isinstance(event, Finish):
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(parts) if parts or not calls else None}
+            if calls:
+                message["tool_calls"] = calls
             return {
                 "id": c.id, "object": "chat.completion", "created": c.created, "model": c.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "logprobs": None, "finish_reason": event.reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": event.reason}],
                 "usage": usage_object(event.usage),
             }
     raise RuntimeError("the backend ended without a finish event")
+
+
+def tool_call_object(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:

@@ -33,7 +33,7 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "5007": (400, {"errors": [{"code": 5007, "message": "No such model @cf/fake/5007 or task"}], "success": False}, {}),
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
-MODES = ["chat", "slow", "openai", "json", "jsonobj", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
+MODES = ["chat", "slow", "openai", "json", "jsonobj", "tools", "toolsflat", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
 
@@ -211,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
                                  "success": False})
             return
         words = reply_words(body)
+        if mode in ("tools", "toolsflat") and body.get("tools"):
+            self.answer_tools(mode, body)
+            return
         if mode == "jsonobj":  # JSON mode: `response` is an object, and there is no streaming
             self.send_json(200, self.envelope({"response": {"said": "".join(words)}, "usage": usage_for(body, 7)}))
             return
@@ -253,6 +256,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.frame(b"[DONE]")
         self.end_chunks()
         state.note(state.finished, model)
+
+    def answer_tools(self, mode: str, body: dict[str, Any]) -> None:
+        """A function-calling model: it calls the first tool with {"city": "Paris"}, or, once it
+        has a tool result, says what the tool said."""
+        last = body["messages"][-1]
+        name = body["tools"][0]["function"]["name"]
+        usage = usage_for(body, 9)
+        if last.get("role") == "tool":
+            self.send_json(200, self.envelope({"response": "The tool said: " + last["content"], "usage": usage}))
+        elif mode == "toolsflat":  # the documented native shape: whole JSON answer, arguments as an object
+            self.send_json(200, self.envelope({"response": None, "usage": usage,
+                                               "tool_calls": [{"name": name, "arguments": {"city": "Paris"}}]}))
+        else:  # OpenAI-style pieces over several stream events
+            self.start_sse()
+            self.frame({"tool_calls": [{"id": "call_up1", "type": "function", "index": 0,
+                                        "function": {"name": name, "arguments": '{"city": '}}], "p": "ab"})
+            self.frame({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+            self.frame({"tool_calls": [], "p": "abdefgh"})
+            self.frame({"finish_reason": "tool_calls"})
+            self.frame({"response": "", "usage": usage})
+            self.frame(b"[DONE]")
+            self.end_chunks()
 
     def record(self, body: Any) -> None:
         self.server_state.requests.append(Recorded(self.command, self.path, dict(self.headers), body))

@@ -60,7 +60,14 @@ def test_stream_options_and_token_limits():
     ({"stream_options": []}, "stream_options"),
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"presence_penalty": 3}, "presence_penalty"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+    ({"tools": {"f": 1}}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                  "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}]},
+     "messages[0].tool_calls[0].function.name"),
     ({"user": 5}, "user"),
     ({"response_format": {"type": "xml"}}, "response_format"),
 ])
@@ -69,6 +76,23 @@ def test_bad_fields_name_their_param(fields, param):
         parse(**fields)
     assert err.value.status == 400 and err.value.param == param
     assert set(err.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_tools_and_tool_history():
+    call = parse(
+        tools=[{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                                  "parameters": {"type": "object", "properties": {}}}}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": "weather?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function",
+                       "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"}])
+    r = call.request
+    assert [t.name for t in r.tools] == ["get_weather"] and r.tool_choice == "get_weather"
+    assert r.messages[1].tool_calls[0].arguments == '{"city": "Paris"}'
+    assert (r.messages[2].role, r.messages[2].tool_call_id) == ("tool", "call_1")
+    assert parse(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none").request.tools == ()
 
 
 def test_unknown_and_ignored_fields_are_accepted():
