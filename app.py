@@ -17,7 +17,7 @@ from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import check_bearer
 from compat.errors import APIError, from_backend, internal_error
-from compat.routes import chat, models, ops, playground
+from compat.routes import chat, completions, models, ops, playground
 from request_log import RequestRecord
 from settings import ConfigError, Settings, load_settings
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
-    for bp in (models.bp, chat.bp, ops.bp, playground.bp):
+    for bp in (models.bp, chat.bp, completions.bp, ops.bp, playground.bp):
         app.register_blueprint(bp)
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
         n = settings.trusted_proxies

@@ -44,8 +44,8 @@ class RequestRecord:
                 if keep_text:
                     self.answer.append(event.text)
             elif isinstance(event, Finish):
-                self.prompt_tokens = event.usage.prompt_tokens
-                self.completion_tokens = event.usage.completion_tokens
+                self.prompt_tokens += event.usage.prompt_tokens  # summed: /v1/completions may run several
+                self.completion_tokens += event.usage.completion_tokens
                 self.finish_reason = event.reason
             yield event
 

@@ -48,6 +48,7 @@ class ChatRequest:
     frequency_penalty: float | None = None
     tools: tuple[Tool, ...] = ()
     tool_choice: str = "auto"  # "auto", "none", "required", or the name of the tool to call
+    prompt: str | None = None  # raw text to continue (legacy /v1/completions): no chat template, no messages
 
 
 @dataclass(frozen=True)

@@ -122,12 +122,16 @@ class ChatGLMBackend:
     def chat(self, request: ChatRequest) -> Iterator[Event]:
         if not self._loaded:
             raise Unavailable(self.readiness() or "", retry_after=None if self._load_error else 2)
-        prompt = self._encode(request.messages, request.tools)
+        if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
+            prompt = [self._model.special_token_ids["[gMASK]"], self._model.special_token_ids["sop"],
+                      *self._sp_encode(request.prompt)]
+        else:
+            prompt = self._encode(request.messages, request.tools)
         room = self.context_length - len(prompt)
         if room < 1:
             raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.context_length} tokens, and your messages "
-                f"take {len(prompt)} tokens. Shorten the messages.", param="messages")
+                f"This model's maximum context length is {self.context_length} tokens, and your prompt "
+                f"takes {len(prompt)} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
         max_new = room if request.max_tokens is None else min(request.max_tokens, room)
         temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
         config = self._chatglm._C.GenerationConfig(
@@ -139,7 +143,7 @@ class ChatGLMBackend:
             pipeline = self._free.pop()
             try:
                 yield from self._generate(pipeline, prompt, config, max_new, StopMatcher(request.stop),
-                                          ReplySplitter(tools_offered=bool(request.tools)))
+                                          ReplySplitter(bool(request.tools), raw=request.prompt is not None))
             finally:
                 self._free.append(pipeline)
 

@@ -61,9 +61,9 @@ class ReplySplitter:
     end). With tools offered, the first line is ChatGLM3's metadata: empty for a plain answer,
     the tool's name for a call. Without tools, only the empty metadata line is dropped."""
 
-    def __init__(self, tools_offered: bool) -> None:
+    def __init__(self, tools_offered: bool, raw: bool = False) -> None:
         self.tools_offered = tools_offered
-        self.state = "start"  # -> "content" or "tool"
+        self.state = "content" if raw else "start"  # -> "content" or "tool"; raw text has no turns
         self.buffer = ""
 
     def feed(self, text: str) -> str:

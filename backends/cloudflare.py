@@ -115,11 +115,11 @@ class CloudflareBackend:
             response.close()  # a client that went away closes the upstream connection with it
 
     def _body(self, r: ChatRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "messages": [_message(m) for m in r.messages],
-            "stream": True,
-            "max_tokens": r.max_tokens or self.config.max_tokens,
-        }
+        body: dict[str, Any] = {"stream": True, "max_tokens": r.max_tokens or self.config.max_tokens}
+        if r.prompt is None:
+            body["messages"] = [_message(m) for m in r.messages]
+        else:  # Workers AI's prompt form; raw skips the chat template: a plain continuation
+            body.update(prompt=r.prompt, raw=True)
         if r.tools:  # the OpenAI form, which Workers AI's function-calling models take
             body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                                "parameters": t.parameters}} for t in r.tools]
@@ -375,7 +375,7 @@ def _usage(usage: dict[str, Any], request: ChatRequest, completion_estimate: int
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     if not prompt and not completion:
-        prompt = math.ceil(sum(len(m.content) for m in request.messages) / 4)
+        prompt = math.ceil((len(request.prompt or "") + sum(len(m.content) for m in request.messages)) / 4)
         completion = completion_estimate
     return Usage(prompt, completion)
 

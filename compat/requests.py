@@ -32,51 +32,95 @@ class ChatCall:
 
 
 def parse_chat(body: Any) -> ChatCall:
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("you must provide a model parameter" if model is None else "model must be a non-empty string",
-                      "model", "missing_required_parameter" if model is None else "invalid_type")
+    model = _model(body)
     messages = _messages(body.get("messages"))
-
-    n = _integer(body, "n", minimum=1)
-    if n is not None and n > 1:
-        raise invalid("n > 1 is not supported: this server returns one choice per request; "
-                      "send n separate requests instead.", "n", "unsupported_value")
     if body.get("logprobs") is True:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     _optional_bool(body, "logprobs")
     _response_format(body.get("response_format"))
     tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"), tools)
-
     max_tokens = _integer(body, "max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", minimum=1)
+    stream, include_usage = _stream(body)
+    request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens,
+                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, **_sampling(body))
+    return ChatCall(request, stream, include_usage)
+
+
+@dataclass(frozen=True)
+class CompletionCall:
+    requests: tuple[ChatRequest, ...]  # one per prompt
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def parse_completion(body: Any) -> CompletionCall:
+    """POST /v1/completions. `suffix` is accepted and ignored: neither backend's models fill in
+    the middle, and editors send it on every request."""
+    model = _model(body)
+    raw = body.get("prompt")
+    prompts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        if isinstance(prompts, list) and prompts and all(isinstance(p, (int, list)) for p in prompts):
+            raise invalid("prompts given as token ids are not supported; send text.", "prompt", "unsupported_value")
+        raise invalid("prompt must be a string or a non-empty array of strings.", "prompt", "invalid_type")
+    for name in ("best_of",):
+        value = _integer(body, name, minimum=1)
+        if value is not None and value > 1:
+            raise invalid(f"{name} > 1 is not supported.", name, "unsupported_value")
+    if body.get("logprobs") is not None:
+        raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise invalid("suffix must be a string.", "suffix", "invalid_type")
+    max_tokens = _integer(body, "max_tokens", minimum=1) or DEFAULT_COMPLETION_TOKENS
+    echo = _optional_bool(body, "echo") or False
+    stream, include_usage = _stream(body)
+    sampling = _sampling(body)
+    return CompletionCall(tuple(ChatRequest(model=model, messages=(), max_tokens=max_tokens, prompt=p, **sampling)
+                                for p in prompts), stream, include_usage, echo)
+
+
+def _model(body: Any) -> str:
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("you must provide a model parameter" if model is None else "model must be a non-empty string",
+                      "model", "missing_required_parameter" if model is None else "invalid_type")
+    n = _integer(body, "n", minimum=1)
+    if n is not None and n > 1:
+        raise invalid("n > 1 is not supported: this server returns one choice per request; "
+                      "send n separate requests instead.", "n", "unsupported_value")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user must be a string.", "user", "invalid_type")
+    return model
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = _optional_bool(body, "stream") or False
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("stream_options must be an object.", "stream_options", "invalid_type")
-    include_usage = bool(options and _optional_bool(options, "include_usage", "stream_options.include_usage"))
+    return stream, bool(options and _optional_bool(options, "include_usage", "stream_options.include_usage"))
 
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid("user must be a string.", "user", "invalid_type")
-    request = ChatRequest(
-        model=model,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0),
-        stop=_stop(body.get("stop")),
-        seed=_integer(body, "seed"),
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
-        tools=tools if tool_choice != "none" else (),
-        tool_choice=tool_choice,
-    )
-    return ChatCall(request, stream, include_usage)
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "temperature": _number(body, "temperature", 0.0, 2.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0),
+        "stop": _stop(body.get("stop")),
+        "seed": _integer(body, "seed"),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0),
+    }
 
 
 def _messages(raw: Any) -> tuple[Message, ...]:

@@ -79,6 +79,48 @@ def fold(c: Completion, events: Iterator[Event]) -> dict[str, Any]:
     raise RuntimeError("the backend ended without a finish event")
 
 
+def text_completion_chunk(c: Completion, text: str, index: int, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model,
+            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def text_completion_chunks(c: Completion, answers: Iterator[tuple[str, Iterator[Event]]], include_usage: bool
+                           ) -> Iterator[dict[str, Any]]:
+    """Legacy /v1/completions stream: each prompt's text as choice `index`, one after the other
+    (a prompt is echoed first when asked: the caller passes it as the first text)."""
+    prompt_tokens = completion_tokens = 0
+    for index, (echo, events) in enumerate(answers):
+        if echo:
+            yield text_completion_chunk(c, echo, index)
+        for event in events:
+            if isinstance(event, TextDelta) and event.text:
+                yield text_completion_chunk(c, event.text, index)
+            elif isinstance(event, Finish):
+                yield text_completion_chunk(c, "", index, event.reason)
+                prompt_tokens += event.usage.prompt_tokens
+                completion_tokens += event.usage.completion_tokens
+    if include_usage:
+        yield {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model, "choices": [],
+               "usage": usage_object(Usage(prompt_tokens, completion_tokens))}
+
+
+def fold_text_completion(c: Completion, answers: Iterator[tuple[str, Iterator[Event]]]) -> dict[str, Any]:
+    choices = []
+    prompt_tokens = completion_tokens = 0
+    for index, (echo, events) in enumerate(answers):
+        parts = [echo]
+        for event in events:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finish):
+                choices.append({"text": "".join(parts), "index": index, "logprobs": None,
+                                "finish_reason": event.reason})
+                prompt_tokens += event.usage.prompt_tokens
+                completion_tokens += event.usage.completion_tokens
+    return {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model, "choices": choices,
+            "usage": usage_object(Usage(prompt_tokens, completion_tokens))}
+
+
 def tool_call_object(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 

@@ -90,13 +90,15 @@ class FakeCloudflare:
 
 def reply_words(body: dict[str, Any]) -> list[str]:
     """What the fake model says: its last user message echoed, one word per token."""
-    last = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    last = body.get("prompt") or next(
+        (m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
     words = ("You said: " + last).split(" ")
     return [w if i == 0 else " " + w for i, w in enumerate(words)][: body.get("max_tokens", 256)]
 
 
 def usage_for(body: dict[str, Any], completion: int) -> dict[str, int]:
-    prompt = sum(len(str(m.get("content", "")).split()) + 4 for m in body.get("messages", []))
+    prompt = sum(len(str(m.get("content", "")).split()) + 4 for m in body.get("messages", [])) + len(
+        str(body.get("prompt", "")).split())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

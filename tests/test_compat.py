@@ -143,7 +143,7 @@ def test_sse_event_is_one_line_of_json_for_any_text(text):
 
 def test_failure_after_the_first_byte_goes_in_band():
     from backends.base import QueueTimeout
-    from compat.routes.chat import sse_stream
+    from compat.routes.road import sse_stream
 
     closed = []
 
@@ -158,7 +158,7 @@ def test_failure_after_the_first_byte_goes_in_band():
 
     events = backend_events()
     record = RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1")
-    frames = list(sse_stream(stream_chunks(Completion("m"), events, False), events, record))
+    frames = list(sse_stream(stream_chunks(Completion("m"), events, False), events.close, record))
     assert json.loads(frames[1][6:])["choices"][0]["delta"] == {"content": "partial"}
     assert json.loads(frames[-2][6:])["error"]["code"] == "queue_timeout"
     assert frames[-1] == sse.DONE and closed == [True]
@@ -166,7 +166,7 @@ def test_failure_after_the_first_byte_goes_in_band():
 
 
 def test_closing_the_stream_closes_the_backend():
-    from compat.routes.chat import sse_stream
+    from compat.routes.road import sse_stream
 
     closed = []
 
@@ -180,7 +180,7 @@ def test_closing_the_stream_closes_the_backend():
     from request_log import RequestRecord
 
     events = backend_events()
-    body = sse_stream(stream_chunks(Completion("m"), events, False), events,
+    body = sse_stream(stream_chunks(Completion("m"), events, False), events.close,
                       RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1"))
     next(body), next(body)
     body.close()  # what the WSGI server does when the client goes away

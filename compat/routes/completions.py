@@ -1,0 +1,48 @@
+"""POST /v1/completions (legacy): plain text continuation, for editors' code completion."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, current_app, g, jsonify
+
+from backends.base import Event
+from compat.requests import parse_completion
+from compat.responses import Completion, fold_text_completion, text_completion_chunks
+from compat.routes.road import SSE_HEADERS, Answer, json_body, resolve, sse_stream
+
+bp = Blueprint("completions", __name__)
+
+
+@bp.post("/v1/completions")
+def create_completion():
+    call = parse_completion(json_body())
+    route = resolve(call.requests[0].model, call.stream)
+    log_prompts = current_app.extensions["aigate"].settings.log_prompts
+    record = g.record
+    # Only the first prompt starts before the response: each holds a generation slot, so the
+    # others start one after the other as the answer is written.
+    first = Answer(route, call.requests[0], record, log_prompts)
+    running = [first]
+
+    def answers() -> Iterator[tuple[str, Iterator[Event]]]:
+        for i, request in enumerate(call.requests):
+            answer = first if i == 0 else Answer(route, request, record, log_prompts)
+            if i:
+                running.append(answer)
+            yield (request.prompt or "") if call.echo else "", answer.events
+            answer.close()
+
+    def close() -> None:
+        for answer in running:
+            answer.close()
+
+    completion = Completion(route.model_id, id="cmpl-" + secrets.token_hex(12))
+    if not call.stream:
+        try:
+            return jsonify(fold_text_completion(completion, answers()))
+        finally:
+            close()
+    body = sse_stream(text_completion_chunks(completion, answers(), call.include_usage), close, record)
+    return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

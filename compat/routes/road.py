@@ -1,0 +1,81 @@
+"""The road every generation takes, whatever the endpoint: resolve the model, start the
+backend and pull its first event before any header is sent, then write SSE or fold."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import replace
+
+from flask import current_app, g, request
+
+import metrics
+from backends.base import BackendError, ChatRequest, Event
+from backends.registry import Route
+from compat import sse
+from compat.errors import from_backend, internal_error, invalid, model_not_found
+from request_log import RequestRecord
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_body() -> object:
+    """The body as JSON whatever the Content-Type says (curl -d sends a form type)."""
+    try:
+        return json.loads(request.get_data(cache=False))
+    except (ValueError, RecursionError):
+        raise invalid("We could not parse the JSON body of your request. The OpenAI API expects a "
+                      "JSON payload.", code="invalid_json") from None
+
+
+def resolve(model: str, stream: bool) -> Route:
+    route = current_app.extensions["aigate"].registry.resolve(model)
+    if route is None:
+        raise model_not_found(model)
+    record: RequestRecord = g.record
+    record.model, record.backend, record.stream = route.model_id, route.backend.name, stream
+    return route
+
+
+class Answer:
+    """A backend's events with the first one already pulled: whatever fails up to then (a full
+    queue, a prompt too long, an upstream 429) is still an HTTP status, which is what the SDKs'
+    retry logic reads. Closing it stops the backend's work."""
+
+    def __init__(self, route: Route, request: ChatRequest, record: RequestRecord, log_prompts: bool) -> None:
+        if log_prompts:
+            record.messages = request.messages
+        self._events: Generator[Event, None, None] = route.backend.chat(replace(request, model=route.model_id))
+        first = next(self._events)
+        self.events = record.observe(self._chain(first), keep_text=log_prompts)
+
+    def _chain(self, first: Event) -> Iterator[Event]:
+        yield first
+        yield from self._events
+
+    def close(self) -> None:
+        self._events.close()
+
+
+def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord) -> Iterator[bytes]:
+    """Write each chunk the moment it exists. A failure after the first byte goes in-band as an
+    error event; a client that goes away closes this generator, which closes the backend's."""
+    metrics.ACTIVE_STREAMS.inc()
+    try:
+        for c in chunks:
+            yield sse.encode(c)
+    except BackendError as exc:
+        error = from_backend(exc)
+        record.error = error.code or error.type
+        yield sse.encode(error.body())
+    except Exception:
+        log.exception("stream failed after it started")
+        record.error = "internal_error"
+        yield sse.encode(internal_error().body())
+    finally:
+        close()
+        metrics.ACTIVE_STREAMS.dec()
+    yield sse.DONE
