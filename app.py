@@ -17,7 +17,7 @@ from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import check_bearer
 from compat.errors import APIError, from_backend, internal_error
-from compat.routes import chat, completions, models, ops, playground
+from compat.routes import chat, completions, embeddings, models, ops, playground
 from request_log import RequestRecord
 from settings import ConfigError, Settings, load_settings
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
-    for bp in (models.bp, chat.bp, completions.bp, ops.bp, playground.bp):
+    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, ops.bp, playground.bp):
         app.register_blueprint(bp)
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
         n = settings.trusted_proxies
@@ -98,7 +98,7 @@ def cloudflare_config(settings: Settings):
         api_base=settings.cloudflare_api_base, models=() if discover else settings.cloudflare_models,
         discover=discover, max_tokens=settings.cloudflare_max_tokens, connect_timeout=settings.cloudflare_timeout[0],
         read_timeout=settings.cloudflare_timeout[1], retries=settings.cloudflare_retries,
-        pool_size=settings.worker_connections)
+        pool_size=settings.worker_connections, embedding_models=settings.cloudflare_embedding_models)
 
 
 def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
@@ -107,6 +107,8 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
     local = check_local_model(settings) if settings.model_path is not None else None
     known = {local[1]} if local else set()
     discovering = settings.uses_cloudflare and settings.cloudflare_models == ("auto",)
+    if settings.uses_cloudflare:
+        known.update(settings.cloudflare_embedding_models)
     if settings.uses_cloudflare and not discovering:
         known.update(settings.cloudflare_models)
     for alias, target in settings.model_aliases:

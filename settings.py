@@ -18,6 +18,8 @@ from dotenv import dotenv_values
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
                              "@cf/mistralai/mistral-small-3.1-24b-instruct", "@cf/zai-org/glm-4.7-flash")
+DEFAULT_CLOUDFLARE_EMBEDDING_MODELS = ("@cf/baai/bge-small-en-v1.5", "@cf/baai/bge-base-en-v1.5",
+                                       "@cf/baai/bge-large-en-v1.5")
 DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
 
 
@@ -36,6 +38,7 @@ class Settings:
     cloudflare_account_id: str = ""
     cloudflare_api_token: str = ""
     cloudflare_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_MODELS  # ("auto",): discover them
+    cloudflare_embedding_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
     cloudflare_api_base: str = "https://api.cloudflare.com/client/v4"
     cloudflare_max_tokens: int = 2048
     cloudflare_timeout: tuple[float, float] = (10.0, 120.0)  # connect, read
@@ -84,9 +87,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
     if bool(account) != bool(token):
         missing = "CLOUDFLARE_API_TOKEN" if account else "CLOUDFLARE_ACCOUNT_ID"
         raise ConfigError(f"{missing} is not set: Workers AI needs both CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN")
-    cf_models = tuple(m.strip() for m in r.text("CLOUDFLARE_MODELS").split(",") if m.strip())
+    cf_models = r.items("CLOUDFLARE_MODELS")
+    cf_embedding = r.items("CLOUDFLARE_EMBEDDING_MODELS")
     return Settings(
-        api_keys=tuple(k.strip() for k in r.text("API_KEYS").split(",") if k.strip()),
+        api_keys=r.items("API_KEYS"),
         chatglm_model=Path(model).expanduser() if model else None,
         chatglm_model_id=r.text("CHATGLM_MODEL_ID") or None,
         chatglm_max_length=r.integer("CHATGLM_MAX_LENGTH", None, minimum=16),
@@ -95,6 +99,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         cloudflare_account_id=account,
         cloudflare_api_token=token,
         cloudflare_models=cf_models or DEFAULT_CLOUDFLARE_MODELS,
+        cloudflare_embedding_models=cf_embedding or DEFAULT_CLOUDFLARE_EMBEDDING_MODELS,
         cloudflare_api_base=r.text("CLOUDFLARE_API_BASE") or Settings.cloudflare_api_base,
         cloudflare_max_tokens=r.integer("CLOUDFLARE_MAX_TOKENS", 2048, minimum=1),
         cloudflare_timeout=_timeouts(r.text("CLOUDFLARE_TIMEOUT")),
@@ -149,6 +154,9 @@ class _Reader:
 
     def text(self, name: str) -> str:
         return self.env.get(name, "").strip()
+
+    def items(self, name: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in self.text(name).split(",") if item.strip())
 
     def flag(self, name: str) -> bool:
         raw = self.text(name).lower()

@@ -76,6 +76,12 @@ Event = TextDelta | ToolCall | Finish
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     id: str
     owned_by: str
@@ -99,8 +105,12 @@ class Backend(Protocol):
         """Gauges read at scrape time (e.g. generations running, requests waiting)."""
         ...
 
+    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        """One vector per input (InvalidRequest if the model makes none)."""
+        ...
+
     def chat(self, request: ChatRequest) -> Iterator[Event]:
-        """Yield TextDeltas then exactly one Finish. Errors raised before the first event are the
+        """Yield TextDeltas (and ToolCalls) then exactly one Finish. Errors raised before the first event are the
         request's fault or the server's state (BackendError); closing the iterator must stop
         the work at once."""
         ...

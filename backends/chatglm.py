@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, Message, ModelInfo, TextDelta, Tool,
-                           Unavailable, Usage)
+from backends.base import (ChatRequest, ContextLengthExceeded, Embeddings, Event, Finish, InvalidRequest, Message,
+                           ModelInfo, TextDelta, Tool, Unavailable, Usage)
 from backends.chatglm_tools import ReplySplitter, render_call, tools_system_prompt
 from backends.ggml_file import ModelFile
 from backends.slots import GenerationSlots
@@ -118,6 +118,10 @@ class ChatGLMBackend:
 
     def models(self) -> list[ModelInfo]:
         return [self._info]
+
+    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        raise InvalidRequest(f"{model} is a chat model and makes no embeddings; use an embedding model "
+                             "(Cloudflare's @cf/baai/bge-*).", param="model", extra={"code": "model_not_supported"})
 
     def chat(self, request: ChatRequest) -> Iterator[Event]:
         if not self._loaded:

@@ -19,7 +19,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason,
+from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Embeddings, Event, Finish, FinishReason,
                            InvalidRequest, Message, ModelInfo, ModelNotFound, RateLimited, TextDelta, ToolCall,
                            UpstreamError, UpstreamTimeout, Usage)
 from backends.sse_reader import sse_data
@@ -32,7 +32,8 @@ DAILY_LIMIT_CODES = {3036, 4006}  # the free allocation is used up until 00:00 U
 UNKNOWN_MODEL_CODES = {5007, 3042}
 TOO_LARGE_CODES = {3006}
 AUTH_CODES = {10000, 9106, 6111, 7003}  # bad token, malformed header, bad account id
-MAX_RETRY_WAIT = 2.0  # an upstream Retry-After longer than this goes back to the client instead
+MAX_RETRY_WAIT = 2.0
+EMBED_BATCH = 100  # Workers AI's limit of texts per embedding call  # an upstream Retry-After longer than this goes back to the client instead
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class CloudflareConfig:
     retries: int = 2
     models_ttl: float = 3600.0
     pool_size: int = 100
+    embedding_models: tuple[str, ...] = ()
 
 
 class CloudflareBackend:
@@ -63,6 +65,7 @@ class CloudflareBackend:
         self.session.headers["Authorization"] = f"Bearer {config.api_token}"
         self._account_url = f"{config.api_base.rstrip('/')}/accounts/{config.account_id}"
         self._models = [ModelInfo(m, "cloudflare") for m in config.models]
+        self._embedding_models = [ModelInfo(m, "cloudflare") for m in config.embedding_models]
         self._models_expire = 0.0 if config.discover else math.inf
 
     def load(self) -> None:
@@ -79,7 +82,7 @@ class CloudflareBackend:
     def models(self) -> list[ModelInfo]:
         if time.monotonic() >= self._models_expire:
             self._discover()
-        return self._models
+        return self._models + self._embedding_models
 
     def _discover(self) -> None:
         """Text-generation models from the catalogue; on failure keep what we had, retry later."""
@@ -100,6 +103,26 @@ class CloudflareBackend:
             return
         self._models = found
         self._models_expire = time.monotonic() + self.config.models_ttl
+
+    # -- embeddings -------------------------------------------------------------------------------
+
+    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        """`{"text": [...]}` -> `{"shape": [n, d], "data": [[...], ...]}`, at most 100 texts a call.
+        Workers AI counts no tokens for embeddings: usage is a chars/4 estimate."""
+        vectors: list[list[float]] = []
+        for start in range(0, len(inputs), EMBED_BATCH):
+            batch = inputs[start:start + EMBED_BATCH]
+            response = self._post(model, {"text": batch})
+            try:
+                result = self._envelope(response)
+            finally:
+                response.close()
+            data = result.get("data")
+            if not (isinstance(data, list) and len(data) == len(batch)
+                    and all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in data)):
+                raise UpstreamError(f"Cloudflare's answer for {model} holds no embeddings (is it an embedding model?)")
+            vectors += data
+        return Embeddings(vectors, sum(math.ceil(len(text) / 4) for text in inputs))
 
     # -- chat -------------------------------------------------------------------------------------
 

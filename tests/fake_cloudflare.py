@@ -33,7 +33,7 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "5007": (400, {"errors": [{"code": 5007, "message": "No such model @cf/fake/5007 or task"}], "success": False}, {}),
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
-MODES = ["chat", "slow", "openai", "json", "jsonobj", "tools", "toolsflat", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
+MODES = ["chat", "slow", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
 
@@ -94,6 +94,11 @@ def reply_words(body: dict[str, Any]) -> list[str]:
         (m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
     words = ("You said: " + last).split(" ")
     return [w if i == 0 else " " + w for i, w in enumerate(words)][: body.get("max_tokens", 256)]
+
+
+def fake_embedding(text: str) -> list[float]:
+    """Eight numbers that depend on the text, exactly representable as float32."""
+    return [((sum(map(ord, text)) * (i + 1)) % 97) / 8 for i in range(8)]
 
 
 def usage_for(body: dict[str, Any], completion: int) -> dict[str, int]:
@@ -211,6 +216,15 @@ class _Handler(BaseHTTPRequestHandler):
         if mode not in MODES:
             self.send_json(400, {"errors": [{"code": 5007, "message": f"No such model {model} or task"}],
                                  "success": False})
+            return
+        if mode == "bge":  # an embedding model: {"text": [...]} -> {"shape": [n, 8], "data": [...]}
+            texts = body.get("text")
+            texts = [texts] if isinstance(texts, str) else texts
+            if not isinstance(texts, list) or not 1 <= len(texts) <= 100:
+                self.send_json(400, ERRORS["5006"][1])
+                return
+            data = [fake_embedding(t) for t in texts]
+            self.send_json(200, self.envelope({"shape": [len(data), 8], "data": data}))
             return
         words = reply_words(body)
         if mode in ("tools", "toolsflat") and body.get("tools"):

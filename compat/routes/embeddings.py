@@ -1,0 +1,59 @@
+"""POST /v1/embeddings: vectors as float lists, or base64 float32 (what the Python SDK asks for)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from compat.errors import invalid
+from compat.routes.road import json_body, resolve
+
+bp = Blueprint("embeddings", __name__)
+
+MAX_INPUTS = 2048  # OpenAI's limit per request
+
+
+@bp.post("/v1/embeddings")
+def create_embeddings():
+    body = json_body()
+    model, inputs, encoding = parse_embeddings(body)
+    route = resolve(model, stream=False)
+    result = route.backend.embed(route.model_id, inputs)
+    data = [{"object": "embedding", "index": i, "embedding": encode(vector, encoding)}
+            for i, vector in enumerate(result.vectors)]
+    return jsonify({"object": "list", "data": data, "model": route.model_id,
+                    "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}})
+
+
+def parse_embeddings(body: Any) -> tuple[str, list[str], str]:
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("you must provide a model parameter", "model", "missing_required_parameter")
+    raw = body.get("input")
+    inputs = [raw] if isinstance(raw, str) else raw
+    if isinstance(inputs, list) and inputs and all(isinstance(x, (int, list)) for x in inputs):
+        raise invalid("input given as token ids is not supported; send text.", "input", "unsupported_value")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
+        raise invalid("input must be a string or a non-empty array of strings.", "input", "invalid_type")
+    if len(inputs) > MAX_INPUTS:
+        raise invalid(f"input takes at most {MAX_INPUTS} strings.", "input", "invalid_value")
+    if any(not x for x in inputs):
+        raise invalid("input strings must not be empty.", "input", "invalid_value")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise invalid("encoding_format must be 'float' or 'base64'.", "encoding_format", "invalid_value")
+    if body.get("dimensions") is not None:
+        raise invalid("dimensions is not supported: these models have fixed sizes.", "dimensions",
+                      "unsupported_parameter")
+    return model, inputs, encoding
+
+
+def encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
