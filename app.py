@@ -33,6 +33,14 @@ class AppState:
     settings: Settings
     registry: Registry
 
+    @property
+    def fallbacks(self) -> dict[str, tuple[str, ...]]:
+        """model -> the models to try, in order, when it fails before answering."""
+        chains: dict[str, tuple[str, ...]] = {}
+        for model, fallback in self.settings.model_fallbacks:
+            chains[model] = (*chains.get(model, ()), fallback)
+        return chains
+
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
@@ -115,6 +123,12 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
         if target not in known and not (discovering and target.startswith("@")):
             raise ConfigError(f"MODEL_ALIASES: alias {alias}={target}: no configured model is called {target!r} "
                               f"(models: {', '.join(sorted(known))})")
+    names = known | {alias for alias, _ in settings.model_aliases}
+    for model, fallback in settings.model_fallbacks:
+        for name in (model, fallback):
+            if name not in names and not (discovering and name.startswith("@")):
+                raise ConfigError(f"MODEL_FALLBACKS: {model}={fallback}: no configured model or alias is called "
+                                  f"{name!r} (models: {', '.join(sorted(names))})")
     return local
 
 

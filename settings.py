@@ -35,6 +35,7 @@ class Settings:
     chatglm_max_length: int | None = None
     demo_model_path: Path = DEFAULT_DEMO_MODEL
     model_aliases: tuple[tuple[str, str], ...] = ()
+    model_fallbacks: tuple[tuple[str, str], ...] = ()  # (model, next model to try), in order
     cloudflare_account_id: str = ""
     cloudflare_api_token: str = ""
     cloudflare_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_MODELS  # ("auto",): discover them
@@ -95,7 +96,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         chatglm_model_id=r.text("CHATGLM_MODEL_ID") or None,
         chatglm_max_length=r.integer("CHATGLM_MAX_LENGTH", None, minimum=16),
         demo_model_path=Path(r.text("DEMO_MODEL_PATH") or DEFAULT_DEMO_MODEL),
-        model_aliases=_aliases(r.text("MODEL_ALIASES")),
+        model_aliases=_pairs("MODEL_ALIASES", r.text("MODEL_ALIASES"), "gpt-3.5-turbo=chatglm3-6b"),
+        model_fallbacks=_pairs("MODEL_FALLBACKS", r.text("MODEL_FALLBACKS"),
+                               "@cf/meta/llama-3.1-8b-instruct-fast=chatglm3-6b"),
         cloudflare_account_id=account,
         cloudflare_api_token=token,
         cloudflare_models=cf_models or DEFAULT_CLOUDFLARE_MODELS,
@@ -124,14 +127,14 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
     )
 
 
-def _aliases(raw: str) -> tuple[tuple[str, str], ...]:
+def _pairs(name: str, raw: str, example: str) -> tuple[tuple[str, str], ...]:
+    """`a=b,c=d` (model ids may hold '/' and '@' but not '=' or ',')."""
     pairs = []
     for item in filter(None, (part.strip() for part in raw.split(","))):
-        alias, sep, target = (s.strip() for s in item.partition("="))
-        if not sep or not alias or not target:
-            raise ConfigError(f"MODEL_ALIASES: {item!r} is not alias=model "
-                              "(example: MODEL_ALIASES=gpt-3.5-turbo=chatglm3-6b)")
-        pairs.append((alias, target))
+        left, sep, right = (s.strip() for s in item.partition("="))
+        if not sep or not left or not right:
+            raise ConfigError(f"{name}: {item!r} is not model=model (example: {name}={example})")
+        pairs.append((left, right))
     return tuple(pairs)
 
 

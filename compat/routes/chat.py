@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, g, jsonify
 
 from compat.requests import parse_chat
 from compat.responses import Completion, fold, stream_chunks
-from compat.routes.road import SSE_HEADERS, Answer, json_body, resolve, sse_stream
+from compat.routes.road import SSE_HEADERS, json_body, sse_stream, start
 
 bp = Blueprint("chat", __name__)
 
@@ -14,9 +14,8 @@ bp = Blueprint("chat", __name__)
 @bp.post("/v1/chat/completions")
 def create_chat_completion():
     call = parse_chat(json_body())
-    route = resolve(call.request.model, call.stream)
-    answer = Answer(route, call.request, g.record, current_app.extensions["aigate"].settings.log_prompts)
-    completion = Completion(route.model_id)
+    route, answer = start(call.request, call.stream)
+    completion = Completion(route.model_id)  # the model that answered: a fallback says so here
     if not call.stream:
         try:
             return jsonify(fold(completion, answer.events))

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, g, jsonify
 from backends.base import Event
 from compat.requests import parse_completion
 from compat.responses import Completion, fold_text_completion, text_completion_chunks
-from compat.routes.road import SSE_HEADERS, Answer, json_body, resolve, sse_stream
+from compat.routes.road import SSE_HEADERS, Answer, json_body, sse_stream, start
 
 bp = Blueprint("completions", __name__)
 
@@ -18,12 +18,11 @@ bp = Blueprint("completions", __name__)
 @bp.post("/v1/completions")
 def create_completion():
     call = parse_completion(json_body())
-    route = resolve(call.requests[0].model, call.stream)
+    # Only the first prompt starts before the response: each holds a generation slot, so the
+    # others start one after the other, on the model that took the first, as the answer is written.
+    route, first = start(call.requests[0], call.stream)
     log_prompts = current_app.extensions["aigate"].settings.log_prompts
     record = g.record
-    # Only the first prompt starts before the response: each holds a generation slot, so the
-    # others start one after the other as the answer is written.
-    first = Answer(route, call.requests[0], record, log_prompts)
     running = [first]
 
     def answers() -> Iterator[tuple[str, Iterator[Event]]]:

@@ -11,7 +11,8 @@ from dataclasses import replace
 from flask import current_app, g, request
 
 import metrics
-from backends.base import BackendError, ChatRequest, Event
+from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTimeout, RateLimited, Unavailable,
+                           UpstreamError)
 from backends.registry import Route
 from compat import sse
 from compat.errors import from_backend, internal_error, invalid, model_not_found
@@ -29,6 +30,25 @@ def json_body() -> object:
     except (ValueError, RecursionError):
         raise invalid("We could not parse the JSON body of your request. The OpenAI API expects a "
                       "JSON payload.", code="invalid_json") from None
+
+
+# Failures before the first byte that another model may not have: worth trying the next one.
+FALL_BACK_ON = (RateLimited, UpstreamError, QueueFull, QueueTimeout, Unavailable)
+
+
+def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
+    """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS."""
+    state = current_app.extensions["aigate"]
+    chain = [request.model, *state.fallbacks.get(request.model, ())]
+    for i, name in enumerate(chain):
+        route = resolve(name, stream)
+        try:
+            return route, Answer(route, request, g.record, state.settings.log_prompts)
+        except FALL_BACK_ON as exc:
+            if i == len(chain) - 1:
+                raise
+            log.warning("%s failed before answering (%s); falling back to %s", route.model_id, exc, chain[i + 1])
+    raise AssertionError("unreachable")
 
 
 def resolve(model: str, stream: bool) -> Route:
