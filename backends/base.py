@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -109,7 +109,7 @@ class Backend(Protocol):
         """One vector per input (InvalidRequest if the model makes none)."""
         ...
 
-    def chat(self, request: ChatRequest) -> Iterator[Event]:
+    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
         """Yield TextDeltas (and ToolCalls) then exactly one Finish. Errors raised before the first event are the
         request's fault or the server's state (BackendError); closing the iterator must stop
         the work at once."""

@@ -9,7 +9,7 @@ goes away, and give the gevent hub a turn between steps (a step holds the GIL th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from backends.base import (ChatRequest, ContextLengthExceeded, Embeddings, Event, Finish, InvalidRequest, Message,
@@ -123,7 +123,7 @@ class ChatGLMBackend:
         raise InvalidRequest(f"{model} is a chat model and makes no embeddings; use an embedding model "
                              "(Cloudflare's @cf/baai/bge-*).", param="model", extra={"code": "model_not_supported"})
 
-    def chat(self, request: ChatRequest) -> Iterator[Event]:
+    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
         if not self._loaded:
             raise Unavailable(self.readiness() or "", retry_after=None if self._load_error else 2)
         if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does

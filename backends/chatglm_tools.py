@@ -30,10 +30,7 @@ def render_call(call: ToolCall) -> str:
         arguments = json.loads(call.arguments or "{}")
     except ValueError:
         arguments = None
-    if isinstance(arguments, dict):
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
-    else:
-        kwargs = call.arguments
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in arguments.items()) if isinstance(arguments, dict) else call.arguments
     return f"```python\ntool_call({kwargs})\n```"
 
 

@@ -11,7 +11,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,8 +32,8 @@ DAILY_LIMIT_CODES = {3036, 4006}  # the free allocation is used up until 00:00 U
 UNKNOWN_MODEL_CODES = {5007, 3042}
 TOO_LARGE_CODES = {3006}
 AUTH_CODES = {10000, 9106, 6111, 7003}  # bad token, malformed header, bad account id
-MAX_RETRY_WAIT = 2.0
-EMBED_BATCH = 100  # Workers AI's limit of texts per embedding call  # an upstream Retry-After longer than this goes back to the client instead
+MAX_RETRY_WAIT = 2.0  # an upstream Retry-After longer than this goes back to the client instead
+EMBED_BATCH = 100  # Workers AI's limit of texts per embedding call
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class CloudflareBackend:
 
     # -- chat -------------------------------------------------------------------------------------
 
-    def chat(self, request: ChatRequest) -> Iterator[Event]:
+    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
         body = self._body(request)
         response = self._post(request.model, body)
         try:

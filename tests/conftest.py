@@ -103,6 +103,32 @@ def start_server(tmp: Path, env: dict[str, str], *, ready_timeout: float = 60) -
 
 
 @pytest.fixture(scope="module")
+def fake():
+    """The fake Cloudflare API on loopback, one per test module."""
+    from tests.fake_cloudflare import FakeCloudflare
+
+    fake = FakeCloudflare().start()
+    yield fake
+    fake.stop()
+
+
+def cloudflare_env(fake, **extra: str) -> dict[str, str]:
+    """The settings that point a server's Cloudflare backend at the fake."""
+    from tests.fake_cloudflare import ACCOUNT, TOKEN
+
+    return {"CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": TOKEN, "CLOUDFLARE_API_BASE": fake.base,
+            **extra}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official SDK pointed at the module's `server`, retries off so every status is seen."""
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     servers: list[Server] = []
 

@@ -33,7 +33,8 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "5007": (400, {"errors": [{"code": 5007, "message": "No such model @cf/fake/5007 or task"}], "success": False}, {}),
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
-MODES = ["chat", "slow", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall", "malformed", "nodone", "flaky", "500",
+MODES = ["chat", "slow", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall",
+         "malformed", "nodone", "flaky", "500",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
 

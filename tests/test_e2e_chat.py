@@ -18,11 +18,6 @@ def server(server_factory, demo_model, slow_model):
     return server_factory(CHATGLM_MODEL=str(slow_model), MODEL_ALIASES="gpt-3.5-turbo=endless,local/glm=endless")
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list()]
     assert ids == ["endless", "gpt-3.5-turbo", "local/glm"]

@@ -11,32 +11,22 @@ import openai
 import pytest
 import requests
 
+from settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
+from tests.conftest import cloudflare_env as shared_env
 from tests.fake_cloudflare import ACCOUNT, MODES, TEXT_MODELS, TOKEN, FakeCloudflare, reply_words, usage_for
 
 HELLO = [{"role": "user", "content": "hello there friend"}]
 
 
-@pytest.fixture(scope="module")
-def fake():
-    fake = FakeCloudflare().start()
-    yield fake
-    fake.stop()
-
-
 def cloudflare_env(fake: FakeCloudflare, **extra: str) -> dict[str, str]:
-    return {"CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": TOKEN, "CLOUDFLARE_API_BASE": fake.base,
-            "CLOUDFLARE_MODELS": ",".join(f"@cf/fake/{m}" for m in MODES), "CLOUDFLARE_TIMEOUT": "2,1",
-            "CLOUDFLARE_RETRIES": "1", **extra}
+    defaults = {"CLOUDFLARE_MODELS": ",".join(f"@cf/fake/{m}" for m in MODES), "CLOUDFLARE_TIMEOUT": "2,1",
+                "CLOUDFLARE_RETRIES": "1"}
+    return shared_env(fake, **{**defaults, **extra})
 
 
 @pytest.fixture(scope="module")
 def server(server_factory, fake):
     return server_factory(**cloudflare_env(fake, MODEL_ALIASES="gpt-4o-mini=@cf/fake/chat"))
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
 
 
 def text_of(chunks) -> str:
@@ -244,7 +234,8 @@ def test_models_auto_discovery_and_local_beside_cloudflare(server_factory, fake,
     server = server_factory(**cloudflare_env(fake, CLOUDFLARE_MODELS="auto", CHATGLM_MODEL=str(demo_model),
                                              MODEL_ALIASES="gpt-4o=@cf/fake/openai"))
     models = {m["id"]: m["owned_by"] for m in requests.get(server.v1 + "/models", timeout=30).json()["data"]}
-    assert models == {"demo": "local", **{m: "cloudflare" for m in TEXT_MODELS}, "gpt-4o": "cloudflare"}
+    embedding = DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
+    assert models == {"demo": "local", **{m: "cloudflare" for m in (*TEXT_MODELS, *embedding)}, "gpt-4o": "cloudflare"}
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     assert client.chat.completions.create(model="gpt-4o", messages=HELLO).choices[0].message.content.startswith("You")
     assert client.chat.completions.create(model="demo", messages=HELLO, max_tokens=2).usage.completion_tokens <= 2

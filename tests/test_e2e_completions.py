@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import openai
 import pytest
 import requests
 
-from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare
+from tests.conftest import cloudflare_env
 
 CODE = "def fibonacci(n):\n    "
 
 
 @pytest.fixture(scope="module")
-def fake():
-    fake = FakeCloudflare().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
 def server(server_factory, slow_model, fake):
-    return server_factory(CHATGLM_MODEL=str(slow_model), CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
-                          CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/chat")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    return server_factory(CHATGLM_MODEL=str(slow_model), **cloudflare_env(fake), CLOUDFLARE_MODELS="@cf/fake/chat")
 
 
 def test_completion_and_its_usage(client):

@@ -5,30 +5,18 @@ from __future__ import annotations
 import base64
 import struct
 
-import openai
 import pytest
 import requests
 
-from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare, fake_embedding
-
-
-@pytest.fixture(scope="module")
-def fake():
-    fake = FakeCloudflare().start()
-    yield fake
-    fake.stop()
+from tests.conftest import cloudflare_env
+from tests.fake_cloudflare import fake_embedding
 
 
 @pytest.fixture(scope="module")
 def server(server_factory, demo_model, fake):
-    return server_factory(CHATGLM_MODEL=str(demo_model), CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
-                          CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/chat",
-                          CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge", MODEL_ALIASES="text-embedding-3-small=@cf/fake/bge")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    return server_factory(CHATGLM_MODEL=str(demo_model), **cloudflare_env(fake), CLOUDFLARE_MODELS="@cf/fake/chat",
+                          CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge",
+                          MODEL_ALIASES="text-embedding-3-small=@cf/fake/bge")
 
 
 @pytest.mark.parametrize("encoding", [None, "float", "base64"])  # the SDK asks for base64 when not told
@@ -45,7 +33,8 @@ def test_embeddings(client, fake, encoding):
 
 
 def test_a_single_string_an_alias_and_large_batches(client, fake):
-    assert client.embeddings.create(model="text-embedding-3-small", input="hi").data[0].embedding == fake_embedding("hi")
+    aliased = client.embeddings.create(model="text-embedding-3-small", input="hi")
+    assert aliased.data[0].embedding == fake_embedding("hi")
     before = len(fake.runs("@cf/fake/bge"))
     texts = [f"text {i}" for i in range(250)]
     r = client.embeddings.create(model="@cf/fake/bge", input=texts)

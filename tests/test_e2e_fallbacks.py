@@ -5,31 +5,18 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare
+from tests.conftest import cloudflare_env
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
 @pytest.fixture(scope="module")
-def fake():
-    fake = FakeCloudflare().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
 def server(server_factory, slow_model, fake):
     return server_factory(
-        CHATGLM_MODEL=str(slow_model), MAX_QUEUE="0", CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
-        CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_RETRIES="0",
+        CHATGLM_MODEL=str(slow_model), MAX_QUEUE="0", **cloudflare_env(fake), CLOUDFLARE_RETRIES="0",
         CLOUDFLARE_MODELS="@cf/fake/429,@cf/fake/500,@cf/fake/chat,@cf/fake/5006",
         MODEL_FALLBACKS="@cf/fake/429=@cf/fake/500,@cf/fake/429=@cf/fake/chat,endless=@cf/fake/chat,"
                         "@cf/fake/5006=@cf/fake/chat")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
 
 
 @pytest.mark.parametrize("stream", [False, True])

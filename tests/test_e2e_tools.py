@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from backends.demo_model import write_demo_model
-from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare
+from tests.conftest import cloudflare_env
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
@@ -21,22 +21,10 @@ BAD_CALL = ("get_weather\n", "tool_call(city=Paris", "<|observation|>")
 
 
 @pytest.fixture(scope="module")
-def fake():
-    fake = FakeCloudflare().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(scope="module")
 def server(server_factory, models_dir, fake):
     model = write_demo_model(models_dir / "caller.bin", script=TOOL_CALL)
-    return server_factory(CHATGLM_MODEL=str(model), CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
-                          CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/tools,@cf/fake/toolsflat")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    return server_factory(CHATGLM_MODEL=str(model), **cloudflare_env(fake),
+                          CLOUDFLARE_MODELS="@cf/fake/tools,@cf/fake/toolsflat")
 
 
 MODELS = ["caller", "@cf/fake/tools", "@cf/fake/toolsflat"]
@@ -80,8 +68,8 @@ def test_a_tool_result_goes_back_to_the_model(client, fake, model):
         assert r.choices[0].message.content == 'The tool said: {"temp_c": 21}'
         sent = fake.runs(model)[-1].body
         assert sent["tools"] == [WEATHER]
-        assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather",
-                                                                     "arguments": first.tool_calls[0].function.arguments}
+        call = first.tool_calls[0].function
+        assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": call.arguments}
         assert sent["messages"][2] == {"role": "tool", "content": '{"temp_c": 21}',
                                        "tool_call_id": first.tool_calls[0].id}
 
