@@ -7,6 +7,7 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -33,7 +34,7 @@ class AppState:
     settings: Settings
     registry: Registry
 
-    @property
+    @cached_property
     def fallbacks(self) -> dict[str, tuple[str, ...]]:
         """model -> the models to try, in order, when it fails before answering."""
         chains: dict[str, tuple[str, ...]] = {}
@@ -64,12 +65,17 @@ def create_app(settings: Settings | None = None) -> Flask:
 def load_backends(app: Flask) -> None:
     """Load models (the slow part of start-up); /ready answers 200 once this is done."""
     registry: Registry = app.extensions["aigate"].registry
+    failed = []
     for backend in registry.backends:
         try:
             backend.load()
         except Exception:
             log.exception("the %s backend failed to load; /ready will say so", backend.name)
-    log.info("aigate ready: serving %s", ", ".join(m.id for m in registry.models()))
+            failed.append(backend.name)
+    if failed:
+        log.error("aigate is up but not ready: %s failed to load", ", ".join(failed))
+    else:
+        log.info("aigate ready: serving %s", ", ".join(m.id for m in registry.models()))
 
 
 def start_loading(app: Flask) -> None:
