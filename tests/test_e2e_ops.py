@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import signal
 
@@ -59,31 +60,43 @@ def served_by(server, request_id: str) -> str:
 def test_metrics_add_up_across_workers(server):
     before = requests.get(server.base_url + "/metrics", timeout=10).text
     headers = {"Authorization": "Bearer sk-SECRET-KEY-1"}
-    completion, sent, pids = 0, 0, set()
-    while len(pids) < 2 or sent < 6:  # fresh connections until both workers have served some
-        assert sent < 60, "every request went to one worker"
-        stream = sent % 2 == 0
-        body = {"model": "endless", "messages": USER, "max_tokens": 5 + sent % 3, "stream": stream,
+    completion, pids = 0, []
+
+    def ask(n: int) -> None:
+        nonlocal completion
+        stream = n % 2 == 0
+        body = {"model": "endless", "messages": USER, "max_tokens": 5 + n % 3, "stream": stream,
                 "stream_options": {"include_usage": True}}
         r = requests.post(server.v1 + "/chat/completions", json=body, timeout=30,
-                          headers={**headers, "X-Request-ID": f"m-{sent}"})
+                          headers={**headers, "X-Request-ID": f"m-{n}"})
         usage = r.json()["usage"] if not stream else [
             json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")][-1]["usage"]
         completion += usage["completion_tokens"]
-        sent += 1
-        pids.add(served_by(server, f"m-{sent - 1}"))
+        pids.append(served_by(server, f"m-{n}"))
+
+    for n in range(3):
+        ask(n)
+    # Freeze the worker that took them: the next requests can only go to the other one.
+    first = int(pids[0])
+    os.kill(first, signal.SIGSTOP)
+    try:
+        for n in range(3, 6):
+            ask(n)
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert len(set(pids)) == 2, pids
     assert requests.post(server.v1 + "/chat/completions", json={"model": "nope", "messages": USER},
                          headers={**headers, "X-Request-ID": "m-404"}, timeout=30).status_code == 404
     served_by(server, "m-404")  # counted when its response closed, which may come after the client read it
     after = requests.get(server.base_url + "/metrics", timeout=10).text
     route = "/v1/chat/completions"
     served = metric(after, "aigate_requests_total", route=route, model="endless", status="200")
-    assert served - metric(before, "aigate_requests_total", route=route, model="endless", status="200") == sent
+    assert served - metric(before, "aigate_requests_total", route=route, model="endless", status="200") == 6
     assert metric(after, "aigate_requests_total", route=route, model="", status="404") >= 1
     assert metric(after, "aigate_tokens_total", model="endless", kind="completion") - metric(
         before, "aigate_tokens_total", model="endless", kind="completion") == completion
-    assert metric(after, "aigate_time_to_first_token_seconds_count", model="endless") >= sent
-    assert metric(after, "aigate_completion_tokens_per_second_count", model="endless") >= sent
+    assert metric(after, "aigate_time_to_first_token_seconds_count", model="endless") >= 6
+    assert metric(after, "aigate_completion_tokens_per_second_count", model="endless") >= 6
     assert 'aigate_requests_waiting{backend="chatglm"} 0.0' in after
     assert "aigate_active_streams 0.0" in after
 
