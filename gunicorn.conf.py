@@ -48,8 +48,8 @@ logconfig_dict = {
     "loggers": {
         "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False,
                            "qualname": "gunicorn.error"},
-        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False,
-                            "qualname": "gunicorn.access"},
+        # A logconfig_dict turns gunicorn's access log on; aigate's own line per request replaces it.
+        "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False, "qualname": "gunicorn.access"},
     },
 }
 

@@ -125,6 +125,7 @@ def write_demo_model(
     eos_every: int = DEFAULT_EOS_EVERY,
     end_with_padding: bool = False,
     script: tuple[str, ...] = (),
+    vocab_size: int | None = None,
     seed: int = 0,
 ) -> Path:
     """Write the model atomically (a reader never sees half a file) and return its path."""
@@ -132,7 +133,7 @@ def write_demo_model(
     sp = sentencepiece.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
     pieces = sp.get_piece_size()
-    vocab = -(-(pieces + len(SPECIAL_TOKENS)) // PAD_TO) * PAD_TO
+    vocab = max(vocab_size or 0, -(-(pieces + len(SPECIAL_TOKENS)) // PAD_TO) * PAD_TO)  # padded, as real models
     config = ModelConfig(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size, 0, max_length,
                          sp.eos_id())
     end_token = vocab - 1 if end_with_padding else sp.eos_id()

@@ -1,0 +1,92 @@
+"""Shared by the benchmarks: the bench model, servers on loopback, a light SSE client, medians."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CACHE = ROOT / "bench" / ".cache"
+RESULTS = ROOT / "bench" / "results"
+BIN = Path(sys.executable).parent
+
+# The issue's "larger random-weight model": ChatGLM3-shaped, vocabulary padded like the real one,
+# never writes end-of-text, so every run generates exactly what it is asked for.
+BENCH_MODEL = dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=2, ffn_size=2816,
+                   vocab_size=65024, max_length=2048, eos_every=0)
+
+
+def bench_model() -> Path:
+    from backends.demo_model import write_demo_model
+
+    path = CACHE / "bench-chatglm3.bin"
+    if not path.exists():
+        write_demo_model(path, **BENCH_MODEL)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} never answered")
+
+
+def start(command: list[str], env: dict[str, str], ready_url: str) -> subprocess.Popen:
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_until_ready(ready_url, process)
+    return process
+
+
+@dataclass
+class Timing:
+    ttft: float  # seconds to the first content
+    total: float
+    text: str
+
+
+def stream_chat(url: str, body: dict) -> Timing:
+    """POST a streaming chat request and time it with a light client (requests + json), so the
+    client takes as little CPU from the model as possible."""
+    started = time.perf_counter()
+    first = None
+    parts = []
+    with requests.post(url, json={**body, "stream": True}, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            content = (choices[0].get("delta") or {}).get("content")
+            if content:
+                first = first or time.perf_counter() - started
+                parts.append(content)
+    return Timing(first or 0.0, time.perf_counter() - started, "".join(parts))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

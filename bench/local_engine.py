@@ -1,0 +1,143 @@
+"""Benchmark 1: the local model through aigate against the engine itself and chatglm.cpp's own
+OpenAI server, on the same model file, alternated in one run.
+
+    .venv/bin/python bench/local_engine.py [--runs 5] [--tokens 128]
+
+Contenders, each asked for the same greedy answer:
+  engine   chatglm_cpp.Pipeline's token loop in this process (the limit: no server at all)
+  aigate   gunicorn -k gevent, one worker, streaming
+  chatglm  chatglm_cpp.openai_api under uvicorn (from the chatglm-cpp[api] extra)
+Time to first token and decode speed (tokens after the first / time after the first) are the
+medians over the runs; tokens are counted by re-encoding the received text with the model's
+tokenizer, the same way for every contender.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import BIN, RESULTS, Timing, bench_model, free_port, median, start, stream_chat
+
+SHORT = "Tell me about the river and the old town."
+LONG = "The river runs through the old town, past the market and the bridge. " * 64  # ~1,000 tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    import chatglm_cpp
+
+    model = bench_model()
+    pipeline = chatglm_cpp.Pipeline(str(model))
+    tokenizer = pipeline.tokenizer
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, 1 << 30)) - 2
+
+    def prompt_ids(text: str) -> list[int]:
+        return list(tokenizer.apply_chat_template([chatglm_cpp.ChatMessage(role="user", content=text)], 1 << 30))
+
+    def engine(text: str) -> Timing:
+        ids = prompt_ids(text)
+        config = chatglm_cpp._C.GenerationConfig(max_length=2048, max_new_tokens=args.tokens,
+                                                 max_context_length=2048, do_sample=False)
+        started = time.perf_counter()
+        first = None
+        out = []
+        for token in pipeline._stream_generate_ids(ids, None, config):
+            first = first or time.perf_counter() - started
+            out.append(token)
+        return Timing(first or 0.0, time.perf_counter() - started, tokenizer.decode(out))
+
+    aigate_port, chatglm_port = free_port(), free_port()
+    aigate = start([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:application"],
+                   {"CHATGLM_MODEL": str(model), "CHATGLM_MODEL_ID": "bench", "PORT": str(aigate_port),
+                    "SLOTS_DIR": str(RESULTS.parent / ".cache" / "slots")},
+                   f"http://127.0.0.1:{aigate_port}/ready")
+    chatglm = start([str(BIN / "uvicorn"), "chatglm_cpp.openai_api:app", "--host", "127.0.0.1", "--port",
+                     str(chatglm_port)], {"MODEL": str(model), "MAX_LENGTH": "2048"},
+                    f"http://127.0.0.1:{chatglm_port}/v1/models")
+
+    def aigate_run(text: str) -> Timing:
+        return stream_chat(f"http://127.0.0.1:{aigate_port}/v1/chat/completions",
+                           {"model": "bench", "messages": [{"role": "user", "content": text}],
+                            "max_tokens": args.tokens, "temperature": 0})
+
+    def chatglm_run(text: str) -> Timing:
+        # Its max_tokens is the total length, and it keeps only the last 512 prompt tokens.
+        kept = min(len(prompt_ids(text)), 512)
+        return stream_chat(f"http://127.0.0.1:{chatglm_port}/v1/chat/completions",
+                           {"model": "x", "messages": [{"role": "user", "content": text}],
+                            "max_tokens": kept + args.tokens, "temperature": 0})
+
+    contenders = {"engine": engine, "aigate": aigate_run, "chatglm": chatglm_run}
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        for run in contenders.values():  # warm-up: page the weights in for everyone
+            run(SHORT)
+        for i in range(args.runs):
+            order = list(contenders)[i % 3:] + list(contenders)[:i % 3]  # alternate who goes first
+            for prompt_name, text in (("short", SHORT), ("long", LONG)):
+                for name in order:
+                    t = contenders[name](text)
+                    tokens = count(t.text)
+                    rate = (tokens - 1) / (t.total - t.ttft) if t.total > t.ttft else 0.0
+                    results.setdefault((prompt_name, name), []).append((t.ttft, rate))
+    finally:
+        aigate.terminate()
+        chatglm.terminate()
+    report(results, args, len(prompt_ids(SHORT)), len(prompt_ids(LONG)))
+
+
+def report(results, args, short_tokens: int, long_tokens: int) -> None:
+    rows = []
+    for prompt_name, tokens in (("short", short_tokens), ("long", long_tokens)):
+        base_ttft = median([r[0] for r in results[(prompt_name, "engine")]])
+        base_rate = median([r[1] for r in results[(prompt_name, "engine")]])
+        for name in ("engine", "aigate", "chatglm"):
+            ttft = median([r[0] for r in results[(prompt_name, name)]])
+            rate = median([r[1] for r in results[(prompt_name, name)]])
+            rows.append((prompt_name, tokens, name, ttft * 1000, (ttft - base_ttft) * 1000, rate, rate / base_rate))
+    lines = [
+        "# Local model: aigate against the engine and chatglm.cpp's own server",
+        "",
+        f"Random-weight ChatGLM3 model (hidden 1024, 8 layers, 16/2 heads, ffn 2816, vocab 65024, f16), "
+        f"greedy, {args.tokens} new tokens, median of {args.runs} alternated runs. "
+        "Command: `.venv/bin/python bench/local_engine.py`.",
+        "",
+        "| prompt | prompt tokens | contender | TTFT ms | TTFT over engine, ms | decode tok/s | decode vs engine |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {p} | {n} | {c} | {t:.1f} | {d:+.1f} | {r:.1f} | {x:.1%} |" for p, n, c, t, d, r, x in rows]
+    lines += ["", "chatglm.cpp's server keeps only the last 512 prompt tokens, so its long-prompt TTFT "
+                  "covers a shorter prompt than the others'."]
+    (RESULTS / "local_engine.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+    print("\n".join(lines))
+
+
+def plot(rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["engine", "aigate", "chatglm"]
+    for ax, (title, index) in zip(axes, (("time to first token (ms)", 3), ("decode tokens/s", 5))):
+        for offset, prompt_name in enumerate(("short", "long")):
+            values = [next(r[index] for r in rows if r[0] == prompt_name and r[2] == n) for n in names]
+            ax.bar([i + offset * 0.4 for i in range(3)], values, width=0.4, label=f"{prompt_name} prompt")
+        ax.set_xticks([i + 0.2 for i in range(3)], names)
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "local_engine.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
