@@ -33,7 +33,7 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "5007": (400, {"errors": [{"code": 5007, "message": "No such model @cf/fake/5007 or task"}], "success": False}, {}),
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
-MODES = ["chat", "slow", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall",
+MODES = ["chat", "slow", "long", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall",
          "malformed", "nodone", "flaky", "500",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
@@ -238,9 +238,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(200, self.envelope({"response": "".join(words), "tool_calls": [],
                                                "usage": usage_for(body, len(words))}))
             return
-        delay = 0.05 if mode == "slow" else state.frame_delay
+        delay = {"slow": 0.05, "long": 0.1}.get(mode, state.frame_delay)
         if mode == "slow":
             words = (words * 20)[:20]
+        elif mode == "long":  # as many frames as max_tokens, 100 ms apart (the benchmarks' stream)
+            words = (words * body["max_tokens"])[:body["max_tokens"]]
         self.start_sse()
         for i, word in enumerate(words):
             if mode == "drop" and i == 3:
