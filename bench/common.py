@@ -62,6 +62,13 @@ def start(command: list[str], env: dict[str, str], ready_url: str) -> subprocess
     return process
 
 
+def start_aigate(port: int, **env: str) -> subprocess.Popen:
+    """aigate under gunicorn (gevent workers) on loopback, returned once /ready answers."""
+    env = {"PORT": str(port), "SLOTS_DIR": str(CACHE / "slots"), "LOG_LEVEL": "warning", **env}
+    return start([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:application"], env,
+                 f"http://127.0.0.1:{port}/ready")
+
+
 @dataclass
 class Timing:
     ttft: float  # seconds to the first content

@@ -20,7 +20,7 @@ import time
 
 import requests
 
-from common import BIN, RESULTS, ROOT, bench_model, free_port, start
+from common import RESULTS, ROOT, bench_model, free_port, start_aigate
 
 
 def main() -> None:
@@ -35,12 +35,9 @@ def main() -> None:
     fake = FakeCloudflare().start()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:application"],
-                   {"CHATGLM_MODEL": str(bench_model()), "CHATGLM_MODEL_ID": "bench", "PORT": str(port),
-                    "MAX_QUEUE": str(args.queued + 2), "CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": TOKEN,
-                    "CLOUDFLARE_API_BASE": fake.base, "CLOUDFLARE_MODELS": "@cf/fake/long",
-                    "SLOTS_DIR": str(ROOT / "bench" / ".cache" / "slots"), "LOG_LEVEL": "warning"},
-                   f"{base}/ready")
+    server = start_aigate(port, CHATGLM_MODEL=str(bench_model()), CHATGLM_MODEL_ID="bench",
+                          MAX_QUEUE=str(args.queued + 2), CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
+                          CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/long")
     first_token: dict[int, float] = {}
     probe_latencies: list[float] = []
     gaps: list[float] = []
@@ -103,7 +100,8 @@ def main() -> None:
              f"{args.queued} local requests ({args.tokens} tokens each on the bench model) arrive 50 ms apart; "
              "/v1/models is probed every 100 ms and a Cloudflare stream (50 frames, 100 ms apart) runs, all on "
              "one gevent worker. Command: `.venv/bin/python bench/fairness.py`.", "",
-             "| queued | /v1/models p50 ms | /v1/models p99 ms | probes | Cloudflare max gap ms | served in arrival order |",
+             "| queued | /v1/models p50 ms | /v1/models p99 ms | probes | Cloudflare max gap ms "
+             "| served in arrival order |",
              "|---|---|---|---|---|---|",
              f"| {args.queued} | {p50:.1f} | {p99:.1f} | {len(probe_latencies)} | {max(gaps) * 1000:.0f} | "
              f"{'yes' if in_order else 'no: ' + json.dumps(order)} |"]

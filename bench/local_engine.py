@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import BIN, RESULTS, Timing, bench_model, free_port, median, start, stream_chat
+from common import BIN, RESULTS, Timing, bench_model, free_port, median, start, start_aigate, stream_chat
 
 SHORT = "Tell me about the river and the old town."
 LONG = "The river runs through the old town, past the market and the bridge. " * 64  # ~1,000 tokens
@@ -54,10 +54,7 @@ def main() -> None:
         return Timing(first or 0.0, time.perf_counter() - started, tokenizer.decode(out))
 
     aigate_port, chatglm_port = free_port(), free_port()
-    aigate = start([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:application"],
-                   {"CHATGLM_MODEL": str(model), "CHATGLM_MODEL_ID": "bench", "PORT": str(aigate_port),
-                    "SLOTS_DIR": str(RESULTS.parent / ".cache" / "slots")},
-                   f"http://127.0.0.1:{aigate_port}/ready")
+    aigate = start_aigate(aigate_port, CHATGLM_MODEL=str(model), CHATGLM_MODEL_ID="bench")
     chatglm = start([str(BIN / "uvicorn"), "chatglm_cpp.openai_api:app", "--host", "127.0.0.1", "--port",
                      str(chatglm_port)], {"MODEL": str(model), "MAX_LENGTH": "2048"},
                     f"http://127.0.0.1:{chatglm_port}/v1/models")

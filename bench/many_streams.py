@@ -11,7 +11,6 @@ errors, time to first token (p50, p99), wall time, and the worker's peak RSS (Vm
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BIN, RESULTS, ROOT, free_port, start
+from common import RESULTS, ROOT, free_port, start_aigate
 
 CLIENT = r'''
 import asyncio, json, sys, time
@@ -71,11 +70,9 @@ def main() -> None:
 
     fake = FakeCloudflare().start()
     port = free_port()
-    server = start([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:application"],
-                   {"CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": TOKEN, "CLOUDFLARE_API_BASE": fake.base,
-                    "CLOUDFLARE_MODELS": "@cf/fake/long", "PORT": str(port), "WORKERS": "1",
-                    "WORKER_CONNECTIONS": str(args.streams + 100), "LOG_LEVEL": "warning"},
-                   f"http://127.0.0.1:{port}/ready")
+    server = start_aigate(port, CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
+                          CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/long", WORKERS="1",
+                          WORKER_CONNECTIONS=str(args.streams + 100))
     try:
         worker = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
         started = time.perf_counter()
