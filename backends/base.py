@@ -49,6 +49,7 @@ class ChatRequest:
     tools: tuple[Tool, ...] = ()
     tool_choice: str = "auto"  # "auto", "none", "required", or the name of the tool to call
     prompt: str | None = None  # raw text to continue (legacy /v1/completions): no chat template, no messages
+    incremental: bool = True  # False: the client takes the answer whole, so an upstream may send it whole
 
 
 @dataclass(frozen=True)

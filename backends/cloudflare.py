@@ -138,7 +138,8 @@ class CloudflareBackend:
             response.close()  # a client that went away closes the upstream connection with it
 
     def _body(self, r: ChatRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"stream": True, "max_tokens": r.max_tokens or self.config.max_tokens}
+        # Stream from upstream only when the client streams: a whole answer is one JSON body to read.
+        body: dict[str, Any] = {"stream": r.incremental, "max_tokens": r.max_tokens or self.config.max_tokens}
         if r.prompt is None:
             body["messages"] = [_message(m) for m in r.messages]
         else:  # Workers AI's prompt form; raw skips the chat template: a plain continuation
@@ -253,8 +254,14 @@ class CloudflareBackend:
     def _envelope(self, response: requests.Response) -> dict[str, Any]:
         try:
             body = response.json()
-        except ValueError:
+        except ValueError:  # includes a body cut short
             raise UpstreamError("Cloudflare answered with something that is not JSON") from None
+        except requests.exceptions.ConnectionError as exc:  # urllib3 wraps a read timeout as this
+            if "timed out" in str(exc).lower():
+                raise UpstreamTimeout("Cloudflare Workers AI stopped sending (read timeout)") from None
+            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-answer") from None
+        except requests.RequestException:
+            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-answer") from None
         if not isinstance(body, dict) or body.get("success") is False or not isinstance(body.get("result"), dict):
             raise UpstreamError(f"Cloudflare reported a failure: {self._scrub(_first_message(body))}")
         return body["result"]

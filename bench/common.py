@@ -76,13 +76,13 @@ class Timing:
     text: str
 
 
-def stream_chat(url: str, body: dict) -> Timing:
+def stream_chat(url: str, body: dict, headers: dict[str, str] | None = None) -> Timing:
     """POST a streaming chat request and time it with a light client (requests + json), so the
     client takes as little CPU from the model as possible."""
     started = time.perf_counter()
     first = None
     parts = []
-    with requests.post(url, json={**body, "stream": True}, stream=True, timeout=600) as r:
+    with requests.post(url, json={**body, "stream": True}, headers=headers, stream=True, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: {"):

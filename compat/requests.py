@@ -44,7 +44,7 @@ def parse_chat(body: Any) -> ChatCall:
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", minimum=1)
     stream, include_usage = _stream(body)
-    request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens,
+    request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
                           tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, **_sampling(body))
     return ChatCall(request, stream, include_usage)
 
@@ -83,8 +83,9 @@ def parse_completion(body: Any) -> CompletionCall:
     echo = _optional_bool(body, "echo") or False
     stream, include_usage = _stream(body)
     sampling = _sampling(body)
-    return CompletionCall(tuple(ChatRequest(model=model, messages=(), max_tokens=max_tokens, prompt=p, **sampling)
-                                for p in prompts), stream, include_usage, echo)
+    return CompletionCall(tuple(ChatRequest(model=model, messages=(), max_tokens=max_tokens, prompt=p,
+                                            incremental=stream, **sampling) for p in prompts),
+                          stream, include_usage, echo)
 
 
 def _model(body: Any) -> str:

@@ -123,6 +123,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without this, Nagle's algorithm and the
+        # client's delayed ACK add 40 ms to every small answer.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     # -- plumbing ------------------------------------------------------------------------------------
 
     def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -184,6 +190,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.record(body)
         if not self.authorized():
             return
+        if self.path.endswith("/ai/v1/chat/completions") and isinstance(body, dict):
+            self.answer_openai(body)
+            return
         marker = "/ai/run/"
         if marker not in self.path or not isinstance(body, dict):
             self.send_json(400, {"success": False, "errors": [{"code": 7000, "message": "No route for that URI"}]})
@@ -234,6 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "jsonobj":  # JSON mode: `response` is an object, and there is no streaming
             self.send_json(200, self.envelope({"response": {"said": "".join(words)}, "usage": usage_for(body, 7)}))
             return
+        if not body.get("stream") and mode in ("drop", "stall", "malformed", "nodone"):
+            self.fail_whole(mode)
+            return
         if not body.get("stream") or mode == "json":
             self.send_json(200, self.envelope({"response": "".join(words), "tool_calls": [],
                                                "usage": usage_for(body, len(words))}))
@@ -275,6 +287,47 @@ class _Handler(BaseHTTPRequestHandler):
             self.frame(b"[DONE]")
         self.end_chunks()
         state.note(state.finished, model)
+
+    def fail_whole(self, mode: str) -> None:
+        """The fault modes for an answer asked for whole: cut off, stalled, or not JSON."""
+        data = json.dumps(self.envelope({"response": "You said: hello", "usage": {}})).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if mode == "drop":
+            self.wfile.write(data[:20])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif mode == "stall":
+            self.wfile.write(data[:20])
+            self.wfile.flush()
+            time.sleep(30)
+        elif mode == "malformed":
+            self.wfile.write(b"{oops" + data[5:])
+        else:  # nodone: a JSON body cut short, the connection closed cleanly
+            self.wfile.write(data[:-10])
+            self.close_connection = True
+
+    def answer_openai(self, body: dict[str, Any]) -> None:
+        """Workers AI's OpenAI-compatible endpoint (/ai/v1/chat/completions, the model in the body),
+        which other gateways use; the same words as /ai/run, in OpenAI's shapes."""
+        words = reply_words(body)
+        usage = usage_for(body, len(words))
+        base = {"id": "chatcmpl-fake", "created": 1, "model": body.get("model", "")}
+        if not body.get("stream"):
+            self.send_json(200, {**base, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "".join(words)}, "finish_reason": "stop"}]})
+            return
+        self.start_sse()
+        for word in words:
+            time.sleep(self.server_state.frame_delay)
+            self.frame({**base, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
+        self.frame({**base, "object": "chat.completion.chunk", "usage": usage,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        self.frame(b"[DONE]")
+        self.end_chunks()
 
     def answer_tools(self, mode: str, body: dict[str, Any]) -> None:
         """A function-calling model: it calls the first tool with {"city": "Paris"}, or, once it

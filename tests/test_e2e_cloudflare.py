@@ -55,7 +55,7 @@ def test_request_mapping(client, fake):
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi you"},
                      {"role": "assistant", "content": "Hello."},
                      {"role": "tool", "content": "42", "tool_call_id": "c"}],
-        "stream": True, "max_tokens": 50, "temperature": 0.3, "top_p": 0.9, "seed": 7,
+        "stream": False, "max_tokens": 50, "temperature": 0.3, "top_p": 0.9, "seed": 7,
         "frequency_penalty": 0.5, "presence_penalty": 0.0}
     client.chat.completions.create(model="@cf/fake/chat", messages=HELLO)
     assert fake.runs("@cf/fake/chat")[-1].body["max_tokens"] == 2048  # never Cloudflare's default of 256

@@ -1,0 +1,166 @@
+"""Benchmark 2: what a gateway costs on the Cloudflare path, against the upstream called directly.
+
+    .venv/bin/python bench/gateway.py [--seconds 5]
+
+Upstream: the tests' fake Cloudflare on loopback, answering at once. Contenders, one worker each:
+  aigate   gunicorn -k gevent, its Cloudflare backend (POST /ai/run/{model})
+  litellm  LiteLLM's proxy (litellm[proxy], in its own venv: bench/.cache/litellm-venv), its
+           Cloudflare provider (POST /ai/v1/chat/completions on the same fake)
+  floor    bench/floor.py: Flask under gunicorn -k gevent, one requests call, no validation
+Load: wrk (C) with a POST body, concurrency 1, 10 and 50, alternating contenders; latency p50/p99
+from wrk; the upstream's own latency from wrk against the fake directly. Time to the first
+streamed token from a light Python client (median of 30).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import BIN, CACHE, RESULTS, ROOT, free_port, median, start, start_aigate, stream_chat
+
+LITELLM = CACHE / "litellm-venv" / "bin" / "litellm"
+BODY = {"model": "@cf/fake/chat", "messages": [{"role": "user", "content": "hello there friend"}]}
+KEY = "sk-bench-0123456789abcdef"  # every gateway gets (and checks, where it can) the same bearer key
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def wrk(url: str, body: dict, connections: int, seconds: int, headers: dict[str, str] | None = None) -> dict:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+    script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+                      f'wrk.headers["Content-Type"] = "application/json"\n{extra}')
+    out = subprocess.run(["wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections), "-d",
+                          f"{seconds}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    script.unlink()
+
+    def ms(label: str) -> float:
+        found = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        if found is None:
+            raise RuntimeError(f"wrk output without {label} latency:\n{out}")
+        value, unit = found.groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50%"), "p99": ms("99%"),
+            "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+def first_frame(url: str, body: dict, headers: dict[str, str]) -> float:
+    """Seconds to the first native Workers AI frame with text (the upstream called directly)."""
+    import time
+
+    import requests
+
+    started = time.perf_counter()
+    with requests.post(url, json={**body, "stream": True}, headers=headers, stream=True, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data: {") and json.loads(line[6:]).get("response"):
+                return time.perf_counter() - started
+    raise RuntimeError("no frame with text")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare
+
+    fake = FakeCloudflare(frame_delay=0.0).start()
+    ports = {name: free_port() for name in ("aigate", "litellm", "floor")}
+    config = Path(tempfile.mkstemp(suffix=".yaml")[1])
+    config.write_text(
+        "model_list:\n  - model_name: \"@cf/fake/chat\"\n    litellm_params:\n"
+        "      model: \"cloudflare/@cf/fake/chat\"\n"
+        f"      api_base: \"{fake.base}/accounts/{ACCOUNT}/ai/v1\"\n      api_key: \"{TOKEN}\"\n")
+    servers = [
+        start_aigate(ports["aigate"], CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
+                     CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/chat", WORKERS="1", API_KEYS=KEY),
+        start([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(ports["litellm"]),
+               "--num_workers", "1"], {"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": KEY},
+              f"http://127.0.0.1:{ports['litellm']}/health/liveliness"),
+        start([str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{ports['floor']}", "floor:app",
+               "--chdir", str(ROOT / "bench")],
+              {"UPSTREAM": f"{fake.base}/accounts/{ACCOUNT}/ai/run", "TOKEN": TOKEN},
+              f"http://127.0.0.1:{ports['floor']}/health"),
+    ]
+    urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()}
+    upstream = f"{fake.base}/accounts/{ACCOUNT}/ai/run/@cf/fake/chat"
+    results: dict[tuple[str, int], list[dict]] = {}
+    ttft: dict[str, list[float]] = {}
+    try:
+        for url in urls.values():  # warm-up, and a check that each answers
+            stream_chat(url, BODY, AUTH)
+        for r in range(args.rounds):
+            for connections in (1, 10, 50):
+                order = ["upstream", *urls][r % 4:] + ["upstream", *urls][:r % 4]
+                for name in order:
+                    if name == "upstream":
+                        res = wrk(upstream, {"messages": BODY["messages"]}, connections, args.seconds,
+                                  {"Authorization": f"Bearer {TOKEN}"})
+                    else:
+                        res = wrk(urls[name], BODY, connections, args.seconds, AUTH)
+                    results.setdefault((name, connections), []).append(res)
+        for _ in range(30):
+            ttft.setdefault("upstream", []).append(first_frame(upstream, {"messages": BODY["messages"]},
+                                                                {"Authorization": f"Bearer {TOKEN}"}))
+            for name in ("aigate", "litellm"):  # the floor passes Workers AI's frames, not OpenAI's
+                ttft.setdefault(name, []).append(stream_chat(urls[name], BODY, AUTH).ttft)
+    finally:
+        for s in servers:
+            s.terminate()
+        fake.stop()
+        config.unlink()
+    report(results, ttft, args)
+
+
+def report(results, ttft, args) -> None:
+    def m(name: str, c: int, key: str) -> float:
+        return median([r[key] for r in results[(name, c)]])
+
+    lines = ["# Gateway cost on the Cloudflare path", "",
+             "Fake Cloudflare on loopback answering at once; one worker per gateway; wrk, "
+             f"{args.seconds} s per point, {args.rounds} alternated rounds (medians). "
+             "Command: `.venv/bin/python bench/gateway.py`.", "",
+             "| contender | conc. | req/s | vs floor | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in (1, 10, 50):
+        for name in ("upstream", "floor", "aigate", "litellm"):
+            rps = m(name, c, "rps")
+            lines.append(f"| {name} | {c} | {rps:.0f} | {rps / m('floor', c, 'rps'):.0%} | {m(name, c, 'p50'):.2f} | "
+                         f"{m(name, c, 'p99'):.2f} | {m(name, c, 'p50') - m('upstream', c, 'p50'):+.2f} | "
+                         f"{sum(r['errors'] for r in results[(name, c)])} |")
+    lines += ["", "| contender | time to first streamed token, median ms | over the upstream's, ms |", "|---|---|---|"]
+    base = median(ttft["upstream"]) * 1000
+    lines += [f"| {name} | {median(values) * 1000:.2f} | {median(values) * 1000 - base:+.2f} |"
+              for name, values in ttft.items()]
+    (RESULTS / "gateway.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(("floor", "aigate", "litellm")):
+        ax.bar([x + i * 0.27 for x in range(3)], [m(name, c, "rps") for c in (1, 10, 50)], width=0.27, label=name)
+    ax.set_xticks([x + 0.27 for x in range(3)], ["1", "10", "50"])
+    ax.set_xlabel("concurrent connections")
+    ax.set_ylabel("requests/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gateway.png", dpi=100)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
