@@ -18,6 +18,7 @@ from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import check_bearer
 from compat.errors import APIError, from_backend, internal_error
+from compat.requests import Limits
 from compat.routes import chat, completions, embeddings, models, ops, playground
 from request_log import RequestRecord
 from settings import ConfigError, Settings, load_settings
@@ -33,6 +34,11 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 class AppState:
     settings: Settings
     registry: Registry
+
+    @cached_property
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(s.max_messages, s.max_input_chars, s.max_tokens_ceiling)
 
     @cached_property
     def fallbacks(self) -> dict[str, tuple[str, ...]]:

@@ -49,6 +49,9 @@ class Settings:
     queue_timeout: float = 60.0
     slots_dir: Path = Path(tempfile.gettempdir()) / f"aigate-slots-{os.getuid()}"
     max_body_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 2048
+    max_input_chars: int = 1_000_000
+    max_tokens_ceiling: int | None = None
     cors_origins: str = "*"
     trusted_proxies: int = 0  # proxies in front that set X-Forwarded-*; 0: trust none
     metrics_token: str = ""  # bearer for /metrics; empty: /metrics answers loopback clients only
@@ -112,6 +115,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         queue_timeout=r.number("QUEUE_TIMEOUT", 60.0, minimum=0.0),
         slots_dir=Path(r.text("SLOTS_DIR") or Settings.slots_dir),
         max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
+        max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
+        max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),
+        max_tokens_ceiling=r.integer("MAX_TOKENS_CEILING", None, minimum=1),
         cors_origins=r.text("CORS_ORIGINS") or "*",
         trusted_proxies=r.integer("TRUSTED_PROXIES", 0, minimum=0),
         metrics_token=r.text("METRICS_TOKEN"),

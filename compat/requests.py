@@ -25,15 +25,28 @@ TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, beyond the body size (MAX_BODY_BYTES, checked before parsing)."""
+
+    max_messages: int = 2048
+    max_input_chars: int = 1_000_000  # all message contents (or prompts) together
+    max_tokens: int | None = None  # a ceiling on max_tokens; None: the model's context decides
+
+
+@dataclass(frozen=True)
 class ChatCall:
     request: ChatRequest
     stream: bool
     include_usage: bool
 
 
-def parse_chat(body: Any) -> ChatCall:
+def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     model = _model(body)
     messages = _messages(body.get("messages"))
+    if len(messages) > limits.max_messages:
+        raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
+                      "messages", "too_many_messages")
+    check_chars(sum(len(m.content) for m in messages), limits, "messages")
     if body.get("logprobs") is True:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     _optional_bool(body, "logprobs")
@@ -43,6 +56,7 @@ def parse_chat(body: Any) -> ChatCall:
     max_tokens = _integer(body, "max_completion_tokens", minimum=1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", minimum=1)
+    _check_max_tokens(max_tokens, limits, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
     stream, include_usage = _stream(body)
     request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
                           tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, **_sampling(body))
@@ -60,7 +74,7 @@ class CompletionCall:
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def parse_completion(body: Any) -> CompletionCall:
+def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     """POST /v1/completions. `suffix` is accepted and ignored: neither backend's models fill in
     the middle, and editors send it on every request."""
     model = _model(body)
@@ -79,13 +93,27 @@ def parse_completion(body: Any) -> CompletionCall:
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise invalid("suffix must be a string.", "suffix", "invalid_type")
+    check_chars(sum(len(p) for p in prompts), limits, "prompt")
     max_tokens = _integer(body, "max_tokens", minimum=1) or DEFAULT_COMPLETION_TOKENS
+    _check_max_tokens(max_tokens, limits, "max_tokens")
     echo = _optional_bool(body, "echo") or False
     stream, include_usage = _stream(body)
     sampling = _sampling(body)
     return CompletionCall(tuple(ChatRequest(model=model, messages=(), max_tokens=max_tokens, prompt=p,
                                             incremental=stream, **sampling) for p in prompts),
                           stream, include_usage, echo)
+
+
+def check_chars(total: int, limits: Limits, param: str) -> None:
+    if total > limits.max_input_chars:
+        raise invalid(f"the {param} hold {total} characters; this server takes at most {limits.max_input_chars}.",
+                      param, "input_too_large")
+
+
+def _check_max_tokens(value: int | None, limits: Limits, param: str) -> None:
+    if value is not None and limits.max_tokens is not None and value > limits.max_tokens:
+        raise invalid(f"{param} is {value}; this server allows at most {limits.max_tokens}.", param,
+                      "max_tokens_too_large")
 
 
 def _model(body: Any) -> str:

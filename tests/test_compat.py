@@ -185,3 +185,22 @@ def test_closing_the_stream_closes_the_backend():
     next(body), next(body)
     body.close()  # what the WSGI server does when the client goes away
     assert closed == [True]
+
+
+def test_request_limits():
+    from compat.requests import Limits, parse_completion
+
+    limits = Limits(max_messages=2, max_input_chars=10, max_tokens=50)
+    assert parse_chat({**BASE, "max_tokens": 50}, limits).request.max_tokens == 50
+    for body, param, code in [
+        ({**BASE, "messages": [{"role": "user", "content": "a"}] * 3}, "messages", "too_many_messages"),
+        ({**BASE, "messages": [{"role": "user", "content": "x" * 11}]}, "messages", "input_too_large"),
+        ({**BASE, "max_tokens": 51}, "max_tokens", "max_tokens_too_large"),
+        ({**BASE, "max_completion_tokens": 51}, "max_completion_tokens", "max_tokens_too_large"),
+    ]:
+        with pytest.raises(APIError) as err:
+            parse_chat(body, limits)
+        assert (err.value.status, err.value.param, err.value.code) == (400, param, code)
+    with pytest.raises(APIError) as err:
+        parse_completion({"model": "m", "prompt": ["12345", "678901"]}, limits)
+    assert err.value.code == "input_too_large"

@@ -159,3 +159,16 @@ def test_a_padding_token_ends_the_text_instead_of_crashing(server_factory, model
                                            temperature=0, max_tokens=300)
         assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 300
     assert client.models.list().data[0].id == "pads"  # the worker is alive
+
+
+def test_request_limits(server_factory, demo_model):
+    server = server_factory(CHATGLM_MODEL=str(demo_model), MAX_TOKENS_CEILING="8", MAX_MESSAGES="2",
+                            MAX_INPUT_CHARS="100")
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    assert client.chat.completions.create(model="demo", messages=USER, max_tokens=8).usage.completion_tokens <= 8
+    for kwargs, code in [({"messages": USER, "max_tokens": 9}, "max_tokens_too_large"),
+                         ({"messages": USER * 3}, "too_many_messages"),
+                         ({"messages": [{"role": "user", "content": "x" * 101}]}, "input_too_large")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="demo", **kwargs)
+        assert err.value.code == code

@@ -53,3 +53,9 @@ def test_cloudflare_settings():
     assert load_settings({"CLOUDFLARE_TIMEOUT": "60"}, dotenv=None).cloudflare_timeout == (10.0, 60.0)
     with pytest.raises(ConfigError, match="CLOUDFLARE_TIMEOUT"):
         load_settings({"CLOUDFLARE_TIMEOUT": "soon"}, dotenv=None)
+
+
+def test_request_limits_from_the_environment():
+    s = load_settings({"MAX_MESSAGES": "10", "MAX_INPUT_CHARS": "5000", "MAX_TOKENS_CEILING": "256"}, dotenv=None)
+    assert (s.max_messages, s.max_input_chars, s.max_tokens_ceiling) == (10, 5000, 256)
+    assert load_settings({}, dotenv=None).max_tokens_ceiling is None

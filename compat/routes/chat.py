@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify
 
 from compat.requests import parse_chat
 from compat.responses import Completion, fold, stream_chunks
@@ -13,7 +13,7 @@ bp = Blueprint("chat", __name__)
 
 @bp.post("/v1/chat/completions")
 def create_chat_completion():
-    call = parse_chat(json_body())
+    call = parse_chat(json_body(), current_app.extensions["aigate"].limits)
     route, answer = start(call.request, call.stream)
     completion = Completion(route.model_id)  # the model that answered: a fallback says so here
     if not call.stream:

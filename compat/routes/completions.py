@@ -17,7 +17,7 @@ bp = Blueprint("completions", __name__)
 
 @bp.post("/v1/completions")
 def create_completion():
-    call = parse_completion(json_body())
+    call = parse_completion(json_body(), current_app.extensions["aigate"].limits)
     # Only the first prompt starts before the response: each holds a generation slot, so the
     # others start one after the other, on the model that took the first, as the answer is written.
     route, first = start(call.requests[0], call.stream)

@@ -6,9 +6,10 @@ import base64
 import struct
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 
 from compat.errors import invalid
+from compat.requests import check_chars
 from compat.routes.road import json_body, resolve
 
 bp = Blueprint("embeddings", __name__)
@@ -20,6 +21,7 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 def create_embeddings():
     body = json_body()
     model, inputs, encoding = parse_embeddings(body)
+    check_chars(sum(len(x) for x in inputs), current_app.extensions["aigate"].limits, "input")
     route = resolve(model, stream=False)
     result = route.backend.embed(route.model_id, inputs)
     data = [{"object": "embedding", "index": i, "embedding": encode(vector, encoding)}
