@@ -146,11 +146,13 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
 
 def check_local_model(settings: Settings) -> tuple[ModelFile, str]:
     """The checked model file (the demo model written first if it stands in) and its id."""
-    assert settings.model_path is not None
+    path = settings.model_path
+    if path is None:
+        raise ConfigError("CHATGLM_MODEL: no local model is configured")
     if settings.uses_demo_model:
         ensure_demo_model(settings)
     try:
-        model = read_model_file(settings.model_path)
+        model = read_model_file(path)
     except ModelFileError as exc:
         raise ConfigError(f"CHATGLM_MODEL: {exc}") from None
     if settings.chatglm_max_length and settings.chatglm_max_length > model.config.max_length:

@@ -33,7 +33,8 @@ worker_connections = _settings.worker_connections
 timeout = _settings.timeout  # the worker's heartbeat waits out the longest single model step
 graceful_timeout = _settings.graceful_timeout  # SIGTERM: running streams get this long to finish
 keepalive = _settings.keepalive
-# The heartbeat file on tmpfs, so a busy disk never delays it.
+# The heartbeat file on tmpfs, so a busy disk never delays it (gunicorn's own advice; the file is
+# gunicorn's, created with mkstemp).
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 preload_app = False
 loglevel = _settings.log_level
