@@ -227,12 +227,8 @@ class CloudflareBackend:
                         yield TextDelta(out)
                     if stop.stopped:
                         break
-        except requests.exceptions.ConnectionError as exc:  # urllib3 wraps a read timeout as this
-            if "timed out" in str(exc).lower():
-                raise UpstreamTimeout("Cloudflare Workers AI stopped sending (read timeout)") from None
-            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-stream") from None
-        except requests.RequestException:
-            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-stream") from None
+        except requests.RequestException as exc:
+            raise _broken_read(exc, "mid-stream") from None
         if not done and not stop.stopped:
             raise UpstreamError("the Cloudflare stream ended before its end marker (truncated)")
         tail = stop.flush()
@@ -262,12 +258,8 @@ class CloudflareBackend:
             body = response.json()
         except ValueError:  # includes a body cut short
             raise UpstreamError("Cloudflare answered with something that is not JSON") from None
-        except requests.exceptions.ConnectionError as exc:  # urllib3 wraps a read timeout as this
-            if "timed out" in str(exc).lower():
-                raise UpstreamTimeout("Cloudflare Workers AI stopped sending (read timeout)") from None
-            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-answer") from None
-        except requests.RequestException:
-            raise UpstreamError("the connection to Cloudflare Workers AI broke mid-answer") from None
+        except requests.RequestException as exc:
+            raise _broken_read(exc, "mid-answer") from None
         if not isinstance(body, dict) or body.get("success") is False or not isinstance(body.get("result"), dict):
             raise UpstreamError(f"Cloudflare reported a failure: {self._scrub(_first_message(body))}")
         return body["result"]
@@ -428,6 +420,14 @@ def _first_message(body: Any) -> str:
         if isinstance(e, dict) and e.get("message"):
             return str(e["message"])
     return ""
+
+
+def _broken_read(exc: requests.RequestException, where: str) -> UpstreamError:
+    """A failure while reading an answer already under way; urllib3 wraps a read timeout as a
+    ConnectionError, so it is told apart by its text."""
+    if isinstance(exc, requests.exceptions.ConnectionError) and "timed out" in str(exc).lower():
+        return UpstreamTimeout("Cloudflare Workers AI stopped sending (read timeout)")
+    return UpstreamError(f"the connection to Cloudflare Workers AI broke {where}")
 
 
 def _reason(exc: Exception) -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import threading
 import time
 
 import requests
 
-from common import RESULTS, ROOT, bench_model, free_port, start_aigate
+from common import RESULTS, bench_model, free_port, start_aigate
 
 
 def main() -> None:
@@ -29,15 +28,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT))
-    from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare
+    from tests.fake_cloudflare import FakeCloudflare, cloudflare_env
 
     fake = FakeCloudflare().start()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_aigate(port, CHATGLM_MODEL=str(bench_model()), CHATGLM_MODEL_ID="bench",
-                          MAX_QUEUE=str(args.queued + 2), CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
-                          CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/long")
+                          MAX_QUEUE=str(args.queued + 2), **cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/long"))
     first_token: dict[int, float] = {}
     probe_latencies: list[float] = []
     gaps: list[float] = []

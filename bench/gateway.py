@@ -19,7 +19,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -72,8 +71,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare
+    from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare, cloudflare_env
 
     fake = FakeCloudflare(frame_delay=0.0).start()
     ports = {name: free_port() for name in ("aigate", "litellm", "floor")}
@@ -83,8 +81,8 @@ def main() -> None:
         "      model: \"cloudflare/@cf/fake/chat\"\n"
         f"      api_base: \"{fake.base}/accounts/{ACCOUNT}/ai/v1\"\n      api_key: \"{TOKEN}\"\n")
     servers = [
-        start_aigate(ports["aigate"], CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
-                     CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/chat", WORKERS="1", API_KEYS=KEY),
+        start_aigate(ports["aigate"], **cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/chat"), WORKERS="1",
+                     API_KEYS=KEY),
         start([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(ports["litellm"]),
                "--num_workers", "1"], {"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": KEY},
               f"http://127.0.0.1:{ports['litellm']}/health/liveliness"),

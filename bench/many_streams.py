@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, free_port, start_aigate
+from common import RESULTS, free_port, start_aigate
 
 CLIENT = r'''
 import asyncio, json, sys, time
@@ -65,13 +65,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50)
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT))
-    from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare
+    from tests.fake_cloudflare import FakeCloudflare, cloudflare_env
 
     fake = FakeCloudflare().start()
     port = free_port()
-    server = start_aigate(port, CLOUDFLARE_ACCOUNT_ID=ACCOUNT, CLOUDFLARE_API_TOKEN=TOKEN,
-                          CLOUDFLARE_API_BASE=fake.base, CLOUDFLARE_MODELS="@cf/fake/long", WORKERS="1",
+    server = start_aigate(port, **cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/long"), WORKERS="1",
                           WORKER_CONNECTIONS=str(args.streams + 100))
     try:
         worker = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])

@@ -112,14 +112,6 @@ def fake():
     fake.stop()
 
 
-def cloudflare_env(fake, **extra: str) -> dict[str, str]:
-    """The settings that point a server's Cloudflare backend at the fake."""
-    from tests.fake_cloudflare import ACCOUNT, TOKEN
-
-    return {"CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": TOKEN, "CLOUDFLARE_API_BASE": fake.base,
-            **extra}
-
-
 @pytest.fixture(scope="module")
 def client(server):
     """The official SDK pointed at the module's `server`, retries off so every status is seen."""

@@ -89,6 +89,12 @@ class FakeCloudflare:
         return [r for r in self.requests if r.path.endswith("/ai/run/" + model)]
 
 
+def cloudflare_env(fake: FakeCloudflare, **extra: str) -> dict[str, str]:
+    """The settings that point a server's Cloudflare backend at the fake."""
+    return {"CLOUDFLARE_ACCOUNT_ID": ACCOUNT, "CLOUDFLARE_API_TOKEN": TOKEN, "CLOUDFLARE_API_BASE": fake.base,
+            **extra}
+
+
 def reply_words(body: dict[str, Any]) -> list[str]:
     """What the fake model says: its last user message echoed, one word per token."""
     last = body.get("prompt") or next(

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
-from tests.conftest import cloudflare_env as shared_env
+from tests.fake_cloudflare import cloudflare_env as shared_env
 from tests.fake_cloudflare import ACCOUNT, MODES, TEXT_MODELS, TOKEN, FakeCloudflare, reply_words, usage_for
 
 HELLO = [{"role": "user", "content": "hello there friend"}]

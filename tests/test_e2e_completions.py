@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import cloudflare_env
+from tests.fake_cloudflare import cloudflare_env
 
 CODE = "def fibonacci(n):\n    "
 

@@ -8,8 +8,7 @@ import struct
 import pytest
 import requests
 
-from tests.conftest import cloudflare_env
-from tests.fake_cloudflare import fake_embedding
+from tests.fake_cloudflare import cloudflare_env, fake_embedding
 
 
 @pytest.fixture(scope="module")

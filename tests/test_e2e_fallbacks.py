@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import cloudflare_env
+from tests.fake_cloudflare import cloudflare_env
 
 HELLO = [{"role": "user", "content": "hello there"}]
 

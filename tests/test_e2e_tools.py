@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from backends.demo_model import write_demo_model
-from tests.conftest import cloudflare_env
+from tests.fake_cloudflare import cloudflare_env
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
