@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
-KEEPALIVE = b": keepalive\n\n"
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -15,7 +14,3 @@ def encode(obj: dict[str, Any]) -> bytes:
     """One event. JSON never contains a raw newline, so one data line always suffices; lone
     surrogates (never valid UTF-8) are replaced rather than allowed to break the stream."""
     return b"data: " + _encoder.encode(obj).encode("utf-8", "replace") + b"\n\n"
-
-
-def dumps(obj: dict[str, Any]) -> bytes:
-    return _encoder.encode(obj).encode("utf-8", "replace")
