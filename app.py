@@ -9,15 +9,16 @@ import threading
 from dataclasses import dataclass
 from functools import cached_property
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import rate_limits
 from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
-from compat.auth import check_bearer
-from compat.errors import APIError, from_backend, internal_error
+from compat.auth import authenticate
+from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.requests import Limits
 from compat.routes import chat, completions, embeddings, models, ops, playground
 from request_log import RequestRecord
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     _install_request_hooks(app, settings)
+    rate_limits.install(app, settings)  # after the hooks: its limits are per key
     _install_error_handlers(app)
     return app
 
@@ -136,6 +138,11 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
             raise ConfigError(f"MODEL_ALIASES: alias {alias}={target}: no configured model is called {target!r} "
                               f"(models: {', '.join(sorted(known))})")
     names = known | {alias for alias, _ in settings.model_aliases}
+    for key in settings.api_keys:
+        for name in key.models:
+            if name not in names and not (discovering and name.startswith("@")):
+                raise ConfigError(f"API_KEYS_FILE: [keys.{key.name}] models: no configured model or alias is called "
+                                  f"{name!r} (models: {', '.join(sorted(names))})")
     for model, fallback in settings.model_fallbacks:
         for name in (model, fallback):
             if name not in names and not (discovering and name.startswith("@")):
@@ -176,7 +183,7 @@ def ensure_demo_model(settings: Settings) -> None:
 
 def _install_request_hooks(app: Flask, settings: Settings) -> None:
     @app.before_request
-    def authenticate():
+    def identify():
         # An incoming id (from a proxy or the client) is kept if it is a plain token, so logs line up.
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(12)
@@ -184,7 +191,8 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
         if request.method == "OPTIONS":
             return _preflight(settings)
         if request.path.startswith("/v1/"):
-            check_bearer(request.headers.get("Authorization"), settings.api_keys)
+            g.api_key = authenticate(request.headers.get("Authorization"), settings.api_keys)
+            g.record.key = g.api_key.name if g.api_key else "-"
         return None
 
     @app.after_request
@@ -211,19 +219,13 @@ def _preflight(settings: Settings) -> Response:
 
 
 def _install_error_handlers(app: Flask) -> None:
-    def respond(err: APIError) -> Response:
-        response = jsonify(err.body())
-        response.status_code = err.status
-        response.headers.update(err.headers)
-        return response
-
     @app.errorhandler(APIError)
     def api_error(err: APIError):
-        return respond(err)
+        return error_response(err)
 
     @app.errorhandler(BackendError)
     def backend_error(err: BackendError):
-        return respond(from_backend(err))
+        return error_response(from_backend(err))
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
@@ -231,9 +233,9 @@ def _install_error_handlers(app: Flask) -> None:
         code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
         message = {404: f"Unknown request URL: {request.method} {request.path}.",
                    413: "The request body is too large (MAX_BODY_BYTES)."}.get(status, err.description or "")
-        return respond(APIError(status, message, code=code))
+        return error_response(APIError(status, message, code=code))
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return respond(internal_error())
+        return error_response(internal_error())

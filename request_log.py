@@ -21,6 +21,7 @@ class RequestRecord:
     method: str
     path: str
     client: str
+    key: str = "-"  # the API key's name, never the key
     started: float = field(default_factory=time.monotonic)
     route: str = "other"
     status: int = 0
@@ -53,7 +54,7 @@ class RequestRecord:
         ended = time.monotonic()
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
         fields = {
-            "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client,
+            "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client, "key": self.key,
             "model": self.model or "-", "backend": self.backend or "-", "stream": str(self.stream).lower(),
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "ttft_ms": "-" if ttft is None else f"{ttft * 1000:.1f}",

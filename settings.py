@@ -6,10 +6,12 @@ stop at start with one clear line instead of failing on the first request.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,24 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One accepted bearer key. ``name`` stands for it in logs, metrics and rate-limit counters:
+    the secret itself is never written anywhere."""
+
+    name: str
+    secret: str = field(repr=False)
+    models: tuple[str, ...] = ()  # empty: every model
+    requests_per_minute: int = 0  # 0: unlimited
+    tokens_per_minute: int = 0
+
+    def allows(self, *names: str) -> bool:
+        """May this key use a model known by any of ``names`` (the name asked for, its id)?"""
+        return not self.models or any(name in self.models for name in names)
+
+
+@dataclass(frozen=True)
 class Settings:
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()
     chatglm_model: Path | None = None  # None: no local model (the demo model if nothing else is set)
     chatglm_model_id: str | None = None
     chatglm_max_length: int | None = None
@@ -52,6 +70,9 @@ class Settings:
     max_messages: int = 2048
     max_input_chars: int = 1_000_000
     max_tokens_ceiling: int | None = None
+    rate_limit_rpm: int = 0  # per key (per client address without keys); 0: unlimited
+    rate_limit_tpm: int = 0
+    ratelimit_storage_uri: str = "memory://"  # redis://host:port shares the counts between workers
     cors_origins: str = "*"
     trusted_proxies: int = 0  # proxies in front that set X-Forwarded-*; 0: trust none
     metrics_token: str = ""  # bearer for /metrics; empty: /metrics answers loopback clients only
@@ -93,8 +114,10 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         raise ConfigError(f"{missing} is not set: Workers AI needs both CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN")
     cf_models = r.items("CLOUDFLARE_MODELS")
     cf_embedding = r.items("CLOUDFLARE_EMBEDDING_MODELS")
+    rpm = r.integer("RATE_LIMIT_RPM", 0, minimum=0)
+    tpm = r.integer("RATE_LIMIT_TPM", 0, minimum=0)
     return Settings(
-        api_keys=r.items("API_KEYS"),
+        api_keys=_api_keys(r.items("API_KEYS"), r.text("API_KEYS_FILE"), rpm, tpm),
         chatglm_model=Path(model).expanduser() if model else None,
         chatglm_model_id=r.text("CHATGLM_MODEL_ID") or None,
         chatglm_max_length=r.integer("CHATGLM_MAX_LENGTH", None, minimum=16),
@@ -118,6 +141,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
         max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),
         max_tokens_ceiling=r.integer("MAX_TOKENS_CEILING", None, minimum=1),
+        rate_limit_rpm=rpm,
+        rate_limit_tpm=tpm,
+        ratelimit_storage_uri=_storage_uri(r.text("RATELIMIT_STORAGE_URI")),
         cors_origins=r.text("CORS_ORIGINS") or "*",
         trusted_proxies=r.integer("TRUSTED_PROXIES", 0, minimum=0),
         metrics_token=r.text("METRICS_TOKEN"),
@@ -131,6 +157,68 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         keepalive=r.integer("KEEPALIVE", 75, minimum=0),
         log_level=(r.text("LOG_LEVEL") or "info").lower(),
     )
+
+
+def _api_keys(plain: tuple[str, ...], keys_file: str, rpm: int, tpm: int) -> tuple[ApiKey, ...]:
+    """API_KEYS (each with the default limits) and the keys of API_KEYS_FILE (limits of their own)."""
+    keys = [ApiKey(key_name(secret), secret, requests_per_minute=rpm, tokens_per_minute=tpm) for secret in plain]
+    if keys_file:
+        keys += _keys_file(Path(keys_file).expanduser(), rpm, tpm)
+    secrets = [k.secret for k in keys]
+    if len(set(secrets)) != len(secrets):
+        raise ConfigError("API_KEYS / API_KEYS_FILE: the same key is listed twice")
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        raise ConfigError("API_KEYS_FILE: two keys have the same name")
+    return tuple(keys)
+
+
+def key_name(secret: str) -> str:
+    """A stable name for a key given without one: a short digest, which does not give the key away."""
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+KEY_FIELDS = {"key": str, "models": list, "requests_per_minute": int, "tokens_per_minute": int}
+KEYS_EXAMPLE = '[keys.alice]\nkey = "sk-..."\nmodels = ["chatglm3-6b"]\nrequests_per_minute = 60\ntokens_per_minute = 20000'
+
+
+def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
+    """A TOML file with one [keys.<name>] table per key; see KEYS_EXAMPLE."""
+    try:
+        tables = tomllib.loads(path.read_text()).get("keys")
+    except OSError as exc:
+        raise ConfigError(f"API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"API_KEYS_FILE: {path} is not valid TOML: {exc}") from None
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"API_KEYS_FILE: {path} has no [keys.<name>] tables; write them like\n{KEYS_EXAMPLE}")
+    keys = []
+    for name, table in tables.items():
+        where = f"API_KEYS_FILE: [keys.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} is not a table")
+        for field_name, value in table.items():
+            kind = KEY_FIELDS.get(field_name)
+            if kind is None:
+                raise ConfigError(f"{where}: unknown field {field_name!r} (fields: {', '.join(KEY_FIELDS)})")
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+                raise ConfigError(f"{where}: {field_name} must be {'a whole number >= 0' if kind is int else kind.__name__}")
+        secret, models = table.get("key", "").strip(), table.get("models", [])
+        if not secret:
+            raise ConfigError(f"{where}: key is missing")
+        if not all(isinstance(m, str) and m for m in models):
+            raise ConfigError(f"{where}: models must be a list of model ids")
+        keys.append(ApiKey(name, secret, tuple(models), table.get("requests_per_minute", rpm),
+                           table.get("tokens_per_minute", tpm)))
+    return keys
+
+
+def _storage_uri(raw: str) -> str:
+    if not raw:
+        return Settings.ratelimit_storage_uri
+    if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
+        raise ConfigError(f"RATELIMIT_STORAGE_URI={raw.split('@')[-1]!r} is not memory:// or redis://host:port")
+    return raw
 
 
 def _pairs(name: str, raw: str, example: str) -> tuple[tuple[str, str], ...]:

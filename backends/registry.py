@@ -32,6 +32,3 @@ class Registry:
             if any(m.id == target for m in backend.models()):
                 return Route(backend, target)
         return None
-
-    def get(self, name: str) -> ModelInfo | None:
-        return next((m for m in self.models() if m.id == name), None)

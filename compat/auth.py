@@ -1,27 +1,36 @@
-"""Bearer-key check for the /v1 routes."""
+"""Bearer-key checks: the API keys of the /v1 routes, and the /metrics token."""
 
 from __future__ import annotations
 
 import hmac
 
 from compat.errors import APIError
+from settings import ApiKey
 
 
-def check_bearer(authorization: str | None, keys: tuple[str, ...]) -> None:
-    """Raise a 401 unless the header carries one of ``keys``; no keys means no auth.
-
-    Every key is compared, in constant time, so the answer's timing tells nothing about which
-    keys exist or how much of one was right.
-    """
+def authenticate(authorization: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    """The key the header carries (a 401 if none matches); None when no keys are configured."""
     if not keys:
-        return
+        return None
+    return keys[_match(authorization, tuple(k.secret for k in keys))]
+
+
+def check_bearer(authorization: str | None, secret: str) -> None:
+    _match(authorization, (secret,))
+
+
+def _match(authorization: str | None, secrets: tuple[str, ...]) -> int:
+    """The index of the secret the header carries. Every secret is compared, in constant time, so
+    the answer's timing tells nothing about which keys exist or how much of one was right."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "You didn't provide an API key. Send it in an Authorization header: "
                             "'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key")
     given = token.strip().encode()
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key.encode())
-    if not matched:
+    found = -1
+    for i, secret in enumerate(secrets):
+        if hmac.compare_digest(given, secret.encode()):
+            found = i
+    if found < 0:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return found

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flask import Response, jsonify
+
 from backends.base import (BackendError, ContextLengthExceeded, InvalidRequest, ModelNotFound, QueueFull, QueueTimeout,
                            RateLimited, Unavailable, UpstreamError, UpstreamTimeout)
 
@@ -24,6 +26,13 @@ class APIError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def error_response(err: APIError) -> Response:
+    response = jsonify(err.body())
+    response.status_code = err.status
+    response.headers.update(err.headers)
+    return response
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:

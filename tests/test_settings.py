@@ -14,7 +14,7 @@ def test_environment_wins_over_dotenv(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("API_KEYS=a, b\nMODEL=/models/x.bin\nPORT=9000\nMODEL_ALIASES=gpt-4o=x , gpt-3.5-turbo=x\n")
     s = load_settings({"PORT": "9100"}, dotenv=env_file)
-    assert s.api_keys == ("a", "b")
+    assert [k.secret for k in s.api_keys] == ["a", "b"]
     assert s.chatglm_model == Path("/models/x.bin")  # MODEL is an alias of CHATGLM_MODEL
     assert s.port == 9100
     assert s.model_aliases == (("gpt-4o", "x"), ("gpt-3.5-turbo", "x"))

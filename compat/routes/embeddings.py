@@ -6,7 +6,7 @@ import base64
 import struct
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, g, jsonify
 
 from compat.errors import invalid
 from compat.requests import check_chars
@@ -24,6 +24,7 @@ def create_embeddings():
     check_chars(sum(len(x) for x in inputs), current_app.extensions["aigate"].limits, "input")
     route = resolve(model, stream=False)
     result = route.backend.embed(route.model_id, inputs)
+    g.record.prompt_tokens = result.prompt_tokens  # logged, counted, and charged to the key's TPM
     data = [{"object": "embedding", "index": i, "embedding": encode(vector, encoding)}
             for i, vector in enumerate(result.vectors)]
     return jsonify({"object": "list", "data": data, "model": route.model_id,

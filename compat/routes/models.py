@@ -4,22 +4,28 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
+from backends.base import ModelInfo
 from compat.errors import model_not_found
 from compat.responses import model_object
+from compat.routes.road import allowed
 
 bp = Blueprint("models", __name__)
 
 
 @bp.get("/v1/models")
 def list_models():
-    registry = current_app.extensions["aigate"].registry
-    return jsonify({"object": "list",
-                    "data": [model_object(m.id, m.owned_by, m.created) for m in registry.models()]})
+    return jsonify({"object": "list", "data": [model_object(m.id, m.owned_by, m.created) for m in _visible()]})
 
 
 @bp.get("/v1/models/<path:model_id>")
 def retrieve_model(model_id: str):
-    info = current_app.extensions["aigate"].registry.get(model_id)
+    info = next((m for m in _visible() if m.id == model_id), None)
     if info is None:
         raise model_not_found(model_id)
     return jsonify(model_object(info.id, info.owned_by, info.created))
+
+
+def _visible() -> list[ModelInfo]:
+    """The models (and aliases) the request's key may use."""
+    registry = current_app.extensions["aigate"].registry
+    return [m for m in registry.models() if allowed(m.id, registry.aliases.get(m.id, m.id))]

@@ -35,7 +35,7 @@ def ready():
 def prometheus_metrics():
     state = current_app.extensions["aigate"]
     if state.settings.metrics_token:
-        check_bearer(request.headers.get("Authorization"), (state.settings.metrics_token,))
+        check_bearer(request.headers.get("Authorization"), state.settings.metrics_token)
     elif not _is_loopback(request.remote_addr):
         raise APIError(403, "/metrics answers local clients only; set METRICS_TOKEN to scrape it from elsewhere.",
                        type="permission_error", code="metrics_forbidden")

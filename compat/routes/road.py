@@ -17,19 +17,38 @@ from backends.registry import Route
 from compat import sse
 from compat.errors import from_backend, internal_error, invalid, model_not_found
 from request_log import RequestRecord
+from settings import ApiKey
 
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+MAX_JSON_DEPTH = 64  # a tool's JSON Schema nests deepest, and rarely past 20
+
+
 def json_body() -> object:
     """The body as JSON whatever the Content-Type says (curl -d sends a form type)."""
     try:
-        return json.loads(request.get_data(cache=False))
+        body = json.loads(request.get_data(cache=False))
     except (ValueError, RecursionError):
         raise invalid("We could not parse the JSON body of your request. The OpenAI API expects a "
                       "JSON payload.", code="invalid_json") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise invalid(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json")
+    return body
+
+
+def json_depth(value: object) -> int:
+    """How deeply arrays and objects nest in ``value``, without recursing."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 # Failures before the first byte that another model may not have: worth trying the next one.
@@ -39,7 +58,7 @@ FALL_BACK_ON = (RateLimited, UpstreamError, QueueFull, QueueTimeout, Unavailable
 def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
     """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS."""
     state = current_app.extensions["aigate"]
-    chain = [request.model, *state.fallbacks.get(request.model, ())]
+    chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
     for i, name in enumerate(chain):
         route = resolve(name, stream)
         try:
@@ -52,12 +71,23 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
 
 
 def resolve(model: str, stream: bool) -> Route:
-    route = current_app.extensions["aigate"].registry.resolve(model)
+    route = find(model)
     if route is None:
         raise model_not_found(model)
     record: RequestRecord = g.record
     record.model, record.backend, record.stream = route.model_id, route.backend.name, stream
     return route
+
+
+def find(name: str) -> Route | None:
+    """The backend serving ``name`` (an id or alias), if the request's key may use it."""
+    route = current_app.extensions["aigate"].registry.resolve(name)
+    return route if route is not None and allowed(name, route.model_id) else None
+
+
+def allowed(*names: str) -> bool:
+    key: ApiKey | None = g.get("api_key")
+    return key is None or key.allows(*names)
 
 
 class Answer:

@@ -1,0 +1,157 @@
+"""API keys in-process: the keys file, models per key, requests and tokens per minute, secrets kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+
+from app import check_config, create_app, load_backends
+from settings import ApiKey, ConfigError, key_name, load_settings
+
+KEYS_FILE = """
+[keys.alice]
+key = "sk-alice-secret"
+models = ["demo"]
+requests_per_minute = 3
+
+[keys.bob]
+key = "sk-bob-secret"
+tokens_per_minute = 5
+"""
+
+
+def keys_settings(tmp_path: Path, text: str = KEYS_FILE, **env: str):
+    keys = tmp_path / "keys.toml"
+    keys.write_text(text)
+    return load_settings({"API_KEYS_FILE": str(keys), **env}, dotenv=None)
+
+
+def test_the_keys_file_and_api_keys_are_read_with_default_limits(tmp_path):
+    s = keys_settings(tmp_path, API_KEYS="sk-plain", RATE_LIMIT_RPM="7", RATE_LIMIT_TPM="900")
+    plain, alice, bob = s.api_keys
+    assert plain == ApiKey(key_name("sk-plain"), "sk-plain", (), 7, 900)
+    assert alice == ApiKey("alice", "sk-alice-secret", ("demo",), 3, 900)  # its own rpm, the default tpm
+    assert bob == ApiKey("bob", "sk-bob-secret", (), 7, 5)
+    assert "secret" not in repr(s) and "sk-plain" not in repr(s)  # a logged settings object gives nothing away
+    assert key_name("sk-plain").startswith("key-") and "sk-plain" not in key_name("sk-plain")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[keys.a]\nkey = 'x'\nrpm = 3", "unknown field 'rpm'"),
+    ("[keys.a]\nkey = 'x'\nrequests_per_minute = -1", "requests_per_minute must be a whole number >= 0"),
+    ("[keys.a]\nkey = 'x'\nmodels = 'demo'", "models must be list"),
+    ("[keys.a]\nmodels = ['demo']", "[keys.a]: key is missing"),
+    ("[keys.a]\nkey = 'x'\n[keys.b]\nkey = 'x'", "the same key is listed twice"),
+    ("[keys]\n", "has no [keys.<name>] tables"),
+    ("[keys.a\n", "is not valid TOML"),
+])
+def test_a_bad_keys_file_is_refused_naming_the_problem(tmp_path, text, message):
+    with pytest.raises(ConfigError, match="API_KEYS_FILE") as err:
+        keys_settings(tmp_path, text)
+    assert message in str(err.value)
+
+
+def test_a_key_naming_an_unknown_model_stops_start_up(tmp_path, demo_model):
+    s = keys_settings(tmp_path, "[keys.a]\nkey = 'x'\nmodels = ['gpt-5']", CHATGLM_MODEL=str(demo_model))
+    with pytest.raises(ConfigError, match=r"\[keys.a\] models: no configured model or alias is called 'gpt-5'"):
+        check_config(s)
+
+
+def test_a_storage_uri_that_is_not_memory_or_redis_is_refused():
+    with pytest.raises(ConfigError, match="RATELIMIT_STORAGE_URI='host:1'"):
+        load_settings({"RATELIMIT_STORAGE_URI": "memcached://user:pw@host:1"}, dotenv=None)
+
+
+def make_client(tmp_path: Path, demo_model: Path, **env: str):
+    s = keys_settings(tmp_path, CHATGLM_MODEL=str(demo_model), MODEL_ALIASES="gpt-4o=demo", **env)
+    app = create_app(dataclasses.replace(s, chatglm_model_id="demo", slots_dir=tmp_path / "slots"))
+    load_backends(app)
+    return app.test_client()
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def chat(client, secret: str, model: str = "demo", max_tokens: int = 4):
+    r = client.post("/v1/chat/completions", headers=bearer(secret), json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+        "temperature": 0})
+    r.close()  # the tokens are charged when the answer is closed
+    return r
+
+
+def test_a_key_sees_and_uses_only_its_models(tmp_path, demo_model):
+    client = make_client(tmp_path, demo_model)
+    alice = [m["id"] for m in client.get("/v1/models", headers=bearer("sk-alice-secret")).json["data"]]
+    bob = [m["id"] for m in client.get("/v1/models", headers=bearer("sk-bob-secret")).json["data"]]
+    assert alice == ["demo", "gpt-4o"] and bob == ["demo", "gpt-4o"]  # the alias points at an allowed model
+
+    s = keys_settings(tmp_path, "[keys.carol]\nkey = 'sk-carol'\nmodels = ['gpt-4o']", CHATGLM_MODEL=str(demo_model),
+                      MODEL_ALIASES="gpt-4o=demo")
+    app = create_app(dataclasses.replace(s, chatglm_model_id="demo", slots_dir=tmp_path / "slots"))
+    load_backends(app)
+    client = app.test_client()
+    assert [m["id"] for m in client.get("/v1/models", headers=bearer("sk-carol")).json["data"]] == ["gpt-4o"]
+    assert client.get("/v1/models/demo", headers=bearer("sk-carol")).status_code == 404
+    refused = chat(client, "sk-carol", model="demo")
+    assert refused.status_code == 404 and refused.json["error"]["code"] == "model_not_found"
+    assert chat(client, "sk-carol", model="gpt-4o").status_code == 200
+
+
+def test_requests_per_minute_answer_429_with_retry_after(tmp_path, demo_model):
+    client = make_client(tmp_path, demo_model)
+    seen = [client.get("/v1/models", headers=bearer("sk-alice-secret")) for _ in range(4)]
+    assert [r.status_code for r in seen] == [200, 200, 200, 429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in seen[:3]] == ["2", "1", "0"]
+    error = seen[3].json["error"]
+    assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
+    assert "alice" in error["message"] and "limit 3" in error["message"]
+    assert 1 <= int(seen[3].headers["Retry-After"]) <= 60
+    assert client.get("/v1/models", headers=bearer("sk-bob-secret")).status_code == 200  # bob counts apart
+    assert client.get("/health").status_code == 200  # only /v1 is limited
+
+
+def test_tokens_per_minute_are_charged_after_the_answer(tmp_path, demo_model):
+    client = make_client(tmp_path, demo_model)
+    first = chat(client, "sk-bob-secret", max_tokens=8)
+    assert first.status_code == 200 and first.json["usage"]["total_tokens"] > 5  # one answer spends the budget
+    refused = chat(client, "sk-bob-secret")
+    assert refused.status_code == 429, refused.json
+    assert refused.json["error"]["type"] == "tokens" and refused.json["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert chat(client, "sk-alice-secret").status_code == 200
+
+
+def test_without_keys_the_default_limits_apply_per_client_address(tmp_path, demo_model):
+    s = load_settings({"CHATGLM_MODEL": str(demo_model), "RATE_LIMIT_RPM": "2"}, dotenv=None)
+    client = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots")).test_client()
+    other = {"REMOTE_ADDR": "127.0.0.2"}
+    codes = [client.get("/v1/models").status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    assert client.get("/v1/models", environ_base=other).status_code == 200
+
+
+def test_a_dead_limit_store_serves_rather_than_refuses(tmp_path, demo_model, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens once the socket is closed
+    client = make_client(tmp_path, demo_model, RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{dead}")
+    assert chat(client, "sk-bob-secret").status_code == 200  # tokens per minute: storage down, served
+    assert [client.get("/v1/models", headers=bearer("sk-alice-secret")).status_code for _ in range(2)] == [200, 200]
+    assert "rate-limit storage failed" in caplog.text
+
+
+def test_keys_are_never_logged_or_echoed(tmp_path, demo_model, caplog):
+    caplog.set_level(logging.INFO)
+    client = make_client(tmp_path, demo_model, LOG_PROMPTS="1")
+    answers = [chat(client, "sk-alice-secret"), chat(client, "sk-bob-secret", model="gpt-5"),
+               chat(client, "sk-alice-secret-but-wrong"), chat(client, "sk-bob-secret"), chat(client, "sk-bob-secret")]
+    assert [r.status_code for r in answers] == [200, 404, 401, 200, 429]
+    seen = caplog.text + "".join(r.get_data(as_text=True) + str(r.headers) for r in answers)
+    assert "key=alice" in caplog.text and "key=bob" in caplog.text  # the names are what the log shows
+    assert "sk-alice" not in seen and "sk-bob" not in seen
