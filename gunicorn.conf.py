@@ -6,10 +6,13 @@ here first, in the master, so a bad setting or model file stops the server with 
 instead of a crash loop of workers.
 """
 
+import json
 import os
 import shutil
 import sys
 import tempfile
+
+import gunicorn.util
 
 # Metrics from every worker add up through files in one directory, which must be known before
 # anything imports prometheus_client; a fresh one per start, so counts begin at zero.
@@ -17,6 +20,7 @@ _metrics_dir = tempfile.mkdtemp(prefix="aigate-metrics-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 import app as _app  # noqa: E402
+from compat.errors import APIError  # noqa: E402
 from settings import ConfigError, load_settings  # noqa: E402
 
 try:
@@ -42,6 +46,24 @@ errorlog = "-"
 accesslog = None  # aigate logs one richer line per request itself (request_log.py)
 # gunicorn 27's control socket defaults to one path per user: two servers would fight over it.
 control_socket_disable = True
+
+# The request line and headers are checked by gunicorn before the app sees them (its defaults,
+# spelled out): 414 for a longer line, 431 for more or longer header fields, 400 for malformed ones.
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+
+def _write_error(sock, status_int, reason, mesg):
+    """gunicorn writes its refusals as HTML pages; write them as OpenAI error objects instead."""
+    err = APIError(status_int, f"{reason}: {mesg}", code=reason.lower().replace(" ", "_"))
+    body = json.dumps(err.body()).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+gunicorn.util.write_error = _write_error  # the workers fork from here, patched
 
 # aigate's own loggers (the root) and gunicorn's error log to stderr, each line once.
 logconfig_dict = {

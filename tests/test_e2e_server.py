@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 
@@ -172,3 +173,25 @@ def test_request_limits(server_factory, demo_model):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="demo", **kwargs)
         assert err.value.code == code
+
+
+def test_oversized_and_malformed_requests_get_openai_errors(server_factory, demo_model):
+    server = server_factory(CHATGLM_MODEL=str(demo_model), MAX_BODY_BYTES="4096")
+    url = server.v1 + "/chat/completions"
+    nested = {"model": "demo", "messages": USER, "metadata": json.loads("[" * 65 + "]" * 65)}
+    cases = [
+        (requests.post(url, data=b"x" * 5000, timeout=10), 413, "request_too_large"),
+        (requests.post(url, json=nested, timeout=10), 400, "invalid_json"),
+        (requests.post(url, data="[" * 2000 + "]" * 2000, timeout=10), 400, "invalid_json"),  # past the parser's
+        (requests.get(server.v1 + "/models?q=" + "x" * 5000, timeout=10), 414, "uri_too_long"),
+        (requests.get(server.v1 + "/models", headers={"X-Big": "x" * 9000}, timeout=10), 431,
+         "request_header_fields_too_large"),
+        (requests.get(server.v1 + "/models", headers={f"X-{n}": "1" for n in range(101)}, timeout=10), 431,
+         "request_header_fields_too_large"),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status, response.text
+        assert response.headers["Content-Type"] == "application/json"
+        assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
+    assert requests.get(server.v1 + "/models", timeout=10).status_code == 200  # and the worker is fine
+
