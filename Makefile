@@ -6,13 +6,18 @@ BIN := $(VENV)/bin
 # chatglm-cpp 0.4.2 builds from source; CMake 4 rejects its bundled cmake_minimum_required.
 export CMAKE_ARGS ?= -DCMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: run test install install-dev test-servers clean
+.PHONY: run test audit install install-dev test-servers clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:application
 
 test: $(VENV)/.installed-dev test-servers
 	$(BIN)/python -m pytest
+
+# Known vulnerabilities in the pinned requirements (pip-audit asks PyPI's advisory service).
+audit: $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet pip-audit
+	$(BIN)/pip-audit -r requirements.txt
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

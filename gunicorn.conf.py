@@ -39,7 +39,8 @@ graceful_timeout = _settings.graceful_timeout  # SIGTERM: running streams get th
 keepalive = _settings.keepalive
 # The heartbeat file on tmpfs, so a busy disk never delays it (gunicorn's own advice; the file is
 # gunicorn's, created with mkstemp).
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+_shm = "/dev/shm"  # nosec B108: a directory for gunicorn's mkstemp, not a file name anyone could predict
+worker_tmp_dir = _shm if os.path.isdir(_shm) and os.access(_shm, os.W_OK) else None
 preload_app = False
 loglevel = _settings.log_level
 errorlog = "-"
