@@ -179,7 +179,8 @@ def key_name(secret: str) -> str:
 
 
 KEY_FIELDS = {"key": str, "models": list, "requests_per_minute": int, "tokens_per_minute": int}
-KEYS_EXAMPLE = '[keys.alice]\nkey = "sk-..."\nmodels = ["chatglm3-6b"]\nrequests_per_minute = 60\ntokens_per_minute = 20000'
+KEYS_EXAMPLE = ('[keys.alice]\nkey = "sk-..."\nmodels = ["chatglm3-6b"]\nrequests_per_minute = 60\n'
+                'tokens_per_minute = 20000')
 
 
 def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
@@ -202,7 +203,8 @@ def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
             if kind is None:
                 raise ConfigError(f"{where}: unknown field {field_name!r} (fields: {', '.join(KEY_FIELDS)})")
             if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
-                raise ConfigError(f"{where}: {field_name} must be {'a whole number >= 0' if kind is int else kind.__name__}")
+                what = "a whole number >= 0" if kind is int else kind.__name__
+                raise ConfigError(f"{where}: {field_name} must be {what}")
         secret, models = table.get("key", "").strip(), table.get("models", [])
         if not secret:
             raise ConfigError(f"{where}: key is missing")
