@@ -20,7 +20,7 @@ from backends.registry import Registry
 from compat.auth import authenticate
 from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.requests import Limits
-from compat.routes import chat, completions, embeddings, models, ops, playground
+from compat.routes import chat, completions, embeddings, models, openapi, ops, playground
 from request_log import RequestRecord
 from settings import ConfigError, Settings, load_settings
 
@@ -39,7 +39,11 @@ class AppState:
     @cached_property
     def limits(self) -> Limits:
         s = self.settings
-        return Limits(s.max_messages, s.max_input_chars, s.max_tokens_ceiling)
+        by_model = dict(s.max_tokens_by_model)
+        for alias, target in s.model_aliases:  # an alias has its model's ceiling unless it has its own
+            if alias not in by_model and target in by_model:
+                by_model[alias] = by_model[target]
+        return Limits(s.max_messages, s.max_input_chars, s.max_tokens_ceiling, by_model)
 
     @cached_property
     def fallbacks(self) -> dict[str, tuple[str, ...]]:
@@ -59,7 +63,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
-    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, ops.bp, playground.bp):
+    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, ops.bp, openapi.bp, playground.bp):
         app.register_blueprint(bp)
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
         n = settings.trusted_proxies
@@ -138,6 +142,10 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
             raise ConfigError(f"MODEL_ALIASES: alias {alias}={target}: no configured model is called {target!r} "
                               f"(models: {', '.join(sorted(known))})")
     names = known | {alias for alias, _ in settings.model_aliases}
+    for name, _ in settings.max_tokens_by_model:
+        if name not in names and not (discovering and name.startswith("@")):
+            raise ConfigError(f"MAX_TOKENS_CEILING: no configured model or alias is called {name!r} "
+                              f"(models: {', '.join(sorted(names))})")
     for key in settings.api_keys:
         for name in key.models:
             if name not in names and not (discovering and name.startswith("@")):

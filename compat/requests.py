@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import ChatRequest, Message, Tool, ToolCall
@@ -31,6 +32,10 @@ class Limits:
     max_messages: int = 2048
     max_input_chars: int = 1_000_000  # all message contents (or prompts) together
     max_tokens: int | None = None  # a ceiling on max_tokens; None: the model's context decides
+    max_tokens_by_model: Mapping[str, int] = field(default_factory=dict)  # over max_tokens, by name asked for
+
+    def ceiling(self, model: str) -> int | None:
+        return self.max_tokens_by_model.get(model, self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class ChatCall:
 
 
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
-    model = _model(body)
+    model = parse_model(body)
     messages = _messages(body.get("messages"))
     if len(messages) > limits.max_messages:
         raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
@@ -53,10 +58,11 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     _response_format(body.get("response_format"))
     tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"), tools)
-    max_tokens = _integer(body, "max_completion_tokens", minimum=1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", minimum=1)
-    _check_max_tokens(max_tokens, limits, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
+    # Both are checked when both are sent; the newer max_completion_tokens wins.
+    newer = _integer(body, "max_completion_tokens", minimum=1)
+    older = _integer(body, "max_tokens", minimum=1)
+    max_tokens, param = (older, "max_tokens") if newer is None else (newer, "max_completion_tokens")
+    max_tokens = _bounded_max_tokens(max_tokens, limits.ceiling(model), param)
     stream, include_usage = _stream(body)
     request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
                           tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, **_sampling(body))
@@ -77,7 +83,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     """POST /v1/completions. `suffix` is accepted and ignored: neither backend's models fill in
     the middle, and editors send it on every request."""
-    model = _model(body)
+    model = parse_model(body)
     raw = body.get("prompt")
     prompts = [raw] if isinstance(raw, str) else raw
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -94,8 +100,9 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     if suffix is not None and not isinstance(suffix, str):
         raise invalid("suffix must be a string.", "suffix", "invalid_type")
     check_chars(sum(len(p) for p in prompts), limits, "prompt")
-    max_tokens = _integer(body, "max_tokens", minimum=1) or DEFAULT_COMPLETION_TOKENS
-    _check_max_tokens(max_tokens, limits, "max_tokens")
+    asked, ceiling = _integer(body, "max_tokens", minimum=1), limits.ceiling(model)
+    default = DEFAULT_COMPLETION_TOKENS if ceiling is None else min(DEFAULT_COMPLETION_TOKENS, ceiling)
+    max_tokens = default if asked is None else _bounded_max_tokens(asked, ceiling, "max_tokens")
     echo = _optional_bool(body, "echo") or False
     stream, include_usage = _stream(body)
     sampling = _sampling(body)
@@ -110,13 +117,16 @@ def check_chars(total: int, limits: Limits, param: str) -> None:
                       param, "input_too_large")
 
 
-def _check_max_tokens(value: int | None, limits: Limits, param: str) -> None:
-    if value is not None and limits.max_tokens is not None and value > limits.max_tokens:
-        raise invalid(f"{param} is {value}; this server allows at most {limits.max_tokens}.", param,
+def _bounded_max_tokens(value: int | None, ceiling: int | None, param: str) -> int | None:
+    """The max_tokens to use: as asked if within the model's ceiling (a 400 above it), the ceiling
+    itself if none was asked for, so the ceiling bounds every answer."""
+    if value is not None and ceiling is not None and value > ceiling:
+        raise invalid(f"{param} is {value}; this server allows at most {ceiling} for this model.", param,
                       "max_tokens_too_large")
+    return ceiling if value is None else value
 
 
-def _model(body: Any) -> str:
+def parse_model(body: Any) -> str:
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_json")
     model = body.get("model")
@@ -165,7 +175,7 @@ def _messages(raw: Any) -> tuple[Message, ...]:
         if not isinstance(m, dict):
             raise invalid(f"{where} must be an object with a role and content.", where, "invalid_type")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a dict or list is unhashable
             raise invalid(f"{where}.role must be one of system, developer, user, assistant, tool; got {role!r}.",
                           f"{where}.role", "invalid_value")
         content = m.get("content")

@@ -51,10 +51,13 @@ def test_stream_options_and_token_limits():
     ({"messages": [{"role": "user", "content": {"text": "x"}}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "messages[0].content[0].text"),
     ({"messages": [1]}, "messages[0]"),
+    ({"messages": [{"role": {}, "content": "x"}]}, "messages[0].role"),  # unhashable: was a 500
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages[0].role"),
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": True}, "temperature"),
     ({"max_tokens": 1.5}, "max_tokens"),
     ({"max_tokens": -1}, "max_tokens"),
+    ({"max_completion_tokens": 4, "max_tokens": "x"}, "max_tokens"),  # was ignored beside the newer name
     ({"stop": ""}, "stop"),
     ({"stop": [1]}, "stop"),
     ({"stream_options": []}, "stream_options"),
@@ -197,6 +200,7 @@ def test_request_limits():
         ({**BASE, "messages": [{"role": "user", "content": "x" * 11}]}, "messages", "input_too_large"),
         ({**BASE, "max_tokens": 51}, "max_tokens", "max_tokens_too_large"),
         ({**BASE, "max_completion_tokens": 51}, "max_completion_tokens", "max_tokens_too_large"),
+        ({**BASE, "max_completion_tokens": None, "max_tokens": 51}, "max_tokens", "max_tokens_too_large"),
     ]:
         with pytest.raises(APIError) as err:
             parse_chat(body, limits)
@@ -204,3 +208,19 @@ def test_request_limits():
     with pytest.raises(APIError) as err:
         parse_completion({"model": "m", "prompt": ["12345", "678901"]}, limits)
     assert err.value.code == "input_too_large"
+
+
+def test_max_tokens_ceilings_per_model_bound_every_answer():
+    from compat.requests import Limits, parse_completion
+
+    limits = Limits(max_tokens=50, max_tokens_by_model={"small": 8})
+    assert parse_chat({**BASE, "model": "small", "max_tokens": 8}, limits).request.max_tokens == 8
+    with pytest.raises(APIError, match="at most 8 for this model") as err:
+        parse_chat({**BASE, "model": "small", "max_tokens": 9}, limits)
+    assert err.value.code == "max_tokens_too_large"
+    assert parse_chat({**BASE, "model": "other", "max_tokens": 50}, limits).request.max_tokens == 50
+    # Asking for nothing gets the ceiling, not the whole context; completions keep their 16 under it.
+    assert parse_chat({**BASE, "model": "small"}, limits).request.max_tokens == 8
+    assert parse_chat(BASE, Limits()).request.max_tokens is None
+    assert parse_completion({"model": "small", "prompt": "x"}, limits).requests[0].max_tokens == 8
+    assert parse_completion({"model": "other", "prompt": "x"}, limits).requests[0].max_tokens == 16

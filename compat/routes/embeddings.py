@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify
 
 from compat.errors import invalid
-from compat.requests import check_chars
+from compat.requests import check_chars, parse_model
 from compat.routes.road import json_body, resolve
 
 bp = Blueprint("embeddings", __name__)
@@ -32,11 +32,7 @@ def create_embeddings():
 
 
 def parse_embeddings(body: Any) -> tuple[str, list[str], str]:
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("you must provide a model parameter", "model", "missing_required_parameter")
+    model = parse_model(body)
     raw = body.get("input")
     inputs = [raw] if isinstance(raw, str) else raw
     if isinstance(inputs, list) and inputs and all(isinstance(x, (int, list)) for x in inputs):
@@ -47,7 +43,8 @@ def parse_embeddings(body: Any) -> tuple[str, list[str], str]:
         raise invalid(f"input takes at most {MAX_INPUTS} strings.", "input", "invalid_value")
     if any(not x for x in inputs):
         raise invalid("input strings must not be empty.", "input", "invalid_value")
-    encoding = body.get("encoding_format") or "float"
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
     if encoding not in ("float", "base64"):
         raise invalid("encoding_format must be 'float' or 'base64'.", "encoding_format", "invalid_value")
     if body.get("dimensions") is not None:

@@ -1,0 +1,76 @@
+"""The API against its own description: schemathesis sends generated requests (valid and invalid)
+to every operation of a live gunicorn and checks each answer against openapi.yaml, the document
+that /openapi.json serves. Embeddings go through the fake Cloudflare, the only embedding models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                               response_headers_conformance, response_schema_conformance,
+                                               status_code_conformance)
+
+from tests.fake_cloudflare import cloudflare_env
+
+API_KEY = "sk-openapi-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SPEC = Path(__file__).resolve().parent.parent / "openapi.yaml"
+CHAT_MODEL, EMBEDDING_MODEL = "chatglm3-demo", "@cf/baai/bge-small-en-v1.5"  # as named in the examples
+SERVED = {"/v1/chat/completions": CHAT_MODEL, "/v1/completions": CHAT_MODEL, "/v1/embeddings": EMBEDDING_MODEL}
+SHORT = 16  # the most tokens a valid case asks for
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance, negative_data_rejection]
+EXAMPLES = 25  # fuzzed cases per operation, besides the document's examples and schemathesis' coverage cases
+
+# Loaded from the file at collection time (schemathesis makes one test per operation from it);
+# the first test checks that the live /openapi.json is this same document.
+schema = schemathesis.openapi.from_path(SPEC)
+schema.config.update(headers=AUTH)
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, demo_model, fake):
+    return server_factory(CHATGLM_MODEL=str(demo_model), CHATGLM_MODEL_ID=CHAT_MODEL, API_KEYS=API_KEY,
+                          **cloudflare_env(fake), CLOUDFLARE_MODELS="@cf/fake/chat",
+                          CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge", MODEL_ALIASES=f"{EMBEDDING_MODEL}=@cf/fake/bge")
+
+
+def test_the_served_description_is_openapi_yaml_and_valid(server):
+    r = requests.get(server.base_url + "/openapi.json", timeout=10)  # no key: it is outside /v1/
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    assert r.json() == yaml.safe_load(SPEC.read_text(encoding="utf-8"))
+    schemathesis.openapi.from_dict(r.json()).validate()  # against the OpenAPI 3.1 meta-schema
+
+
+@schema.parametrize()
+# The generator's own health checks: the chat body is deep, and 2 cores generate it slowly.
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+def test_every_answer_matches_the_description(case, server):
+    if case.meta is not None and case.meta.generation.mode.is_positive and isinstance(case.body, dict):
+        aim_at_a_served_model(case.operation.path, case.body)
+    response = case.call(base_url=server.base_url, timeout=30)
+    case.validate_response(response, checks=CHECKS)
+    if 400 <= response.status_code < 500:  # whatever the client got wrong, the SDKs can read why
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
+
+
+def aim_at_a_served_model(path: str, body: dict) -> None:
+    """Point a valid body at the route's served model (a generated name is almost never one, so
+    every valid request would end at a 404) and ask for a short answer: the server clamps any
+    max_tokens to the context's room, but that many tokens take many seconds on 2 busy cores,
+    and lengths are not under test here."""
+    if path not in SERVED:
+        return
+    body["model"] = SERVED[path]
+    if SERVED[path] == CHAT_MODEL:
+        body["max_tokens"] = min(body.get("max_tokens") or SHORT, SHORT)
+        if body.get("max_completion_tokens") is not None:
+            body["max_completion_tokens"] = min(body["max_completion_tokens"], SHORT)
