@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from flask import Flask, Response, g, request
-from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 from limits import RateLimitItemPerMinute
 from limits.strategies import FixedWindowRateLimiter
 
@@ -48,7 +48,9 @@ def install(app: Flask, settings: Settings) -> None:
 
     limiter = Limiter(lambda: quota().who, app=app, application_limits=[requests_limit],  # type: ignore[union-attr]
                       storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
-                      headers_enabled=True, in_memory_fallback_enabled=True, swallow_errors=True)
+                      headers_enabled=True, in_memory_fallback_enabled=True, swallow_errors=True,
+                      # Ours is rounded up (Flask-Limiter's may say 0); its own goes under another name.
+                      header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"})
     tokens = FixedWindowRateLimiter(limiter.storage)
 
     @app.errorhandler(RateLimitExceeded)
@@ -92,7 +94,7 @@ def _charge(tokens: FixedWindowRateLimiter, item: RateLimitItemPerMinute, who: s
 
 
 def _exceeded(kind: str, unit: str, q: Quota | None, limit: int, wait: float) -> APIError:
-    wait = max(wait, 1.0)
+    wait = min(max(wait, 1.0), 60.0)  # a one-minute window frees room within the minute
     return APIError(429, f"Rate limit reached for {kind} per minute ({unit}) on {q.who if q else 'this client'}: "
                          f"limit {limit}. Please try again in {math.ceil(wait)}s.",
                     type=kind, code="rate_limit_exceeded", headers=retry_headers(wait))

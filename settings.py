@@ -69,7 +69,8 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_messages: int = 2048
     max_input_chars: int = 1_000_000
-    max_tokens_ceiling: int | None = None
+    max_tokens_ceiling: int | None = None  # for every model
+    max_tokens_by_model: tuple[tuple[str, int], ...] = ()  # over that, per model or alias
     rate_limit_rpm: int = 0  # per key (per client address without keys); 0: unlimited
     rate_limit_tpm: int = 0
     ratelimit_storage_uri: str = "memory://"  # redis://host:port shares the counts between workers
@@ -114,6 +115,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         raise ConfigError(f"{missing} is not set: Workers AI needs both CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN")
     cf_models = r.items("CLOUDFLARE_MODELS")
     cf_embedding = r.items("CLOUDFLARE_EMBEDDING_MODELS")
+    ceiling, ceilings = _ceilings(r.text("MAX_TOKENS_CEILING"))
     rpm = r.integer("RATE_LIMIT_RPM", 0, minimum=0)
     tpm = r.integer("RATE_LIMIT_TPM", 0, minimum=0)
     return Settings(
@@ -140,7 +142,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
         max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
         max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),
-        max_tokens_ceiling=r.integer("MAX_TOKENS_CEILING", None, minimum=1),
+        max_tokens_ceiling=ceiling,
+        max_tokens_by_model=ceilings,
         rate_limit_rpm=rpm,
         rate_limit_tpm=tpm,
         ratelimit_storage_uri=_storage_uri(r.text("RATELIMIT_STORAGE_URI")),
@@ -213,6 +216,21 @@ def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
         keys.append(ApiKey(name, secret, tuple(models), table.get("requests_per_minute", rpm),
                            table.get("tokens_per_minute", tpm)))
     return keys
+
+
+def _ceilings(raw: str) -> tuple[int | None, tuple[tuple[str, int], ...]]:
+    """MAX_TOKENS_CEILING: `1024` for every model, `model=512,...` per model, or both: `1024,model=512`."""
+    default, per_model = None, []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        model, _, number = item.rpartition("=")
+        if not number.strip().isdigit() or int(number) < 1 or (model == "" and "=" in item):
+            raise ConfigError(f"MAX_TOKENS_CEILING: {item!r} is not a number or model=number "
+                              "(example: MAX_TOKENS_CEILING=1024,chatglm3-6b=512)")
+        if model:
+            per_model.append((model.strip(), int(number)))
+        else:
+            default = int(number)
+    return default, tuple(per_model)
 
 
 def _storage_uri(raw: str) -> str:

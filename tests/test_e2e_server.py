@@ -163,16 +163,17 @@ def test_a_padding_token_ends_the_text_instead_of_crashing(server_factory, model
 
 
 def test_request_limits(server_factory, demo_model):
-    server = server_factory(CHATGLM_MODEL=str(demo_model), MAX_TOKENS_CEILING="8", MAX_MESSAGES="2",
-                            MAX_INPUT_CHARS="100")
+    server = server_factory(CHATGLM_MODEL=str(demo_model), MAX_TOKENS_CEILING="10,demo=8", MAX_MESSAGES="2",
+                            MAX_INPUT_CHARS="100", MODEL_ALIASES="gpt-4o=demo")
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     assert client.chat.completions.create(model="demo", messages=USER, max_tokens=8).usage.completion_tokens <= 8
     for kwargs, code in [({"messages": USER, "max_tokens": 9}, "max_tokens_too_large"),
+                         ({"messages": USER, "max_tokens": 9, "model": "gpt-4o"}, "max_tokens_too_large"),
                          ({"messages": USER * 3}, "too_many_messages"),
                          ({"messages": [{"role": "user", "content": "x" * 101}]}, "input_too_large")]:
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model="demo", **kwargs)
-        assert err.value.code == code
+            client.chat.completions.create(**{"model": "demo", **kwargs})
+        assert err.value.code == code  # gpt-4o is an alias of demo: its ceiling is demo's 8, not the default 10
 
 
 def test_oversized_and_malformed_requests_get_openai_errors(server_factory, demo_model):

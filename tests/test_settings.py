@@ -59,3 +59,7 @@ def test_request_limits_from_the_environment():
     s = load_settings({"MAX_MESSAGES": "10", "MAX_INPUT_CHARS": "5000", "MAX_TOKENS_CEILING": "256"}, dotenv=None)
     assert (s.max_messages, s.max_input_chars, s.max_tokens_ceiling) == (10, 5000, 256)
     assert load_settings({}, dotenv=None).max_tokens_ceiling is None
+    s = load_settings({"MAX_TOKENS_CEILING": "1024, @cf/meta/llama-3.1-8b-instruct-fast=256"}, dotenv=None)
+    assert (s.max_tokens_ceiling, s.max_tokens_by_model) == (1024, (("@cf/meta/llama-3.1-8b-instruct-fast", 256),))
+    with pytest.raises(ConfigError, match="MAX_TOKENS_CEILING: 'm=lots' is not a number or model=number"):
+        load_settings({"MAX_TOKENS_CEILING": "m=lots"}, dotenv=None)
