@@ -68,11 +68,11 @@ class RequestRecord:
         self._count(ended, ttft)
 
     def _count(self, ended: float, ttft: float | None) -> None:
-        metrics.REQUESTS.labels(self.route, self.model, str(self.status)).inc()
+        metrics.REQUESTS.labels(self.route, self.model, str(self.status), self.key).inc()
         if not self.model:
             return
-        metrics.TOKENS.labels(self.model, "prompt").inc(self.prompt_tokens)
-        metrics.TOKENS.labels(self.model, "completion").inc(self.completion_tokens)
+        metrics.TOKENS.labels(self.model, "prompt", self.key).inc(self.prompt_tokens)
+        metrics.TOKENS.labels(self.model, "completion", self.key).inc(self.completion_tokens)
         if ttft is not None and self.first_token_at is not None:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(ttft)
             decode_time = ended - self.first_token_at

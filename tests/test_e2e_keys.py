@@ -24,6 +24,9 @@ requests_per_minute = 6
 [keys.batch]
 key = "sk-batch-SECRET-2"
 tokens_per_minute = 5
+
+[keys.ops]
+key = "sk-ops-SECRET-3"
 """
 
 
@@ -97,6 +100,16 @@ def test_two_workers_share_one_token_budget(server):
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "tokens"
 
 
+def test_metrics_count_requests_and_tokens_by_key_name(server):
+    assert ask(server, "sk-ops-SECRET-3", "metrics-0", model="@cf/fake/chat").status_code == 200
+    server.wait_for_log("id=metrics-0 ")  # counted when the response closed
+    text = requests.get(server.base_url + "/metrics", timeout=10).text
+    assert re.search(r'aigate_tokens_total\{key="ops",kind="completion",model="@cf/fake/chat"\} [1-9]', text)
+    assert re.search(r'aigate_requests_total\{key="ops",model="@cf/fake/chat",route="/v1/chat/completions",'
+                     r'status="200"\} [1-9]', text)
+    assert "SECRET" not in text
+
+
 def test_no_secret_in_any_answer_or_log_line(server):
     answers = [ask(server, "sk-team-SECRET-1-wrong", "s-0"), requests.get(server.v1 + "/models", timeout=10)]
     for n, mode in enumerate(MODES):  # every upstream behaviour, errors included, through a fresh key's quota
@@ -105,6 +118,6 @@ def test_no_secret_in_any_answer_or_log_line(server):
     server.wait_for_log(f"id=s-{MODES[-1]} ")
     seen = "".join(server.log) + "".join(r.text + str(r.headers) for r in answers)
     assert {r.status_code for r in answers[:2]} == {401}
-    for secret in ("sk-team-SECRET-1", "sk-batch-SECRET-2", TOKEN, ACCOUNT):
+    for secret in ("sk-team-SECRET-1", "sk-batch-SECRET-2", "sk-ops-SECRET-3", TOKEN, ACCOUNT):
         assert secret not in seen
     assert "key=team" in seen and "key=-" in seen  # keys appear by name; a refused one as "-"
