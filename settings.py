@@ -7,6 +7,7 @@ stop at start with one clear line instead of failing on the first request.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import tomllib
@@ -23,6 +24,8 @@ DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/ll
 DEFAULT_CLOUDFLARE_EMBEDDING_MODELS = ("@cf/baai/bge-small-en-v1.5", "@cf/baai/bge-base-en-v1.5",
                                        "@cf/baai/bge-large-en-v1.5")
 DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
+
+log = logging.getLogger("aigate")
 
 
 class ConfigError(ValueError):
@@ -194,6 +197,8 @@ def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
         raise ConfigError(f"API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"API_KEYS_FILE: {path} is not valid TOML: {exc}") from None
+    if path.stat().st_mode & 0o044:
+        log.warning("API_KEYS_FILE %s can be read by other users: chmod 600 it", path)
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"API_KEYS_FILE: {path} has no [keys.<name>] tables; write them like\n{KEYS_EXAMPLE}")
     keys = []

@@ -16,7 +16,7 @@ def server(server_factory, slow_model, fake):
         CHATGLM_MODEL=str(slow_model), MAX_QUEUE="0", **cloudflare_env(fake), CLOUDFLARE_RETRIES="0",
         CLOUDFLARE_MODELS="@cf/fake/429,@cf/fake/500,@cf/fake/chat,@cf/fake/5006",
         MODEL_FALLBACKS="@cf/fake/429=@cf/fake/500,@cf/fake/429=@cf/fake/chat,endless=@cf/fake/chat,"
-                        "@cf/fake/5006=@cf/fake/chat")
+                        "@cf/fake/5006=@cf/fake/chat", MAX_TOKENS_CEILING="@cf/fake/chat=64")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -33,11 +33,12 @@ def test_upstream_failures_fall_through_the_chain(client, fake, stream):
                                                                     "@cf/fake/chat": 1}
 
 
-def test_a_busy_local_model_falls_back_to_cloudflare(client, server):
+def test_a_busy_local_model_falls_back_to_cloudflare(client, server, fake):
     stream = iter(client.chat.completions.create(model="endless", messages=HELLO, max_tokens=900, stream=True))
     next(stream)  # the only slot is taken, and no one may wait (MAX_QUEUE=0)
-    r = client.chat.completions.with_raw_response.create(model="endless", messages=HELLO)
+    r = client.chat.completions.with_raw_response.create(model="endless", messages=HELLO, max_tokens=500)
     assert r.parse().model == "@cf/fake/chat"
+    assert fake.runs("@cf/fake/chat")[-1].body["max_tokens"] == 64  # the fallback's own ceiling
     assert "model=@cf/fake/chat" in server.wait_for_log(f"id={r.headers['x-request-id']} ")
     rest = list(stream)
     assert rest[-1].choices[0].finish_reason == "length" and rest[0].model == "endless"

@@ -54,6 +54,7 @@ def redis_url(tmp_path_factory):
 def server(server_factory, demo_model, redis_url, fake, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.toml"
     keys.write_text(KEYS)
+    keys.chmod(0o600)
     return server_factory(CHATGLM_MODEL=str(demo_model), CHATGLM_MODEL_ID="demo", WORKERS="2",
                           API_KEYS_FILE=str(keys), RATELIMIT_STORAGE_URI=redis_url, CLOUDFLARE_RETRIES="0",
                           CLOUDFLARE_MODELS=",".join(f"@cf/fake/{m}" for m in MODES), **cloudflare_env(fake))

@@ -27,6 +27,7 @@ tokens_per_minute = 5
 def keys_settings(tmp_path: Path, text: str = KEYS_FILE, **env: str):
     keys = tmp_path / "keys.toml"
     keys.write_text(text)
+    keys.chmod(0o600)
     return load_settings({"API_KEYS_FILE": str(keys), **env}, dotenv=None)
 
 
@@ -38,6 +39,14 @@ def test_the_keys_file_and_api_keys_are_read_with_default_limits(tmp_path):
     assert bob == ApiKey("bob", "sk-bob-secret", (), 7, 5)
     assert "secret" not in repr(s) and "sk-plain" not in repr(s)  # a logged settings object gives nothing away
     assert key_name("sk-plain").startswith("key-") and "sk-plain" not in key_name("sk-plain")
+
+
+def test_a_keys_file_others_can_read_is_warned_about(tmp_path, caplog):
+    keys_settings(tmp_path)
+    assert "can be read by other users" not in caplog.text
+    (tmp_path / "keys.toml").chmod(0o644)
+    load_settings({"API_KEYS_FILE": str(tmp_path / "keys.toml")}, dotenv=None)
+    assert "can be read by other users: chmod 600 it" in caplog.text
 
 
 @pytest.mark.parametrize("text, message", [

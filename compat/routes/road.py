@@ -61,13 +61,21 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
     chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
     for i, name in enumerate(chain):
         route = resolve(name, stream)
+        asked = request if i == 0 else within_ceiling(request, state.limits.ceiling(name))
         try:
-            return route, Answer(route, request, g.record, state.settings.log_prompts)
+            return route, Answer(route, asked, g.record, state.settings.log_prompts)
         except FALL_BACK_ON as exc:
             if i == len(chain) - 1:
                 raise
             log.warning("%s failed before answering (%s); falling back to %s", route.model_id, exc, chain[i + 1])
     raise AssertionError("unreachable")
+
+
+def within_ceiling(request: ChatRequest, ceiling: int | None) -> ChatRequest:
+    """A fallback model's MAX_TOKENS_CEILING clamps the request (the client asked another model)."""
+    if ceiling is not None and (request.max_tokens is None or request.max_tokens > ceiling):
+        return replace(request, max_tokens=ceiling)
+    return request
 
 
 def resolve(model: str, stream: bool) -> Route:
