@@ -46,12 +46,18 @@ def install(app: Flask, settings: Settings) -> None:
         q = quota()
         return f"{q.requests_per_minute}/minute" if q and q.requests_per_minute else ""
 
+    # A Redis that hangs must not hang requests: give up on it after a second and count in memory.
+    redis_options = {"socket_connect_timeout": 1, "socket_timeout": 1}
     limiter = Limiter(lambda: quota().who, app=app, application_limits=[requests_limit],  # type: ignore[union-attr]
                       storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
+                      storage_options=redis_options if settings.ratelimit_storage_uri.startswith("redis") else {},
                       headers_enabled=True, in_memory_fallback_enabled=True, swallow_errors=True,
                       # Ours is rounded up (Flask-Limiter's may say 0); its own goes under another name.
                       header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"})
-    tokens = FixedWindowRateLimiter(limiter.storage)
+
+    def tokens() -> FixedWindowRateLimiter:
+        """On Flask-Limiter's storage, or its in-memory fallback while that storage is down."""
+        return FixedWindowRateLimiter(limiter.limiter.storage)
 
     @app.errorhandler(RateLimitExceeded)
     def too_many_requests(err: RateLimitExceeded) -> Response:
@@ -66,9 +72,10 @@ def install(app: Flask, settings: Settings) -> None:
             return
         item = RateLimitItemPerMinute(q.tokens_per_minute)
         try:
-            if tokens.test(item, "tokens", q.who):
+            counter = tokens()
+            if counter.test(item, "tokens", q.who):
                 return
-            wait = tokens.get_window_stats(item, "tokens", q.who).reset_time - time.time()
+            wait = counter.get_window_stats(item, "tokens", q.who).reset_time - time.time()
         except Exception as exc:  # the storage is down: serve rather than refuse
             log.warning("rate-limit storage failed (%s); tokens per minute are not checked", type(exc).__name__)
             return
@@ -79,7 +86,7 @@ def install(app: Flask, settings: Settings) -> None:
         q, record = quota(), g.get("record")
         if q is not None and q.tokens_per_minute and record is not None:
             item = RateLimitItemPerMinute(q.tokens_per_minute)
-            response.call_on_close(lambda: _charge(tokens, item, q.who, record))
+            response.call_on_close(lambda: _charge(tokens(), item, q.who, record))
         return response
 
 
