@@ -137,25 +137,21 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
         known.update(settings.cloudflare_embedding_models)
     if settings.uses_cloudflare and not discovering:
         known.update(settings.cloudflare_models)
+    def check(name: str, names: set[str], where: str, kinds: str = "model or alias") -> None:
+        if name not in names and not (discovering and name.startswith("@")):  # discovered later
+            raise ConfigError(f"{where}: no configured {kinds} is called {name!r} (models: {', '.join(sorted(names))})")
+
     for alias, target in settings.model_aliases:
-        if target not in known and not (discovering and target.startswith("@")):
-            raise ConfigError(f"MODEL_ALIASES: alias {alias}={target}: no configured model is called {target!r} "
-                              f"(models: {', '.join(sorted(known))})")
+        check(target, known, f"MODEL_ALIASES: alias {alias}={target}", kinds="model")
     names = known | {alias for alias, _ in settings.model_aliases}
     for name, _ in settings.max_tokens_by_model:
-        if name not in names and not (discovering and name.startswith("@")):
-            raise ConfigError(f"MAX_TOKENS_CEILING: no configured model or alias is called {name!r} "
-                              f"(models: {', '.join(sorted(names))})")
+        check(name, names, "MAX_TOKENS_CEILING")
     for key in settings.api_keys:
         for name in key.models:
-            if name not in names and not (discovering and name.startswith("@")):
-                raise ConfigError(f"API_KEYS_FILE: [keys.{key.name}] models: no configured model or alias is called "
-                                  f"{name!r} (models: {', '.join(sorted(names))})")
+            check(name, names, f"API_KEYS_FILE: [keys.{key.name}] models")
     for model, fallback in settings.model_fallbacks:
         for name in (model, fallback):
-            if name not in names and not (discovering and name.startswith("@")):
-                raise ConfigError(f"MODEL_FALLBACKS: {model}={fallback}: no configured model or alias is called "
-                                  f"{name!r} (models: {', '.join(sorted(names))})")
+            check(name, names, f"MODEL_FALLBACKS: {model}={fallback}")
     return local
 
 

@@ -58,8 +58,11 @@ limit_request_field_size = 8190
 def _write_error(sock, status_int, reason, mesg):
     """gunicorn writes its refusals as HTML pages; write them as OpenAI error objects instead."""
     err = APIError(status_int, f"{reason}: {mesg}", code=reason.lower().replace(" ", "_"))
+    if status_int >= 500:  # not the client's fault, and resending will not help
+        err.type, err.headers = "server_error", {"x-should-retry": "false"}
     body = json.dumps(err.body()).encode()
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    extra = "".join(f"{k}: {v}\r\n" for k, v in err.headers.items())
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n")
     gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
 
@@ -69,9 +72,11 @@ gunicorn.util.write_error = _write_error  # the workers fork from here, patched
 # aigate's own loggers (the root) and gunicorn's error log to stderr, each line once.
 logconfig_dict = {
     "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
+    # gunicorn logs a malformed header line whole, which may be "Authorization Bearer sk-..."
+    "filters": {"header_lines": {"()": "request_log.HideHeaderLines"}},
     "loggers": {
         "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False,
-                           "qualname": "gunicorn.error"},
+                           "qualname": "gunicorn.error", "filters": ["header_lines"]},
         # A logconfig_dict turns gunicorn's access log on; aigate's own line per request replaces it.
         "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False, "qualname": "gunicorn.access"},
     },

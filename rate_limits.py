@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, Response, g, request
 from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage, Storage
 from limits.strategies import FixedWindowRateLimiter
 
 from compat.errors import APIError, error_response, retry_headers
-from request_log import RequestRecord
 from settings import ApiKey, Settings
 
 log = logging.getLogger("aigate")
@@ -55,49 +57,68 @@ def install(app: Flask, settings: Settings) -> None:
                       # Ours is rounded up (Flask-Limiter's may say 0); its own goes under another name.
                       header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"})
 
-    def tokens() -> FixedWindowRateLimiter:
-        """On Flask-Limiter's storage, or its in-memory fallback while that storage is down."""
-        return FixedWindowRateLimiter(limiter.limiter.storage)
+    tokens = TokenBudget(limiter.storage)
 
     @app.errorhandler(RateLimitExceeded)
     def too_many_requests(err: RateLimitExceeded) -> Response:
-        limit = limiter.current_limit
-        wait = limit.reset_at - time.time() if limit else 60.0
+        try:
+            limit = limiter.current_limit
+            wait = limit.reset_at - time.time() if limit else 60.0
+        except Exception:  # the storage failed since the hit: the answer is still a 429
+            wait = 60.0
         return error_response(_exceeded("requests", "RPM", quota(), err.limit.limit.amount, wait))
 
     @app.before_request
     def check_tokens() -> None:
         q = quota()
-        if q is None or not q.tokens_per_minute:
-            return
-        item = RateLimitItemPerMinute(q.tokens_per_minute)
-        try:
-            counter = tokens()
-            if counter.test(item, "tokens", q.who):
-                return
-            wait = counter.get_window_stats(item, "tokens", q.who).reset_time - time.time()
-        except Exception as exc:  # the storage is down: serve rather than refuse
-            log.warning("rate-limit storage failed (%s); tokens per minute are not checked", type(exc).__name__)
-            return
-        raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
+        if q is not None and q.tokens_per_minute:
+            wait = tokens.spent(RateLimitItemPerMinute(q.tokens_per_minute), q.who)
+            if wait is not None:
+                raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
 
     @app.after_request
     def charge_tokens(response: Response) -> Response:
         q, record = quota(), g.get("record")
         if q is not None and q.tokens_per_minute and record is not None:
             item = RateLimitItemPerMinute(q.tokens_per_minute)
-            response.call_on_close(lambda: _charge(tokens(), item, q.who, record))
+            # Once the answer has ended (a stream's usage is known only then), finished or not.
+            response.call_on_close(lambda: tokens.charge(item, q.who, record.tokens_used))
         return response
 
 
-def _charge(tokens: FixedWindowRateLimiter, item: RateLimitItemPerMinute, who: str, record: RequestRecord) -> None:
-    """Once the answer has ended (a stream's usage is known only then)."""
-    used = record.prompt_tokens + record.completion_tokens
-    if used:
-        try:
-            tokens.hit(item, "tokens", who, cost=used)
-        except Exception as exc:
-            log.warning("rate-limit storage failed (%s); %d tokens went uncounted", type(exc).__name__, used)
+class TokenBudget:
+    """Tokens per minute, a fixed window on the rate-limit storage. While that storage fails,
+    counts go to memory for RETRY_AFTER_FAILURE seconds (Flask-Limiter does the same for requests,
+    but only notices a failure on its own calls, which a key without a request limit never makes)."""
+
+    RETRY_AFTER_FAILURE = 30.0
+
+    def __init__(self, storage: Storage) -> None:
+        self.shared = FixedWindowRateLimiter(storage)
+        self.local = FixedWindowRateLimiter(MemoryStorage())
+        self.down_until = 0.0
+
+    def spent(self, item: RateLimitItemPerMinute, who: str) -> float | None:
+        """None while there is budget left, else the seconds until the window turns."""
+        def check(counter: FixedWindowRateLimiter) -> float | None:
+            if counter.test(item, "tokens", who):
+                return None
+            return counter.get_window_stats(item, "tokens", who).reset_time - time.time()
+        return self._use(check)
+
+    def charge(self, item: RateLimitItemPerMinute, who: str, used: int) -> None:
+        if used:
+            self._use(lambda counter: counter.hit(item, "tokens", who, cost=used))
+
+    def _use(self, action: Callable[[FixedWindowRateLimiter], Any]) -> Any:
+        if time.monotonic() >= self.down_until:
+            try:
+                return action(self.shared)
+            except Exception as exc:  # any storage failure: count locally rather than refuse
+                log.warning("rate-limit storage failed (%s); counting tokens in this worker for %.0f s",
+                            type(exc).__name__, self.RETRY_AFTER_FAILURE)
+                self.down_until = time.monotonic() + self.RETRY_AFTER_FAILURE
+        return action(self.local)
 
 
 def _exceeded(kind: str, unit: str, q: Quota | None, limit: int, wait: float) -> APIError:

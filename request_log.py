@@ -15,6 +15,16 @@ from backends.base import Event, Finish, Message, TextDelta
 log = logging.getLogger("aigate.requests")
 
 
+class HideHeaderLines(logging.Filter):
+    """For gunicorn's log: a header line it could not parse is logged whole, and may hold a key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Invalid HTTP Header: " in message:
+            record.msg, record.args = message.split("Invalid HTTP Header: ")[0] + "Invalid HTTP Header (hidden)", ()
+        return True
+
+
 @dataclass
 class RequestRecord:
     id: str
@@ -32,6 +42,7 @@ class RequestRecord:
     completion_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: str = ""
+    unfinished_tokens: int = 0  # text pieces of an answer whose Finish never came (a client left)
     error: str = ""
     messages: tuple[Message, ...] = ()  # only kept with LOG_PROMPTS
     answer: list[str] = field(default_factory=list)  # likewise
@@ -39,8 +50,9 @@ class RequestRecord:
     def observe(self, events: Iterator[Event], keep_text: bool) -> Iterator[Event]:
         """Pass the events through, noting time to first token, usage and finish reason."""
         for event in events:
-            if isinstance(event, TextDelta):
-                if self.first_token_at is None and event.text:
+            if isinstance(event, TextDelta) and event.text:
+                self.unfinished_tokens += 1  # about a token each, until Finish gives the exact count
+                if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
                 if keep_text:
                     self.answer.append(event.text)
@@ -48,13 +60,22 @@ class RequestRecord:
                 self.prompt_tokens += event.usage.prompt_tokens  # summed: /v1/completions may run several
                 self.completion_tokens += event.usage.completion_tokens
                 self.finish_reason = event.reason
+                self.unfinished_tokens = 0
             yield event
+
+    @property
+    def tokens_used(self) -> int:
+        """What the request cost, so far: an answer cut short counts the pieces it sent."""
+        return self.prompt_tokens + self.completion_tokens + self.unfinished_tokens
 
     def close(self, log_prompts: bool) -> None:
         ended = time.monotonic()
+        self.completion_tokens += self.unfinished_tokens
+        self.unfinished_tokens = 0
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
         fields = {
-            "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client, "key": self.key,
+            "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client,
+            "key": self.key,
             "model": self.model or "-", "backend": self.backend or "-", "stream": str(self.stream).lower(),
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "ttft_ms": "-" if ttft is None else f"{ttft * 1000:.1f}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
@@ -58,7 +59,7 @@ class Settings:
     model_aliases: tuple[tuple[str, str], ...] = ()
     model_fallbacks: tuple[tuple[str, str], ...] = ()  # (model, next model to try), in order
     cloudflare_account_id: str = ""
-    cloudflare_api_token: str = ""
+    cloudflare_api_token: str = field(default="", repr=False)
     cloudflare_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_MODELS  # ("auto",): discover them
     cloudflare_embedding_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
     cloudflare_api_base: str = "https://api.cloudflare.com/client/v4"
@@ -76,10 +77,10 @@ class Settings:
     max_tokens_by_model: tuple[tuple[str, int], ...] = ()  # over that, per model or alias
     rate_limit_rpm: int = 0  # per key (per client address without keys); 0: unlimited
     rate_limit_tpm: int = 0
-    ratelimit_storage_uri: str = "memory://"  # redis://host:port shares the counts between workers
+    ratelimit_storage_uri: str = field(default="memory://", repr=False)  # redis:// shares counts (may hold a password)
     cors_origins: str = "*"
     trusted_proxies: int = 0  # proxies in front that set X-Forwarded-*; 0: trust none
-    metrics_token: str = ""  # bearer for /metrics; empty: /metrics answers loopback clients only
+    metrics_token: str = field(default="", repr=False)  # bearer for /metrics; empty: loopback clients only
     log_prompts: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
@@ -228,7 +229,7 @@ def _ceilings(raw: str) -> tuple[int | None, tuple[tuple[str, int], ...]]:
     default, per_model = None, []
     for item in filter(None, (part.strip() for part in raw.split(","))):
         model, _, number = item.rpartition("=")
-        if not number.strip().isdigit() or int(number) < 1 or (model == "" and "=" in item):
+        if not re.fullmatch(r"\s*[0-9]+\s*", number) or int(number) < 1 or (model == "" and "=" in item):
             raise ConfigError(f"MAX_TOKENS_CEILING: {item!r} is not a number or model=number "
                               "(example: MAX_TOKENS_CEILING=1024,chatglm3-6b=512)")
         if model:
@@ -241,8 +242,16 @@ def _ceilings(raw: str) -> tuple[int | None, tuple[tuple[str, int], ...]]:
 def _storage_uri(raw: str) -> str:
     if not raw:
         return Settings.ratelimit_storage_uri
+    shown = raw.split("@")[-1]  # never the password
     if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
-        raise ConfigError(f"RATELIMIT_STORAGE_URI={raw.split('@')[-1]!r} is not memory:// or redis://host:port")
+        raise ConfigError(f"RATELIMIT_STORAGE_URI={shown!r} is not memory:// or redis://host:port")
+    if raw.startswith("redis"):
+        from redis.connection import parse_url  # reads the address the way the client will, without connecting
+
+        try:
+            parse_url(raw.replace("redis+unix://", "unix://", 1))
+        except ValueError as exc:
+            raise ConfigError(f"RATELIMIT_STORAGE_URI=...{shown!r}: {exc}") from None
     return raw
 
 

@@ -77,7 +77,8 @@ def report(results: dict[tuple[str, int], list[dict]], args: argparse.Namespace)
              "10^8 requests and 10^9 tokens per minute (all counted, none refused); wrk, "
              f"{args.seconds} s per point, {args.rounds} alternated rounds (medians). "
              "Command: `.venv/bin/python bench/limits_cost.py`.", "",
-             "| limits | conc. | req/s | vs no limits | p50 ms | p50 added ms | non-2xx |", "|---|---|---|---|---|---|---|"]
+             "| limits | conc. | req/s | vs no limits | p50 ms | p50 added ms | non-2xx |",
+             "|---|---|---|---|---|---|---|"]
     for c in (1, 10):
         for name in CONTENDERS:
             rps, p50 = m(name, c, "rps"), m(name, c, "p50")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 
+from flask import g
+
 from compat.errors import APIError
 from settings import ApiKey
 
@@ -13,6 +15,12 @@ def authenticate(authorization: str | None, keys: tuple[ApiKey, ...]) -> ApiKey 
     if not keys:
         return None
     return keys[_match(authorization, tuple(k.secret for k in keys))]
+
+
+def allowed(*names: str) -> bool:
+    """May the request's key use the model known by any of ``names`` (the name asked for, its id)?"""
+    key: ApiKey | None = g.get("api_key")
+    return key is None or key.allows(*names)
 
 
 def check_bearer(authorization: str | None, secret: str) -> None:

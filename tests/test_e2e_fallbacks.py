@@ -39,6 +39,9 @@ def test_a_busy_local_model_falls_back_to_cloudflare(client, server, fake):
     r = client.chat.completions.with_raw_response.create(model="endless", messages=HELLO, max_tokens=500)
     assert r.parse().model == "@cf/fake/chat"
     assert fake.runs("@cf/fake/chat")[-1].body["max_tokens"] == 64  # the fallback's own ceiling
+    two = client.completions.create(model="endless", prompt=["a", "b"], max_tokens=500)
+    assert two.model == "@cf/fake/chat" and len(two.choices) == 2
+    assert [run.body["max_tokens"] for run in fake.runs("@cf/fake/chat")[-2:]] == [64, 64]  # every prompt
     assert "model=@cf/fake/chat" in server.wait_for_log(f"id={r.headers['x-request-id']} ")
     rest = list(stream)
     assert rest[-1].choices[0].finish_reason == "length" and rest[0].model == "endless"

@@ -32,8 +32,8 @@ def chat(server, max_tokens: int, **extra) -> requests.Response:
                          json={"model": "endless", "messages": USER, "max_tokens": max_tokens})
 
 
-def first_chunk_then_leave(server, max_tokens: int = 2000) -> None:
-    with requests.post(server.v1 + "/chat/completions", stream=True, timeout=30,
+def first_chunk_then_leave(server, request_id: str, max_tokens: int = 2000) -> None:
+    with requests.post(server.v1 + "/chat/completions", stream=True, timeout=30, headers={"X-Request-ID": request_id},
                        json={"model": "endless", "messages": USER, "max_tokens": max_tokens, "stream": True}) as r:
         assert r.status_code == 200 and next(r.iter_lines()).startswith(b"data: ")
 
@@ -50,9 +50,13 @@ def test_a_hundred_clients_leave_after_the_first_chunk(server):
     whole = time.monotonic() - t0  # what one abandoned generation would cost if it ran on
 
     for i in range(100):
-        first_chunk_then_leave(server)  # each would run 2,000 tokens: 5x `whole`
+        first_chunk_then_leave(server, f"leave-{i}")  # each would run 2,000 tokens: 5x `whole`
         if i == 19:  # by now each worker has opened its pool of slot files and metric files
             fds = {pid: open_fds(pid) for pid in worker_pids(server)}
+    server.wait_for_log("id=leave-99 ")  # the last abandoned generation has stopped and been logged
+    stopped = [line for line in server.log if "id=leave-" in line]
+    assert len(stopped) == 100 and all(int(re.search(r"completion_tokens=(\d+)", line).group(1)) < 100
+                                       for line in stopped)  # each stopped within a few tokens
 
     t1 = time.monotonic()
     answer = chat(server, 5)

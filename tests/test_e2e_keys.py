@@ -57,6 +57,7 @@ def server(server_factory, demo_model, redis_url, fake, tmp_path_factory):
     keys.chmod(0o600)
     return server_factory(CHATGLM_MODEL=str(demo_model), CHATGLM_MODEL_ID="demo", WORKERS="2",
                           API_KEYS_FILE=str(keys), RATELIMIT_STORAGE_URI=redis_url, CLOUDFLARE_RETRIES="0",
+                          CLOUDFLARE_TIMEOUT="2,1",
                           CLOUDFLARE_MODELS=",".join(f"@cf/fake/{m}" for m in MODES), **cloudflare_env(fake))
 
 
@@ -86,7 +87,7 @@ def test_two_workers_share_one_request_count(server):
     rest = on_the_other_worker(server, pid, lambda: [ask(server, "sk-team-SECRET-1", f"rpm-{n}") for n in range(3, 7)])
     codes = [r.status_code for r in first + rest]
     assert codes == [200] * 6 + [429], codes  # counted per worker, the 7th would have passed
-    assert {served_by(server, f"rpm-{n}") for n in range(7)} >= {pid} and served_by(server, "rpm-6") != pid
+    assert served_by(server, "rpm-6") != pid  # the refusal came from the worker that had served none of them
     refused = rest[-1]
     assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.json()["error"]["type"] == "requests"
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
@@ -111,14 +112,16 @@ def test_metrics_count_requests_and_tokens_by_key_name(server):
     assert "SECRET" not in text
 
 
-def test_no_secret_in_any_answer_or_log_line(server):
+def test_no_secret_in_any_answer_or_log_line(server, fake):
     answers = [ask(server, "sk-team-SECRET-1-wrong", "s-0"), requests.get(server.v1 + "/models", timeout=10)]
-    for n, mode in enumerate(MODES):  # every upstream behaviour, errors included, through a fresh key's quota
-        answers.append(ask(server, "sk-batch-SECRET-2" if n % 2 else "sk-team-SECRET-1", f"s-{mode}",
-                           model=f"@cf/fake/{mode}"))
+    for mode in MODES:  # every upstream behaviour, errors included, through the unlimited key
+        before = len(fake.runs(f"@cf/fake/{mode}"))
+        answers.append(ask(server, "sk-ops-SECRET-3", f"s-{mode}", model=f"@cf/fake/{mode}"))
+        assert len(fake.runs(f"@cf/fake/{mode}")) > before, mode  # it reached the upstream
     server.wait_for_log(f"id=s-{MODES[-1]} ")
     seen = "".join(server.log) + "".join(r.text + str(r.headers) for r in answers)
     assert {r.status_code for r in answers[:2]} == {401}
+    assert {r.status_code for r in answers[2:]} >= {200, 400, 404, 429, 502}  # errors among them
     for secret in ("sk-team-SECRET-1", "sk-batch-SECRET-2", "sk-ops-SECRET-3", TOKEN, ACCOUNT):
         assert secret not in seen
-    assert "key=team" in seen and "key=-" in seen  # keys appear by name; a refused one as "-"
+    assert "key=ops" in seen and "key=-" in seen  # keys appear by name; a refused one as "-"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 
@@ -194,5 +195,24 @@ def test_oversized_and_malformed_requests_get_openai_errors(server_factory, demo
         assert response.status_code == status, response.text
         assert response.headers["Content-Type"] == "application/json"
         assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
-    assert requests.get(server.v1 + "/models", timeout=10).status_code == 200  # and the worker is fine
+    # A header line without a colon (a key in it): a 400, and the line never reaches the log.
+    head, body = raw_request(server, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization Bearer sk-LEAK-42\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["error"]["code"] == "bad_request"
+    # What gunicorn refuses as its own failing is a server error the SDKs must not resend.
+    head, body = raw_request(server, b"POST /v1/models HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: brotli\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 ") and b"x-should-retry: false" in head
+    assert json.loads(body)["error"]["type"] == "server_error"
+    assert requests.get(server.v1 + "/models", headers={"X-Request-ID": "after-bad"}, timeout=10).status_code == 200
+    server.wait_for_log("id=after-bad ")
+    assert "Invalid HTTP Header (hidden)" in "".join(server.log) and "sk-LEAK-42" not in "".join(server.log)
+
+
+def raw_request(server, data: bytes) -> tuple[bytes, bytes]:
+    """Bytes no HTTP library would send; the answer's head and body (gunicorn closes after it)."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(data)
+        answer = b"".join(iter(lambda: conn.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
 

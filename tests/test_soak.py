@@ -29,9 +29,16 @@ FAULTS = {("500", False): 502, ("500", True): 502, ("429", False): 429, ("429", 
           ("nodone", False): 502, ("nodone", True): 200, ("stall", False): 504, ("stall", True): 200}
 
 
+KEY = "sk-soak-0123"
+
+
 @pytest.fixture(scope="module")
-def server(server_factory, demo_model, fake):
+def server(server_factory, demo_model, fake, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.toml"  # limits far above the load: counted, never reached
+    keys.write_text(f'[keys.soak]\nkey = "{KEY}"\nrequests_per_minute = 1000000\ntokens_per_minute = 100000000\n')
+    keys.chmod(0o600)
     return server_factory(CHATGLM_MODEL=str(demo_model), CHATGLM_MODEL_ID="demo", WORKERS="2", MAX_QUEUE="32",
+                          API_KEYS_FILE=str(keys),
                           **cloudflare_env(fake, CLOUDFLARE_MODELS=",".join(f"@cf/fake/{m}" for m in MODES),
                                        CLOUDFLARE_TIMEOUT="2,1", CLOUDFLARE_RETRIES="0"))
 
@@ -44,8 +51,9 @@ class Traffic:
         self.server, self.rng, self.http = server, rng, requests.Session()
         self.kinds: dict[str, Callable[[dict], str | None]] = {
             "local chat": self.local_chat, "local stream": self.local_stream, "local completion": self.completion,
-            "local leaves": self.leaves, "cf chat": self.cf_chat, "cf stream": self.cf_stream,
-            "cf embeddings": self.embeddings, "cf leaves": self.leaves, "cf fault": self.cf_fault, "bad": self.bad}
+            "local leaves": lambda h: self.leaves(h, "demo"), "cf chat": self.cf_chat, "cf stream": self.cf_stream,
+            "cf embeddings": self.embeddings, "cf leaves": lambda h: self.leaves(h, "@cf/fake/slow"),
+            "cf fault": self.cf_fault, "bad": self.bad}
 
     def post(self, path: str, body: object, headers: dict, **kw) -> requests.Response:
         data = body if isinstance(body, str) else None
@@ -67,8 +75,7 @@ class Traffic:
         ok = r.status_code == 200 and r.json()["object"] == "text_completion"
         return None if ok else f"{r.status_code} {r.text[:200]}"
 
-    def leaves(self, h: dict) -> str | None:
-        model = "demo" if self.rng.random() < 0.5 else "@cf/fake/slow"
+    def leaves(self, h: dict, model: str) -> str | None:
         with requests.post(self.server.v1 + "/chat/completions", stream=True, timeout=60, headers=h,
                            json={"model": model, "messages": USER, "max_tokens": 300, "stream": True}) as r:
             first = next(r.iter_lines(), b"")
@@ -120,7 +127,7 @@ def run_traffic(server, seconds: float, ids: itertools.count, seed: int) -> tupl
             with lock:
                 request_id = f"soak-{next(ids)}"
             try:
-                wrong = traffic.kinds[kind]({"X-Request-ID": request_id})
+                wrong = traffic.kinds[kind]({"X-Request-ID": request_id, "Authorization": f"Bearer {KEY}"})
             except Exception as exc:  # a reset or timeout is as unexpected as a wrong status
                 wrong = repr(exc)
             with lock:

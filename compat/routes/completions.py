@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from dataclasses import replace
 
 from flask import Blueprint, Response, current_app, g, jsonify
 
@@ -27,7 +28,9 @@ def create_completion():
 
     def answers() -> Iterator[tuple[str, Iterator[Event]]]:
         for i, request in enumerate(call.requests):
-            answer = first if i == 0 else Answer(route, request, record, log_prompts)
+            # The same max_tokens as the first: a fallback model's ceiling may have lowered it.
+            answer = first if i == 0 else Answer(route, replace(request, max_tokens=first.request.max_tokens),
+                                                 record, log_prompts)
             if i:
                 running.append(answer)
             yield (request.prompt or "") if call.echo else "", answer.events

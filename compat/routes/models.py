@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify
 
 from backends.base import ModelInfo
+from compat.auth import allowed
 from compat.errors import model_not_found
 from compat.responses import model_object
-from compat.routes.road import allowed
 
 bp = Blueprint("models", __name__)
 

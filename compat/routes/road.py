@@ -15,9 +15,9 @@ from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTim
                            UpstreamError)
 from backends.registry import Route
 from compat import sse
+from compat.auth import allowed
 from compat.errors import from_backend, internal_error, invalid, model_not_found
 from request_log import RequestRecord
-from settings import ApiKey
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,13 @@ def find(name: str) -> Route | None:
     return route if route is not None and allowed(name, route.model_id) else None
 
 
-def allowed(*names: str) -> bool:
-    key: ApiKey | None = g.get("api_key")
-    return key is None or key.allows(*names)
-
-
 class Answer:
     """A backend's events with the first one already pulled: whatever fails up to then (a full
     queue, a prompt too long, an upstream 429) is still an HTTP status, which is what the SDKs'
     retry logic reads. Closing it stops the backend's work."""
 
     def __init__(self, route: Route, request: ChatRequest, record: RequestRecord, log_prompts: bool) -> None:
+        self.request = request  # as sent to the backend (a fallback's ceiling applied)
         if log_prompts:
             record.messages = request.messages
         self._events: Generator[Event, None, None] = route.backend.chat(replace(request, model=route.model_id))
