@@ -125,3 +125,20 @@ def test_no_secret_in_any_answer_or_log_line(server, fake):
     for secret in ("sk-team-SECRET-1", "sk-batch-SECRET-2", "sk-ops-SECRET-3", TOKEN, ACCOUNT):
         assert secret not in seen
     assert "key=ops" in seen and "key=-" in seen  # keys appear by name; a refused one as "-"
+
+
+def test_keys_change_on_reload_without_dropping_the_server(server_factory, demo_model, tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys.old]\nkey = "sk-old"\n')
+    keys.chmod(0o600)
+    server = server_factory(CHATGLM_MODEL=str(demo_model), API_KEYS_FILE=str(keys))
+    models = server.v1 + "/models"
+    assert requests.get(models, headers={"Authorization": "Bearer sk-old"}, timeout=10).status_code == 200
+    keys.write_text('[keys.new]\nkey = "sk-new"\n')
+    old = re.search(r"Booting worker with pid: (\d+)", "".join(server.log)).group(1)
+    server.process.send_signal(signal.SIGHUP)  # what `systemctl reload aigate` sends
+    with server.changed:  # a new worker, with the new file, loaded; the old one gone
+        assert server.changed.wait_for(lambda: sum("aigate ready" in line for line in server.log) >= 2, 60)
+    server.wait_for_log(f"Worker exiting (pid: {old})")
+    assert requests.get(models, headers={"Authorization": "Bearer sk-new"}, timeout=10).status_code == 200
+    assert requests.get(models, headers={"Authorization": "Bearer sk-old"}, timeout=10).status_code == 401
