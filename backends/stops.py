@@ -23,24 +23,36 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._pending + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        cut = self._first_stop(buf)
+        # A stop string that began earlier may still complete: wait for it (the earliest start wins,
+        # however the text was split into pieces).
+        undecided = self._undecided_start(buf, before=len(buf) if cut < 0 else cut)
+        if undecided is None and cut >= 0:
             self.stopped = True
             self._pending = ""
             return buf[:cut]
-        keep = self._partial_suffix(buf)
-        self._pending = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
+        keep_from = len(buf) if undecided is None else undecided
+        self._pending = buf[keep_from:]
+        return buf[:keep_from]
 
     def flush(self) -> str:
-        """The end of the text: what was held back was not a stop string after all."""
+        """The end of the text: what was held back holds a stop string, or was not one after all."""
         rest, self._pending = self._pending, ""
-        return "" if self.stopped else rest
+        if self.stopped:
+            return ""
+        cut = self._first_stop(rest)
+        if cut >= 0:
+            self.stopped = True
+            return rest[:cut]
+        return rest
 
-    def _partial_suffix(self, buf: str) -> int:
-        """Length of the longest end of buf that begins some stop string."""
-        for n in range(min(self._hold, len(buf)), 0, -1):
-            tail = buf[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
+    def _first_stop(self, buf: str) -> int:
+        return min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+
+    def _undecided_start(self, buf: str, before: int) -> int | None:
+        """The earliest position before ``before`` from which buf's end is an unfinished stop string."""
+        for start in range(max(0, len(buf) - self._hold), before):
+            tail = buf[start:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stops):
+                return start
+        return None

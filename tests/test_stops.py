@@ -38,6 +38,13 @@ def test_earliest_of_several_stops_wins():
     assert run(["\n\n", "。"], ["你好", "。再见"]) == ("你好", True)
 
 
+def test_a_stop_that_began_earlier_wins_however_the_text_was_split():
+    # "{" is complete first, but "0{0" started earlier: the answer must not depend on the pieces.
+    assert run(["{", "0{0"], ["0{", "0"]) == ("", True)
+    assert run(["{", "0{0"], ["0{", "x"]) == ("0", True)
+    assert run(["{", "0{0"], ["0{"]) == ("0", True)  # the text ended: "{" it is
+
+
 def test_overlapping_prefixes():
     assert run(["aab"], ["a", "a", "a", "b", "c"]) == ("a", True)
 
