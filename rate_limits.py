@@ -71,10 +71,15 @@ def install(app: Flask, settings: Settings) -> None:
     @app.before_request
     def check_tokens() -> None:
         q = quota()
-        if q is not None and q.tokens_per_minute:
-            wait = tokens.spent(RateLimitItemPerMinute(q.tokens_per_minute), q.who)
-            if wait is not None:
-                raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
+        if q is None or not q.tokens_per_minute:
+            return
+        item = RateLimitItemPerMinute(q.tokens_per_minute)
+        wait = tokens.spent(item, q.who)
+        if wait is not None:
+            raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
+        # Taken from the budget when the request starts, so requests running at once cannot all
+        # spend the same tokens; set right by the answer's real usage when it ends.
+        g.record.on_admit.append(lambda most: tokens.charge(item, q.who, most))
 
     @app.after_request
     def charge_tokens(response: Response) -> Response:
@@ -82,7 +87,7 @@ def install(app: Flask, settings: Settings) -> None:
         if q is not None and q.tokens_per_minute and record is not None:
             item = RateLimitItemPerMinute(q.tokens_per_minute)
             # Once the answer has ended (a stream's usage is known only then), finished or not.
-            response.call_on_close(lambda: tokens.charge(item, q.who, record.tokens_used))
+            response.call_on_close(lambda: tokens.charge(item, q.who, record.tokens_used - record.reserved_tokens))
         return response
 
 
@@ -107,8 +112,14 @@ class TokenBudget:
         return self._use(check)
 
     def charge(self, item: RateLimitItemPerMinute, who: str, used: int) -> None:
+        """Add ``used`` tokens; fewer than none gives back part of a reservation, but never more than
+        the window holds (if the minute turned since, the new window owes nothing back)."""
+        def hit(counter: FixedWindowRateLimiter) -> None:
+            cost = used if used > 0 else -min(-used, counter.storage.get(item.key_for("tokens", who)))
+            if cost:
+                counter.hit(item, "tokens", who, cost=cost)
         if used:
-            self._use(lambda counter: counter.hit(item, "tokens", who, cost=used))
+            self._use(hit)
 
     def _use(self, action: Callable[[FixedWindowRateLimiter], Any]) -> Any:
         if time.monotonic() >= self.down_until:

@@ -163,6 +163,22 @@ def test_a_stream_cut_short_is_charged_for_what_it_sent(tmp_path, slow_model):
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
 
 
+def test_a_running_answer_holds_its_max_tokens_until_it_ends(tmp_path, slow_model):
+    s = keys_settings(tmp_path, "[keys.eve]\nkey = 'sk-eve'\ntokens_per_minute = 60", CHATGLM_MODEL=str(slow_model))
+    app = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots"))
+    load_backends(app)
+    client = app.test_client()
+    body = {"model": "endless", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
+    running = client.post("/v1/chat/completions", headers=bearer("sk-eve"), json=body, buffered=False)
+    chunks = iter(running.response)
+    assert next(chunks).startswith(b"data: {")
+    # 200 tokens are spoken for while it runs: a second request finds the budget spent...
+    refused = client.get("/v1/models", headers=bearer("sk-eve"))
+    assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
+    running.close()  # ...until it ends early: then only what it used counts, and there is room again
+    assert client.get("/v1/models", headers=bearer("sk-eve")).status_code == 200
+
+
 def test_without_keys_the_default_limits_apply_per_client_address(tmp_path, demo_model):
     s = load_settings({"CHATGLM_MODEL": str(demo_model), "RATE_LIMIT_RPM": "2"}, dotenv=None)
     client = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots")).test_client()
