@@ -115,9 +115,10 @@ class TokenBudget:
         """Add ``used`` tokens; fewer than none gives back part of a reservation, but never more than
         the window holds (if the minute turned since, the new window owes nothing back)."""
         def hit(counter: FixedWindowRateLimiter) -> None:
-            cost = used if used > 0 else -min(-used, counter.storage.get(item.key_for("tokens", who)))
-            if cost:
-                counter.hit(item, "tokens", who, cost=cost)
+            key, expiry = item.key_for("tokens", who), item.get_expiry()
+            count = counter.storage.incr(key, expiry, amount=used)
+            if count < 0:
+                counter.storage.incr(key, expiry, amount=-count)
         if used:
             self._use(hit)
 

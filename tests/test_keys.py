@@ -179,6 +179,23 @@ def test_a_running_answer_holds_its_max_tokens_until_it_ends(tmp_path, slow_mode
     assert client.get("/v1/models", headers=bearer("sk-eve")).status_code == 200
 
 
+def test_settling_a_reservation_never_refunds_into_a_new_minute():
+    from limits import RateLimitItemPerMinute
+    from limits.storage import MemoryStorage
+
+    from rate_limits import TokenBudget
+
+    storage, item = MemoryStorage(), RateLimitItemPerMinute(100)
+    budget, key = TokenBudget(storage), item.key_for("tokens", "k")
+    budget.charge(item, "k", 90)  # reserved when the answer started
+    budget.charge(item, "k", 20 - 90)  # it used 20
+    assert storage.get(key) == 20
+    budget.charge(item, "k", 90)
+    storage.clear(key)  # the minute turns while the answer runs
+    budget.charge(item, "k", 20 - 90)
+    assert storage.get(key) == 0  # not -70: the new minute keeps its whole budget
+
+
 def test_without_keys_the_default_limits_apply_per_client_address(tmp_path, demo_model):
     s = load_settings({"CHATGLM_MODEL": str(demo_model), "RATE_LIMIT_RPM": "2"}, dotenv=None)
     client = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots")).test_client()
