@@ -148,35 +148,36 @@ def test_tokens_per_minute_are_charged_after_the_answer(tmp_path, demo_model):
     assert chat(client, "sk-alice-secret").status_code == 200
 
 
-def test_a_stream_cut_short_is_charged_for_what_it_sent(tmp_path, slow_model):
-    s = keys_settings(tmp_path, "[keys.dan]\nkey = 'sk-dan'\ntokens_per_minute = 3", CHATGLM_MODEL=str(slow_model))
+def open_stream(tmp_path: Path, slow_model: Path, tokens_per_minute: int, max_tokens: int):
+    """An app on the endless model with one key, 'sk-t', and a stream of its started on it."""
+    s = keys_settings(tmp_path, f"[keys.t]\nkey = 'sk-t'\ntokens_per_minute = {tokens_per_minute}",
+                      CHATGLM_MODEL=str(slow_model))
     app = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots"))
     load_backends(app)
     client = app.test_client()
-    body = {"model": "endless", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 500, "stream": True}
-    r = client.post("/v1/chat/completions", headers=bearer("sk-dan"), json=body, buffered=False)
-    chunks = iter(r.response)
+    body = {"model": "endless", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+            "stream": True}
+    stream = client.post("/v1/chat/completions", headers=bearer("sk-t"), json=body, buffered=False)
+    return client, stream, iter(stream.response)
+
+
+def test_a_stream_cut_short_is_charged_for_what_it_sent(tmp_path, slow_model):
+    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=3, max_tokens=500)
     sent = [next(chunks) for _ in range(6)]  # the role, then five pieces of text
     assert all(c.startswith(b"data: {") for c in sent)
-    r.close()  # the client leaves long before the end: no usage ever comes
-    refused = chat(client, "sk-dan", model="endless")
+    stream.close()  # the client leaves long before the end: no usage ever comes
+    refused = chat(client, "sk-t", model="endless")
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
 
 
 def test_a_running_answer_holds_its_max_tokens_until_it_ends(tmp_path, slow_model):
-    s = keys_settings(tmp_path, "[keys.eve]\nkey = 'sk-eve'\ntokens_per_minute = 60", CHATGLM_MODEL=str(slow_model))
-    app = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots"))
-    load_backends(app)
-    client = app.test_client()
-    body = {"model": "endless", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
-    running = client.post("/v1/chat/completions", headers=bearer("sk-eve"), json=body, buffered=False)
-    chunks = iter(running.response)
+    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=60, max_tokens=200)
     assert next(chunks).startswith(b"data: {")
     # 200 tokens are spoken for while it runs: a second request finds the budget spent...
-    refused = client.get("/v1/models", headers=bearer("sk-eve"))
+    refused = client.get("/v1/models", headers=bearer("sk-t"))
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
-    running.close()  # ...until it ends early: then only what it used counts, and there is room again
-    assert client.get("/v1/models", headers=bearer("sk-eve")).status_code == 200
+    stream.close()  # ...until it ends early: then only what it used counts, and there is room again
+    assert client.get("/v1/models", headers=bearer("sk-t")).status_code == 200
 
 
 def test_settling_a_reservation_never_refunds_into_a_new_minute():
