@@ -1,5 +1,6 @@
 """Per-key rate limits on /v1: requests per minute through Flask-Limiter (a moving window), tokens
-per minute on the same storage (a fixed window charged with each answer's usage when it ends).
+per minute on the same storage (a fixed window: a generation's prompt and max_tokens are reserved
+when it starts, and its real usage settles them when it ends).
 ``memory://`` counts per worker; ``redis://`` shares one count between every worker and host.
 
 A key is named by its ApiKey.name (never the secret); without API keys a client is its address.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -50,6 +51,15 @@ class ChatRequest:
     tool_choice: str = "auto"  # "auto", "none", "required", or the name of the tool to call
     prompt: str | None = None  # raw text to continue (legacy /v1/completions): no chat template, no messages
     incremental: bool = True  # False: the client takes the answer whole, so an upstream may send it whole
+
+    @property
+    def estimated_prompt_tokens(self) -> int:
+        return estimate_tokens(len(self.prompt or "") + sum(len(m.content) for m in self.messages))
+
+
+def estimate_tokens(chars: int) -> int:
+    """A rough count where no tokenizer tells: about 4 characters a token."""
+    return math.ceil(chars / 4)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from requests.adapters import HTTPAdapter
 
 from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Embeddings, Event, Finish, FinishReason,
                            InvalidRequest, Message, ModelInfo, ModelNotFound, RateLimited, TextDelta, ToolCall,
-                           UpstreamError, UpstreamTimeout, Usage)
+                           UpstreamError, UpstreamTimeout, Usage, estimate_tokens)
 from backends.sse_reader import sse_data
 from backends.stops import StopMatcher
 
@@ -128,7 +128,7 @@ class CloudflareBackend:
                     and all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in data)):
                 raise UpstreamError(f"Cloudflare's answer for {model} holds no embeddings (is it an embedding model?)")
             vectors += data
-        return Embeddings(vectors, sum(math.ceil(len(text) / 4) for text in inputs))
+        return Embeddings(vectors, sum(estimate_tokens(len(text)) for text in inputs))
 
     # -- chat -------------------------------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class CloudflareBackend:
         yield from calls.events()
         usage = result.get("usage") or {}
         yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens, bool(calls)),
-                     _usage(usage, request, math.ceil(len(text) / 4)))
+                     _usage(usage, request, estimate_tokens(len(text))))
 
     # -- errors ------------------------------------------------------------------------------------
 
@@ -403,7 +403,7 @@ def _usage(usage: dict[str, Any], request: ChatRequest, completion_estimate: int
     prompt = _int(usage.get("prompt_tokens"))
     completion = _int(usage.get("completion_tokens"))
     if not prompt and not completion:
-        prompt = math.ceil((len(request.prompt or "") + sum(len(m.content) for m in request.messages)) / 4)
+        prompt = request.estimated_prompt_tokens
         completion = completion_estimate
     return Usage(prompt, completion)
 

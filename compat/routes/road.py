@@ -59,8 +59,7 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
     """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS."""
     state = current_app.extensions["aigate"]
     chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
-    prompt_chars = sum(len(m.content) for m in request.messages) + len(request.prompt or "")
-    g.record.admit(prompt_chars // 4 + (request.max_tokens or 0))  # about 4 characters a token
+    g.record.admit(request.estimated_prompt_tokens + (request.max_tokens or 0))
     for i, name in enumerate(chain):
         route = resolve(name, stream)
         asked = request if i == 0 else within_ceiling(request, state.limits.ceiling(name))
