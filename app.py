@@ -18,6 +18,7 @@ from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import authenticate
+from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.requests import Limits
 from compat.routes import chat, completions, embeddings, models, openapi, ops, playground
@@ -101,13 +102,11 @@ def build_registry(settings: Settings) -> Registry:
     backends: list[Backend] = []
     if local is not None:
         from backends.chatglm import ChatGLMBackend
-        from backends.slots import GenerationSlots
+        from backends.engine import launcher
 
         model, model_id = local
-        slots = GenerationSlots(settings.slots_dir, settings.generation_slots, settings.max_queue,
-                                settings.queue_timeout)
-        backends.append(ChatGLMBackend(model, model_id=model_id, max_length=settings.chatglm_max_length,
-                                       slots=slots, owned_by=DEMO_OWNER if settings.uses_demo_model else "local"))
+        backends.append(ChatGLMBackend(model, model_id=model_id, engine=launcher.client(settings),
+                                       owned_by=DEMO_OWNER if settings.uses_demo_model else "local"))
     if settings.uses_cloudflare:
         from backends.cloudflare import CloudflareBackend  # imports requests: only in workers, after patching
 
@@ -230,6 +229,12 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(BackendError)
     def backend_error(err: BackendError):
         return error_response(from_backend(err))
+
+    @app.errorhandler(ClientGone)
+    def client_gone(err: ClientGone):
+        # Nobody reads this: the client left before its whole answer was ready (nginx's 499).
+        g.record.error = "client_gone"
+        return error_response(APIError(499, "The client closed the connection.", code="client_gone"))
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):

@@ -1,9 +1,9 @@
 """gunicorn settings for aigate, from the environment (or .env): gunicorn -c gunicorn.conf.py wsgi:application
 
-No preload: each worker imports the app after gevent has patched it, and loads the model then
-(the weights are a shared mmap, so N workers cost about one copy). The configuration is checked
-here first, in the master, so a bad setting or model file stops the server with one clear line
-instead of a crash loop of workers.
+No preload: each worker imports the app after gevent has patched it. The model runs in the local
+engine, one process that the master starts before the first worker and starts again if it dies
+(backends/engine/); workers only do I/O. The configuration is checked here first, in the master,
+so a bad setting or model file stops the server with one clear line instead of a crash loop.
 """
 
 import json
@@ -34,7 +34,7 @@ bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
 worker_class = "gevent"
 worker_connections = _settings.worker_connections
-timeout = _settings.timeout  # the worker's heartbeat waits out the longest single model step
+timeout = _settings.timeout  # a worker that misses its heartbeat this long is restarted
 graceful_timeout = _settings.graceful_timeout  # SIGTERM: running streams get this long to finish
 keepalive = _settings.keepalive
 # The heartbeat file on tmpfs, so a busy disk never delays it (gunicorn's own advice; the file is
@@ -73,14 +73,28 @@ gunicorn.util.write_error = _write_error  # the workers fork from here, patched
 logconfig_dict = {
     "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
     # gunicorn logs a malformed header line whole, which may be "Authorization Bearer sk-..."
-    "filters": {"header_lines": {"()": "request_log.HideHeaderLines"}},
+    "filters": {"header_lines": {"()": "request_log.HideHeaderLines"},
+                "write_timeouts": {"()": "request_log.QuietWriteTimeouts"}},
     "loggers": {
         "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False,
-                           "qualname": "gunicorn.error", "filters": ["header_lines"]},
+                           "qualname": "gunicorn.error", "filters": ["header_lines", "write_timeouts"]},
         # A logconfig_dict turns gunicorn's access log on; aigate's own line per request replaces it.
         "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False, "qualname": "gunicorn.access"},
     },
 }
+
+
+_keeper = None
+
+
+def when_ready(server):
+    """The master keeps the local engine running (before the first worker, and after any crash)."""
+    global _keeper
+    if _settings.model_path is not None and _keeper is None:
+        from backends.engine.launcher import Keeper
+
+        _keeper = Keeper(_settings)
+        _keeper.start()
 
 
 def child_exit(server, worker):
@@ -91,4 +105,6 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    if _keeper is not None:  # after the workers: their last streams are done with it
+        _keeper.stop()
     shutil.rmtree(_metrics_dir, ignore_errors=True)

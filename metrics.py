@@ -17,6 +17,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # `key` is an API key's name ("-" without one): as many values as keys configured, never a secret.
 REQUESTS = Counter("aigate_requests_total", "HTTP requests answered", ["route", "model", "status", "key"])
 TOKENS = Counter("aigate_tokens_total", "Tokens in prompts and completions", ["model", "kind", "key"])
+# Prompt tokens taken from the engine's KV cache (a conversation's earlier turns) or evaluated anew.
+PROMPT_TOKENS = Counter("aigate_prompt_tokens_total", "Prompt tokens, by whether they were reused from a cache",
+                        ["model", "source"])
 TIME_TO_FIRST_TOKEN = Histogram(
     "aigate_time_to_first_token_seconds", "From request to the first generated text", ["model"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))

@@ -25,6 +25,18 @@ class HideHeaderLines(logging.Filter):
         return True
 
 
+class QuietWriteTimeouts(logging.Filter):
+    """For gunicorn's log: a client that left its answer unread for CLIENT_WRITE_TIMEOUT ends the
+    write with a timeout, which gunicorn logs with a traceback; one line says it (the request's own
+    line says error=client_too_slow)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "a client left its answer unread for CLIENT_WRITE_TIMEOUT: connection closed", (), None, None)
+        return True
+
+
 @dataclass
 class RequestRecord:
     id: str
@@ -40,6 +52,7 @@ class RequestRecord:
     stream: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those reused from the engine's cache
     first_token_at: float | None = None
     finish_reason: str = ""
     unfinished_tokens: int = 0  # text pieces of an answer whose Finish never came (a client left)
@@ -61,6 +74,7 @@ class RequestRecord:
             elif isinstance(event, Finish):
                 self.prompt_tokens += event.usage.prompt_tokens  # summed: /v1/completions may run several
                 self.completion_tokens += event.usage.completion_tokens
+                self.cached_tokens += event.usage.cached_tokens
                 self.finish_reason = event.reason
                 self.unfinished_tokens = 0
             yield event
@@ -85,7 +99,8 @@ class RequestRecord:
             "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client,
             "key": self.key,
             "model": self.model or "-", "backend": self.backend or "-", "stream": str(self.stream).lower(),
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
             "ttft_ms": "-" if ttft is None else f"{ttft * 1000:.1f}",
             "duration_ms": f"{(ended - self.started) * 1000:.1f}",
             "finish": self.finish_reason or "-", "error": self.error or "-",
@@ -102,6 +117,8 @@ class RequestRecord:
             return
         metrics.TOKENS.labels(self.model, "prompt", self.key).inc(self.prompt_tokens)
         metrics.TOKENS.labels(self.model, "completion", self.key).inc(self.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(self.model, "reused").inc(self.cached_tokens)
+        metrics.PROMPT_TOKENS.labels(self.model, "evaluated").inc(self.prompt_tokens - self.cached_tokens)
         if ttft is not None and self.first_token_at is not None:
             metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(ttft)
             decode_time = ended - self.first_token_at

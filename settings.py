@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
@@ -69,7 +70,9 @@ class Settings:
     generation_slots: int = 1
     max_queue: int = 8
     queue_timeout: float = 60.0
-    slots_dir: Path = Path(tempfile.gettempdir()) / f"aigate-slots-{os.getuid()}"
+    engine_socket: str = ""  # "@name": a Linux abstract socket; else a path; empty: derived (engine_address)
+    engine_idle_timeout: float = 600.0  # an engine a worker started (no gunicorn master) exits when idle this long
+    client_write_timeout: float = 30.0  # a client that leaves an answer's bytes unread this long is let go
     max_body_bytes: int = 4 * 1024 * 1024
     max_messages: int = 2048
     max_input_chars: int = 1_000_000
@@ -103,6 +106,18 @@ class Settings:
     @property
     def model_path(self) -> Path | None:
         return self.chatglm_model or (self.demo_model_path if self.uses_demo_model else None)
+
+    @property
+    def engine_address(self) -> str:
+        """Where the local engine listens: ENGINE_SOCKET, or a name of this server's own (its model,
+        engine settings, address and directory), so two servers on one machine keep apart."""
+        if self.engine_socket:
+            return self.engine_socket
+        path = self.model_path.resolve() if self.model_path else None
+        key = (f"{path}|{self.chatglm_max_length}|{self.generation_slots}|{self.max_queue}|{self.queue_timeout}|"
+               f"{self.host}:{self.port}|{PROJECT_DIR}")
+        name = f"aigate-engine-{os.getuid()}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        return "@" + name if sys.platform.startswith("linux") else str(Path(tempfile.gettempdir()) / f"{name}.sock")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.PathLike[str] | None = ".env") -> Settings:
@@ -142,7 +157,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         generation_slots=r.integer("GENERATION_SLOTS", 1, minimum=1),
         max_queue=r.integer("MAX_QUEUE", 8, minimum=0),
         queue_timeout=r.number("QUEUE_TIMEOUT", 60.0, minimum=0.0),
-        slots_dir=Path(r.text("SLOTS_DIR") or Settings.slots_dir),
+        engine_socket=r.text("ENGINE_SOCKET"),
+        engine_idle_timeout=r.number("ENGINE_IDLE_TIMEOUT", Settings.engine_idle_timeout, minimum=0.0),
+        client_write_timeout=r.number("CLIENT_WRITE_TIMEOUT", Settings.client_write_timeout, minimum=0.1),
         max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
         max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
         max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),

@@ -66,6 +66,7 @@ def estimate_tokens(chars: int) -> int:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from a cache (the engine's prefix reuse)
 
     @property
     def total_tokens(self) -> int:

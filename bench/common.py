@@ -64,7 +64,7 @@ def start(command: list[str], env: dict[str, str], ready_url: str) -> subprocess
 
 def start_aigate(port: int, **env: str) -> subprocess.Popen:
     """aigate under gunicorn (gevent workers) on loopback, returned once /ready answers."""
-    env = {"PORT": str(port), "SLOTS_DIR": str(CACHE / "slots"), "LOG_LEVEL": "warning", **env}
+    env = {"PORT": str(port), "LOG_LEVEL": "warning", **env}
     return start([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:application"], env,
                  f"http://127.0.0.1:{port}/ready")
 

@@ -24,9 +24,9 @@ class Completion:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def usage_object(usage: Usage) -> dict[str, int]:
+def usage_object(usage: Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def chunk(c: Completion, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def text_completion_chunks(c: Completion, answers: Iterator[tuple[str, Iterator[
                            ) -> Iterator[dict[str, Any]]:
     """Legacy /v1/completions stream: each prompt's text as choice `index`, one after the other
     (a prompt is echoed first when asked: the caller passes it as the first text)."""
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     for index, (echo, events) in enumerate(answers):
         if echo:
             yield text_completion_chunk(c, echo, index)
@@ -99,14 +99,15 @@ def text_completion_chunks(c: Completion, answers: Iterator[tuple[str, Iterator[
                 yield text_completion_chunk(c, "", index, event.reason)
                 prompt_tokens += event.usage.prompt_tokens
                 completion_tokens += event.usage.completion_tokens
+                cached_tokens += event.usage.cached_tokens
     if include_usage:
         yield {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model, "choices": [],
-               "usage": usage_object(Usage(prompt_tokens, completion_tokens))}
+               "usage": usage_object(Usage(prompt_tokens, completion_tokens, cached_tokens))}
 
 
 def fold_text_completion(c: Completion, answers: Iterator[tuple[str, Iterator[Event]]]) -> dict[str, Any]:
     choices = []
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     for index, (echo, events) in enumerate(answers):
         parts = [echo]
         for event in events:
@@ -117,8 +118,9 @@ def fold_text_completion(c: Completion, answers: Iterator[tuple[str, Iterator[Ev
                                 "finish_reason": event.reason})
                 prompt_tokens += event.usage.prompt_tokens
                 completion_tokens += event.usage.completion_tokens
+                cached_tokens += event.usage.cached_tokens
     return {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model, "choices": choices,
-            "usage": usage_object(Usage(prompt_tokens, completion_tokens))}
+            "usage": usage_object(Usage(prompt_tokens, completion_tokens, cached_tokens))}
 
 
 def tool_call_object(call: ToolCall) -> dict[str, Any]:

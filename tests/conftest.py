@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -21,6 +22,20 @@ GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 # A model big enough that a long answer takes seconds (about 400 tokens/s here) and that never
 # writes end-of-text, so max_tokens decides every length.
 SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, ffn_size=2816, eos_every=0)
+# Every server and app of this run gets an engine address of its own (ENGINE_SOCKET), under one
+# prefix, so that the engines left by in-process apps are found and stopped at the end.
+ENGINE_PREFIX = f"@aigate-test-{os.getpid()}-"
+_engine_numbers = itertools.count()
+
+
+def engine_socket() -> str:
+    return f"{ENGINE_PREFIX}{next(_engine_numbers)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_test_engines() -> Iterator[None]:
+    yield
+    subprocess.run(["pkill", "-f", "--", f"--address {ENGINE_PREFIX}"], check=False)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +59,7 @@ class Server:
     base_url: str
     log: list[str] = field(default_factory=list)
     exited: bool = False
-    slots_dir: Path = Path()
+    engine_socket: str = ""
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def wait_for_log(self, text: str, timeout: float = 10) -> str:
@@ -70,12 +85,12 @@ class Server:
 def start_server(tmp: Path, env: dict[str, str], *, ready_timeout: float = 60) -> Server:
     """gunicorn -k gevent on an ephemeral loopback port; returns once a worker answers /health."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_", "MODEL", "API_KEYS"))}
-    full_env.update({"HOST": "127.0.0.1", "PORT": "0", "SLOTS_DIR": str(tmp / "slots"),
+    full_env.update({"HOST": "127.0.0.1", "PORT": "0", "ENGINE_SOCKET": engine_socket(),
                      "DEMO_MODEL_PATH": str(tmp / "demo-default.bin"), "PYTHONUNBUFFERED": "1"})
     full_env.update(env)
     process = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:application"], cwd=ROOT, env=full_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = Server(process, "", slots_dir=tmp / "slots")
+    server = Server(process, "", engine_socket=full_env["ENGINE_SOCKET"])
     workers = int(env.get("WORKERS", "1"))
     ready = server.changed
 

@@ -7,18 +7,14 @@ import json
 import pytest
 
 from backends.base import Message, Tool, ToolCall
-from backends.chatglm import ChatGLMBackend
 from backends.chatglm_tools import ReplySplitter, parse_call, render_call, tools_system_prompt
+from backends.engine.model import Model
 from backends.ggml_file import read_model_file
-from backends.slots import GenerationSlots
 
 
 @pytest.fixture(scope="module")
-def backend(demo_model, tmp_path_factory):
-    b = ChatGLMBackend(read_model_file(demo_model), model_id="demo", owned_by="local", max_length=None,
-                       slots=GenerationSlots(tmp_path_factory.mktemp("slots"), 1, 0, 1))
-    b.load()
-    return b
+def backend(demo_model):
+    return Model(read_model_file(demo_model), 1024, slots=1)
 
 
 def test_plain_chats_are_encoded_exactly_as_chatglm_cpp_does(backend):
@@ -28,20 +24,20 @@ def test_plain_chats_are_encoded_exactly_as_chatglm_cpp_does(backend):
                Message("tool", '{"temp": 21}'), Message("user", "and tomorrow?")]
     roles = {"tool": "observation"}
     native = [chatglm_cpp.ChatMessage(role=roles.get(m.role, m.role), content=m.content) for m in history]
-    assert backend._encode(tuple(history)) == list(backend._tokenizer.apply_chat_template(native, 1 << 30))
+    assert backend.encode_chat(tuple(history)) == list(backend._tokenizer.apply_chat_template(native, 1 << 30))
 
 
 def test_tools_go_first_as_a_system_turn(backend):
     tools = (Tool("get_weather", "Weather now", {"type": "object", "properties": {"city": {"type": "string"}}}),)
-    with_tools = backend._encode((Message("user", "weather?"),), tools)
-    system = backend._encode((Message("system", tools_system_prompt(tools)), Message("user", "weather?")))
+    with_tools = backend.encode_chat((Message("user", "weather?"),), tools)
+    system = backend.encode_chat((Message("system", tools_system_prompt(tools)), Message("user", "weather?")))
     assert with_tools == system
     assert '"name": "get_weather"' in tools_system_prompt(tools)
 
 
 def test_an_earlier_call_is_written_back_with_its_name_as_metadata(backend):
     call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
-    ids = backend._encode((Message("user", "weather?"), Message("assistant", "", tool_calls=(call,)),
+    ids = backend.encode_chat((Message("user", "weather?"), Message("assistant", "", tool_calls=(call,)),
                            Message("tool", "21C", tool_call_id="call_1")))
     text = backend._tokenizer.decode(ids, False)
     assert "get_weather\n```python\ntool_call(city='Paris')\n```" in text

@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, engine_socket
 
 DEPLOY = ROOT / "deploy"
 USER = [{"role": "user", "content": "Tell me about the bridge."}]
@@ -149,7 +149,7 @@ def test_passenger_entry_point_serves_a_stream(tmp_path, demo_model):
     code = ("import sys; from wsgiref.simple_server import make_server; import passenger_wsgi; "
             f"server = make_server('127.0.0.1', {port}, passenger_wsgi.application); "
             "print('serving', flush=True); server.serve_forever()")
-    env = {"CHATGLM_MODEL": str(demo_model), "SLOTS_DIR": str(tmp_path / "slots"), "PATH": "/usr/bin:/bin"}
+    env = {"CHATGLM_MODEL": str(demo_model), "ENGINE_SOCKET": engine_socket(), "PATH": "/usr/bin:/bin"}
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from backends.chatglm import Detokenizer
+from backends.engine.model import Detokenizer
 
 
 @pytest.fixture(scope="module")

@@ -203,20 +203,25 @@ def test_models_answer_while_a_long_generation_runs(server, client):
 def test_waiting_requests_do_not_block_the_worker(server, client):
     """While one request generates and another waits for the slot in the same worker, that
     worker still answers other requests."""
-    from backends.slots import GenerationSlots
+    from backends.engine.client import EngineClient
 
-    line = GenerationSlots(server.slots_dir, slots=1, max_queue=8, queue_timeout=0)  # as the server
+    engine = EngineClient(server.engine_socket, None, 0)
+
+    def in_line() -> int:
+        status = engine.status()
+        return status["running"] + status["waiting"]
+
     stream = client.chat.completions.create(model="endless", messages=USER, max_tokens=900, stream=True)
     next(iter(stream))
     waiter = threading.Thread(target=client.chat.completions.create,
                               kwargs=dict(model="endless", messages=USER, max_tokens=1))
     waiter.start()
-    while line.in_line() < 2:  # the second request has joined the line
+    while in_line() < 2:  # the second request has joined the line
         assert waiter.is_alive()
     started = time.monotonic()
     assert requests.get(server.v1 + "/models", timeout=5).status_code == 200
     assert time.monotonic() - started < 1.0
-    assert line.in_line() == 2  # both were still there while /v1/models answered
+    assert in_line() == 2  # both were still there while /v1/models answered
     stream.close()
     waiter.join()
 

@@ -10,10 +10,12 @@ import signal
 
 import openai
 import pytest
+
 import requests
 
 from app import create_app, load_backends
 from settings import load_settings
+from tests.conftest import engine_socket
 
 USER = [{"role": "user", "content": "SECRET-PROMPT-TEXT about the river"}]
 
@@ -28,21 +30,20 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_ready_is_503_until_the_model_is_loaded(tmp_path, demo_model):
+def test_ready_is_503_until_the_engine_has_loaded_the_model(tmp_path, demo_model):
+    """No gunicorn master here (as under Passenger): the first request starts the engine and waits
+    for it instead of failing."""
     settings = dataclasses.replace(load_settings({}, dotenv=None), chatglm_model=demo_model,
-                                   slots_dir=tmp_path / "slots")
+                                   engine_socket=engine_socket())
     app = create_app(settings)
     client = app.test_client()
     r = client.get("/ready")
-    assert r.status_code == 503 and r.json["backends"] == {"chatglm": "model demo is loading"}
+    assert r.status_code == 503 and "engine is not running" in r.json["backends"]["chatglm"]
     assert client.get("/health").status_code == 200
-    early = client.post("/v1/chat/completions", json={"model": "demo", "messages": USER})
-    assert early.status_code == 503 and early.json["error"]["code"] == "model_not_ready"
-    assert early.headers["Retry-After"] == "2"
+    early = client.post("/v1/chat/completions", json={"model": "demo", "messages": USER, "max_tokens": 1})
+    assert early.status_code == 200 and early.json["usage"]["completion_tokens"] == 1
     load_backends(app)
     assert client.get("/ready").json == {"status": "ready", "backends": {"chatglm": "ready"}}
-    served = client.post("/v1/chat/completions", json={"model": "demo", "messages": USER, "max_tokens": 1})
-    assert served.status_code == 200
 
 
 @pytest.fixture(scope="module")

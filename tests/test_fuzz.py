@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app import create_app, load_backends
 from settings import load_settings
+from tests.conftest import engine_socket
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
@@ -23,7 +24,7 @@ VALID = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "prom
 @pytest.fixture(scope="module")
 def client(demo_model, tmp_path_factory):
     s = dataclasses.replace(load_settings({}, dotenv=None), chatglm_model=demo_model,
-                            slots_dir=tmp_path_factory.mktemp("slots"))
+                            engine_socket=engine_socket())
     app = create_app(s)
     load_backends(app)
     return app.test_client()

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+
 from app import check_config, create_app, load_backends
 from settings import ApiKey, ConfigError, key_name, load_settings
+from tests.conftest import engine_socket
 
 KEYS_FILE = """
 [keys.alice]
@@ -89,7 +91,7 @@ def test_no_secret_setting_shows_in_a_printed_settings_object():
 
 def make_client(tmp_path: Path, demo_model: Path, **env: str):
     s = keys_settings(tmp_path, CHATGLM_MODEL=str(demo_model), MODEL_ALIASES="gpt-4o=demo", **env)
-    app = create_app(dataclasses.replace(s, chatglm_model_id="demo", slots_dir=tmp_path / "slots"))
+    app = create_app(dataclasses.replace(s, chatglm_model_id="demo", engine_socket=engine_socket()))
     load_backends(app)
     return app.test_client()
 
@@ -114,7 +116,7 @@ def test_a_key_sees_and_uses_only_its_models(tmp_path, demo_model):
 
     s = keys_settings(tmp_path, "[keys.carol]\nkey = 'sk-carol'\nmodels = ['gpt-4o']", CHATGLM_MODEL=str(demo_model),
                       MODEL_ALIASES="gpt-4o=demo")
-    app = create_app(dataclasses.replace(s, chatglm_model_id="demo", slots_dir=tmp_path / "slots"))
+    app = create_app(dataclasses.replace(s, chatglm_model_id="demo", engine_socket=engine_socket()))
     load_backends(app)
     client = app.test_client()
     assert [m["id"] for m in client.get("/v1/models", headers=bearer("sk-carol")).json["data"]] == ["gpt-4o"]
@@ -152,7 +154,7 @@ def open_stream(tmp_path: Path, slow_model: Path, tokens_per_minute: int, max_to
     """An app on the endless model with one key, 'sk-t', and a stream of its started on it."""
     s = keys_settings(tmp_path, f"[keys.t]\nkey = 'sk-t'\ntokens_per_minute = {tokens_per_minute}",
                       CHATGLM_MODEL=str(slow_model))
-    app = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots"))
+    app = create_app(dataclasses.replace(s, engine_socket=engine_socket()))
     load_backends(app)
     client = app.test_client()
     body = {"model": "endless", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
@@ -199,7 +201,7 @@ def test_settling_a_reservation_never_refunds_into_a_new_minute():
 
 def test_without_keys_the_default_limits_apply_per_client_address(tmp_path, demo_model):
     s = load_settings({"CHATGLM_MODEL": str(demo_model), "RATE_LIMIT_RPM": "2"}, dotenv=None)
-    client = create_app(dataclasses.replace(s, slots_dir=tmp_path / "slots")).test_client()
+    client = create_app(dataclasses.replace(s, engine_socket=engine_socket())).test_client()
     other = {"REMOTE_ADDR": "127.0.0.2"}
     codes = [client.get("/v1/models").status_code for _ in range(3)]
     assert codes == [200, 200, 429]

@@ -21,5 +21,6 @@ def create_chat_completion():
             return jsonify(fold(completion, answer.events))
         finally:
             answer.close()
-    body = sse_stream(stream_chunks(completion, answer.events, call.include_usage), answer.close, g.record)
+    body = sse_stream(stream_chunks(completion, answer.events, call.include_usage), answer.close, g.record,
+                      answer.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

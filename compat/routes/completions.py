@@ -30,7 +30,7 @@ def create_completion():
         for i, request in enumerate(call.requests):
             # The same max_tokens as the first: a fallback model's ceiling may have lowered it.
             answer = first if i == 0 else Answer(route, replace(request, max_tokens=first.request.max_tokens),
-                                                 record, log_prompts)
+                                                 record, log_prompts, first.client)
             if i:
                 running.append(answer)
             yield (request.prompt or "") if call.echo else "", answer.events
@@ -46,5 +46,6 @@ def create_completion():
             return jsonify(fold_text_completion(completion, answers()))
         finally:
             close()
-    body = sse_stream(text_completion_chunks(completion, answers(), call.include_usage), close, record)
+    body = sse_stream(text_completion_chunks(completion, answers(), call.include_usage), close, record,
+                      first.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

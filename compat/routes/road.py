@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 
-from flask import current_app, g, request
+from flask import current_app, g
+from flask import request as flask_request
 
 import metrics
 from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTimeout, RateLimited, Unavailable,
@@ -16,6 +18,7 @@ from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTim
 from backends.registry import Route
 from compat import sse
 from compat.auth import allowed
+from compat.client_socket import ClientGone, ClientSocket
 from compat.errors import from_backend, internal_error, invalid, model_not_found
 from request_log import RequestRecord
 
@@ -30,7 +33,7 @@ MAX_JSON_DEPTH = 64  # a tool's JSON Schema nests deepest, and rarely past 20
 def json_body() -> object:
     """The body as JSON whatever the Content-Type says (curl -d sends a form type)."""
     try:
-        body = json.loads(request.get_data(cache=False))
+        body = json.loads(flask_request.get_data(cache=False))
     except (ValueError, RecursionError):
         raise invalid("We could not parse the JSON body of your request. The OpenAI API expects a "
                       "JSON payload.", code="invalid_json") from None
@@ -60,11 +63,12 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
     state = current_app.extensions["aigate"]
     chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
     g.record.admit(request.estimated_prompt_tokens + (request.max_tokens or 0))
+    client = ClientSocket(flask_request.environ, state.settings.client_write_timeout)
     for i, name in enumerate(chain):
         route = resolve(name, stream)
         asked = request if i == 0 else within_ceiling(request, state.limits.ceiling(name))
         try:
-            return route, Answer(route, asked, g.record, state.settings.log_prompts)
+            return route, Answer(route, asked, g.record, state.settings.log_prompts, client)
         except FALL_BACK_ON as exc:
             if i == len(chain) - 1:
                 raise
@@ -99,8 +103,10 @@ class Answer:
     queue, a prompt too long, an upstream 429) is still an HTTP status, which is what the SDKs'
     retry logic reads. Closing it stops the backend's work."""
 
-    def __init__(self, route: Route, request: ChatRequest, record: RequestRecord, log_prompts: bool) -> None:
+    def __init__(self, route: Route, request: ChatRequest, record: RequestRecord, log_prompts: bool,
+                 client: ClientSocket) -> None:
         self.request = request  # as sent to the backend (a fallback's ceiling applied)
+        self.client = client
         if log_prompts:
             record.messages = request.messages
         self._events: Generator[Event, None, None] = route.backend.chat(replace(request, model=route.model_id))
@@ -108,20 +114,35 @@ class Answer:
         self.events = record.observe(self._chain(first), keep_text=log_prompts)
 
     def _chain(self, first: Event) -> Iterator[Event]:
+        """The events, while the client is there to take them: a client that left stops the work
+        (ClientGone) whether it asked for a stream or the whole answer."""
         yield first
-        yield from self._events
+        for event in self._events:
+            self.client.check()
+            yield event
 
     def close(self) -> None:
         self._events.close()
 
 
-def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord) -> Iterator[bytes]:
+def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord,
+               client: ClientSocket) -> Iterator[bytes]:
     """Write each chunk the moment it exists. A failure after the first byte goes in-band as an
-    error event; a client that goes away closes this generator, which closes the backend's."""
+    error event; a client that goes away, or leaves its bytes unread for CLIENT_WRITE_TIMEOUT,
+    closes this generator, which closes the backend's."""
     metrics.ACTIVE_STREAMS.inc()
+    client.bound_writes()
+    written = time.monotonic()
     try:
         for c in chunks:
             yield sse.encode(c)
+            written = time.monotonic()
+    except ClientGone:
+        record.error = "client_gone"
+        return
+    except GeneratorExit:  # the server closes the answer: the client left, or did not read in time
+        record.error = "client_too_slow" if client.write_timed_out(written) else "client_gone"
+        raise
     except BackendError as exc:
         error = from_backend(exc)
         record.error = error.code or error.type
@@ -132,5 +153,6 @@ def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: Reques
         yield sse.encode(internal_error().body())
     finally:
         close()
+        client.unbound_writes()
         metrics.ACTIVE_STREAMS.dec()
     yield sse.DONE

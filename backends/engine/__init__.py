@@ -1,0 +1,11 @@
+"""The local engine: one process per machine owns the chatglm.cpp Pipelines, their KV caches and
+the line of requests waiting for them. gunicorn workers (and any other WSGI process) reach it over
+a local socket and only do I/O, so a long prompt evaluation never freezes a worker, a crash of
+chatglm.cpp costs only the generations in flight, and every worker shares the same caches.
+
+  protocol.py   the messages on the socket (one JSON object a line)
+  model.py      one Pipeline and its cache: chat template, token loop, prefix reuse
+  line.py       the first-come-first-served line for the slots
+  server.py     the engine process: ``python -m backends.engine.server``
+  launcher.py   where the engine listens, starting it, keeping it running
+"""

@@ -1,0 +1,85 @@
+"""A worker's side of the engine socket. Under gunicorn's gevent workers the socket module is
+patched, so waiting for the engine (its line, a long prompt evaluation) yields to the other
+requests of the worker; elsewhere it simply blocks, one request per process."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from backends.base import ChatRequest, Event, Finish, Unavailable
+from backends.engine import protocol
+
+_RETRY_SECONDS = 0.05
+
+
+def connect(address: str, timeout: float | None = None) -> socket.socket:
+    """Raises OSError (ConnectionRefusedError, FileNotFoundError) when no engine listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect("\0" + address[1:] if address.startswith("@") else address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class EngineClient:
+    def __init__(self, address: str, start: Callable[[], None] | None, wait_seconds: float) -> None:
+        self.address = address
+        self._start = start  # how to start an engine when none listens; None: a keeper restarts it
+        self.wait_seconds = wait_seconds  # how long a request waits for an engine that is (re)starting
+
+    def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The engine's state, or None when no engine answers."""
+        try:
+            with connect(self.address, timeout) as sock:
+                sock.sendall(protocol.encode({"op": "status"}))
+                return protocol.decode(sock.makefile("rb").readline(protocol.MAX_LINE))
+        except (OSError, ValueError):
+            return None
+
+    def ensure_started(self) -> None:
+        if self._start is not None and self.status() is None:
+            self._start()
+
+    def generate(self, request: ChatRequest) -> Iterator[Event]:
+        """The engine's events for ``request``; closing the iterator cancels the generation."""
+        sock = self._connect_waiting()
+        try:
+            sock.sendall(protocol.encode(protocol.generate_request(request)))
+            lines = sock.makefile("rb")
+            while True:
+                try:
+                    line = lines.readline(protocol.MAX_LINE)
+                except OSError:
+                    line = b""
+                if not line:
+                    raise Unavailable("the local engine stopped during this generation (it crashed or was "
+                                      "restarted); it is being started again, retry", retry_after=2)
+                event = protocol.event(protocol.decode(line))
+                yield event
+                if isinstance(event, Finish):
+                    return
+        finally:
+            sock.close()
+
+    def _connect_waiting(self) -> socket.socket:
+        """A connection to the engine, waiting for one that is starting (and starting it if that is
+        ours to do) for up to ``wait_seconds``."""
+        deadline = time.monotonic() + self.wait_seconds
+        started = False
+        while True:
+            try:
+                return connect(self.address)
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise Unavailable("the local engine is not running; it is being started, retry",
+                                      retry_after=2) from None
+            if not started and self._start is not None:
+                self._start()
+                started = True
+            time.sleep(_RETRY_SECONDS)  # cooperative under gevent

@@ -1,0 +1,282 @@
+"""The model side of the engine: chatglm.cpp Pipelines (one per slot, each with its own KV cache),
+the ChatGLM3 chat template, and the token loop, which reuses the part of a prompt that a slot's
+cache already holds.
+
+Pipeline.generate() is broken in chatglm-cpp 0.4.2 and Pipeline.chat() truncates long prompts in
+silence, so the token loop is ours (``model.generate_next_token``): it counts tokens exactly,
+honours max_tokens and stop strings, and stops between any two tokens when the client is gone.
+
+Prefix reuse: a slot remembers the token ids whose keys and values its cache holds. A new prompt
+that starts with the same ids (the next turn of a chat: the history, then something new) skips
+them and evaluates only the rest. Stock chatglm-cpp 0.4.2 evaluates one token per call once
+anything is cached (it masks a batch only when the cache is empty), so there the rest goes in at
+decode speed and reuse is taken only when that is cheaper than evaluating the prompt cold.
+aigate's patched build (``0.4.2+aigate``) masks any batch, so the rest goes in as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import chatglm_cpp
+
+from backends.base import ChatRequest, ContextLengthExceeded, Event, Finish, Message, TextDelta, Tool, Usage
+from backends.chatglm_tools import ReplySplitter, render_call, tools_system_prompt
+from backends.ggml_file import ModelFile
+from backends.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+CHATGLM_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
+DEFAULT_TEMPERATURE = 0.95  # chatglm.cpp's own defaults, used when the client sends none
+DEFAULT_TOP_P = 0.7
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may carry lone ones; no tokenizer takes them
+PATCHED = "+aigate" in chatglm_cpp.__version__
+
+
+class Detokenizer:
+    """Turns token ids into text pieces as they come.
+
+    Each new token is decoded together with the one before it, because sentencepiece drops the
+    leading space of the first piece it decodes; text ending in an unfinished UTF-8 sequence
+    (byte-fallback tokens) is held until the sequence is complete.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context
+        self._read = 0  # end of what was already emitted
+        self._prefix_text = ""
+
+    def add(self, token: int) -> str:
+        self._ids.append(token)
+        try:
+            text = self._decode(self._ids[self._prefix:])
+        except UnicodeDecodeError:
+            return ""
+        if len(text) <= len(self._prefix_text) or text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self._prefix_text):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix_text = self._safe_decode(self._ids[self._prefix:self._read])
+        return delta
+
+    def flush(self) -> str:
+        text = self._safe_decode(self._ids[self._prefix:])
+        return text[len(self._prefix_text):]
+
+    def _safe_decode(self, ids: list[int]) -> str:
+        try:
+            return self._decode(ids)
+        except UnicodeDecodeError:
+            return "\ufffd"
+
+
+@dataclass
+class StepCosts:
+    """Seconds per prompt token evaluated cold and per decode step, as measured (moving averages):
+    what decides, on a stock build, whether reusing a prefix beats evaluating the prompt cold."""
+
+    prefill: float = 0.0
+    decode: float = 0.0
+
+    def note_prefill(self, seconds: float, tokens: int) -> None:
+        if tokens >= 16:  # a few tokens say more about the call's overhead than about a token's cost
+            self.prefill = _average(self.prefill, seconds / tokens)
+
+    def note_decode(self, seconds: float) -> None:
+        self.decode = _average(self.decode, seconds)
+
+
+def _average(old: float, new: float) -> float:
+    return new if old == 0 else 0.9 * old + 0.1 * new
+
+
+class Model:
+    """One model file loaded once per slot; what the slots share (tokenizer, template, costs)."""
+
+    def __init__(self, model: ModelFile, context_length: int, slots: int) -> None:
+        self.file = model
+        self.context_length = context_length
+        self.costs = StepCosts()
+        pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
+        self._tokenizer = pipelines[0].tokenizer
+        config = pipelines[0].model.config
+        self._end_ids = frozenset([config.eos_token_id, *config.extra_eos_token_ids])
+        self.slots = [Slot(self, p) for p in pipelines]
+        for slot in self.slots:
+            slot.warm_up()
+
+    def prompt_ids(self, request: ChatRequest) -> list[int]:
+        """The request as the model reads it; ContextLengthExceeded if it leaves no room to answer."""
+        if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
+            special = self.file.special_token_ids
+            ids = [special["[gMASK]"], special["sop"], *self._sp_encode(request.prompt)]
+        else:
+            ids = self.encode_chat(request.messages, request.tools)
+        if len(ids) >= self.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens, and your prompt "
+                f"takes {len(ids)} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
+        return ids
+
+    def encode_chat(self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> list[int]:
+        """ChatGLM3's chat template, built here rather than by chatglm.cpp's apply_chat_template,
+        which can neither write a turn's metadata line (a tool call's name) nor be kept from
+        dropping the oldest tokens of a long prompt in silence."""
+        special = self.file.special_token_ids
+        ids = [special["[gMASK]"], special["sop"]]
+
+        def turn(role: str, content: str, metadata: str = "") -> None:
+            ids.append(special[f"<|{role}|>"])
+            ids.extend(self._sp_encode(metadata + "\n"))
+            ids.extend(self._sp_encode(content))
+
+        if tools:
+            turn("system", tools_system_prompt(tools))
+        for m in messages:
+            if m.role == "assistant" and m.tool_calls:
+                if m.content:
+                    turn("assistant", m.content)
+                for call in m.tool_calls:
+                    turn("assistant", render_call(call), metadata=call.name)
+            else:
+                turn(CHATGLM_ROLES[m.role], m.content)
+        ids.append(special["<|assistant|>"])
+        return ids
+
+    def _sp_encode(self, text: str) -> list[int]:
+        """Sentencepiece ids of text (chatglm.cpp's encode adds [gMASK] sop in front)."""
+        text = _SURROGATE.sub("\ufffd", text)
+        return list(self._tokenizer.encode(text, 1 << 30))[2:] if text else []
+
+    def generation_config(self, request: ChatRequest, max_new: int) -> Any:
+        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+        return chatglm_cpp._C.GenerationConfig(
+            max_length=self.context_length, max_new_tokens=max_new, max_context_length=self.context_length,
+            do_sample=temperature > 0, top_k=0, top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
+            temperature=temperature, repetition_penalty=1.0)
+
+    def is_end(self, token: int) -> bool:
+        """End of text: eos, or any id past the ordinary pieces (special or padding ids; decoding a
+        padding id would crash the tokenizer)."""
+        return token in self._end_ids or not 0 <= token < self.file.tokenizer_pieces
+
+    def detokenizer(self) -> Detokenizer:
+        return Detokenizer(self._tokenizer.decode)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Slot:
+    """One Pipeline and the token ids its KV cache holds (positions 0..len-1)."""
+
+    def __init__(self, model: Model, pipeline: Any) -> None:
+        self.model = model
+        self._pipeline = pipeline
+        self._ids: list[int] = []
+        self._cached = 0  # how many of _ids the cache holds
+
+    @property
+    def cached(self) -> list[int]:
+        return self._ids[:self._cached]
+
+    def warm_up(self) -> None:
+        """Evaluate one prompt of a few hundred tokens before serving. chatglm.cpp sizes its compute
+        buffer by the first graph it runs; when that is a short prompt, a long generation later
+        outgrows the buffer and corrupts the heap (`double free or corruption` after ~800 tokens on
+        the small demo architecture). A first graph of ~2·sqrt(context) query rows covers every
+        decode graph up to the full context."""
+        n = min(self.model.context_length - 1, max(128, 2 * math.isqrt(self.model.context_length) + 2))
+        special = self.model.file.special_token_ids
+        ids = [special["[gMASK]"], special["sop"], *[special["<|user|>"]] * (n - 2)]
+        config = chatglm_cpp._C.GenerationConfig(max_length=self.model.context_length, max_new_tokens=1,
+                                                 max_context_length=self.model.context_length, do_sample=False)
+        started = time.monotonic()
+        self._pipeline.model.generate_next_token(ids, None, config, 0, len(ids))
+        self.model.costs.note_prefill(time.monotonic() - started, len(ids))
+        self._ids, self._cached = ids, len(ids)
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading tokens of ``prompt`` to take from the cache (at least one is evaluated)."""
+        reuse = min(common_prefix(self._ids[:self._cached], prompt), len(prompt) - 1)
+        if reuse <= 0:
+            return 0
+        if PATCHED:
+            return reuse
+        costs = self.model.costs  # stock build: the rest at decode speed, unless a cold prefill is cheaper
+        cheaper = 0 < (len(prompt) - reuse) * costs.decode < len(prompt) * costs.prefill
+        return reuse if cheaper else 0
+
+    def generate(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool]) -> Iterator[Event]:
+        """Events for one answer to ``prompt``; ends early, without a Finish, once ``cancelled()``."""
+        room = self.model.context_length - len(prompt)
+        max_new = room if request.max_tokens is None else min(request.max_tokens, room)
+        config = self.model.generation_config(request, max_new)
+        stop = StopMatcher(request.stop)
+        reply = ReplySplitter(bool(request.tools), raw=request.prompt is not None)
+        detok = self.model.detokenizer()
+        reuse = self.reusable(prompt)
+        self._ids, self._cached = list(prompt), 0  # until a step returns, what the cache holds is unknown
+        ids, model = self._ids, self._pipeline.model
+        started = time.monotonic()
+        token = self._prefill(prompt, reuse, config)
+        if reuse == 0:
+            self.model.costs.note_prefill(time.monotonic() - started, len(prompt))
+        generated, reason = 0, "length"
+        while True:
+            ids.append(token)
+            generated += 1
+            if self.model.is_end(token):
+                reason = "stop"
+                break
+            text = stop.feed(reply.feed(detok.add(token)))
+            if text:
+                yield TextDelta(text)
+            if stop.stopped:
+                reason = "stop"
+                break
+            if generated >= max_new or cancelled():
+                break
+            step = time.monotonic()
+            token = model.generate_next_token(ids, None, config, len(ids) - 1, len(prompt))
+            self._cached = len(ids)
+            self.model.costs.note_decode(time.monotonic() - step)
+        if cancelled():
+            return
+        call = None
+        if not stop.stopped:
+            content = reply.feed(detok.flush())
+            rest, call = reply.finish()
+            tail = stop.feed(content + rest) + stop.flush()
+            if tail:
+                yield TextDelta(tail)
+        if call is not None:
+            yield call
+            reason = "tool_calls"
+        yield Finish(reason, Usage(len(prompt), generated, cached_tokens=reuse))  # type: ignore[arg-type]
+
+    def _prefill(self, prompt: list[int], reuse: int, config: Any) -> int:
+        """Evaluate what the cache lacks of ``prompt``; the first new token."""
+        model = self._pipeline.model
+        if reuse == 0 or PATCHED:
+            token = model.generate_next_token(prompt, None, config, reuse, len(prompt))
+        else:  # stock build: one token a call once the cache holds something
+            for i in range(reuse, len(prompt)):
+                token = model.generate_next_token(prompt[:i + 1], None, config, i, len(prompt))
+                self._cached = i + 1
+        self._cached = len(prompt)
+        return token

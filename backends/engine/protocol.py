@@ -1,0 +1,72 @@
+"""The engine's socket protocol: the client sends one request line, the engine answers with one
+event line after another and closes the connection after the last. Every line is a JSON object.
+
+A client that closes its end cancels the generation; the engine notices before its next token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest, Message,
+                           QueueFull, QueueTimeout, TextDelta, Tool, ToolCall, Unavailable, Usage)
+
+MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this
+
+# The errors the engine may answer with, by name on the wire.
+ERRORS: dict[str, type[BackendError]] = {cls.__name__: cls for cls in (
+    BackendError, InvalidRequest, ContextLengthExceeded, QueueFull, QueueTimeout, Unavailable)}
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    # ensure_ascii: a lone surrogate a client sent (JSON allows "\ud800") travels as an escape
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
+
+
+def generate_request(request: ChatRequest) -> dict[str, Any]:
+    return {"op": "generate", "request": asdict(request)}
+
+
+def chat_request(fields: dict[str, Any]) -> ChatRequest:
+    messages = tuple(Message(**{**m, "tool_calls": tuple(ToolCall(**c) for c in m["tool_calls"])})
+                     for m in fields["messages"])
+    return ChatRequest(**{**fields, "messages": messages, "tools": tuple(Tool(**t) for t in fields["tools"]),
+                          "stop": tuple(fields["stop"])})
+
+
+def event_message(event: Event) -> dict[str, Any]:
+    if isinstance(event, TextDelta):
+        return {"text": event.text}
+    if isinstance(event, ToolCall):
+        return {"tool_call": asdict(event)}
+    return {"finish": event.reason, "usage": asdict(event.usage)}
+
+
+def error_message(exc: BackendError) -> dict[str, Any]:
+    kind = type(exc).__name__ if type(exc).__name__ in ERRORS else "BackendError"
+    return {"error": kind, "message": exc.message, "param": exc.param, "retry_after": exc.retry_after,
+            "extra": exc.extra}
+
+
+def event(message: dict[str, Any]) -> Event:
+    """The event a line stands for; an error line is raised."""
+    if "text" in message:
+        return TextDelta(message["text"])
+    if "tool_call" in message:
+        return ToolCall(**message["tool_call"])
+    if "finish" in message:
+        return Finish(message["finish"], Usage(**message["usage"]))
+    if "error" in message:
+        cls = ERRORS.get(message["error"], BackendError)
+        raise cls(message["message"], param=message.get("param"), retry_after=message.get("retry_after"),
+                  extra=message.get("extra") or {})
+    raise ValueError(f"unknown engine message {sorted(message)}")
