@@ -84,17 +84,14 @@ logconfig_dict = {
 }
 
 
-_keeper = None
-
-
 def when_ready(server):
-    """The master keeps the local engine running (before the first worker, and after any crash)."""
-    global _keeper
-    if _settings.model_path is not None and _keeper is None:
+    """The master keeps the local engine running (before the first worker, and after any crash).
+    The keeper hangs off the arbiter, which outlives the reloads that re-read this file."""
+    if _settings.model_path is not None and getattr(server, "aigate_keeper", None) is None:
         from backends.engine.launcher import Keeper
 
-        _keeper = Keeper(_settings)
-        _keeper.start()
+        server.aigate_keeper = Keeper(_settings)
+        server.aigate_keeper.start()
 
 
 def child_exit(server, worker):
@@ -105,6 +102,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _keeper is not None:  # after the workers: their last streams are done with it
-        _keeper.stop()
+    keeper = getattr(server, "aigate_keeper", None)
+    if keeper is not None:  # after the workers: their last streams are done with it
+        keeper.stop()
     shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -30,7 +30,8 @@ def pss_kib(pid: int) -> int:
 
 
 def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """Children of every thread of ``pid`` (the master starts the engine from a thread of its own)."""
+    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
 
 
 def is_engine(pid: int) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -205,3 +206,22 @@ def test_a_whole_answer_stops_when_its_client_leaves(server):
     assert "error=client_gone" in line
     assert int(re.search(r"completion_tokens=(\d+)", line).group(1)) < 20000
     wait_until(lambda: engine_status(server)["running"] == 0, timeout=5)
+
+
+def test_the_line_holds_when_a_tmp_cleaner_empties_tmp(server_factory, slow_model, tmp_path):
+    """The line lives in the engine, not in files: emptying $TMPDIR under a running server (as a tmp
+    cleaner does) still leaves one generation at a time with GENERATION_SLOTS=1."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    server = server_factory(CHATGLM_MODEL=str(slow_model), TMPDIR=str(tmp), WORKERS="2")
+    for entry in tmp.iterdir():
+        if not entry.name.startswith("aigate-metrics-"):  # the metrics directory is another story
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    streams = [local_stream(server, "Tell me a long story.", 3000) for _ in range(2)]
+    try:
+        wait_until(lambda: engine_status(server)["waiting"] == 1)
+        status = engine_status(server)
+        assert (status["running"], status["waiting"]) == (1, 1)
+    finally:
+        for r in streams:
+            r.close()

@@ -153,3 +153,28 @@ def test_the_line_gives_the_slot_with_the_longest_cached_prefix():
     score = {"cold": 0, "warm": 900, "tepid": 10}
     with line.slot(score.__getitem__, lambda: False) as slot:
         assert slot == "warm"
+
+
+def test_on_a_stock_build_the_rest_goes_in_one_token_a_step_and_answers_the_same(demo_model, monkeypatch):
+    """Stock chatglm-cpp evaluates one token a call once its cache holds anything: reuse still
+    gives the greedy answer a cold prompt gives, and is taken only where it is cheaper."""
+    from backends.engine import model as engine_model
+    from backends.ggml_file import read_model_file
+
+    monkeypatch.setattr(engine_model, "PATCHED", False)
+    loaded = engine_model.Model(read_model_file(demo_model), 1024, slots=2)
+    warm, cold = loaded.slots
+
+    def answer(slot, *messages: Message) -> tuple[str, Finish]:
+        request = ChatRequest(model="demo", messages=messages, temperature=0, max_tokens=24)
+        events = list(slot.generate(request, loaded.prompt_ids(request), lambda: False))
+        return "".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]
+
+    text, _ = answer(warm, *HISTORY)
+    turn2 = (*HISTORY, Message("assistant", text), Message("user", "And the bakery?"))
+    loaded.costs.prefill, loaded.costs.decode = 1.0, 0.01  # a cold prefill costs far more: reuse
+    reused, finish = answer(warm, *turn2)
+    assert finish.usage.cached_tokens > 100
+    assert answer(cold, *turn2)[0] == reused
+    loaded.costs.prefill, loaded.costs.decode = 0.001, 1.0  # one token a step costs more: start cold
+    assert warm.reusable(loaded.prompt_ids(ChatRequest(model="demo", messages=turn2))) == 0

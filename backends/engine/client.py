@@ -34,11 +34,17 @@ class EngineClient:
         self.wait_seconds = wait_seconds  # how long a request waits for an engine that is (re)starting
 
     def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
-        """The engine's state, or None when no engine answers."""
+        """The engine's state, or None when no engine listens."""
         try:
-            with connect(self.address, timeout) as sock:
+            sock = connect(self.address, timeout)
+        except OSError:
+            return None
+        try:
+            with sock:
                 sock.sendall(protocol.encode({"op": "status"}))
                 return protocol.decode(sock.makefile("rb").readline(protocol.MAX_LINE))
+        except TimeoutError:  # a stock chatglm-cpp holds the GIL through a prompt evaluation: busy, not gone
+            return {"loaded": True, "error": None, "running": 1, "waiting": 0, "pid": None}
         except (OSError, ValueError):
             return None
 

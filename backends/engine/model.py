@@ -208,7 +208,7 @@ class Slot:
         started = time.monotonic()
         self._pipeline.model.generate_next_token(ids, None, config, 0, len(ids))
         self.model.costs.note_prefill(time.monotonic() - started, len(ids))
-        self._ids, self._cached = ids, len(ids)
+        self._ids, self._cached = [], 0  # nothing a request would want to reuse
 
     def reusable(self, prompt: list[int]) -> int:
         """How many leading tokens of ``prompt`` to take from the cache (at least one is evaluated)."""
