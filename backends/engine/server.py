@@ -125,6 +125,10 @@ class Engine:
                     conn.sendall(protocol.encode(protocol.event_message(event)))
         except BackendError as exc:
             conn.sendall(protocol.encode(protocol.error_message(exc)))
+        except RuntimeError:  # chatglm.cpp's own checks (a CHATGLM_CHECK): this request failed, not the engine
+            log.exception("the model failed on a request")
+            conn.sendall(protocol.encode(protocol.error_message(
+                BackendError("The local model failed on this request; the error has been logged."))))
 
 
 def parent_gone(parent: int) -> bool:
