@@ -116,7 +116,8 @@ def test_stream_chunk_sequence():
     assert chunks[3]["choices"][0]["finish_reason"] == "stop"
     assert all(ch["choices"][0]["finish_reason"] is None for ch in chunks[:3])
     assert chunks[4] == {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 5, "model": "m",
-                         "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+                         "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                                                    "prompt_tokens_details": {"cached_tokens": 0}}}
     assert {ch["id"] for ch in chunks} == {"chatcmpl-x"}
     assert len(list(stream_chunks(c, events("a"), include_usage=False))) == 3
 
@@ -146,6 +147,7 @@ def test_sse_event_is_one_line_of_json_for_any_text(text):
 
 def test_failure_after_the_first_byte_goes_in_band():
     from backends.base import QueueTimeout
+    from compat.client_socket import ClientSocket
     from compat.routes.road import sse_stream
 
     closed = []
@@ -161,7 +163,8 @@ def test_failure_after_the_first_byte_goes_in_band():
 
     events = backend_events()
     record = RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1")
-    frames = list(sse_stream(stream_chunks(Completion("m"), events, False), events.close, record))
+    no_socket = ClientSocket({}, 30)  # not under gunicorn: nothing to watch
+    frames = list(sse_stream(stream_chunks(Completion("m"), events, False), events.close, record, no_socket))
     assert json.loads(frames[1][6:])["choices"][0]["delta"] == {"content": "partial"}
     assert json.loads(frames[-2][6:])["error"]["code"] == "queue_timeout"
     assert frames[-1] == sse.DONE and closed == [True]
@@ -169,6 +172,7 @@ def test_failure_after_the_first_byte_goes_in_band():
 
 
 def test_closing_the_stream_closes_the_backend():
+    from compat.client_socket import ClientSocket
     from compat.routes.road import sse_stream
 
     closed = []
@@ -184,7 +188,7 @@ def test_closing_the_stream_closes_the_backend():
 
     events = backend_events()
     body = sse_stream(stream_chunks(Completion("m"), events, False), events.close,
-                      RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1"))
+                      RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1"), ClientSocket({}, 30))
     next(body), next(body)
     body.close()  # what the WSGI server does when the client goes away
     assert closed == [True]
