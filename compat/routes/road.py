@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 
-from flask import current_app, g, request
+from flask import current_app, g, has_app_context, request
 
 import metrics
 from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTimeout, RateLimited, Unavailable,
@@ -16,8 +16,9 @@ from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTim
 from backends.registry import Route
 from compat import sse
 from compat.auth import allowed
-from compat.errors import from_backend, internal_error, invalid, model_not_found
+from compat.errors import APIError, from_backend, internal_error, invalid, model_not_found
 from request_log import RequestRecord
+from streams import STOPPED_CODE, RunningStreams, ServerStopping
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,16 @@ def json_depth(value: object) -> int:
 FALL_BACK_ON = (RateLimited, UpstreamError, QueueFull, QueueTimeout, Unavailable)
 
 
-def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
-    """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS."""
+def start(request: ChatRequest, stream: bool,
+          reserve: Callable[[Route], int] | None = None) -> tuple[Route, Answer]:
+    """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS.
+    ``reserve`` says what the whole call may cost (/v1/completions runs one answer per prompt)."""
     state = current_app.extensions["aigate"]
     chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
-    g.record.admit(request.estimated_prompt_tokens + (request.max_tokens or 0))
+    first = resolve(request.model, stream)
+    g.record.admit(reserve(first) if reserve else most_tokens(first, request))  # a 429 if the budget lacks it
     for i, name in enumerate(chain):
-        route = resolve(name, stream)
+        route = first if i == 0 else resolve(name, stream)
         asked = request if i == 0 else within_ceiling(request, state.limits.ceiling(name))
         try:
             return route, Answer(route, asked, g.record, state.settings.log_prompts)
@@ -70,6 +74,20 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
                 raise
             log.warning("%s failed before answering (%s); falling back to %s", route.model_id, exc, chain[i + 1])
     raise AssertionError("unreachable")
+
+
+def most_tokens(route: Route, request: ChatRequest) -> int:
+    """What an answer may cost at most: its prompt and max_tokens, or, with no max_tokens, what the
+    backend lets an open-ended answer take."""
+    prompt = request.estimated_prompt_tokens
+    if request.max_tokens is not None:
+        return prompt + request.max_tokens
+    open_ended = current_app.extensions["aigate"].open_ended.get(route.backend.name)
+    if open_ended is None:
+        return prompt
+    if route.backend.name == "chatglm":  # a context holds the prompt and the answer together
+        return max(prompt, open_ended)
+    return prompt + open_ended
 
 
 def within_ceiling(request: ChatRequest, ceiling: int | None) -> ChatRequest:
@@ -118,10 +136,21 @@ class Answer:
 def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord) -> Iterator[bytes]:
     """Write each chunk the moment it exists. A failure after the first byte goes in-band as an
     error event; a client that goes away closes this generator, which closes the backend's."""
-    metrics.ACTIVE_STREAMS.inc()
+    # Taken now: the body is written after the view returns (outside an app, as in a unit test, none).
+    running = current_app.extensions["aigate"].streams if has_app_context() else RunningStreams()
+    return _sse(chunks, close, record, running)
+
+
+def _sse(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord,
+         running: RunningStreams) -> Iterator[bytes]:
+    token = running.add(record)
     try:
+        metrics.stream_started()  # inside the try: whatever happens, the backend is closed
         for c in chunks:
             yield sse.encode(c)
+    except ServerStopping:  # the worker's graceful timeout ran out: say so while we still can
+        record.error = STOPPED_CODE
+        yield sse.encode(server_stopping().body())
     except BackendError as exc:
         error = from_backend(exc)
         record.error = error.code or error.type
@@ -131,6 +160,13 @@ def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: Reques
         record.error = "internal_error"
         yield sse.encode(internal_error().body())
     finally:
+        running.discard(token)
         close()
-        metrics.ACTIVE_STREAMS.dec()
+        metrics.stream_ended()
     yield sse.DONE
+
+
+def server_stopping() -> APIError:
+    return APIError(503, "The server is restarting or shutting down and this answer ran past its graceful "
+                         "timeout, so it was cut short. Send the request again.", type="server_error",
+                    code=STOPPED_CODE)
