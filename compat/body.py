@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -126,5 +127,6 @@ def _do_not_reuse(environ: dict[str, Any]) -> None:
 def _refuse(refused: BodyRefused, start_response: Callable) -> list[bytes]:
     body = json.dumps({"error": {"message": refused.message, "type": "invalid_request_error", "param": None,
                                  "code": refused.code}}).encode()
-    start_response(refused.status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    start_response(refused.status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                    ("x-request-id", "req_" + secrets.token_hex(12))])
     return [body]
