@@ -172,13 +172,13 @@ def test_a_stream_cut_short_is_charged_for_what_it_sent(tmp_path, slow_model):
 
 
 def test_a_running_answer_holds_its_max_tokens_until_it_ends(tmp_path, slow_model):
-    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=250, max_tokens=200)
+    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=220, max_tokens=200)
     assert next(chunks).startswith(b"data: {")
-    # 201 tokens are spoken for while it runs: a second answer of 100 does not fit in what is left...
-    refused = chat(client, "sk-t", model="endless", max_tokens=100)
+    # 201 tokens are spoken for while it runs: a second answer of 30 does not fit in what is left...
+    refused = chat(client, "sk-t", model="endless", max_tokens=30)
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
     stream.close()  # ...until it ends early: then only what it used counts, and there is room again
-    assert chat(client, "sk-t", model="endless", max_tokens=100).status_code == 200
+    assert chat(client, "sk-t", model="endless", max_tokens=30).status_code == 200
 
 
 def test_settling_a_reservation_never_refunds_into_a_new_minute():
