@@ -6,7 +6,7 @@ import logging
 import re
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from flask import Flask, Response, g, request
@@ -18,12 +18,14 @@ from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import authenticate
+from compat.body import BodyReader
 from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.requests import Limits
 from compat.routes import chat, completions, embeddings, models, openapi, ops, playground
 from request_log import RequestRecord
 from settings import ConfigError, Settings, load_settings
+from streams import RunningStreams
 
 log = logging.getLogger("aigate")
 
@@ -36,6 +38,10 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 class AppState:
     settings: Settings
     registry: Registry
+    # backend name -> the most tokens an answer without max_tokens can take: a local model's whole
+    # context (the prompt counts within it), Workers AI's CLOUDFLARE_MAX_TOKENS (sent when none is asked).
+    open_ended: dict[str, int] = field(default_factory=dict)
+    streams: RunningStreams = field(default_factory=RunningStreams)  # ended by the worker's graceful timeout
 
     @cached_property
     def limits(self) -> Limits:
@@ -57,15 +63,21 @@ class AppState:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the playground is served by its route, with its headers
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["aigate"] = AppState(settings, build_registry(settings))
+    local = check_config(settings)
+    open_ended = {"cloudflare": settings.cloudflare_max_tokens}
+    if local is not None:
+        open_ended["chatglm"] = settings.chatglm_max_length or local[0].config.max_length
+    app.extensions["aigate"] = AppState(settings, build_registry(settings, local), open_ended)
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
     for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, ops.bp, openapi.bp, playground.bp):
         app.register_blueprint(bp)
+    # The body read whole, bounded in size and time, before anything else looks at the request.
+    app.wsgi_app = BodyReader(app.wsgi_app, settings.max_body_bytes, settings.body_timeout)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
@@ -97,8 +109,7 @@ def start_loading(app: Flask) -> None:
     threading.Thread(target=load_backends, args=(app,), name="aigate-load", daemon=True).start()
 
 
-def build_registry(settings: Settings) -> Registry:
-    local = check_config(settings)
+def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> Registry:
     backends: list[Backend] = []
     if local is not None:
         from backends.chatglm import ChatGLMBackend
@@ -140,8 +151,14 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
         if name not in names and not (discovering and name.startswith("@")):  # discovered later
             raise ConfigError(f"{where}: no configured {kinds} is called {name!r} (models: {', '.join(sorted(names))})")
 
+    aliases = [alias for alias, _ in settings.model_aliases]
     for alias, target in settings.model_aliases:
         check(target, known, f"MODEL_ALIASES: alias {alias}={target}", kinds="model")
+        if alias in known:  # the alias would win, and the model could no longer be asked for
+            raise ConfigError(f"MODEL_ALIASES: alias {alias}={target} has the name of a served model; "
+                              "choose another alias")
+        if aliases.count(alias) > 1:
+            raise ConfigError(f"MODEL_ALIASES: alias {alias} is given twice; keep one")
     names = known | {alias for alias, _ in settings.model_aliases}
     for name, _ in settings.max_tokens_by_model:
         check(name, names, "MAX_TOKENS_CEILING")

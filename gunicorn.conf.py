@@ -3,7 +3,8 @@
 No preload: each worker imports the app after gevent has patched it. The model runs in the local
 engine, one process that the master starts before the first worker and starts again if it dies
 (backends/engine/); workers only do I/O. The configuration is checked here first, in the master,
-so a bad setting or model file stops the server with one clear line instead of a crash loop.
+so a bad setting or model file stops the server with one clear line instead of a crash loop of
+workers; on a reload (SIGHUP), a bad one is logged and the previous configuration stays in service.
 """
 
 import json
@@ -14,21 +15,57 @@ import tempfile
 
 import gunicorn.util
 
-# Metrics from every worker add up through files in one directory, which must be known before
-# anything imports prometheus_client; a fresh one per start, so counts begin at zero.
-_metrics_dir = tempfile.mkdtemp(prefix="aigate-metrics-")
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+# SIGHUP (systemctl reload) runs this file again in the same master process: it must neither
+# make a new metrics directory (counters would restart from zero on every key rotation) nor
+# exit on a configuration error (the master would take the workers with it).
+_reloading = os.environ.get("AIGATE_MASTER_PID") == str(os.getpid())
+os.environ["AIGATE_MASTER_PID"] = str(os.getpid())
+
+
+def _metrics_directory() -> tuple[str, bool]:
+    """Metrics from every worker add up through files in one directory, which must be known before
+    anything imports prometheus_client: PROMETHEUS_MULTIPROC_DIR if the operator set one (emptied at
+    start), else a private one made at start and removed at exit. Returns it and whether it is ours."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if _reloading and path:
+        os.makedirs(path, mode=0o700, exist_ok=True)  # in case a cleaner took it: metrics.py copes either way
+        return path, os.environ.get("AIGATE_METRICS_TEMPORARY") == path
+    if path and os.environ.get("AIGATE_METRICS_TEMPORARY") != path:  # the operator's: counts start at zero
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.remove(os.path.join(path, name))
+        return path, False
+    path = tempfile.mkdtemp(prefix="aigate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["AIGATE_METRICS_TEMPORARY"] = path
+    return path, True
+
+
+_metrics_dir, _metrics_temporary = _metrics_directory()
 
 import app as _app  # noqa: E402
+import settings as _config  # noqa: E402
 from compat.errors import APIError  # noqa: E402
 from settings import ConfigError, load_settings  # noqa: E402
 
 try:
     _settings = load_settings()
     _app.check_config(_settings)
-except ConfigError as _exc:
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
-    sys.exit(f"aigate: configuration error: {_exc}")
+except Exception as _exc:
+    _previous = _config.checked() if _reloading else None
+    _what = str(_exc) if isinstance(_exc, ConfigError) else f"{type(_exc).__name__}: {_exc}"
+    if _previous is None:
+        if not isinstance(_exc, ConfigError):
+            raise
+        if _metrics_temporary:
+            shutil.rmtree(_metrics_dir, ignore_errors=True)
+        sys.exit(f"aigate: configuration error: {_what}")
+    # A reload: keep serving what was checked before (new workers are given it too).
+    print(f"aigate: configuration error on reload, still serving the previous configuration: {_what}",
+          file=sys.stderr, flush=True)
+    _settings = _previous
+else:
+    _config.set_checked(_settings)
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
@@ -94,15 +131,28 @@ def when_ready(server):
         server.aigate_keeper.start()
 
 
+def post_worker_init(worker):
+    """Streams still running when a stopping worker's graceful timeout ends are told so (streams.py)."""
+    from streams import end_streams_before_the_kill
+
+    end_streams_before_the_kill(worker, worker.wsgi.extensions["aigate"].streams, graceful_timeout)
+
+
 def child_exit(server, worker):
-    """A dead worker's live gauges (active streams) must stop counting."""
+    """A dead worker's live gauges (active streams) must stop counting, under any of the file names
+    it used (metrics.py renames them after a fault)."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    for pid in (worker.pid, f"{worker.pid}g*"):
+        try:
+            multiprocess.mark_process_dead(pid, _metrics_dir)
+        except OSError as exc:
+            server.log.warning("cannot remove the metrics files of worker %s: %s", worker.pid, exc)
 
 
 def on_exit(server):
     keeper = getattr(server, "aigate_keeper", None)
     if keeper is not None:  # after the workers: their last streams are done with it
         keeper.stop()
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    if _metrics_temporary:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

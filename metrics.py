@@ -1,18 +1,107 @@
 """Prometheus metrics. Under gunicorn every worker writes its own files in
 PROMETHEUS_MULTIPROC_DIR (set by gunicorn.conf.py before anything imports prometheus_client),
-and a scrape of any worker adds them all up."""
+and a scrape of any worker adds them all up.
+
+Metrics never take a request down: every update goes through ``safely``, which skips it (and
+makes /ready say why) while the directory is missing and cannot be recreated, or its file
+system is nearly full (prometheus_client writes through mmap: a write into a full file system
+is a SIGBUS that kills the worker, not an exception), and logs any other failure.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
+                               generate_latest, values)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MIN_FREE_BYTES = 8 * 1024 * 1024  # a worker's files start at 1 MiB each, three kinds; they may double
+FAILURE_MEMORY = 60.0  # seconds /ready keeps reporting a failed write
+
+log = logging.getLogger("aigate")
+
+
+class _Directory:
+    """This process's view of the multiprocess directory. ``generation`` goes up whenever this
+    process must reopen its files (the directory was replaced, or a write failed), which is done
+    by giving prometheus_client a new process identifier (files ``<kind>_<pid>g<n>.db``)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.generation = 0
+        self.inode: tuple[int, int] | None = None
+        self.problem: str | None = None  # why updates are skipped right now
+        self.failed_at = -FAILURE_MEMORY
+        self.failure = ""
+
+    def process_id(self) -> str:
+        pid = os.getpid()
+        return str(pid) if self.generation == 0 else f"{pid}g{self.generation}"
+
+    def writable(self) -> bool:
+        if self.path is None:
+            return True
+        try:
+            problem = self._check()
+        except Exception as exc:  # checking must not fail a request either
+            problem = f"the metrics directory {self.path} cannot be checked ({type(exc).__name__}: {exc})"
+        if problem != self.problem:
+            if problem:
+                log.error("metrics paused: %s", problem)
+            elif self.problem:
+                log.warning("metrics resumed: %s is usable again", self.path)
+        self.problem = problem
+        return problem is None
+
+    def _check(self) -> str | None:
+        assert self.path is not None
+        try:
+            st = os.stat(self.path)
+        except OSError:  # gone (or a file stands where a directory on its path was)
+            try:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                st = os.stat(self.path)
+            except OSError as exc:
+                return f"the metrics directory {self.path} is gone and cannot be recreated ({exc.strerror})"
+            log.warning("the metrics directory %s was removed; recreated it (earlier counts are lost)", self.path)
+        if self.inode is not None and (st.st_dev, st.st_ino) != self.inode:
+            self.generation += 1  # our files went with the old directory: open new ones in this one
+        self.inode = (st.st_dev, st.st_ino)
+        try:
+            fs = os.statvfs(self.path)
+        except OSError as exc:
+            return f"the metrics directory {self.path} cannot be read ({exc.strerror})"
+        if fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
+            return (f"the file system of the metrics directory {self.path} has less than "
+                    f"{MIN_FREE_BYTES // 2**20} MiB free")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            return f"the metrics directory {self.path} is not writable"
+        return None
+
+    def failed(self, exc: BaseException) -> None:
+        self.failed_at, self.failure = time.monotonic(), f"{type(exc).__name__}: {exc}"
+        self.generation += 1  # prometheus_client may be half reset: reopen everything next time
+        log.error("metrics could not be written (%s); the request goes on without them", self.failure)
+
+    def readiness(self) -> str | None:
+        if self.path is None:
+            return None
+        if not self.writable():
+            return self.problem
+        if time.monotonic() - self.failed_at < FAILURE_MEMORY:
+            return f"a metrics write failed {time.monotonic() - self.failed_at:.0f} s ago ({self.failure})"
+        return None
+
+
+_dir = _Directory(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None)
+if _dir.path is not None:  # before any metric exists: each one's value is made by this class
+    values.ValueClass = values.MultiProcessValue(process_identifier=_dir.process_id)  # type: ignore[misc]
 
 # `key` is an API key's name ("-" without one): as many values as keys configured, never a secret.
 REQUESTS = Counter("aigate_requests_total", "HTTP requests answered", ["route", "model", "status", "key"])
@@ -27,6 +116,34 @@ TOKENS_PER_SECOND = Histogram(
     "aigate_completion_tokens_per_second", "Decode speed of one answer, after its first token", ["model"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
 ACTIVE_STREAMS = Gauge("aigate_active_streams", "Streaming responses in progress", multiprocess_mode="livesum")
+_active_streams = 0  # this worker's count, written whole (set, not inc/dec): a skipped update cannot skew it
+
+
+def safely(update: Callable[[], None]) -> None:
+    """Run a metrics update unless the directory is unusable; a failure is logged, never raised."""
+    if not _dir.writable():
+        return
+    try:
+        update()
+    except Exception as exc:  # OSError from the files, ValueError from a closed mmap: metrics only
+        _dir.failed(exc)
+
+
+def stream_started() -> None:
+    global _active_streams
+    _active_streams += 1
+    safely(lambda: ACTIVE_STREAMS.set(_active_streams))
+
+
+def stream_ended() -> None:
+    global _active_streams
+    _active_streams -= 1
+    safely(lambda: ACTIVE_STREAMS.set(_active_streams))
+
+
+def readiness() -> str | None:
+    """None while metrics can be written; otherwise why not (for /ready)."""
+    return _dir.readiness()
 
 
 class _LiveGauges:
@@ -45,9 +162,10 @@ class _LiveGauges:
 
 
 def exposition(stats: Iterable[tuple[str, dict[str, float]]]) -> bytes:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    """Raises OSError or ValueError when the directory cannot be read (the route says 503)."""
+    if _dir.path is not None:
         workers = CollectorRegistry()
-        MultiProcessCollector(workers)
+        MultiProcessCollector(workers, path=_dir.path)
         counted = generate_latest(workers)
     else:
         counted = generate_latest(REGISTRY)

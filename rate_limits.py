@@ -1,6 +1,6 @@
 """Per-key rate limits on /v1: requests per minute through Flask-Limiter (a moving window), tokens
 per minute on the same storage (a fixed window: a generation's prompt and max_tokens are reserved
-when it starts, and its real usage settles them when it ends).
+when it starts, refused if they do not fit, and its real usage settles them when it ends).
 ``memory://`` counts per worker; ``redis://`` shares one count between every worker and host.
 
 A key is named by its ApiKey.name (never the secret); without API keys a client is its address.
@@ -79,8 +79,15 @@ def install(app: Flask, settings: Settings) -> None:
         if wait is not None:
             raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
         # Taken from the budget when the request starts, so requests running at once cannot all
-        # spend the same tokens; set right by the answer's real usage when it ends.
-        g.record.on_admit.append(lambda most: tokens.charge(item, q.who, most))
+        # spend the same tokens; set right by the answer's real usage when it ends. What does not
+        # fit in what is left of the minute is refused (what never fits, said so).
+        def admit(most: int) -> None:
+            if most > q.tokens_per_minute:
+                raise _too_large(q, most)
+            wait = tokens.reserve(item, q.who, most)
+            if wait is not None:
+                raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
+        g.record.on_admit.append(admit)
 
     @app.after_request
     def charge_tokens(response: Response) -> Response:
@@ -112,6 +119,18 @@ class TokenBudget:
             return counter.get_window_stats(item, "tokens", who).reset_time - time.time()
         return self._use(check)
 
+    def reserve(self, item: RateLimitItemPerMinute, who: str, most: int) -> float | None:
+        """Take ``most`` tokens if the window still holds them (None), else give them back and say
+        how many seconds until it turns. One increment, so parallel requests cannot both fit in
+        the same room."""
+        def take(counter: FixedWindowRateLimiter) -> float | None:
+            key, expiry = item.key_for("tokens", who), item.get_expiry()
+            if counter.storage.incr(key, expiry, amount=most) <= item.amount:
+                return None
+            counter.storage.incr(key, expiry, amount=-most)
+            return counter.get_window_stats(item, "tokens", who).reset_time - time.time()
+        return self._use(take)
+
     def charge(self, item: RateLimitItemPerMinute, who: str, used: int) -> None:
         """Add ``used`` tokens; fewer than none gives back part of a reservation, but never more than
         the window holds (if the minute turned since, the new window owes nothing back)."""
@@ -132,6 +151,15 @@ class TokenBudget:
                             type(exc).__name__, self.RETRY_AFTER_FAILURE)
                 self.down_until = time.monotonic() + self.RETRY_AFTER_FAILURE
         return action(self.local)
+
+
+def _too_large(q: Quota, most: int) -> APIError:
+    """A request that could not fit in a whole minute's budget: waiting will not help (as OpenAI
+    words it; x-should-retry tells the SDKs not to resend it)."""
+    return APIError(429, f"Request too large for tokens per minute (TPM) on {q.who}: limit {q.tokens_per_minute}, "
+                         f"requested about {most} (the prompt and max_tokens; a request without max_tokens "
+                         "reserves what the model could answer). Lower max_tokens or shorten the prompt.",
+                    type="tokens", code="rate_limit_exceeded", headers={"x-should-retry": "false"})
 
 
 def _exceeded(kind: str, unit: str, q: Quota | None, limit: int, wait: float) -> APIError:

@@ -80,10 +80,11 @@ class RequestRecord:
             yield event
 
     def admit(self, most_tokens: int) -> None:
-        """The request is about to run: tell the hooks what it may cost (its prompt and max_tokens)."""
-        self.reserved_tokens = most_tokens
+        """The request is about to run: tell the hooks what it may cost (its prompt and max_tokens).
+        A hook may refuse it by raising; then nothing was reserved."""
         for hook in self.on_admit:
             hook(most_tokens)
+        self.reserved_tokens = most_tokens
 
     @property
     def tokens_used(self) -> int:
@@ -109,7 +110,7 @@ class RequestRecord:
         if log_prompts and self.messages:
             log.info("request %s prompt=%r answer=%r", self.id,
                      [(m.role, m.content) for m in self.messages], "".join(self.answer))
-        self._count(ended, ttft)
+        metrics.safely(lambda: self._count(ended, ttft))  # a metrics fault never fails the response's close
 
     def _count(self, ended: float, ttft: float | None) -> None:
         metrics.REQUESTS.labels(self.route, self.model, str(self.status), self.key).inc()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import sys
@@ -74,6 +75,7 @@ class Settings:
     engine_idle_timeout: float = 600.0  # an engine a worker started (no gunicorn master) exits when idle this long
     client_write_timeout: float = 30.0  # a client that leaves an answer's bytes unread this long is let go
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout: float = 30.0  # seconds a client has to send a request body (408 after)
     max_messages: int = 2048
     max_input_chars: int = 1_000_000
     max_tokens_ceiling: int | None = None  # for every model
@@ -120,6 +122,21 @@ class Settings:
         return "@" + name if sys.platform.startswith("linux") else str(Path(tempfile.gettempdir()) / f"{name}.sock")
 
 
+# What the gunicorn master last checked (gunicorn.conf.py sets it, at start and on each reload).
+# Its workers are forked from it and use this rather than read the files again: a reload with a
+# broken keys file or .env keeps serving the configuration that was checked before.
+_checked: Settings | None = None
+
+
+def set_checked(settings: Settings) -> None:
+    global _checked
+    _checked = settings
+
+
+def checked() -> Settings | None:
+    return _checked
+
+
 def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.PathLike[str] | None = ".env") -> Settings:
     """Read settings from ``environ`` (default os.environ) over the values of a .env file."""
     env: dict[str, str] = {}
@@ -161,6 +178,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         engine_idle_timeout=r.number("ENGINE_IDLE_TIMEOUT", Settings.engine_idle_timeout, minimum=0.0),
         client_write_timeout=r.number("CLIENT_WRITE_TIMEOUT", Settings.client_write_timeout, minimum=0.1),
         max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
+        body_timeout=r.number("BODY_TIMEOUT", Settings.body_timeout, minimum=0.1),
         max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
         max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),
         max_tokens_ceiling=ceiling,
@@ -188,6 +206,8 @@ def _api_keys(plain: tuple[str, ...], keys_file: str, rpm: int, tpm: int) -> tup
     keys = [ApiKey(key_name(secret), secret, requests_per_minute=rpm, tokens_per_minute=tpm) for secret in plain]
     if keys_file:
         keys += _keys_file(Path(keys_file).expanduser(), rpm, tpm)
+    for key in keys:
+        _check_header_safe(key)
     secrets = [k.secret for k in keys]
     if len(set(secrets)) != len(secrets):
         raise ConfigError("API_KEYS / API_KEYS_FILE: the same key is listed twice")
@@ -195,6 +215,19 @@ def _api_keys(plain: tuple[str, ...], keys_file: str, rpm: int, tpm: int) -> tup
     if len(set(names)) != len(names):
         raise ConfigError("API_KEYS_FILE: two keys have the same name")
     return tuple(keys)
+
+
+def _check_header_safe(key: ApiKey) -> None:
+    """A key no client could send: HTTP header values are Latin-1 text without control characters
+    (and a bearer token holds no spaces)."""
+    try:
+        key.secret.encode("latin-1")
+        safe = not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in key.secret)
+    except UnicodeEncodeError:
+        safe = False
+    if not safe:  # named, never quoted: the message goes to the log
+        raise ConfigError(f"API_KEYS / API_KEYS_FILE: key {key.name} holds characters no HTTP header can carry "
+                          "(use printable ASCII, e.g. the output of `openssl rand -hex 24`)")
 
 
 def key_name(secret: str) -> str:
@@ -291,7 +324,7 @@ def _timeouts(raw: str) -> tuple[float, float]:
         values = [float(v) for v in raw.split(",")]
     except ValueError:
         values = []
-    if len(values) not in (1, 2) or min(values) <= 0:
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
         raise ConfigError(f"CLOUDFLARE_TIMEOUT={raw!r} is not 'read' or 'connect,read' in seconds (example: 10,120)")
     return (min(values[0], 10.0), values[0]) if len(values) == 1 else (values[0], values[1])
 
@@ -328,6 +361,8 @@ class _Reader:
             value = kind(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not {what}") from None
+        if not math.isfinite(value):  # nan compares false with everything: it would slip past every check
+            raise ConfigError(f"{name}={raw!r} is not {what} (a finite one)")
         if value < minimum:
             raise ConfigError(f"{name}={value} is too small (at least {minimum:g})")
         return value

@@ -35,6 +35,7 @@ TOO_LARGE_CODES = {3006}
 AUTH_CODES = {10000, 9106, 6111, 7003}  # bad token, malformed header, bad account id
 MAX_RETRY_WAIT = 2.0  # an upstream Retry-After longer than this goes back to the client instead
 EMBED_BATCH = 100  # Workers AI's limit of texts per embedding call
+DISCOVERY_RETRY = 5.0  # seconds between catalogue attempts while none has succeeded (/ready says not ready)
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,20 @@ class CloudflareBackend:
         self._models = [ModelInfo(m, "cloudflare") for m in config.models]
         self._embedding_models = [ModelInfo(m, "cloudflare") for m in config.embedding_models]
         self._models_expire = 0.0 if config.discover else math.inf
+        self._discovered = False  # with discovery on: has the catalogue been read at least once?
 
     def load(self) -> None:
         self.models()  # with discovery on, fill the list before the first client asks
 
     def readiness(self) -> str | None:
-        return None  # credentials are present (settings insist on both); each request is independent
+        """Credentials are present (settings insist on both) and each request is independent; with
+        CLOUDFLARE_MODELS=auto, not ready until the catalogue has been read once (before that every
+        @cf model would be a 404). Asking again here is what retries it when no request comes."""
+        if self.config.discover and not self._discovered:
+            self.models()
+            if not self._discovered:
+                return "the Workers AI model catalogue could not be read yet (CLOUDFLARE_MODELS=auto); retrying"
+        return None
 
     def stats(self) -> dict[str, float]:
         return {}
@@ -103,11 +112,14 @@ class CloudflareBackend:
                                     _created(i.get("created_at"))) for i in items if isinstance(i.get("name"), str)]
                 if len(items) < 50:
                     break
-        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("Cloudflare model discovery failed (%s); retrying in a minute", self._scrub(str(exc)))
-            self._models_expire = time.monotonic() + 60
+        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # Never read yet, nothing is served: try again soon; later, the list we have still serves.
+            retry = 60.0 if self._discovered else DISCOVERY_RETRY
+            log.warning("Cloudflare model discovery failed (%s); retrying in %.0f s", self._scrub(str(exc)), retry)
+            self._models_expire = time.monotonic() + retry
             return
         self._models = found
+        self._discovered = True
         self._models_expire = time.monotonic() + self.config.models_ttl
 
     # -- embeddings -------------------------------------------------------------------------------
@@ -187,7 +199,10 @@ class CloudflareBackend:
                     return response
                 error = self._error(response)
                 response.close()
-                retryable = response.status_code >= 500 or error.extra.get("code") == "upstream_capacity"
+                # A stalled error body is not resent: each try would wait the whole read timeout.
+                retryable = not isinstance(error, UpstreamTimeout) and (
+                    response.status_code >= 500 or error.extra.get("code") in ("upstream_capacity",
+                                                                               "upstream_broken_answer"))
                 wait = error.retry_after if error.retry_after is not None else 0.25 * 2 ** attempt
                 if last or not retryable or wait > MAX_RETRY_WAIT:
                     raise error
@@ -210,7 +225,7 @@ class CloudflareBackend:
                     break
                 try:
                     frame = json.loads(data)
-                except ValueError:
+                except (ValueError, RecursionError):
                     raise UpstreamError("Cloudflare sent a malformed stream event") from None
                 if not isinstance(frame, dict):
                     raise UpstreamError("Cloudflare sent a malformed stream event")
@@ -256,7 +271,7 @@ class CloudflareBackend:
     def _envelope(self, response: requests.Response) -> dict[str, Any]:
         try:
             body = response.json()
-        except ValueError:  # includes a body cut short
+        except (ValueError, RecursionError):  # includes a body cut short, and one nested absurdly deep
             raise UpstreamError("Cloudflare answered with something that is not JSON") from None
         except requests.RequestException as exc:
             raise _broken_read(exc, "mid-answer") from None
@@ -269,8 +284,12 @@ class CloudflareBackend:
         status = response.status_code
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what the parser can follow
             body = {}
+        except requests.RequestException as exc:  # the error body was cut short or stalled: a 502/504
+            broken = _broken_read(exc, f"while sending an HTTP {status} error")
+            broken.extra.setdefault("code", "upstream_broken_answer")
+            return broken
         errors = body.get("errors") if isinstance(body, dict) else None
         codes = {e.get("code") for e in errors or [] if isinstance(e, dict)}
         message = self._scrub(_first_message(body) or f"HTTP {status}")

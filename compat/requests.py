@@ -51,12 +51,14 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     if len(messages) > limits.max_messages:
         raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
                       "messages", "too_many_messages")
-    check_chars(sum(len(m.content) for m in messages), limits, "messages")
+    tools = _tools(body.get("tools"))
+    # Everything the model reads counts: tool definitions and the arguments of earlier calls too.
+    check_chars(sum(message_chars(m) for m in messages), limits, "messages")
+    check_chars(sum(message_chars(m) for m in messages) + sum(tool_chars(t) for t in tools), limits, "tools")
     if body.get("logprobs") is True:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     _optional_bool(body, "logprobs")
     _response_format(body.get("response_format"))
-    tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"), tools)
     # Both are checked when both are sent; the newer max_completion_tokens wins.
     newer = _integer(body, "max_completion_tokens", minimum=1)
@@ -109,6 +111,14 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     return CompletionCall(tuple(ChatRequest(model=model, messages=(), max_tokens=max_tokens, prompt=p,
                                             incremental=stream, **sampling) for p in prompts),
                           stream, include_usage, echo)
+
+
+def message_chars(m: Message) -> int:
+    return len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+
+
+def tool_chars(tool: Tool) -> int:
+    return len(tool.name) + len(tool.description) + len(json.dumps(tool.parameters, ensure_ascii=False))
 
 
 def check_chars(total: int, limits: Limits, param: str) -> None:

@@ -34,7 +34,7 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
 MODES = ["chat", "slow", "long", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall",
-         "malformed", "nodone", "flaky", "500",
+         "malformed", "nodone", "flaky", "500", "cut429", "cut400", "stall500", "deep",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
 
@@ -57,6 +57,7 @@ class FakeCloudflare:
     finished: list[str] = field(default_factory=list)  # models whose stream ran to [DONE]
     changed: threading.Condition = field(default_factory=threading.Condition)
     counters: dict[str, int] = field(default_factory=dict)
+    catalogue_down: bool = False  # the models search API answers 500 while set
 
     def start(self) -> FakeCloudflare:
         fake = self
@@ -174,7 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.record(None)
         if not self.authorized():
             return
-        if url.path.endswith("/ai/models/search"):
+        if url.path.endswith("/ai/models/search") and self.server_state.catalogue_down:
+            self.send_json(500, {"success": False, "errors": [{"code": 7001, "message": "Internal error"}]})
+        elif url.path.endswith("/ai/models/search"):
             query = parse_qs(url.query)
             page = int(query.get("page", ["1"])[0])
             items = [{"id": f"uuid-{i}", "source": 1, "name": m, "description": "fake",
@@ -220,6 +223,19 @@ class _Handler(BaseHTTPRequestHandler):
         if mode in ERRORS:
             status, error, headers = ERRORS[mode]
             self.send_json(status, error, headers)
+            return
+        if mode in ("cut429", "cut400", "stall500"):  # an error whose body stops after 37 of its bytes
+            self.broken_error(mode)
+            return
+        if mode == "deep":  # an answer nested 100,000 levels deep, whole or as a stream event
+            deep = b"[" * 100_000 + b"]" * 100_000
+            if body.get("stream"):
+                self.start_sse()
+                self.frame(deep)
+                self.frame(b"[DONE]")
+                self.end_chunks()
+            else:
+                self.send_raw(200, b'{"result": {"response": ' + deep + b'}, "success": true}')
             return
         if mode == "500":
             data = b"internal server error"
@@ -293,6 +309,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.frame(b"[DONE]")
         self.end_chunks()
         state.note(state.finished, model)
+
+    def send_raw(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def broken_error(self, mode: str) -> None:
+        status = {"cut429": 429, "cut400": 400, "stall500": 500}[mode]
+        data = json.dumps({"errors": [{"code": 3040, "message": "x" * 900}], "success": False}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:37])
+        self.wfile.flush()
+        if mode == "stall500":
+            time.sleep(30)
+        else:
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def fail_whole(self, mode: str) -> None:
         """The fault modes for an answer asked for whole: cut off, stalled, or not JSON."""

@@ -68,7 +68,7 @@ http {{
 def apache_config(tmp: Path, port: int, upstream_url: str) -> Path:
     modules = Path("/usr/lib/apache2/modules")
     loads = "\n".join(f"LoadModule {m}_module {modules}/mod_{m}.so"
-                      for m in ("mpm_event", "authz_core", "proxy", "proxy_http", "headers", "setenvif"))
+                      for m in ("mpm_event", "authz_core", "proxy", "proxy_http", "headers", "setenvif", "reqtimeout"))
     conf = tmp / "httpd.conf"
     conf.write_text(f"""
 {loads}
@@ -134,6 +134,15 @@ def test_streams_pass_through_the_proxy_unbuffered(proxy, upstream):
     first, total, proxied = timed_stream(proxy)
     assert proxied == direct
     assert first < total / 4, f"first chunk at {first:.2f}s of {total:.2f}s: the proxy buffered the stream"
+
+
+def test_a_chunked_body_reaches_aigate_whole_through_the_proxy(proxy):
+    """The proxies read a chunked body whole before passing it on (nginx's request buffering,
+    Apache's proxy-sendcl): aigate gets the request at once."""
+    body = json.dumps({"model": "endless", "messages": USER, "max_tokens": 2}).encode()
+    r = requests.post(proxy + "/v1/chat/completions", data=iter([body[:10], body[10:]]), timeout=30,
+                      headers={"Content-Type": "application/json"})  # a generator: sent chunked
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
 
 
 def test_proxy_keeps_metrics_private_and_passes_the_rest(proxy):

@@ -141,7 +141,7 @@ def test_requests_per_minute_answer_429_with_retry_after(tmp_path, demo_model):
 
 def test_tokens_per_minute_are_charged_after_the_answer(tmp_path, demo_model):
     client = make_client(tmp_path, demo_model)
-    first = chat(client, "sk-bob-secret", max_tokens=8)
+    first = chat(client, "sk-bob-secret")  # reserves its prompt and max_tokens: 5, all of bob's budget
     assert first.status_code == 200 and first.json["usage"]["total_tokens"] > 5  # one answer spends the budget
     refused = chat(client, "sk-bob-secret")
     assert refused.status_code == 429, refused.json
@@ -164,22 +164,23 @@ def open_stream(tmp_path: Path, slow_model: Path, tokens_per_minute: int, max_to
 
 
 def test_a_stream_cut_short_is_charged_for_what_it_sent(tmp_path, slow_model):
-    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=3, max_tokens=500)
+    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=510, max_tokens=500)
     sent = [next(chunks) for _ in range(6)]  # the role, then five pieces of text
     assert all(c.startswith(b"data: {") for c in sent)
     stream.close()  # the client leaves long before the end: no usage ever comes
-    refused = chat(client, "sk-t", model="endless")
+    # What it sent still counts (at least 5 tokens), so 506 more do not fit in the 510.
+    refused = chat(client, "sk-t", model="endless", max_tokens=505)
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
 
 
 def test_a_running_answer_holds_its_max_tokens_until_it_ends(tmp_path, slow_model):
-    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=60, max_tokens=200)
+    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=220, max_tokens=200)
     assert next(chunks).startswith(b"data: {")
-    # 200 tokens are spoken for while it runs: a second request finds the budget spent...
-    refused = client.get("/v1/models", headers=bearer("sk-t"))
+    # 201 tokens are spoken for while it runs: a second answer of 30 does not fit in what is left...
+    refused = chat(client, "sk-t", model="endless", max_tokens=30)
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
     stream.close()  # ...until it ends early: then only what it used counts, and there is room again
-    assert client.get("/v1/models", headers=bearer("sk-t")).status_code == 200
+    assert chat(client, "sk-t", model="endless", max_tokens=30).status_code == 200
 
 
 def test_settling_a_reservation_never_refunds_into_a_new_minute():

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, g, jsonify
 from backends.base import Event
 from compat.requests import parse_completion
 from compat.responses import Completion, fold_text_completion, text_completion_chunks
-from compat.routes.road import SSE_HEADERS, Answer, json_body, sse_stream, start
+from compat.routes.road import SSE_HEADERS, Answer, json_body, most_tokens, sse_stream, start
 
 bp = Blueprint("completions", __name__)
 
@@ -21,7 +21,9 @@ def create_completion():
     call = parse_completion(json_body(), current_app.extensions["aigate"].limits)
     # Only the first prompt starts before the response: each holds a generation slot, so the
     # others start one after the other, on the model that took the first, as the answer is written.
-    route, first = start(call.requests[0], call.stream)
+    # Every prompt's answer is reserved from a token budget up front: the call is admitted whole or not at all.
+    route, first = start(call.requests[0], call.stream,
+                         reserve=lambda route: sum(most_tokens(route, r) for r in call.requests))
     log_prompts = current_app.extensions["aigate"].settings.log_prompts
     record = g.record
     running = [first]

@@ -4,6 +4,7 @@ None of them needs an API key or waits for the model."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -12,6 +13,7 @@ from compat.auth import check_bearer
 from compat.errors import APIError
 
 bp = Blueprint("ops", __name__)
+log = logging.getLogger("aigate")
 
 
 @bp.get("/health")
@@ -23,9 +25,12 @@ def health():
 def ready():
     backends = current_app.extensions["aigate"].registry.backends
     reasons = {b.name: b.readiness() for b in backends}
-    ok = all(reason is None for reason in reasons.values())
-    body = {"status": "ready" if ok else "not ready",
-            "backends": {name: reason or "ready" for name, reason in reasons.items()}}
+    broken_metrics = metrics.readiness()
+    ok = all(reason is None for reason in reasons.values()) and broken_metrics is None
+    body: dict = {"status": "ready" if ok else "not ready",
+                  "backends": {name: reason or "ready" for name, reason in reasons.items()}}
+    if broken_metrics:  # the requests are served meanwhile, but nothing counts them
+        body["metrics"] = broken_metrics
     response = jsonify(body)
     response.status_code = 200 if ok else 503
     return response
@@ -40,7 +45,13 @@ def prometheus_metrics():
         raise APIError(403, "/metrics answers local clients only; set METRICS_TOKEN to scrape it from elsewhere.",
                        type="permission_error", code="metrics_forbidden")
     stats = [(b.name, b.stats()) for b in state.registry.backends]
-    return Response(metrics.exposition(stats), content_type=metrics.CONTENT_TYPE)
+    try:
+        text = metrics.exposition(stats)
+    except (OSError, ValueError) as exc:  # the multiprocess directory is gone or unreadable
+        log.error("/metrics cannot be read: %s", exc)
+        raise APIError(503, "Metrics are unavailable: the metrics directory cannot be read; see the server log.",
+                       type="server_error", code="metrics_unavailable") from None
+    return Response(text, content_type=metrics.CONTENT_TYPE)
 
 
 def _is_loopback(address: str | None) -> bool:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 
-from flask import current_app, g
+from flask import current_app, g, has_app_context
 from flask import request as flask_request
 
 import metrics
@@ -19,8 +19,9 @@ from backends.registry import Route
 from compat import sse
 from compat.auth import allowed
 from compat.client_socket import ClientGone, ClientSocket
-from compat.errors import from_backend, internal_error, invalid, model_not_found
+from compat.errors import APIError, from_backend, internal_error, invalid, model_not_found
 from request_log import RequestRecord
+from streams import STOPPED_CODE, RunningStreams, ServerStopping
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,17 @@ def json_depth(value: object) -> int:
 FALL_BACK_ON = (RateLimited, UpstreamError, QueueFull, QueueTimeout, Unavailable)
 
 
-def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
-    """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS."""
+def start(request: ChatRequest, stream: bool,
+          reserve: Callable[[Route], int] | None = None) -> tuple[Route, Answer]:
+    """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS.
+    ``reserve`` says what the whole call may cost (/v1/completions runs one answer per prompt)."""
     state = current_app.extensions["aigate"]
     chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
-    g.record.admit(request.estimated_prompt_tokens + (request.max_tokens or 0))
+    first = resolve(request.model, stream)
+    g.record.admit(reserve(first) if reserve else most_tokens(first, request))  # a 429 if the budget lacks it
     client = ClientSocket(flask_request.environ, state.settings.client_write_timeout)
     for i, name in enumerate(chain):
-        route = resolve(name, stream)
+        route = first if i == 0 else resolve(name, stream)
         asked = request if i == 0 else within_ceiling(request, state.limits.ceiling(name))
         try:
             return route, Answer(route, asked, g.record, state.settings.log_prompts, client)
@@ -74,6 +78,20 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
                 raise
             log.warning("%s failed before answering (%s); falling back to %s", route.model_id, exc, chain[i + 1])
     raise AssertionError("unreachable")
+
+
+def most_tokens(route: Route, request: ChatRequest) -> int:
+    """What an answer may cost at most: its prompt and max_tokens, or, with no max_tokens, what the
+    backend lets an open-ended answer take."""
+    prompt = request.estimated_prompt_tokens
+    if request.max_tokens is not None:
+        return prompt + request.max_tokens
+    open_ended = current_app.extensions["aigate"].open_ended.get(route.backend.name)
+    if open_ended is None:
+        return prompt
+    if route.backend.name == "chatglm":  # a context holds the prompt and the answer together
+        return max(prompt, open_ended)
+    return prompt + open_ended
 
 
 def within_ceiling(request: ChatRequest, ceiling: int | None) -> ChatRequest:
@@ -130,10 +148,18 @@ def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: Reques
     """Write each chunk the moment it exists. A failure after the first byte goes in-band as an
     error event; a client that goes away, or leaves its bytes unread for CLIENT_WRITE_TIMEOUT,
     closes this generator, which closes the backend's."""
-    metrics.ACTIVE_STREAMS.inc()
+    # Taken now: the body is written after the view returns (outside an app, as in a unit test, none).
+    running = current_app.extensions["aigate"].streams if has_app_context() else RunningStreams()
+    return _sse(chunks, close, record, client, running)
+
+
+def _sse(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord, client: ClientSocket,
+         running: RunningStreams) -> Iterator[bytes]:
+    token = running.add(record)
     client.bound_writes()
     written = time.monotonic()
     try:
+        metrics.stream_started()  # inside the try: whatever happens, the backend is closed
         for c in chunks:
             yield sse.encode(c)
             written = time.monotonic()
@@ -143,6 +169,9 @@ def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: Reques
     except GeneratorExit:  # the server closes the answer: the client left, or did not read in time
         record.error = "client_too_slow" if client.write_timed_out(written) else "client_gone"
         raise
+    except ServerStopping:  # the worker's graceful timeout ran out: say so while we still can
+        record.error = STOPPED_CODE
+        yield sse.encode(server_stopping().body())
     except BackendError as exc:
         error = from_backend(exc)
         record.error = error.code or error.type
@@ -152,7 +181,14 @@ def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: Reques
         record.error = "internal_error"
         yield sse.encode(internal_error().body())
     finally:
+        running.discard(token)
         close()
         client.unbound_writes()
-        metrics.ACTIVE_STREAMS.dec()
+        metrics.stream_ended()
     yield sse.DONE
+
+
+def server_stopping() -> APIError:
+    return APIError(503, "The server is restarting or shutting down and this answer ran past its graceful "
+                         "timeout, so it was cut short. Send the request again.", type="server_error",
+                    code=STOPPED_CODE)
