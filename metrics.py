@@ -60,7 +60,8 @@ class _Directory:
         return problem is None
 
     def _check(self) -> str | None:
-        assert self.path is not None
+        if self.path is None:  # only called when a directory is configured
+            return "no metrics directory is configured"
         try:
             st = os.stat(self.path)
         except OSError:  # gone (or a file stands where a directory on its path was)
