@@ -217,11 +217,13 @@ def test_the_line_holds_when_a_tmp_cleaner_empties_tmp(server_factory, slow_mode
     for entry in tmp.iterdir():
         if not entry.name.startswith("aigate-metrics-"):  # the metrics directory is another story
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-    streams = [local_stream(server, "Tell me a long story.", 3000) for _ in range(2)]
+    first = local_stream(server, "Tell me a long story.", 3000)
+    second = threading.Thread(target=lambda: local_stream(server, "And another.", 1).close())
+    second.start()  # its headers come only once it has a slot
     try:
         wait_until(lambda: engine_status(server)["waiting"] == 1)
         status = engine_status(server)
         assert (status["running"], status["waiting"]) == (1, 1)
     finally:
-        for r in streams:
-            r.close()
+        first.close()
+        second.join()
