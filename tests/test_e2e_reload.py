@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import start_server
+from tests.fake_cloudflare import cloudflare_env
 
 USER = [{"role": "user", "content": "Tell me a long story."}]
 KEYS = '[keys.alice]\nkey = "sk-alice-1"\n'
@@ -83,13 +84,14 @@ def test_a_reload_with_a_broken_keys_file_keeps_serving_and_keeps_the_counts(tmp
 
 
 @pytest.mark.parametrize("how", ["reload", "shutdown"])
-def test_a_stream_cut_by_the_graceful_timeout_says_so(tmp_path, slow_model, how):
-    server = start_server(tmp_path, {"CHATGLM_MODEL": str(slow_model), "GRACEFUL_TIMEOUT": "8"})
+def test_a_stream_cut_by_the_graceful_timeout_says_so(tmp_path, fake, how):
+    # A stream that outlasts GRACEFUL_TIMEOUT however fast the machine: 300 frames 100 ms apart.
+    server = start_server(tmp_path, {**cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/long"), "GRACEFUL_TIMEOUT": "8"})
     try:
         with requests.post(server.v1 + "/chat/completions", stream=True, timeout=60, headers={"X-Request-ID": "cut-1"},
-                           json={"model": "endless", "messages": USER, "stream": True}) as r:
+                           json={"model": "@cf/fake/long", "messages": USER, "stream": True, "max_tokens": 300}) as r:
             lines = r.iter_lines()
-            while b'"content":"' not in next(lines):  # past the prompt, which holds the worker while it is read
+            while b'"content":"' not in next(lines):  # the stream has begun
                 pass
             started = time.monotonic()
             server.process.send_signal(signal.SIGHUP if how == "reload" else signal.SIGTERM)

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import threading
+import time
 
 import openai
 import pytest
@@ -64,7 +65,11 @@ def test_full_queue_is_429_with_retry_after(server_factory, slow_model):
     assert int(err.value.response.headers["Retry-After"]) >= 1
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="endless", messages=USER, max_tokens=1, stream=True)
-    stream.close()
+    stream.close()  # the engine lets go of the slot at its next token: a few milliseconds, not at once
+    gauge = 'aigate_generations_running{backend="chatglm"} 0.0'
+    deadline = time.monotonic() + 5
+    while gauge not in requests.get(server.base_url + "/metrics", timeout=10).text:
+        assert time.monotonic() < deadline, "the closed stream still holds the slot"
     assert client.chat.completions.create(model="endless", messages=USER, max_tokens=1).usage.completion_tokens == 1
 
 
