@@ -1,7 +1,7 @@
 """Parse and check a /v1/chat/completions body; every problem is a 400 naming the field.
 
 Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
-``logprobs``, JSON response formats) or, where ignoring them changes nothing a client
+``logprobs``, JSON response formats on a model that cannot honour them) or, where ignoring them changes nothing a client
 relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...), are accepted and ignored.
 Unknown fields are ignored, as OpenAI-compatible servers do.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 from backends.base import ChatRequest, Message, Tool, ToolCall
 from compat.errors import APIError, invalid
+from compat.structured import chat_format
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
 # "function" the deprecated form of "tool".
@@ -55,7 +56,8 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     if body.get("logprobs") is True:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     _optional_bool(body, "logprobs")
-    _response_format(body.get("response_format"))
+    response_format = chat_format(body.get("response_format"))
+    body = _legacy_functions(body)
     tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"), tools)
     # Both are checked when both are sent; the newer max_completion_tokens wins.
@@ -65,7 +67,8 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     max_tokens = _bounded_max_tokens(max_tokens, limits.ceiling(model), param)
     stream, include_usage = _stream(body)
     request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
-                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, **_sampling(body))
+                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, response_format=response_format,
+                          **_sampling(body))
     return ChatCall(request, stream, include_usage)
 
 
@@ -247,17 +250,18 @@ def _stop(raw: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _response_format(raw: Any) -> None:
-    if raw is None:
-        return
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise invalid(f"'response_format' of type {kind!r} is not supported with this model.",
-                      "response_format", "unsupported_value")
-    raise invalid("response_format must be an object with type text, json_object or json_schema.",
-                  "response_format", "invalid_value")
+def _legacy_functions(body: dict[str, Any]) -> dict[str, Any]:
+    """The deprecated `functions` / `function_call` as the `tools` / `tool_choice` they became
+    (ignored beside `tools`, as OpenAI does); older clients still send them."""
+    functions, call = body.get("functions"), body.get("function_call")
+    if functions is None or body.get("tools") is not None:
+        return body
+    if not isinstance(functions, list):
+        raise invalid("functions must be an array of function definitions.", "functions", "invalid_type")
+    if isinstance(call, dict):
+        call = {"type": "function", "function": call}
+    return {**body, "tools": [{"type": "function", "function": f} for f in functions],
+            "tool_choice": call if body.get("tool_choice") is None else body["tool_choice"]}
 
 
 def _tools(raw: Any) -> tuple[Tool, ...]:

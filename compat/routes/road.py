@@ -14,7 +14,7 @@ import metrics
 from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTimeout, RateLimited, Unavailable,
                            UpstreamError)
 from backends.registry import Route
-from compat import sse
+from compat import sse, structured
 from compat.auth import allowed
 from compat.errors import from_backend, internal_error, invalid, model_not_found
 from request_log import RequestRecord
@@ -59,6 +59,11 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
     """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS."""
     state = current_app.extensions["aigate"]
     chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
+    if request.response_format is not None:  # a schema is honoured or refused: no fallback that would drop it
+        first = resolve(request.model, stream)
+        if not structured.supports(first):
+            structured.refuse(request.response_format, request.model, state.registry)
+        chain = [request.model, *(name for name in chain[1:] if structured.supports(find(name)))]  # type: ignore[arg-type]
     g.record.admit(request.estimated_prompt_tokens + (request.max_tokens or 0))
     for i, name in enumerate(chain):
         route = resolve(name, stream)
