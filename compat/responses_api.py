@@ -208,8 +208,9 @@ def function_tools(raw: Any) -> tuple[tuple[Tool, ...], list[dict[str, Any]]]:
             raise invalid(f"{where} must be an object.", where, "invalid_type")
         if tool.get("type") != "function":
             continue
-        name, description = tool.get("name"), tool.get("description") or ""
-        parameters = tool.get("parameters") or {}
+        name = tool.get("name")
+        description = "" if tool.get("description") is None else tool["description"]
+        parameters = {} if tool.get("parameters") is None else tool["parameters"]
         if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
             raise invalid(f"{where}.name must be 1-64 letters, digits, _ or -.", f"{where}.name", "invalid_value")
         if not isinstance(description, str) or not isinstance(parameters, dict):
