@@ -1,8 +1,9 @@
 """Parse and check a /v1/chat/completions body; every problem is a 400 naming the field.
 
 Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
-``logprobs``, JSON response formats on a model that cannot honour them) or, where ignoring them changes nothing a client
-relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...), are accepted and ignored.
+``logprobs``, a JSON response format on a model that cannot honour it) or, where ignoring them
+changes nothing a client relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...),
+are accepted and ignored.
 Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
@@ -44,6 +45,7 @@ class ChatCall:
     request: ChatRequest
     stream: bool
     include_usage: bool
+    legacy_functions: bool = False  # sent the deprecated `functions`: answer with `function_call`
 
 
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
@@ -57,6 +59,7 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     _optional_bool(body, "logprobs")
     response_format = chat_format(body.get("response_format"))
+    legacy = body.get("functions") is not None and body.get("tools") is None
     body = _legacy_functions(body)
     tools = _tools(body.get("tools"))
     tool_choice = _tool_choice(body.get("tool_choice"), tools)
@@ -67,9 +70,9 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     max_tokens = _bounded_max_tokens(max_tokens, limits.ceiling(model), param)
     stream, include_usage = _stream(body)
     request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
-                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, response_format=response_format,
-                          **_sampling(body))
-    return ChatCall(request, stream, include_usage)
+                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice,
+                          response_format=response_format, **_sampling(body))
+    return ChatCall(request, stream, include_usage, legacy)
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ def tool_choice(raw: Any, tools: tuple[Tool, ...]) -> str:
     if isinstance(raw, dict):
         if raw.get("type") == "function":
             name = raw.get("name")
-            if name not in {t.name for t in tools}:
+            if not isinstance(name, str) or name not in {t.name for t in tools}:
                 raise invalid(f"tool_choice names {name!r}, which is not a function in tools.", "tool_choice",
                               "invalid_value")
             return name  # type: ignore[return-value]

@@ -118,6 +118,23 @@ def test_previous_response_id_continues_the_conversation(client, fake):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_tool_results_on_the_local_model(client, stream):
+    turns = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "18C and sunny"}]
+    asked = dict(model=LOCAL, tools=[WEATHER, {"type": "web_search"}], max_output_tokens=3, temperature=0)
+    bare = client.responses.create(input=turns[:1], **asked)
+    if stream:
+        r = list(client.responses.create(input=turns, stream=True, **asked))[-1].response
+    else:
+        r = client.responses.create(input=turns, **asked)
+    assert r.status in ("incomplete", "completed") and 0 < r.usage.output_tokens <= 3
+    assert r.usage.input_tokens > bare.usage.input_tokens + 5  # the call and its result are in the prompt
+    later = client.responses.create(previous_response_id=r.id, input="Thanks!", **asked)
+    assert later.usage.input_tokens > r.usage.input_tokens  # and, stored, in the next turn's
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_tools_and_a_tool_result_round_trip(client, fake, stream):
     tools = [WEATHER, {"type": "web_search"}, {"type": "namespace", "name": "codex", "tools": []},
              {"type": "image_generation"}]
@@ -228,11 +245,20 @@ def test_paths_without_v1_and_with_a_trailing_slash(server):
 
 
 def test_deprecated_functions_become_tools(client, fake):
-    r = client.chat.completions.create(model=CF_TOOLS, messages=[{"role": "user", "content": "Weather?"}],
-                                       functions=[{"name": "get_weather", "parameters": WEATHER["parameters"]}],
-                                       function_call="auto")
-    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    asked = dict(model=CF_TOOLS, messages=[{"role": "user", "content": "Weather?"}], function_call="auto",
+                 functions=[{"name": "get_weather", "parameters": WEATHER["parameters"]}])
+    r = client.chat.completions.create(**asked)
     assert fake.runs(CF_TOOLS)[-1].body["tools"][0]["function"]["name"] == "get_weather"
+    # answered as such clients read it: function_call, not tool_calls
+    message = r.choices[0].message
+    assert message.tool_calls is None and r.choices[0].finish_reason == "function_call"
+    assert (message.function_call.name, json.loads(message.function_call.arguments)) == ("get_weather",
+                                                                                         {"city": "Paris"})
+    chunks = [c for c in client.chat.completions.create(**asked, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.function_call.arguments for c in chunks
+                   if c.choices[0].delta.function_call) == '{"city": "Paris"}'
+    assert chunks[-1].choices[0].finish_reason == "function_call"
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
 
 
 def test_embedding_dimensions_and_token_ids(client):
