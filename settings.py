@@ -26,7 +26,8 @@ DEFAULT_CLOUDFLARE_EMBEDDING_MODELS = ("@cf/baai/bge-small-en-v1.5", "@cf/baai/b
                                        "@cf/baai/bge-large-en-v1.5")
 # The models Cloudflare's JSON-mode page lists (developers.cloudflare.com/workers-ai/features/json-mode/).
 DEFAULT_CLOUDFLARE_JSON_MODELS = (
-    "@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.1-70b-instruct", "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
+    "@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.1-70b-instruct",
+    "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
     "@cf/meta/llama-3-8b-instruct", "@cf/meta/llama-3.1-8b-instruct", "@cf/meta/llama-3.2-11b-vision-instruct",
     "@hf/nousresearch/hermes-2-pro-mistral-7b", "@hf/thebloke/deepseek-coder-6.7b-instruct-awq",
     "@cf/deepseek-ai/deepseek-r1-distill-qwen-32b")

@@ -181,7 +181,8 @@ def to_messages(items: list[dict[str, Any]]) -> list[Message]:
     names: dict[str, str] = {}
     for item in items:
         if item["type"] == "message":
-            out.append(Message(ROLES[item["role"]], "".join(p["text"] for p in item["content"])))  # type: ignore[arg-type]
+            text = "".join(p["text"] for p in item["content"])
+            out.append(Message(ROLES[item["role"]], text))  # type: ignore[arg-type]
         elif item["type"] == "function_call":
             call = ToolCall(item["call_id"], item["name"], item["arguments"])
             names[item["call_id"]] = item["name"]
@@ -245,7 +246,8 @@ def tool_choice(raw: Any, tools: tuple[Tool, ...]) -> str:
 # -- the response object and its stream -----------------------------------------------------------
 
 def usage_object(usage: Usage) -> dict[str, Any]:
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.total_tokens}
 

@@ -63,7 +63,7 @@ def start(request: ChatRequest, stream: bool) -> tuple[Route, Answer]:
         first = resolve(request.model, stream)
         if not structured.supports(first):
             structured.refuse(request.response_format, request.model, state.registry)
-        chain = [request.model, *(name for name in chain[1:] if structured.supports(find(name)))]  # type: ignore[arg-type]
+        chain = [request.model, *(n for n in chain[1:] if structured.supports(find(n)))]  # type: ignore[arg-type]
     g.record.admit(request.estimated_prompt_tokens + (request.max_tokens or 0))
     for i, name in enumerate(chain):
         route = resolve(name, stream)
