@@ -59,9 +59,11 @@ def create_response():
                 pass
         finally:
             answer.close()
-        assert codec.final is not None
-        _keep(store, call, codec.final, owner)
-        return jsonify({**codec.final, "output_text": output_text(codec.final)})
+        final = codec.final
+        if final is None:  # events() ends with a response or raises: never, but not silently
+            raise internal_error()
+        _keep(store, call, final, owner)
+        return jsonify({**final, "output_text": output_text(final)})
     return Response(_sse(codec, answer, call, store, owner, g.record), status=200, content_type="text/event-stream",
                     headers=SSE_HEADERS)
 
