@@ -33,6 +33,14 @@ def server(server_factory, fake):
         MODEL_ALIASES="forecaster=@cf/fake/tools"))
 
 
+def logged_responses(server, at_least: int) -> bool:
+    """Whether the server has logged that many answered /v1/responses requests (lines come as each closes)."""
+    def count() -> int:
+        return sum("path=/v1/responses " in line and "status=200" in line for line in server.log)
+    with server.changed:
+        return server.changed.wait_for(lambda: count() >= at_least, timeout=10)
+
+
 def node_package(name: str) -> Path:
     path = NODE_DIR / "node_modules" / name
     if not path.is_dir() or shutil.which("node") is None:
@@ -40,12 +48,15 @@ def node_package(name: str) -> Path:
     return path
 
 
-def test_codex_exec_runs_to_completion(server, fake, tmp_path):
+@pytest.mark.parametrize("model", ["@cf/fake/chat", "@cf/fake/tools"])
+def test_codex_exec_runs_to_completion(server, fake, tmp_path, model):
+    """On the tools model the first answer calls Codex's first tool (with arguments it cannot use):
+    Codex sends the call's output back in the whole conversation, and the model's answer ends the run."""
     node_package("@openai/codex")
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(f'''
-model = "@cf/fake/chat"
+model = "{model}"
 model_provider = "aigate"
 [model_providers.aigate]
 name = "aigate"
@@ -58,15 +69,23 @@ wire_api = "responses"
                           "Reply with one word: ready"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "You said:" in run.stdout  # the fake model's answer, as Codex prints the last message
-    assert any("path=/v1/responses " in line and "status=200" in line for line in server.log)
-    sent = [r.body for r in fake.runs("@cf/fake/chat") if r.body and any(
+    assert logged_responses(server, at_least=1)
+    sent = [r.body for r in fake.runs(model) if r.body and any(
         "Reply with one word: ready" in str(m.get("content")) for m in r.body.get("messages", []))]
     assert sent and sent[-1]["messages"][0]["role"] == "system"  # Codex's instructions, as a system turn
+    if model == "@cf/fake/chat":
+        assert "You said:" in run.stdout  # the fake model's answer, as Codex prints the last message
+    else:
+        assert "The tool said:" in run.stdout
+        call, result = sent[-1]["messages"][-2:]
+        assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
 
 
-def test_agents_sdk_function_tool_and_output_type(server, fake):
+@pytest.mark.parametrize("stream", [False, True])
+def test_agents_sdk_function_tool_and_output_type(server, fake, stream):
     agents = pytest.importorskip("agents", reason="openai-agents is not installed (requirements-dev.txt)")
+    import asyncio
+
     import openai
 
     agents.set_tracing_disabled(True)  # its traces would go to OpenAI's servers
@@ -83,9 +102,17 @@ def test_agents_sdk_function_tool_and_output_type(server, fake):
     # An alias: the SDK reads "@cf/..." as a provider prefix. A plain name gets its default, the Responses model.
     agent = agents.Agent(name="forecaster", instructions="Answer with the weather.", model="forecaster",
                          tools=[get_weather], output_type=Weather)
-    result = agents.Runner.run_sync(agent, "Weather in Paris?")
+    before = sum("path=/v1/responses " in line for line in server.log)
+
+    async def streamed():
+        run = agents.Runner.run_streamed(agent, "Weather in Paris?")
+        kinds = {event.type async for event in run.stream_events()}
+        assert "raw_response_event" in kinds
+        return run
+
+    result = asyncio.run(streamed()) if stream else agents.Runner.run_sync(agent, "Weather in Paris?")
     assert called == ["Paris"]
-    assert sum("path=/v1/responses " in line for line in server.log) >= 2  # its default model: the Responses API
+    assert logged_responses(server, at_least=before + 2)  # its default model: the Responses API
     assert result.final_output == Weather(city="Paris", temperature=3)
     last = fake.runs("@cf/fake/tools")[-1].body
     assert last["messages"][-1] == {"role": "tool", "content": "18C and sunny", "name": "get_weather",
