@@ -3,15 +3,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+NODE_DIR := .cache/node
 # chatglm-cpp 0.4.2 builds from source; CMake 4 rejects its bundled cmake_minimum_required.
 export CMAKE_ARGS ?= -DCMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: run test audit install install-dev test-servers clean
+.PHONY: run test audit install install-dev install-clients test-servers clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:application
 
-test: $(VENV)/.installed-dev test-servers
+test: $(VENV)/.installed-dev test-servers install-clients
 	$(BIN)/python -m pytest
 
 # Known vulnerabilities in the pinned requirements (pip-audit asks PyPI's advisory service).
@@ -35,6 +36,17 @@ $(VENV)/.installed: requirements.txt patches/chatglm-cpp-0.4.2-aigate.patch scri
 $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
+
+# The real clients of tests/test_clients.py that come from npm (Codex CLI, Vercel's AI SDK), pinned by
+# tests/clients/package-lock.json; without npm or its registry those tests are skipped and say so.
+install-clients: $(NODE_DIR)/.installed
+
+$(NODE_DIR)/.installed: tests/clients/package.json tests/clients/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  mkdir -p $(NODE_DIR) && cp tests/clients/package.json tests/clients/package-lock.json $(NODE_DIR)/ && \
+	  (cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error) && touch $@ \
+	  || echo "npm ci failed: the Codex CLI and AI SDK tests will be skipped"; \
+	else echo "no npm: the Codex CLI and AI SDK tests will be skipped"; fi
 
 # The deployment tests run the real nginx and Apache and check the systemd unit, and the playground
 # test drives Debian's Chromium (through Playwright's Python package, which downloads no browser): install them from

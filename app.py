@@ -22,8 +22,9 @@ from compat.body import BodyReader
 from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.requests import Limits
-from compat.routes import chat, completions, embeddings, models, openapi, ops, playground
+from compat.routes import chat, completions, embeddings, models, openapi, ops, playground, responses
 from request_log import RequestRecord
+from response_store import ResponseStore, StoreError
 from settings import ConfigError, Settings, load_settings
 from streams import RunningStreams
 
@@ -32,12 +33,18 @@ log = logging.getLogger("aigate")
 DEMO_OWNER = "aigate-demo (random weights: set CHATGLM_MODEL to a real chatglm3-ggml.bin)"
 DEMO_MODEL_ID = "chatglm3-demo"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+# Headers a browser client may read: the request id, and when and how much it may ask again.
+EXPOSED_HEADERS = ("x-request-id, Retry-After, retry-after-ms, X-RateLimit-Limit, X-RateLimit-Remaining, "
+                   "X-RateLimit-Reset, X-RateLimit-Retry-After")
+# The API's paths without /v1 (a base URL without it), as LiteLLM and Ollama also serve them.
+UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses)(/.*)?")
 
 
 @dataclass
 class AppState:
     settings: Settings
     registry: Registry
+    responses: ResponseStore
     # backend name -> the most tokens an answer without max_tokens can take: a local model's whole
     # context (the prompt counts within it), Workers AI's CLOUDFLARE_MAX_TOKENS (sent when none is asked).
     open_ended: dict[str, int] = field(default_factory=dict)
@@ -70,21 +77,44 @@ def create_app(settings: Settings | None = None) -> Flask:
     open_ended = {"cloudflare": settings.cloudflare_max_tokens}
     if local is not None:
         open_ended["chatglm"] = settings.chatglm_max_length or local[0].config.max_length
-    app.extensions["aigate"] = AppState(settings, build_registry(settings, local), open_ended)
+    app.extensions["aigate"] = AppState(settings, build_registry(settings, local), response_store(settings),
+                                        open_ended)
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
-    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, ops.bp, openapi.bp, playground.bp):
+    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, ops.bp, openapi.bp, playground.bp):
         app.register_blueprint(bp)
     # The body read whole, bounded in size and time, before anything else looks at the request.
     app.wsgi_app = BodyReader(app.wsgi_app, settings.max_body_bytes, settings.body_timeout)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+    app.wsgi_app = api_paths(app.wsgi_app)  # type: ignore[method-assign]
     _install_request_hooks(app, settings)
     rate_limits.install(app, settings)  # after the hooks: its limits are per key
     _install_error_handlers(app)
     return app
+
+
+def response_store(settings: Settings) -> ResponseStore:
+    try:
+        return ResponseStore(settings.state_dir, settings.responses_ttl, settings.responses_max_mb * 1024 * 1024)
+    except StoreError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def api_paths(wsgi_app):
+    """`/chat/completions` as `/v1/chat/completions`, and a doubled or trailing slash forgiven: what
+    clients send with a base URL lacking /v1 or ending in a slash."""
+    def middleware(environ, start_response):
+        path = re.sub(r"//+", "/", environ.get("PATH_INFO", ""))
+        if len(path) > 1:
+            path = path.rstrip("/")
+        if UNVERSIONED.fullmatch(path):
+            path = "/v1" + path
+        environ["PATH_INFO"] = path
+        return wsgi_app(environ, start_response)
+    return middleware
 
 
 def load_backends(app: Flask) -> None:
@@ -134,7 +164,8 @@ def cloudflare_config(settings: Settings):
         api_base=settings.cloudflare_api_base, models=() if discover else settings.cloudflare_models,
         discover=discover, max_tokens=settings.cloudflare_max_tokens, connect_timeout=settings.cloudflare_timeout[0],
         read_timeout=settings.cloudflare_timeout[1], retries=settings.cloudflare_retries,
-        pool_size=settings.worker_connections, embedding_models=settings.cloudflare_embedding_models)
+        pool_size=settings.worker_connections, embedding_models=settings.cloudflare_embedding_models,
+        json_mode_models=settings.cloudflare_json_models)
 
 
 def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
@@ -224,14 +255,14 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
             response.call_on_close(lambda: record.close(settings.log_prompts))
         response.headers["x-request-id"] = g.get("request_id", "")
         response.headers["Access-Control-Allow-Origin"] = settings.cors_origins
-        response.headers["Access-Control-Expose-Headers"] = "x-request-id"
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
         return response
 
 
 def _preflight(settings: Settings) -> Response:
     """CORS preflight, without auth; the SDKs send x-stainless-* headers, so reflect them."""
     response = Response(status=204)
-    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
     response.headers["Access-Control-Allow-Headers"] = request.headers.get(
         "Access-Control-Request-Headers", "authorization, content-type")
     response.headers["Access-Control-Max-Age"] = "600"

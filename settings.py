@@ -26,6 +26,13 @@ DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/ll
                              "@cf/mistralai/mistral-small-3.1-24b-instruct", "@cf/zai-org/glm-4.7-flash")
 DEFAULT_CLOUDFLARE_EMBEDDING_MODELS = ("@cf/baai/bge-small-en-v1.5", "@cf/baai/bge-base-en-v1.5",
                                        "@cf/baai/bge-large-en-v1.5")
+# The models Cloudflare's JSON-mode page lists (developers.cloudflare.com/workers-ai/features/json-mode/).
+DEFAULT_CLOUDFLARE_JSON_MODELS = (
+    "@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.1-70b-instruct",
+    "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
+    "@cf/meta/llama-3-8b-instruct", "@cf/meta/llama-3.1-8b-instruct", "@cf/meta/llama-3.2-11b-vision-instruct",
+    "@hf/nousresearch/hermes-2-pro-mistral-7b", "@hf/thebloke/deepseek-coder-6.7b-instruct-awq",
+    "@cf/deepseek-ai/deepseek-r1-distill-qwen-32b")
 DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
 
 log = logging.getLogger("aigate")
@@ -64,6 +71,7 @@ class Settings:
     cloudflare_api_token: str = field(default="", repr=False)
     cloudflare_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_MODELS  # ("auto",): discover them
     cloudflare_embedding_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
+    cloudflare_json_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_JSON_MODELS
     cloudflare_api_base: str = "https://api.cloudflare.com/client/v4"
     cloudflare_max_tokens: int = 2048
     cloudflare_timeout: tuple[float, float] = (10.0, 120.0)  # connect, read
@@ -87,6 +95,9 @@ class Settings:
     trusted_proxies: int = 0  # proxies in front that set X-Forwarded-*; 0: trust none
     metrics_token: str = field(default="", repr=False)  # bearer for /metrics; empty: loopback clients only
     log_prompts: bool = False
+    state_dir: Path = PROJECT_DIR / ".state"  # stored responses (SQLite)
+    responses_ttl: int = 30 * 86400  # seconds a stored response is kept
+    responses_max_mb: int = 256  # the oldest stored responses go first past this
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -167,6 +178,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         cloudflare_api_token=token,
         cloudflare_models=cf_models or DEFAULT_CLOUDFLARE_MODELS,
         cloudflare_embedding_models=cf_embedding or DEFAULT_CLOUDFLARE_EMBEDDING_MODELS,
+        cloudflare_json_models=r.items("CLOUDFLARE_JSON_MODELS") or DEFAULT_CLOUDFLARE_JSON_MODELS,
         cloudflare_api_base=r.text("CLOUDFLARE_API_BASE") or Settings.cloudflare_api_base,
         cloudflare_max_tokens=r.integer("CLOUDFLARE_MAX_TOKENS", 2048, minimum=1),
         cloudflare_timeout=_timeouts(r.text("CLOUDFLARE_TIMEOUT")),
@@ -190,6 +202,9 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         trusted_proxies=r.integer("TRUSTED_PROXIES", 0, minimum=0),
         metrics_token=r.text("METRICS_TOKEN"),
         log_prompts=r.flag("LOG_PROMPTS"),
+        state_dir=Path(r.text("STATE_DIR") or Settings.state_dir).expanduser(),
+        responses_ttl=r.integer("RESPONSES_TTL", Settings.responses_ttl, minimum=60),
+        responses_max_mb=r.integer("RESPONSES_MAX_MB", Settings.responses_max_mb, minimum=1),
         host=r.text("HOST") or "127.0.0.1",
         port=r.integer("PORT", 8000, minimum=0),
         workers=r.integer("WORKERS", 1, minimum=1),

@@ -37,6 +37,15 @@ class Message:
 
 
 @dataclass(frozen=True)
+class JsonFormat:
+    """Structured output asked for: any JSON object (schema None) or one matching a JSON Schema."""
+
+    schema: dict | None = None
+    name: str = "response"
+    param: str = "response_format"  # where the client asked for it, for errors
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     model: str
     messages: tuple[Message, ...]
@@ -51,6 +60,7 @@ class ChatRequest:
     tool_choice: str = "auto"  # "auto", "none", "required", or the name of the tool to call
     prompt: str | None = None  # raw text to continue (legacy /v1/completions): no chat template, no messages
     incremental: bool = True  # False: the client takes the answer whole, so an upstream may send it whole
+    response_format: JsonFormat | None = None  # None: free text
 
     @property
     def estimated_prompt_tokens(self) -> int:
@@ -98,6 +108,7 @@ class ModelInfo:
     id: str
     owned_by: str
     created: int = 0
+    structured_outputs: bool = False  # can honour a JSON schema (response_format / text.format)
 
 
 class Backend(Protocol):

@@ -52,6 +52,7 @@ class CloudflareConfig:
     models_ttl: float = 3600.0
     pool_size: int = 100
     embedding_models: tuple[str, ...] = ()
+    json_mode_models: tuple[str, ...] = ()  # those that take response_format (Workers AI's JSON mode)
 
 
 class CloudflareBackend:
@@ -71,7 +72,7 @@ class CloudflareBackend:
         self.session.proxies = requests.utils.get_environ_proxies(config.api_base)
         self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._account_url = f"{config.api_base.rstrip('/')}/accounts/{config.account_id}"
-        self._models = [ModelInfo(m, "cloudflare") for m in config.models]
+        self._models = [self._info(m, "cloudflare") for m in config.models]
         self._embedding_models = [ModelInfo(m, "cloudflare") for m in config.embedding_models]
         self._models_expire = 0.0 if config.discover else math.inf
         self._discovered = False  # with discovery on: has the catalogue been read at least once?
@@ -108,8 +109,8 @@ class CloudflareBackend:
                                      params={"task": "Text Generation", "per_page": "50", "page": str(page)})
                 r.raise_for_status()
                 items = r.json().get("result") or []
-                found += [ModelInfo(i["name"], "cloudflare" if i.get("source", 1) == 1 else "huggingface",
-                                    _created(i.get("created_at"))) for i in items if isinstance(i.get("name"), str)]
+                found += [self._info(i["name"], "cloudflare" if i.get("source", 1) == 1 else "huggingface",
+                                     _created(i.get("created_at"))) for i in items if isinstance(i.get("name"), str)]
                 if len(items) < 50:
                     break
         except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
@@ -121,6 +122,9 @@ class CloudflareBackend:
         self._models = found
         self._discovered = True
         self._models_expire = time.monotonic() + self.config.models_ttl
+
+    def _info(self, model: str, owned_by: str, created: int = 0) -> ModelInfo:
+        return ModelInfo(model, owned_by, created, structured_outputs=model in self.config.json_mode_models)
 
     # -- embeddings -------------------------------------------------------------------------------
 
@@ -158,6 +162,11 @@ class CloudflareBackend:
     def _body(self, r: ChatRequest) -> dict[str, Any]:
         # Stream from upstream only when the client streams: a whole answer is one JSON body to read.
         body: dict[str, Any] = {"stream": r.incremental, "max_tokens": r.max_tokens or self.config.max_tokens}
+        if r.response_format is not None:  # JSON mode: a bare schema, and never a stream upstream
+            fmt = r.response_format
+            body["response_format"] = ({"type": "json_object"} if fmt.schema is None
+                                       else {"type": "json_schema", "json_schema": fmt.schema})
+            body["stream"] = False
         if r.prompt is None:
             body["messages"] = [_message(m) for m in r.messages]
         else:  # Workers AI's prompt form; raw skips the chat template: a plain continuation
@@ -276,6 +285,8 @@ class CloudflareBackend:
         except requests.RequestException as exc:
             raise _broken_read(exc, "mid-answer") from None
         if not isinstance(body, dict) or body.get("success") is False or not isinstance(body.get("result"), dict):
+            if JSON_MODE_FAILED in _first_message(body):
+                raise _json_mode_failed(self._scrub(_first_message(body)))
             raise UpstreamError(f"Cloudflare reported a failure: {self._scrub(_first_message(body))}")
         return body["result"]
 
@@ -294,6 +305,8 @@ class CloudflareBackend:
         codes = {e.get("code") for e in errors or [] if isinstance(e, dict)}
         message = self._scrub(_first_message(body) or f"HTTP {status}")
         retry_after = _retry_after(response.headers.get("Retry-After"))
+        if JSON_MODE_FAILED in message:
+            return _json_mode_failed(message)
         if codes & AUTH_CODES or status in (401, 403) and not codes - AUTH_CODES - {None}:
             return UpstreamError(f"Cloudflare rejected aigate's credentials ({message}): check CLOUDFLARE_API_TOKEN "
                                  "and CLOUDFLARE_ACCOUNT_ID in the server's configuration",
@@ -325,6 +338,16 @@ class CloudflareBackend:
 
     def _timeouts(self) -> tuple[float, float]:
         return (self.config.connect_timeout, self.config.read_timeout)
+
+
+JSON_MODE_FAILED = "JSON Mode couldn't be met"
+
+
+def _json_mode_failed(message: str) -> InvalidRequest:
+    """The model could not produce JSON matching the schema: say so, and what may help."""
+    return InvalidRequest(f"The model could not produce an answer matching the requested JSON schema (Workers AI: "
+                          f"{message}). A simpler schema, a clearer prompt or another JSON-mode model may work.",
+                          param="response_format", extra={"code": "json_schema_not_met"})
 
 
 def _message(m: Message) -> dict[str, Any]:

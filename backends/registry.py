@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from backends.base import Backend, ModelInfo
 
@@ -23,7 +23,7 @@ class Registry:
     def models(self) -> list[ModelInfo]:
         served = [m for b in self.backends for m in b.models()]
         by_id = {m.id: m for m in served}
-        return served + [ModelInfo(alias, by_id[target].owned_by, by_id[target].created)
+        return served + [replace(by_id[target], id=alias)
                          for alias, target in self.aliases.items() if target in by_id]
 
     def resolve(self, name: str) -> Route | None:

@@ -1,8 +1,9 @@
 """Parse and check a /v1/chat/completions body; every problem is a 400 naming the field.
 
 Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
-``logprobs``, JSON response formats) or, where ignoring them changes nothing a client
-relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...), are accepted and ignored.
+``logprobs``, a JSON response format on a model that cannot honour it) or, where ignoring them
+changes nothing a client relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...),
+are accepted and ignored.
 Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from backends.base import ChatRequest, Message, Tool, ToolCall
 from compat.errors import APIError, invalid
+from compat.structured import chat_format
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
 # "function" the deprecated form of "tool".
@@ -43,6 +45,7 @@ class ChatCall:
     request: ChatRequest
     stream: bool
     include_usage: bool
+    legacy_functions: bool = False  # sent the deprecated `functions`: answer with `function_call`
 
 
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
@@ -51,6 +54,9 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     if len(messages) > limits.max_messages:
         raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
                       "messages", "too_many_messages")
+    response_format = chat_format(body.get("response_format"))
+    legacy = body.get("functions") is not None and body.get("tools") is None
+    body = _legacy_functions(body)
     tools = _tools(body.get("tools"))
     # Everything the model reads counts: tool definitions and the arguments of earlier calls too.
     check_chars(sum(message_chars(m) for m in messages), limits, "messages")
@@ -58,7 +64,6 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     if body.get("logprobs") is True:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     _optional_bool(body, "logprobs")
-    _response_format(body.get("response_format"))
     tool_choice = _tool_choice(body.get("tool_choice"), tools)
     # Both are checked when both are sent; the newer max_completion_tokens wins.
     newer = _integer(body, "max_completion_tokens", minimum=1)
@@ -67,8 +72,9 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     max_tokens = _bounded_max_tokens(max_tokens, limits.ceiling(model), param)
     stream, include_usage = _stream(body)
     request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
-                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, **_sampling(body))
-    return ChatCall(request, stream, include_usage)
+                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice,
+                          response_format=response_format, **_sampling(body))
+    return ChatCall(request, stream, include_usage, legacy)
 
 
 @dataclass(frozen=True)
@@ -257,17 +263,18 @@ def _stop(raw: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _response_format(raw: Any) -> None:
-    if raw is None:
-        return
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise invalid(f"'response_format' of type {kind!r} is not supported with this model.",
-                      "response_format", "unsupported_value")
-    raise invalid("response_format must be an object with type text, json_object or json_schema.",
-                  "response_format", "invalid_value")
+def _legacy_functions(body: dict[str, Any]) -> dict[str, Any]:
+    """The deprecated `functions` / `function_call` as the `tools` / `tool_choice` they became
+    (ignored beside `tools`, as OpenAI does); older clients still send them."""
+    functions, call = body.get("functions"), body.get("function_call")
+    if functions is None or body.get("tools") is not None:
+        return body
+    if not isinstance(functions, list):
+        raise invalid("functions must be an array of function definitions.", "functions", "invalid_type")
+    if isinstance(call, dict):
+        call = {"type": "function", "function": call}
+    return {**body, "tools": [{"type": "function", "function": f} for f in functions],
+            "tool_choice": call if body.get("tool_choice") is None else body["tool_choice"]}
 
 
 def _tools(raw: Any) -> tuple[Tool, ...]:

@@ -129,3 +129,19 @@ def tool_call_object(call: ToolCall) -> dict[str, Any]:
 
 def model_object(model_id: str, owned_by: str, created: int) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def legacy_function_call(obj: dict[str, Any]) -> dict[str, Any]:
+    """A completion or chunk as clients of the deprecated `functions` read it: the first tool call
+    as `function_call`, finish reason `function_call` (they know nothing of `tool_calls`)."""
+    for choice in obj.get("choices", []):
+        message = choice.get("message") or choice.get("delta") or {}
+        calls = message.pop("tool_calls", None)
+        if calls:
+            first = [c for c in calls if c.get("index", 0) == 0]
+            if first:
+                function = first[0]["function"]
+                message["function_call"] = {k: function[k] for k in ("name", "arguments") if k in function}
+        if choice.get("finish_reason") == "tool_calls":
+            choice["finish_reason"] = "function_call"
+    return obj

@@ -86,7 +86,8 @@ def start_server(tmp: Path, env: dict[str, str], *, ready_timeout: float = 60) -
     """gunicorn -k gevent on an ephemeral loopback port; returns once a worker answers /health."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_", "MODEL", "API_KEYS"))}
     full_env.update({"HOST": "127.0.0.1", "PORT": "0", "ENGINE_SOCKET": engine_socket(),
-                     "DEMO_MODEL_PATH": str(tmp / "demo-default.bin"), "PYTHONUNBUFFERED": "1"})
+                     "DEMO_MODEL_PATH": str(tmp / "demo-default.bin"), "PYTHONUNBUFFERED": "1",
+                     "STATE_DIR": str(tmp / "state")})
     full_env.update(env)
     process = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:application"], cwd=ROOT, env=full_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

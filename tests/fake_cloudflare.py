@@ -34,7 +34,7 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
 MODES = ["chat", "slow", "long", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall",
-         "malformed", "nodone", "flaky", "500", "cut429", "cut400", "stall500", "deep",
+         "malformed", "nodone", "flaky", "500", "cut429", "cut400", "stall500", "deep", "jsonfail",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
 
@@ -258,8 +258,12 @@ class _Handler(BaseHTTPRequestHandler):
             data = [fake_embedding(t) for t in texts]
             self.send_json(200, self.envelope({"shape": [len(data), 8], "data": data}))
             return
+        calls_tool = mode in ("tools", "toolsflat") and body.get("tools")
+        if body.get("response_format") is not None and not (calls_tool and body["messages"][-1].get("role") != "tool"):
+            self.answer_json_mode(mode, body)  # a tool-calling model calls its tool first, then answers in JSON
+            return
         words = reply_words(body)
-        if mode in ("tools", "toolsflat") and body.get("tools"):
+        if calls_tool:
             self.answer_tools(mode, body)
             return
         if mode == "jsonobj":  # JSON mode: `response` is an object, and there is no streaming
@@ -372,6 +376,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.frame(b"[DONE]")
         self.end_chunks()
 
+    def answer_json_mode(self, mode: str, body: dict[str, Any]) -> None:
+        """Workers AI's JSON mode: `response_format: {type: json_object}` or `{type: json_schema,
+        json_schema: <bare schema>}`; the answer is whole, `response` an object; no streaming."""
+        fmt = body["response_format"]
+        if body.get("stream"):
+            self.send_json(400, {"errors": [{"code": 5006, "message": "AiError: JSON Mode currently doesn't "
+                                                                      "support streaming"}], "success": False})
+        elif mode == "jsonfail":
+            self.send_json(400, {"errors": [{"code": 5006, "message": "AiError: JSON Mode couldn't be met"}],
+                                 "success": False, "result": {}, "messages": []})
+        elif fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+            schema = fmt["json_schema"]
+            if "schema" in schema and "name" in schema:  # OpenAI's wrapper: the native models want the bare schema
+                self.send_json(400, ERRORS["5006"][1])
+                return
+            self.send_json(200, self.envelope({"response": instance(schema, schema), "usage": usage_for(body, 12)}))
+        elif fmt.get("type") == "json_object":
+            self.send_json(200, self.envelope({"response": {"said": "".join(reply_words(body))},
+                                               "usage": usage_for(body, 7)}))
+        else:
+            self.send_json(400, ERRORS["5006"][1])
+
     def answer_tools(self, mode: str, body: dict[str, Any]) -> None:
         """A function-calling model: it calls the first tool with {"city": "Paris"}, or, once it
         has a tool result, says what the tool said."""
@@ -407,3 +433,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(401, {"success": False, "errors": [{"code": 10000, "message": "Authentication error"}]})
             return False
         return True
+
+
+def instance(schema: Any, root: dict[str, Any]) -> Any:
+    """A small value matching a JSON Schema (what a JSON-mode model would write): $ref, anyOf,
+    enum, const, objects (every property), arrays (one item), strings, numbers, booleans."""
+    if not isinstance(schema, dict):
+        return None
+    if "$ref" in schema:  # "#/$defs/Name", as pydantic writes nested models
+        target: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target.get(part, {})
+        return instance(target, root)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return instance(schema[key][0], root)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        return {name: instance(sub, root) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [instance(schema.get("items", {"type": "string"}), root)]
+    return {"string": "Paris", "integer": 3, "number": 2.5, "boolean": True, "null": None}.get(kind, "Paris")

@@ -31,6 +31,8 @@ def test_chatglm_model_wins_over_model():
     ({"MODEL_ALIASES": "gpt-4o"}, "MODEL_ALIASES"),
     ({"MODEL_ALIASES": "=x"}, "MODEL_ALIASES"),
     ({"CHATGLM_MAX_LENGTH": "-5"}, "CHATGLM_MAX_LENGTH"),
+    ({"RESPONSES_TTL": "10"}, "RESPONSES_TTL"),
+    ({"RESPONSES_MAX_MB": "lots"}, "RESPONSES_MAX_MB"),
 ])
 def test_bad_values_name_the_variable(env, name):
     with pytest.raises(ConfigError) as err:
@@ -63,3 +65,11 @@ def test_request_limits_from_the_environment():
     assert (s.max_tokens_ceiling, s.max_tokens_by_model) == (1024, (("@cf/meta/llama-3.1-8b-instruct-fast", 256),))
     with pytest.raises(ConfigError, match="MAX_TOKENS_CEILING: 'm=lots' is not a number or model=number"):
         load_settings({"MAX_TOKENS_CEILING": "m=lots"}, dotenv=None)
+
+
+def test_stored_responses_and_json_mode_settings(tmp_path):
+    s = load_settings({"STATE_DIR": str(tmp_path), "RESPONSES_TTL": "3600", "RESPONSES_MAX_MB": "5",
+                       "CLOUDFLARE_JSON_MODELS": "@cf/a, @cf/b"}, dotenv=None)
+    assert (s.state_dir, s.responses_ttl, s.responses_max_mb) == (tmp_path, 3600, 5)
+    assert s.cloudflare_json_models == ("@cf/a", "@cf/b")
+    assert "@cf/meta/llama-3.3-70b-instruct-fp8-fast" in load_settings({}, dotenv=None).cloudflare_json_models

@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest, Message,
-                           QueueFull, QueueTimeout, TextDelta, Tool, ToolCall, Unavailable, Usage)
+from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest,
+                           JsonFormat, Message, QueueFull, QueueTimeout, TextDelta, Tool, ToolCall, Unavailable, Usage)
 
 MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this
 
@@ -39,8 +39,10 @@ def generate_request(request: ChatRequest) -> dict[str, Any]:
 def chat_request(fields: dict[str, Any]) -> ChatRequest:
     messages = tuple(Message(**{**m, "tool_calls": tuple(ToolCall(**c) for c in m["tool_calls"])})
                      for m in fields["messages"])
+    response_format = fields.get("response_format")
     return ChatRequest(**{**fields, "messages": messages, "tools": tuple(Tool(**t) for t in fields["tools"]),
-                          "stop": tuple(fields["stop"])})
+                          "stop": tuple(fields["stop"]),
+                          "response_format": None if response_format is None else JsonFormat(**response_format)})
 
 
 def event_message(event: Event) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, g, jsonify
 
 from compat.requests import parse_chat
-from compat.responses import Completion, fold, stream_chunks
+from compat.responses import Completion, fold, legacy_function_call, stream_chunks
 from compat.routes.road import SSE_HEADERS, json_body, sse_stream, start
 
 bp = Blueprint("chat", __name__)
@@ -16,11 +16,12 @@ def create_chat_completion():
     call = parse_chat(json_body(), current_app.extensions["aigate"].limits)
     route, answer = start(call.request, call.stream)
     completion = Completion(route.model_id)  # the model that answered: a fallback says so here
+    shape = legacy_function_call if call.legacy_functions else (lambda obj: obj)
     if not call.stream:
         try:
-            return jsonify(fold(completion, answer.events))
+            return jsonify(shape(fold(completion, answer.events)))
         finally:
             answer.close()
-    body = sse_stream(stream_chunks(completion, answer.events, call.include_usage), answer.close, g.record,
-                      answer.client)
+    chunks = map(shape, stream_chunks(completion, answer.events, call.include_usage))
+    body = sse_stream(chunks, answer.close, g.record, answer.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

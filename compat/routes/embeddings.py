@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, jsonify
 
 from compat.errors import invalid
-from compat.requests import check_chars, parse_model
+from compat.requests import _integer, check_chars, parse_model
 from compat.routes.road import json_body, resolve
 
 bp = Blueprint("embeddings", __name__)
@@ -20,10 +20,15 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 @bp.post("/v1/embeddings")
 def create_embeddings():
     body = json_body()
-    model, inputs, encoding = parse_embeddings(body)
+    model, inputs, encoding, dimensions = parse_embeddings(body)
     check_chars(sum(len(x) for x in inputs), current_app.extensions["aigate"].limits, "input")
     route = resolve(model, stream=False)
     result = route.backend.embed(route.model_id, inputs)
+    size = len(result.vectors[0]) if result.vectors else 0
+    if dimensions is not None and dimensions != size:  # the model's own size is no change: accept it
+        raise invalid(f"dimensions is {dimensions}, but {route.model_id} makes vectors of {size} dimensions and "
+                      "cannot shorten them; leave dimensions out or set it to the model's own size.", "dimensions",
+                      "unsupported_value")
     g.record.prompt_tokens = result.prompt_tokens  # logged, counted, and charged to the key's TPM
     data = [{"object": "embedding", "index": i, "embedding": encode(vector, encoding)}
             for i, vector in enumerate(result.vectors)]
@@ -31,12 +36,14 @@ def create_embeddings():
                     "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}})
 
 
-def parse_embeddings(body: Any) -> tuple[str, list[str], str]:
+def parse_embeddings(body: Any) -> tuple[str, list[str], str, int | None]:
     model = parse_model(body)
     raw = body.get("input")
     inputs = [raw] if isinstance(raw, str) else raw
     if isinstance(inputs, list) and inputs and all(isinstance(x, (int, list)) for x in inputs):
-        raise invalid("input given as token ids is not supported; send text.", "input", "unsupported_value")
+        raise invalid("input given as token ids is not supported: send the text itself. (LangChain's "
+                      "OpenAIEmbeddings sends token ids unless it is created with check_embedding_ctx_length=False.)",
+                      "input", "unsupported_value")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
         raise invalid("input must be a string or a non-empty array of strings.", "input", "invalid_type")
     if len(inputs) > MAX_INPUTS:
@@ -47,10 +54,8 @@ def parse_embeddings(body: Any) -> tuple[str, list[str], str]:
     encoding = "float" if encoding is None else encoding
     if encoding not in ("float", "base64"):
         raise invalid("encoding_format must be 'float' or 'base64'.", "encoding_format", "invalid_value")
-    if body.get("dimensions") is not None:
-        raise invalid("dimensions is not supported: these models have fixed sizes.", "dimensions",
-                      "unsupported_parameter")
-    return model, inputs, encoding
+    dimensions = _integer(body, "dimensions", minimum=1)
+    return model, inputs, encoding, dimensions
 
 
 def encode(vector: list[float], encoding: str) -> list[float] | str:

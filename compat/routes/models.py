@@ -14,7 +14,7 @@ bp = Blueprint("models", __name__)
 
 @bp.get("/v1/models")
 def list_models():
-    return jsonify({"object": "list", "data": [model_object(m.id, m.owned_by, m.created) for m in _visible()]})
+    return jsonify({"object": "list", "data": [_object(m) for m in _visible()]})
 
 
 @bp.get("/v1/models/<path:model_id>")
@@ -22,7 +22,12 @@ def retrieve_model(model_id: str):
     info = next((m for m in _visible() if m.id == model_id), None)
     if info is None:
         raise model_not_found(model_id)
-    return jsonify(model_object(info.id, info.owned_by, info.created))
+    return jsonify(_object(info))
+
+
+def _object(m: ModelInfo) -> dict:
+    # An extra field: whether response_format / text.format (a JSON schema) is honoured, or refused.
+    return {**model_object(m.id, m.owned_by, m.created), "capabilities": {"structured_outputs": m.structured_outputs}}
 
 
 def _visible() -> list[ModelInfo]:

@@ -16,7 +16,7 @@ import metrics
 from backends.base import (BackendError, ChatRequest, Event, QueueFull, QueueTimeout, RateLimited, Unavailable,
                            UpstreamError)
 from backends.registry import Route
-from compat import sse
+from compat import sse, structured
 from compat.auth import allowed
 from compat.client_socket import ClientGone, ClientSocket
 from compat.errors import APIError, from_backend, internal_error, invalid, model_not_found
@@ -66,6 +66,10 @@ def start(request: ChatRequest, stream: bool,
     state = current_app.extensions["aigate"]
     chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
     first = resolve(request.model, stream)
+    if request.response_format is not None:  # a schema is honoured or refused: no fallback that would drop it
+        if not structured.supports(first):
+            structured.refuse(request.response_format, request.model, state.registry)
+        chain = [request.model, *(n for n in chain[1:] if structured.supports(find(n)))]  # type: ignore[arg-type]
     g.record.admit(reserve(first) if reserve else most_tokens(first, request))  # a 429 if the budget lacks it
     client = ClientSocket(flask_request.environ, state.settings.client_write_timeout)
     for i, name in enumerate(chain):

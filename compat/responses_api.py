@@ -1,0 +1,369 @@
+"""The Responses API (POST /v1/responses) as a codec over the same event road as chat completions:
+a request body read into a ChatRequest (input items become messages), and the backend's events
+written as OpenAI's typed stream events or folded into one `response` object. The folded object
+is the last stream event's, so stream and non-stream cannot disagree.
+
+Shapes follow openai-python's `types/responses/`. Tools other than functions (web_search,
+namespace, image_generation...) are skipped, not refused: Codex sends them on every turn.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from backends.base import ChatRequest, Event, Finish, Message, TextDelta, Tool, ToolCall, Usage
+from compat.errors import APIError, invalid
+from compat.requests import (TOOL_NAME, Limits, _bounded_max_tokens, _integer, _number, _optional_bool,
+                             check_chars, parse_model)
+from compat.structured import text_format
+
+ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
+# Fields clients send that change nothing here: accepted, echoed where the response object has them.
+NO_OPS = ("reasoning", "include", "prompt_cache_key", "prompt_cache_retention", "client_metadata", "metadata",
+          "user", "safety_identifier", "service_tier", "truncation", "top_logprobs", "max_tool_calls",
+          "stream_options")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+@dataclass(frozen=True)
+class ResponsesCall:
+    request: ChatRequest
+    stream: bool
+    store: bool
+    input_items: tuple[dict[str, Any], ...]  # what the model is given: earlier turns, then this input (with ids)
+    echo: dict[str, Any] = field(default_factory=dict)  # request fields the response object repeats
+
+
+def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str, Any]] | None = None
+                    ) -> ResponsesCall:
+    """A /v1/responses body; `history` is the input and output of `previous_response_id`, if any."""
+    model = parse_model(body)
+    for name in ("background",):
+        if body.get(name):
+            raise invalid(f"{name} is not supported by this server.", name, "unsupported_parameter")
+    for name in ("conversation", "prompt"):
+        if body.get(name) is not None:
+            raise invalid(f"{name} is not supported by this server: send the input (or previous_response_id).",
+                          name, "unsupported_parameter")
+    items = [*(history or []), *input_items(body.get("input"))]
+    messages = [*instruction_messages(body.get("instructions")), *to_messages(items)]
+    if not messages:
+        raise invalid("input must hold at least one message.", "input", "empty_array")
+    if len(messages) > limits.max_messages:
+        raise invalid(f"input holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
+                      "input", "too_many_messages")
+    check_chars(sum(len(m.content) for m in messages), limits, "input")
+    tools, echoed_tools = function_tools(body.get("tools"))
+    choice = tool_choice(body.get("tool_choice"), tools)
+    parallel = _optional_bool(body, "parallel_tool_calls")
+    max_tokens = _bounded_max_tokens(_integer(body, "max_output_tokens", minimum=1), limits.ceiling(model),
+                                     "max_output_tokens")
+    fmt = text_format(body.get("text"))
+    stream = _optional_bool(body, "stream") or False
+    store = _optional_bool(body, "store")
+    previous = body.get("previous_response_id")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise invalid("metadata must be an object of strings.", "metadata", "invalid_type")
+    temperature, top_p = _number(body, "temperature", 0.0, 2.0), _number(body, "top_p", 0.0, 1.0)
+    request = ChatRequest(model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=temperature,
+                          top_p=top_p, tools=tools if choice != "none" else (), tool_choice=choice,
+                          incremental=stream, response_format=fmt)
+    instructions = body.get("instructions")
+    echo = {
+        "instructions": instructions, "max_output_tokens": _integer(body, "max_output_tokens"),
+        "metadata": metadata or {}, "parallel_tool_calls": True if parallel is None else parallel,
+        "previous_response_id": previous, "reasoning": body.get("reasoning") if isinstance(body.get("reasoning"),
+                                                                                           dict) else None,
+        "temperature": temperature, "text": body.get("text") if isinstance(body.get("text"), dict)
+        else {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice") or "auto", "tools": echoed_tools,
+        "top_p": top_p, "user": body.get("user"), "store": True if store is None else store,
+    }
+    return ResponsesCall(request, stream, echo["store"], tuple(items), echo)
+
+
+def instruction_messages(raw: Any) -> list[Message]:
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [Message("system", raw)] if raw else []
+    if isinstance(raw, list):
+        return to_messages(input_items(raw, "instructions"))
+    raise invalid("instructions must be a string.", "instructions", "invalid_type")
+
+
+def input_items(raw: Any, param: str = "input") -> list[dict[str, Any]]:
+    """The input as a list of checked items, each with an id (they are stored and listed)."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [{"id": new_id("msg"), "type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": raw}], "status": "completed"}]
+    if not isinstance(raw, list):
+        raise invalid(f"{param} must be a string or an array of input items.", param, "invalid_type")
+    items = []
+    for i, item in enumerate(raw):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict):
+            raise invalid(f"{where} must be an object.", where, "invalid_type")
+        kind = item.get("type", "message")
+        if kind == "message":
+            items.append(_message_item(item, where))
+        elif kind in ("function_call", "custom_tool_call"):
+            name, call_id = item.get("name"), item.get("call_id")
+            arguments = item.get("arguments" if kind == "function_call" else "input", "")
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            if not isinstance(name, str) or not name or not isinstance(call_id, str) or not call_id:
+                raise invalid(f"{where}: a {kind} needs a name and a call_id.", where, "missing_required_parameter")
+            items.append({"id": _str(item.get("id")) or new_id("fc"), "type": "function_call", "status": "completed",
+                          "arguments": arguments, "call_id": call_id, "name": name})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise invalid(f"{where}.call_id must be a string.", f"{where}.call_id", "missing_required_parameter")
+            items.append({"id": _str(item.get("id")) or new_id("fco"), "type": "function_call_output",
+                          "status": "completed", "call_id": call_id,
+                          "output": _text(item.get("output"), f"{where}.output")})
+        # reasoning, item_reference and the items of tools skipped here carry nothing a model here can use
+    return items
+
+
+def _message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    role = item.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise invalid(f"{where}.role must be one of user, assistant, system, developer; got {role!r}.",
+                      f"{where}.role", "invalid_value")
+    content = item.get("content")
+    kind = "output_text" if role == "assistant" else "input_text"
+    text = _text(content, f"{where}.content")
+    parts = [{"type": kind, "text": text, **({"annotations": []} if role == "assistant" else {})}]
+    return {"id": _str(item.get("id")) or new_id("msg"), "type": "message", "role": role, "content": parts,
+            "status": "completed"}
+
+
+def _text(content: Any, where: str) -> str:
+    """A string, or text parts joined; images, files and audio are refused (text-only models)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where} must be a string or an array of content parts.", where, "invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal":
+            texts.append(str(part.get("refusal", "")))
+            continue
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise invalid(f"{where}[{j}]: content parts of type {kind!r} are not supported; this server's models "
+                          "take text only.", f"{where}[{j}].type", "unsupported_content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def to_messages(items: list[dict[str, Any]]) -> list[Message]:
+    """Checked items as chat messages: consecutive function calls join the assistant turn before them."""
+    out: list[Message] = []
+    names: dict[str, str] = {}
+    for item in items:
+        if item["type"] == "message":
+            text = "".join(p["text"] for p in item["content"])
+            out.append(Message(ROLES[item["role"]], text))  # type: ignore[arg-type]
+        elif item["type"] == "function_call":
+            call = ToolCall(item["call_id"], item["name"], item["arguments"])
+            names[item["call_id"]] = item["name"]
+            last = out[-1] if out else None
+            if last is not None and last.role == "assistant":
+                out[-1] = Message("assistant", last.content, (*last.tool_calls, call))
+            else:
+                out.append(Message("assistant", "", (call,)))
+        elif item["type"] == "function_call_output":
+            out.append(Message("tool", item["output"], tool_call_id=item["call_id"], name=names.get(item["call_id"])))
+    return out
+
+
+def function_tools(raw: Any) -> tuple[tuple[Tool, ...], list[dict[str, Any]]]:
+    """Function tools (flat, as the Responses API writes them); other tool types are skipped."""
+    if raw is None:
+        return (), []
+    if not isinstance(raw, list):
+        raise invalid("tools must be an array.", "tools", "invalid_type")
+    tools, echoed = [], []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise invalid(f"{where} must be an object.", where, "invalid_type")
+        if tool.get("type") != "function":
+            continue
+        name = tool.get("name")
+        description = "" if tool.get("description") is None else tool["description"]
+        parameters = {} if tool.get("parameters") is None else tool["parameters"]
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise invalid(f"{where}.name must be 1-64 letters, digits, _ or -.", f"{where}.name", "invalid_value")
+        if not isinstance(description, str) or not isinstance(parameters, dict):
+            raise invalid(f"{where}: description must be a string and parameters an object.", where, "invalid_type")
+        tools.append(Tool(name, description, parameters))
+        echoed.append({"type": "function", "name": name, "description": description or None,
+                       "parameters": parameters, "strict": bool(tool.get("strict", False))})
+    return tuple(tools), echoed
+
+
+def tool_choice(raw: Any, tools: tuple[Tool, ...]) -> str:
+    if raw is None or raw == "auto":
+        return "auto"
+    if raw == "none":
+        return "none"
+    if raw == "required":
+        return "required" if tools else "auto"
+    if isinstance(raw, dict):
+        if raw.get("type") == "function":
+            name = raw.get("name")
+            if not isinstance(name, str) or name not in {t.name for t in tools}:
+                raise invalid(f"tool_choice names {name!r}, which is not a function in tools.", "tool_choice",
+                              "invalid_value")
+            return name  # type: ignore[return-value]
+        if raw.get("type") == "allowed_tools" and raw.get("mode") in ("auto", "required"):
+            return raw["mode"] if tools else "auto"
+        return "auto"  # a hosted tool's choice: those tools are skipped here
+    raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}.",
+                  "tool_choice", "invalid_value")
+
+
+# -- the response object and its stream -----------------------------------------------------------
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.total_tokens}
+
+
+class ResponseStream:
+    """One response's typed events, numbered; `.final` is the response object once it has ended."""
+
+    def __init__(self, model: str, echo: dict[str, Any], parallel_tool_calls: bool = True) -> None:
+        self.id, self.model, self.echo = new_id("resp"), model, echo
+        self.created_at = int(time.time())
+        self.output: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        self._seq = count()
+        self._parallel = parallel_tool_calls
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, "sequence_number": next(self._seq), **fields}
+
+    def snapshot(self, status: str, *, usage: Usage | None = None, error: dict[str, Any] | None = None,
+                 incomplete: str | None = None) -> dict[str, Any]:
+        e = self.echo
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "background": False, "error": error,
+            "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": e.get("instructions"), "max_output_tokens": e.get("max_output_tokens"),
+            "max_tool_calls": None, "model": self.model, "output": list(self.output),
+            "parallel_tool_calls": e.get("parallel_tool_calls", True),
+            "previous_response_id": e.get("previous_response_id"),
+            "reasoning": e.get("reasoning") or {"effort": None, "summary": None}, "service_tier": "default",
+            "store": e.get("store", True), "temperature": e.get("temperature"),
+            "text": e.get("text") or {"format": {"type": "text"}}, "tool_choice": e.get("tool_choice", "auto"),
+            "tools": e.get("tools", []), "top_p": e.get("top_p"), "truncation": "disabled",
+            "usage": usage_object(usage) if usage else None, "user": e.get("user"), "metadata": e.get("metadata", {}),
+        }
+
+    def events(self, events: Iterator[Event]) -> Iterator[dict[str, Any]]:
+        """response.created, in_progress, each output item (added, its parts and deltas, done), then
+        response.completed or response.incomplete."""
+        yield self.event("response.created", response=self.snapshot("in_progress"))
+        yield self.event("response.in_progress", response=self.snapshot("in_progress"))
+        message: dict[str, Any] | None = None
+        text: list[str] = []
+        calls = 0
+        for ev in events:
+            if isinstance(ev, TextDelta):
+                if not ev.text:
+                    continue
+                if message is None:
+                    message = yield from self._open_message()
+                text.append(ev.text)
+                yield self.event("response.output_text.delta", item_id=message["id"], output_index=len(self.output),
+                                 content_index=0, delta=ev.text, logprobs=[])
+            elif isinstance(ev, ToolCall):
+                if message is not None:
+                    yield from self._close_message(message, "".join(text), "completed")
+                    message, text = None, []
+                if calls and not self._parallel:
+                    continue  # parallel_tool_calls false: the first call only
+                calls += 1
+                yield from self._tool_call(ev)
+            elif isinstance(ev, Finish):
+                incomplete = "max_output_tokens" if ev.reason == "length" else None
+                if message is None and not calls:
+                    message = yield from self._open_message()  # an empty answer is still a message
+                if message is not None:
+                    yield from self._close_message(message, "".join(text), "incomplete" if incomplete else "completed")
+                status = "incomplete" if incomplete else "completed"
+                self.final = self.snapshot(status, usage=ev.usage, incomplete=incomplete)
+                if status == "completed":
+                    self.final["completed_at"] = int(time.time())
+                yield self.event(f"response.{status}", response=self.final)
+                return
+        raise RuntimeError("the backend ended without a finish event")
+
+    def failed(self, error: APIError) -> Iterator[dict[str, Any]]:
+        """After the first byte a failure is in-band: an error event, then response.failed."""
+        yield self.event("error", code=error.code or error.type, message=error.message, param=error.param)
+        # response.error.code is one of OpenAI's few; the error event above carries ours.
+        code = {429: "rate_limit_exceeded", 400: "invalid_prompt"}.get(error.status, "server_error")
+        self.final = self.snapshot("failed", error={"code": code, "message": error.message})
+        yield self.event("response.failed", response=self.final)
+
+    def _open_message(self) -> Iterator[dict[str, Any]]:
+        item = {"id": new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+        index = len(self.output)
+        yield self.event("response.output_item.added", output_index=index, item=item)
+        yield self.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                         part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})
+        return item
+
+    def _close_message(self, item: dict[str, Any], text: str, status: str) -> Iterator[dict[str, Any]]:
+        index = len(self.output)
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        yield self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                         text=text, logprobs=[])
+        yield self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                         part=part)
+        done = {**item, "status": status, "content": [part]}
+        self.output.append(done)
+        yield self.event("response.output_item.done", output_index=index, item=done)
+
+    def _tool_call(self, call: ToolCall) -> Iterator[dict[str, Any]]:
+        index = len(self.output)
+        item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",
+                "call_id": call.id, "name": call.name}
+        yield self.event("response.output_item.added", output_index=index, item=item)
+        yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                         delta=call.arguments)
+        yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                         name=call.name, arguments=call.arguments)
+        done = {**item, "status": "completed", "arguments": call.arguments}
+        self.output.append(done)
+        yield self.event("response.output_item.done", output_index=index, item=done)
+
+
+def output_text(response: dict[str, Any]) -> str:
+    return "".join(p.get("text", "") for item in response.get("output", []) if item.get("type") == "message"
+                   for p in item.get("content", []) if p.get("type") == "output_text")

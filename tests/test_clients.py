@@ -1,0 +1,150 @@
+"""Real clients against aigate on a Workers AI model (the fake Cloudflare on loopback): Codex CLI,
+the OpenAI Agents SDK, LangChain's with_structured_output and Vercel's AI SDK. Each is skipped, with
+the reason, where it is not installed (`make test` installs them: pip for Python, npm into .cache/node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from tests.conftest import ROOT
+from tests.fake_cloudflare import cloudflare_env
+
+KEY = "sk-clients"
+NODE_DIR = ROOT / ".cache" / "node"
+NODE_MISSING = "the npm packages are not installed (make install-clients; needs node, npm and the npm registry)"
+
+
+class Weather(BaseModel):
+    city: str
+    temperature: int
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, fake):
+    return server_factory(API_KEYS=KEY, **cloudflare_env(
+        fake, CLOUDFLARE_MODELS="@cf/fake/chat,@cf/fake/tools", CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools",
+        MODEL_ALIASES="forecaster=@cf/fake/tools"))
+
+
+def logged_responses(server, at_least: int) -> bool:
+    """Whether the server has logged that many answered /v1/responses requests (lines come as each closes)."""
+    def count() -> int:
+        return sum("path=/v1/responses " in line and "status=200" in line for line in server.log)
+    with server.changed:
+        return server.changed.wait_for(lambda: count() >= at_least, timeout=10)
+
+
+def node_package(name: str) -> Path:
+    path = NODE_DIR / "node_modules" / name
+    if not path.is_dir() or shutil.which("node") is None:
+        pytest.skip(NODE_MISSING)
+    return path
+
+
+@pytest.mark.parametrize("model", ["@cf/fake/chat", "@cf/fake/tools"])
+def test_codex_exec_runs_to_completion(server, fake, tmp_path, model):
+    """On the tools model the first answer calls Codex's first tool (with arguments it cannot use):
+    Codex sends the call's output back in the whole conversation, and the model's answer ends the run."""
+    node_package("@openai/codex")
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'''
+model = "{model}"
+model_provider = "aigate"
+[model_providers.aigate]
+name = "aigate"
+base_url = "{server.v1}"
+env_key = "AIGATE_KEY"
+wire_api = "responses"
+''')
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CODEX_HOME": str(home), "AIGATE_KEY": KEY}
+    run = subprocess.run([str(NODE_DIR / "node_modules" / ".bin" / "codex"), "exec", "--skip-git-repo-check",
+                          "Reply with one word: ready"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert logged_responses(server, at_least=1)
+    sent = [r.body for r in fake.runs(model) if r.body and any(
+        "Reply with one word: ready" in str(m.get("content")) for m in r.body.get("messages", []))]
+    assert sent and sent[-1]["messages"][0]["role"] == "system"  # Codex's instructions, as a system turn
+    if model == "@cf/fake/chat":
+        assert "You said:" in run.stdout  # the fake model's answer, as Codex prints the last message
+    else:
+        assert "The tool said:" in run.stdout
+        call, result = sent[-1]["messages"][-2:]
+        assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_agents_sdk_function_tool_and_output_type(server, fake, stream):
+    agents = pytest.importorskip("agents", reason="openai-agents is not installed (requirements-dev.txt)")
+    import asyncio
+
+    import openai
+
+    agents.set_tracing_disabled(True)  # its traces would go to OpenAI's servers
+    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=server.v1, api_key=KEY, max_retries=0),
+                                     use_for_tracing=False)
+    called = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        called.append(city)
+        return "18C and sunny"
+
+    # An alias: the SDK reads "@cf/..." as a provider prefix. A plain name gets its default, the Responses model.
+    agent = agents.Agent(name="forecaster", instructions="Answer with the weather.", model="forecaster",
+                         tools=[get_weather], output_type=Weather)
+    before = sum("path=/v1/responses " in line for line in server.log)
+
+    async def streamed():
+        run = agents.Runner.run_streamed(agent, "Weather in Paris?")
+        kinds = {event.type async for event in run.stream_events()}
+        assert "raw_response_event" in kinds
+        return run
+
+    result = asyncio.run(streamed()) if stream else agents.Runner.run_sync(agent, "Weather in Paris?")
+    assert called == ["Paris"]
+    assert logged_responses(server, at_least=before + 2)  # its default model: the Responses API
+    assert result.final_output == Weather(city="Paris", temperature=3)
+    last = fake.runs("@cf/fake/tools")[-1].body
+    assert last["messages"][-1] == {"role": "tool", "content": "18C and sunny", "name": "get_weather",
+                                    "tool_call_id": last["messages"][-2]["tool_calls"][0]["id"]}
+    assert last["response_format"]["json_schema"]["required"] == ["city", "temperature"]
+
+
+def test_langchain_with_structured_output(server, fake):
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai is not installed")
+    model = langchain_openai.ChatOpenAI(model="@cf/fake/chat", base_url=server.v1, api_key=KEY, max_retries=0)
+    assert model.with_structured_output(Weather).invoke("Weather in Paris?") == Weather(city="Paris", temperature=3)
+    assert fake.runs("@cf/fake/chat")[-1].body["response_format"]["type"] == "json_schema"
+
+
+@pytest.mark.parametrize("api", ["responses", "chat"])
+def test_vercel_ai_sdk_generate_object(server, fake, api):
+    node_package("ai")
+    script = NODE_DIR / f"generate-object-{api}.mjs"
+    script.write_text(f"""
+import {{ generateObject }} from "ai";
+import {{ createOpenAI }} from "@ai-sdk/openai";
+import {{ z }} from "zod";
+const provider = createOpenAI({{ baseURL: {json.dumps(server.v1)}, apiKey: {json.dumps(KEY)} }});
+const model = {"provider" if api == "responses" else "provider.chat"}("@cf/fake/chat");
+const {{ object }} = await generateObject({{ model, prompt: "Weather in Paris?", maxRetries: 0,
+  schema: z.object({{ city: z.string(), temperature: z.number().int() }}) }});
+console.log(JSON.stringify(object));
+""")
+    try:
+        run = subprocess.run(["node", str(script)], cwd=NODE_DIR, capture_output=True, text=True, timeout=60)
+    finally:
+        script.unlink()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"city": "Paris", "temperature": 3}
+    assert "response_format" in fake.runs("@cf/fake/chat")[-1].body

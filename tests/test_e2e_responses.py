@@ -1,0 +1,271 @@
+"""End to end: the official SDK's Responses API (create, stream, retrieve, delete, input_items),
+structured outputs and the small compatibility fixes, against one gunicorn serving the local
+(endless demo) model and Workers AI (the fake Cloudflare on loopback)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+from pydantic import BaseModel
+
+from tests.fake_cloudflare import cloudflare_env
+
+LOCAL = "endless"
+CF = "@cf/fake/chat"
+CF_TOOLS = "@cf/fake/tools"
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+KEYS = "sk-alice,sk-bob"
+
+
+class City(BaseModel):
+    name: str
+    population: int
+    rivers: list[str]
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, fake, slow_model):
+    models = ",".join(f"@cf/fake/{m}" for m in ("chat", "tools", "jsonfail", "drop", "429", "bge"))
+    return server_factory(CHATGLM_MODEL=str(slow_model), API_KEYS=KEYS, CLOUDFLARE_RETRIES="0",
+                          **cloudflare_env(fake, CLOUDFLARE_MODELS=models, CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge",
+                                           CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools,@cf/fake/jsonfail"))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.v1, api_key="sk-alice", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def bob(server):
+    return openai.OpenAI(base_url=server.v1, api_key="sk-bob", max_retries=0)
+
+
+def test_create_on_the_local_model(client):
+    r = client.responses.create(model=LOCAL, input="Tell me about the river.", instructions="Be brief.",
+                                max_output_tokens=4, temperature=0, reasoning={"summary": "auto"},
+                                include=["reasoning.encrypted_content"], prompt_cache_key="k", metadata={"a": "b"})
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == LOCAL
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 4 and r.usage.input_tokens > 5
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert r.usage.input_tokens_details.cached_tokens == 0 and r.usage.output_tokens_details.reasoning_tokens == 0
+    [message] = r.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "incomplete"
+    assert r.output_text == message.content[0].text and r.output_text
+    assert (r.instructions, r.max_output_tokens, r.metadata, r.temperature) == ("Be brief.", 4, {"a": "b"}, 0)
+
+
+def test_stream_sends_openais_events_in_order_and_agrees_with_create(client):
+    asked = dict(model=LOCAL, input=[{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}],
+                 max_output_tokens=6, temperature=0)
+    with client.responses.stream(**asked) as stream:
+        events = list(stream)
+    final = events[-1].response  # the SDK's get_final_response() wants response.completed, as OpenAI's would
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) == 6 and kinds[4:10] == ["response.output_text.delta"] * 6
+    assert kinds[10:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(d.delta for d in deltas) == final.output_text == events[-1].response.output_text
+    assert final.id == events[0].response.id and events[0].response.status == "in_progress"
+    assert final.status == "incomplete" and final.usage.output_tokens == 6
+    assert client.responses.create(**asked).output_text == final.output_text  # the same road
+
+
+def test_stored_responses_belong_to_their_key(client, bob):
+    r = client.responses.create(model=CF, input="keep me")
+    got = client.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text == "You said: keep me"
+    items = client.responses.input_items.list(r.id)
+    assert [(i.type, i.role, i.content[0].text) for i in items.data] == [("message", "user", "keep me")]
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.responses.delete(r.id)
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    unstored = client.responses.create(model=CF, input="forget me", store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model=CF, input="more", previous_response_id=unstored.id)
+    assert err.value.code == "previous_response_not_found"
+
+
+def test_previous_response_id_continues_the_conversation(client, fake):
+    first = client.responses.create(model=CF, input="one", instructions="Be terse.")
+    second = client.responses.create(model=CF, input="two", previous_response_id=first.id)
+    assert second.previous_response_id == first.id and second.output_text == "You said: two"
+    sent = fake.runs(CF)[-1].body["messages"]
+    # the earlier turn, not its instructions (OpenAI does not carry them over)
+    assert sent == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "You said: one"},
+                    {"role": "user", "content": "two"}]
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [i.type for i in items.data] == ["message", "message", "message"]
+    assert [i.role for i in items.data] == ["user", "assistant", "user"]
+    page = client.responses.input_items.list(second.id, limit=1)
+    assert page.has_more and page.data[0].content[0].text == "two"  # newest first by default
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_results_on_the_local_model(client, stream):
+    turns = [{"role": "user", "content": "Weather in Paris?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "18C and sunny"}]
+    asked = dict(model=LOCAL, tools=[WEATHER, {"type": "web_search"}], max_output_tokens=3, temperature=0)
+    bare = client.responses.create(input=turns[:1], **asked)
+    if stream:
+        r = list(client.responses.create(input=turns, stream=True, **asked))[-1].response
+    else:
+        r = client.responses.create(input=turns, **asked)
+    assert r.status in ("incomplete", "completed") and 0 < r.usage.output_tokens <= 3
+    assert r.usage.input_tokens > bare.usage.input_tokens + 5  # the call and its result are in the prompt
+    later = client.responses.create(previous_response_id=r.id, input="Thanks!", **asked)
+    assert later.usage.input_tokens > r.usage.input_tokens  # and, stored, in the next turn's
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_and_a_tool_result_round_trip(client, fake, stream):
+    tools = [WEATHER, {"type": "web_search"}, {"type": "namespace", "name": "codex", "tools": []},
+             {"type": "image_generation"}]
+    asked = dict(model=CF_TOOLS, input="Weather in Paris?", tools=tools, tool_choice="auto",
+                 parallel_tool_calls=True)
+    if stream:
+        with client.responses.stream(**asked) as s:
+            events = list(s)
+            r = s.get_final_response()
+        kinds = [e.type for e in events]
+        assert kinds[2:6] == ["response.output_item.added", "response.function_call_arguments.delta",
+                              "response.function_call_arguments.done", "response.output_item.done"]
+        assert kinds[-1] == "response.completed"
+    else:
+        r = client.responses.create(**asked)
+    [call] = r.output
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_weather", {"city": "Paris"})
+    assert [t["function"]["name"] for t in fake.runs(CF_TOOLS)[-1].body["tools"]] == ["get_weather"]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "18C and sunny"}
+    # as the Agents SDK and Codex do: the whole conversation again, the call and its output
+    again = client.responses.create(model=CF_TOOLS, tools=[WEATHER], stream=False, input=[
+        {"role": "user", "content": "Weather in Paris?"}, call.model_dump(exclude_none=True), result])
+    assert again.output_text == "The tool said: 18C and sunny"
+    sent = fake.runs(CF_TOOLS)[-1].body["messages"]
+    assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent[2] == {"role": "tool", "content": "18C and sunny", "tool_call_id": call.call_id, "name": "get_weather"}
+    # or, stored, by previous_response_id and the output alone
+    chained = client.responses.create(model=CF_TOOLS, tools=[WEATHER], previous_response_id=r.id, input=[result])
+    assert chained.output_text == "The tool said: 18C and sunny"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_format_json_schema_on_a_json_mode_model(client, fake, stream):
+    if stream:
+        with client.responses.stream(model=CF, input="Paris?", text_format=City) as s:
+            kinds = [e.type for e in s]
+            parsed = s.get_final_response().output_parsed
+        assert "response.output_text.delta" in kinds
+    else:
+        parsed = client.responses.parse(model=CF, input="Paris?", text_format=City).output_parsed
+    assert parsed == City(name="Paris", population=3, rivers=["Paris"])
+    sent = fake.runs(CF)[-1].body
+    assert sent["stream"] is False  # Workers AI's JSON mode does not stream: the answer comes whole
+    assert sent["response_format"]["type"] == "json_schema"
+    assert sent["response_format"]["json_schema"]["properties"]["rivers"]["type"] == "array"  # the bare schema
+
+
+def test_json_modes_in_chat_completions(client, fake):
+    r = client.chat.completions.parse(model=CF, messages=[{"role": "user", "content": "Paris?"}], response_format=City)
+    assert r.choices[0].message.parsed == City(name="Paris", population=3, rivers=["Paris"])
+    chunks = list(client.chat.completions.create(model=CF, messages=[{"role": "user", "content": "hi"}],
+                                                 response_format={"type": "json_object"}, stream=True))
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)) == {
+        "said": "You said: hi"}
+    assert fake.runs(CF)[-1].body["response_format"] == {"type": "json_object"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="@cf/fake/jsonfail", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
+    assert err.value.code == "json_schema_not_met" and "JSON Mode couldn't be met" in err.value.message
+
+
+def test_json_formats_on_a_model_that_cannot_honour_them_are_a_clear_400(client):
+    for call in (lambda: client.responses.parse(model=LOCAL, input="x", text_format=City),
+                 lambda: client.chat.completions.create(model=LOCAL, messages=[{"role": "user", "content": "x"}],
+                                                        response_format={"type": "json_object"})):
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert err.value.code == "unsupported_value"
+        assert "@cf/fake/chat, @cf/fake/jsonfail, @cf/fake/tools" in err.value.message
+    models = {m.id: m for m in client.models.list()}
+    assert models[CF].capabilities == {"structured_outputs": True}
+    assert models[LOCAL].capabilities == {"structured_outputs": False}
+
+
+def test_errors_before_the_first_byte_are_statuses_and_after_it_events(client, server):
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="no-such-model", input="x")
+    with pytest.raises(openai.RateLimitError):
+        client.responses.create(model="@cf/fake/429", input="x", stream=True)
+    for bad, param in (({"input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
+                       ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+                        "input[0].content[0].type"),
+                       ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+                       ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
+                       ({"input": 5}, "input")):
+        r = requests.post(server.v1 + "/responses", json={"model": CF, **bad}, timeout=10,
+                          headers={"Authorization": "Bearer sk-alice"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    events = list(client.responses.create(model="@cf/fake/drop", input="hello there my friend", stream=True))
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_paths_without_v1_and_with_a_trailing_slash(server):
+    auth = {"Authorization": "Bearer sk-alice"}
+    for base in (server.base_url, server.base_url + "/v1/"):
+        c = openai.OpenAI(base_url=base, api_key="sk-alice", max_retries=0)
+        assert c.responses.create(model=CF, input="hi").output_text == "You said: hi"
+        assert c.chat.completions.create(model=CF, messages=[{"role": "user", "content": "hi"}]).choices
+    r = requests.post(server.base_url + "/v1/chat/completions/", headers=auth, timeout=10,
+                      json={"model": CF, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    r = requests.get(server.base_url + "/models", timeout=10)
+    assert r.status_code == 401  # the same key check as under /v1
+    exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"retry-after", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= exposed
+
+
+def test_deprecated_functions_become_tools(client, fake):
+    asked = dict(model=CF_TOOLS, messages=[{"role": "user", "content": "Weather?"}], function_call="auto",
+                 functions=[{"name": "get_weather", "parameters": WEATHER["parameters"]}])
+    r = client.chat.completions.create(**asked)
+    assert fake.runs(CF_TOOLS)[-1].body["tools"][0]["function"]["name"] == "get_weather"
+    # answered as such clients read it: function_call, not tool_calls
+    message = r.choices[0].message
+    assert message.tool_calls is None and r.choices[0].finish_reason == "function_call"
+    assert (message.function_call.name, json.loads(message.function_call.arguments)) == ("get_weather",
+                                                                                         {"city": "Paris"})
+    chunks = [c for c in client.chat.completions.create(**asked, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.function_call.arguments for c in chunks
+                   if c.choices[0].delta.function_call) == '{"city": "Paris"}'
+    assert chunks[-1].choices[0].finish_reason == "function_call"
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_embedding_dimensions_and_token_ids(client):
+    assert len(client.embeddings.create(model="@cf/fake/bge", input="x", dimensions=8).data[0].embedding) == 8
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="@cf/fake/bge", input="x", dimensions=4)
+    assert err.value.param == "dimensions" and "8 dimensions" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="@cf/fake/bge", input=[[1, 2, 3]])
+    assert "check_embedding_ctx_length=False" in err.value.message
