@@ -24,6 +24,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -65,6 +67,17 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextmanager
+def serving(root: Path, port: int, workers: int, fake_env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A server, ready and warmed up (one short local answer), stopped afterwards."""
+    server = start(root, port, workers, fake_env)
+    try:
+        local(f"http://127.0.0.1:{port}", "warm up", 2, {})
+        yield server
+    finally:
+        stop(server)
 
 
 def cloudflare(base: str, arrivals: list[float], started: threading.Event) -> bool:
@@ -163,7 +176,8 @@ def kill(base: str, holder: int) -> bool:
 
 def model_holder(process: subprocess.Popen, now: bool) -> int:
     """The engine (now), or the worker that serves the model (before)."""
-    kids = [int(p) for task in Path(f"/proc/{process.pid}/task").iterdir() for p in (task / "children").read_text().split()]
+    tasks = Path(f"/proc/{process.pid}/task").iterdir()  # the engine is a child of a master thread
+    kids = [int(p) for task in tasks for p in (task / "children").read_text().split()]
     engines = [p for p in kids if b"backends.engine.server" in Path(f"/proc/{p}/cmdline").read_bytes()]
     return engines[0] if now else next(p for p in kids if p not in engines)
 
@@ -185,24 +199,16 @@ def main() -> None:
         for name, root in (list(contenders.items()) if i % 2 == 0 else reversed(contenders.items())):
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            server = start(root, port, 1, fake_env)
-            try:
-                local(base, "warm up", 2, {})
+            with serving(root, port, 1, fake_env) as server:
                 gap, slowest = freeze(base, i)
                 results[name]["gap"].append(gap)
                 results[name]["health"].append(slowest)
                 results[name]["kill"].append(kill(base, model_holder(server, name == "now")))
-            finally:
-                stop(server)
-            server = start(root, port, 2, fake_env)
-            try:
-                local(base, "warm up", 2, {})
+            with serving(root, port, 2, fake_env):
                 t1, t2 = turns(base, i)
                 results[name]["t1"].append(t1)
                 results[name]["t2"].append(t2)
                 results[name]["ratio"].append(t2 / t1)
-            finally:
-                stop(server)
     fake.stop()
     report(results, args)
 
@@ -216,9 +222,11 @@ def report(results: dict[str, dict[str, list]], args: argparse.Namespace) -> Non
         "# The local engine: what a prompt evaluation freezes, and the next turn of a chat", "",
         f"Bench model (ChatGLM3-shaped, hidden 1024, 8 layers, f16), greedy; before = aigate at {args.before} "
         "(the model inside the gunicorn worker), now = this tree, alternated in one run, median of "
-        f"{args.runs}. The Cloudflare stream sends a frame every 50 ms. Command: `.venv/bin/python bench/engine.py`.", "",
+        f"{args.runs}. The Cloudflare stream sends a frame every 50 ms. "
+        "Command: `.venv/bin/python bench/engine.py`.", "",
         "| aigate | largest Cloudflare gap during a 1,000-token prefill, ms | slowest /health, ms | "
-        "turn 1 TTFT, ms | turn 2 TTFT, ms | turn 2 / turn 1 | Cloudflare stream survived a SIGKILL of the model's process |",
+        "turn 1 TTFT, ms | turn 2 TTFT, ms | turn 2 / turn 1 | "
+        "Cloudflare stream survived a SIGKILL of the model's process |",
         "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {g:.0f} | {h:.0f} | {t1:.0f} | {t2:.0f} | {ratio:.2f} | {k} of {total} |"
               for n, g, h, t1, t2, ratio, k, total in rows]

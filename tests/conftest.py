@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,11 +25,11 @@ SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, 
 # Every server and app of this run gets an engine address of its own (ENGINE_SOCKET), under one
 # prefix, so that the engines left by in-process apps are found and stopped at the end.
 ENGINE_PREFIX = f"@aigate-test-{os.getpid()}-"
-_engine_numbers = itertools.count()
 
 
 def engine_socket() -> str:
-    return f"{ENGINE_PREFIX}{next(_engine_numbers)}"
+    # Random, not counted: this file may be imported twice (as pytest's conftest and as tests.conftest).
+    return ENGINE_PREFIX + secrets.token_hex(6)
 
 
 @pytest.fixture(scope="session", autouse=True)
