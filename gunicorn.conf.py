@@ -7,6 +7,7 @@ so a bad setting or model file stops the server with one clear line instead of a
 workers; on a reload (SIGHUP), a bad one is logged and the previous configuration stays in service.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -129,6 +130,12 @@ def when_ready(server):
 
         server.aigate_keeper = Keeper(_settings)
         server.aigate_keeper.start()
+
+
+def pre_fork(server, worker):
+    """Workers fork from the master's imports: freeze those objects out of the garbage collector, whose
+    passes would otherwise write to (and so copy) every page of them in every worker."""
+    gc.freeze()
 
 
 def post_worker_init(worker):
