@@ -70,6 +70,7 @@ class EngineClient:
                 yield event
                 if isinstance(event, Finish):
                     return
+                sock.sendall(protocol.ACK)  # passed on: the engine may take its next step
         finally:
             sock.close()
 

@@ -1,5 +1,6 @@
 """The engine's socket protocol: the client sends one request line, the engine answers with one
-event line after another and closes the connection after the last. Every line is a JSON object.
+event line after another (the client acknowledges each but the last with one byte, ACK) and closes
+the connection after the last. Every line is a JSON object.
 
 A client that closes its end cancels the generation; the engine notices before its next token.
 """
@@ -14,6 +15,7 @@ from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Eve
                            JsonFormat, Message, QueueFull, QueueTimeout, TextDelta, Tool, ToolCall, Unavailable, Usage)
 
 MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this
+ACK = b"\x06"  # the client's answer to each event but the last: passed on, send the next
 
 # The errors the engine may answer with, by name on the wire.
 ERRORS: dict[str, type[BackendError]] = {cls.__name__: cls for cls in (

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from backends.base import BackendError, ChatRequest, Unavailable
+from backends.base import BackendError, ChatRequest, Finish, Unavailable
 from backends.engine import protocol
 from backends.engine.line import ClientGone, Line
 from backends.engine.model import PATCHED, Model, Slot, common_prefix
@@ -123,6 +123,10 @@ class Engine:
             with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone) as slot:
                 for event in slot.generate(request, prompt, gone):
                     conn.sendall(protocol.encode(protocol.event_message(event)))
+                    # The next step waits until the worker has passed this event on: on a small machine
+                    # its work then never competes with the model's threads for the cores.
+                    if not isinstance(event, Finish) and conn.recv(1) != protocol.ACK:
+                        raise ClientGone
         except BackendError as exc:
             conn.sendall(protocol.encode(protocol.error_message(exc)))
         except RuntimeError:  # chatglm.cpp's own checks (a CHATGLM_CHECK): this request failed, not the engine
