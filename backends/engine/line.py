@@ -27,8 +27,7 @@ class ClientGone(Exception):
 
 
 class Line(Generic[S]):
-    def __init__(self, slots: list[S], max_queue: int, queue_timeout: float,
-                 prefer: Callable[[S], int] | None = None) -> None:
+    def __init__(self, slots: list[S], max_queue: int, queue_timeout: float) -> None:
         self._free = list(slots)
         self.slots = len(slots)
         self.max_queue = max_queue
