@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-import metrics
-from backends.base import BackendError
-from compat.errors import APIError, from_backend, internal_error, invalid
+from compat.errors import APIError, internal_error, invalid
 from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
-from compat.routes.road import SSE_HEADERS, json_body, start
-from request_log import RequestRecord
+from compat.routes.road import SSE_HEADERS, json_body, sse_stream, start
 from response_store import ResponseStore
 
 bp = Blueprint("responses", __name__)
@@ -64,33 +60,14 @@ def create_response():
             raise internal_error()
         _keep(store, call, final, owner)
         return jsonify({**final, "output_text": output_text(final)})
-    return Response(_sse(codec, answer, call, store, owner, g.record), status=200, content_type="text/event-stream",
-                    headers=SSE_HEADERS)
 
-
-def _sse(codec: ResponseStream, answer: Any, call: ResponsesCall, store: ResponseStore, owner: str,
-         record: RequestRecord) -> Iterator[bytes]:
-    """Each typed event as `event: <type>` + `data: <json>`, as OpenAI writes them; a failure after the
-    first byte is an error event and response.failed; a client that goes away closes the backend.
-    It runs outside the request's context: what it needs is handed to it."""
-    metrics.ACTIVE_STREAMS.inc()
-    try:
-        try:
-            for event in codec.events(answer.events):
-                yield _frame(event)
-        except BackendError as exc:
-            error = from_backend(exc)
-            record.error = error.code or error.type
-            yield from map(_frame, codec.failed(error))
-        except Exception:
-            log.exception("response stream failed after it started")
-            record.error = "internal_error"
-            yield from map(_frame, codec.failed(internal_error()))
+    def finished() -> None:
         if codec.final is not None:
             _keep(store, call, codec.final, owner)
-    finally:
-        answer.close()
-        metrics.ACTIVE_STREAMS.dec()
+
+    body = sse_stream(codec.events(answer.events), answer.close, g.record, answer.client, frame=_frame,
+                      failed=codec.failed, done=None, finished=finished)
+    return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _frame(event: dict[str, Any]) -> bytes:

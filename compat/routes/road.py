@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import replace
 
 from flask import current_app, g, has_app_context
@@ -147,25 +147,29 @@ class Answer:
         self._events.close()
 
 
-def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord,
-               client: ClientSocket) -> Iterator[bytes]:
-    """Write each chunk the moment it exists. A failure after the first byte goes in-band as an
-    error event; a client that goes away, or leaves its bytes unread for CLIENT_WRITE_TIMEOUT,
-    closes this generator, which closes the backend's."""
+def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord, client: ClientSocket, *,
+               frame: Callable[[dict], bytes] = sse.encode,
+               failed: Callable[[APIError], Iterable[dict]] = lambda error: [error.body()],
+               done: bytes | None = sse.DONE, finished: Callable[[], None] | None = None) -> Iterator[bytes]:
+    """Write each chunk the moment it exists (``frame`` encodes it). A failure after the first byte
+    goes in-band (``failed`` says how); a client that goes away, or leaves its bytes unread for
+    CLIENT_WRITE_TIMEOUT, closes this generator, which closes the backend's. ``finished`` runs once
+    the answer was written whole or its failure told."""
     # Taken now: the body is written after the view returns (outside an app, as in a unit test, none).
     running = current_app.extensions["aigate"].streams if has_app_context() else RunningStreams()
-    return _sse(chunks, close, record, client, running)
+    return _sse(chunks, close, record, client, running, frame, failed, done, finished)
 
 
 def _sse(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord, client: ClientSocket,
-         running: RunningStreams) -> Iterator[bytes]:
+         running: RunningStreams, frame: Callable[[dict], bytes], failed: Callable[[APIError], Iterable[dict]],
+         done: bytes | None, finished: Callable[[], None] | None) -> Iterator[bytes]:
     token = running.add(record)
     client.bound_writes()
     written = time.monotonic()
     try:
         metrics.stream_started()  # inside the try: whatever happens, the backend is closed
         for c in chunks:
-            yield sse.encode(c)
+            yield frame(c)
             written = time.monotonic()
     except ClientGone:
         record.error = "client_gone"
@@ -175,21 +179,24 @@ def _sse(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecor
         raise
     except ServerStopping:  # the worker's graceful timeout ran out: say so while we still can
         record.error = STOPPED_CODE
-        yield sse.encode(server_stopping().body())
+        yield from map(frame, failed(server_stopping()))
     except BackendError as exc:
         error = from_backend(exc)
         record.error = error.code or error.type
-        yield sse.encode(error.body())
+        yield from map(frame, failed(error))
     except Exception:
         log.exception("stream failed after it started")
         record.error = "internal_error"
-        yield sse.encode(internal_error().body())
+        yield from map(frame, failed(internal_error()))
     finally:
         running.discard(token)
         close()
         client.unbound_writes()
         metrics.stream_ended()
-    yield sse.DONE
+    if finished is not None:
+        finished()
+    if done is not None:
+        yield done
 
 
 def server_stopping() -> APIError:
