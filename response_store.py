@@ -43,9 +43,17 @@ class ResponseStore:
         self.ttl, self.max_bytes = ttl, max_bytes
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with self._connect() as db:
-                db.execute("PRAGMA journal_mode=WAL")  # readers in one worker never wait for a writer in another
-                db.executescript(SCHEMA)
+            for attempt in range(50):
+                try:
+                    with self._connect() as db:
+                        db.execute("PRAGMA journal_mode=WAL")  # readers in one worker never wait for a writer
+                        db.executescript(SCHEMA)
+                    break
+                except sqlite3.OperationalError as exc:
+                    # Workers start together, and SQLite refuses (does not wait for) a second switch to WAL.
+                    if "locked" not in str(exc) or attempt == 49:
+                        raise
+                    time.sleep(0.1)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"STATE_DIR: cannot keep stored responses in {directory}: {exc}") from None
 
