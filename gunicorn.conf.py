@@ -70,7 +70,7 @@ else:
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
-worker_class = "gevent"
+worker_class = "gunicorn_worker.Worker"  # gevent, with a time bound on request headers
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout  # a worker that misses its heartbeat this long is restarted
 graceful_timeout = _settings.graceful_timeout  # SIGTERM: running streams get this long to finish

@@ -84,6 +84,7 @@ class Settings:
     client_write_timeout: float = 30.0  # a client that leaves an answer's bytes unread this long is let go
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout: float = 30.0  # seconds a client has to send a request body (408 after)
+    header_timeout: float = 30.0  # seconds a client has to send a request's headers (408 after)
     max_messages: int = 2048
     max_input_chars: int = 1_000_000
     max_tokens_ceiling: int | None = None  # for every model
@@ -191,6 +192,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         client_write_timeout=r.number("CLIENT_WRITE_TIMEOUT", Settings.client_write_timeout, minimum=0.1),
         max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
         body_timeout=r.number("BODY_TIMEOUT", Settings.body_timeout, minimum=0.1),
+        header_timeout=r.number("HEADER_TIMEOUT", Settings.header_timeout, minimum=0.1),
         max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
         max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),
         max_tokens_ceiling=ceiling,

@@ -3,6 +3,7 @@ hold, chunked and slow request bodies, and the smaller settings and route checks
 
 from __future__ import annotations
 
+import http.client
 import json
 import select
 import socket
@@ -226,6 +227,54 @@ def test_slow_bodies_cannot_starve_the_worker(body_server):
         t.join()
     assert results == [408] * 25
     assert waited < 10
+
+
+@pytest.fixture(scope="module")
+def header_server(server_factory, demo_model):
+    return server_factory(CHATGLM_MODEL=str(demo_model), HEADER_TIMEOUT="1.5", WORKER_CONNECTIONS="20")
+
+
+def test_slow_headers_are_408_and_cannot_starve_the_worker(header_server):
+    """25 connections trickling their request headers into a worker that takes 20: each is answered
+    408 after HEADER_TIMEOUT (gunicorn alone waited KEEPALIVE, 75 s, then closed without a word), and
+    /health gets through meanwhile."""
+    results: list[tuple[bytes, float]] = []
+    first = HEAD.split(b"\r\n", 1)[0] + b"\r\n"
+
+    def slow() -> None:
+        results.append(raw_exchange(header_server, first, b"X-Slow: " + b"a" * 200, pace=0.3, timeout=30))
+
+    threads = [threading.Thread(target=slow) for _ in range(25)]
+    for t in threads:
+        t.start()
+    started = time.monotonic()
+    assert requests.get(header_server.base_url + "/health", timeout=15).status_code == 200
+    waited = time.monotonic() - started
+    for t in threads:
+        t.join()
+    assert [status_of(answer) for answer, _ in results] == [408] * 25
+    assert all(error_of(answer)["code"] == "request_timeout" for answer, _ in results)
+    assert all(1.2 < seconds < 6 for _, seconds in results), [seconds for _, seconds in results]
+    assert waited < 10
+
+
+def test_a_connection_that_says_nothing_is_closed_after_header_timeout(header_server):
+    answer, seconds = raw_exchange(header_server, b"", timeout=10)
+    assert answer == b"" and 1.2 < seconds < 6
+
+
+def test_keep_alive_requests_are_not_timed_from_the_connection(header_server):
+    """The bound is per request: a keep-alive connection idle longer than HEADER_TIMEOUT between
+    requests still serves the next one on the same socket."""
+    host, port = header_server.base_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for _ in range(2):
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status":"ok"}\n'  # RemoteDisconnected if closed
+            time.sleep(2)  # longer than HEADER_TIMEOUT, shorter than KEEPALIVE: the wait under test
+    finally:
+        conn.close()
 
 
 # -- 11: the smaller ones --------------------------------------------------------------------------------
