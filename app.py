@@ -178,8 +178,11 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
         known.update(settings.cloudflare_embedding_models)
     if settings.uses_cloudflare and not discovering:
         known.update(settings.cloudflare_models)
+    known |= check_upstream_models(settings, known)
+    upstream_discovers = any(u.discovers for u in settings.upstreams)
+
     def check(name: str, names: set[str], where: str, kinds: str = "model or alias") -> None:
-        if name not in names and not (discovering and name.startswith("@")):  # discovered later
+        if name not in names and not (discovering and name.startswith("@")) and not upstream_discovers:
             raise ConfigError(f"{where}: no configured {kinds} is called {name!r} (models: {', '.join(sorted(names))})")
 
     aliases = [alias for alias, _ in settings.model_aliases]
@@ -200,6 +203,21 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
         for name in (model, fallback):
             check(name, names, f"MODEL_FALLBACKS: {model}={fallback}")
     return local
+
+
+def check_upstream_models(settings: Settings, known: set[str]) -> set[str]:
+    """The ids UPSTREAMS_FILE declares; one that a local or Workers AI model (or an alias) already
+    names is refused (upstreams serving the same id form one pool, which is the point)."""
+    aliases = {alias for alias, _ in settings.model_aliases}
+    declared: set[str] = set()
+    for upstream in settings.upstreams:
+        for model in upstream.models:
+            if model in known or model in aliases:
+                what = "an alias in MODEL_ALIASES" if model in aliases else "a local or Workers AI model"
+                raise ConfigError(f"UPSTREAMS_FILE: [upstreams.{upstream.name}] model {model!r} is also {what}; "
+                                  "rename one of them (or alias the upstream's model)")
+            declared.add(model)
+    return declared
 
 
 def check_local_model(settings: Settings) -> tuple[ModelFile, str]:

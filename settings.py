@@ -21,6 +21,8 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from backends.upstream.config import UpstreamConfig, UpstreamsFileError, read_upstreams_file
+
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
                              "@cf/mistralai/mistral-small-3.1-24b-instruct", "@cf/zai-org/glm-4.7-flash")
@@ -76,6 +78,7 @@ class Settings:
     cloudflare_max_tokens: int = 2048
     cloudflare_timeout: tuple[float, float] = (10.0, 120.0)  # connect, read
     cloudflare_retries: int = 2
+    upstreams: tuple[UpstreamConfig, ...] = ()  # UPSTREAMS_FILE: OpenAI-compatible servers behind us
     generation_slots: int = 1
     max_queue: int = 8
     queue_timeout: float = 60.0
@@ -114,7 +117,7 @@ class Settings:
     @property
     def uses_demo_model(self) -> bool:
         """The random-weight demo model stands in when no backend at all is configured."""
-        return self.chatglm_model is None and not self.uses_cloudflare
+        return self.chatglm_model is None and not self.uses_cloudflare and not self.upstreams
 
     @property
     def model_path(self) -> Path | None:
@@ -183,6 +186,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         cloudflare_max_tokens=r.integer("CLOUDFLARE_MAX_TOKENS", 2048, minimum=1),
         cloudflare_timeout=_timeouts(r.text("CLOUDFLARE_TIMEOUT")),
         cloudflare_retries=r.integer("CLOUDFLARE_RETRIES", 2, minimum=0),
+        upstreams=_upstreams(r.text("UPSTREAMS_FILE"), env),
         generation_slots=r.integer("GENERATION_SLOTS", 1, minimum=1),
         max_queue=r.integer("MAX_QUEUE", 8, minimum=0),
         queue_timeout=r.number("QUEUE_TIMEOUT", 60.0, minimum=0.0),
@@ -287,6 +291,15 @@ def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
         keys.append(ApiKey(name, secret, tuple(models), table.get("requests_per_minute", rpm),
                            table.get("tokens_per_minute", tpm)))
     return keys
+
+
+def _upstreams(path: str, env: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
+    if not path:
+        return ()
+    try:
+        return read_upstreams_file(Path(path).expanduser(), env)
+    except UpstreamsFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _ceilings(raw: str) -> tuple[int | None, tuple[tuple[str, int], ...]]:
