@@ -152,6 +152,15 @@ def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> R
         from backends.cloudflare import CloudflareBackend  # imports requests: only in workers, after patching
 
         backends.append(CloudflareBackend(cloudflare_config(settings)))
+    if settings.upstreams:
+        from backends.upstream.backend import UpstreamBackend  # imports requests: only in workers, after patching
+
+        # Served elsewhere, so a discovered upstream model of the same name is left out (a listed one is refused).
+        taken = {local[1]} if local else set()
+        if settings.uses_cloudflare:
+            taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models}
+        taken |= {alias for alias, _ in settings.model_aliases}
+        backends.append(UpstreamBackend(settings.upstreams, taken, settings.worker_connections))
     return Registry(backends, dict(settings.model_aliases))
 
 
