@@ -6,6 +6,7 @@ every other, and a chunk is re-encoded as it arrives (a few microseconds), never
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -17,7 +18,7 @@ import requests
 from flask import g, has_request_context
 from flask import request as flask_request
 
-from backends.base import (BackendError, ChatRequest, Embeddings, Event, Message, ModelInfo, ModelNotFound,
+from backends.base import (BackendError, ChatRequest, Embeddings, Event, Finish, Message, ModelInfo, ModelNotFound,
                            RateLimited, Unavailable, UpstreamError, UpstreamTimeout, estimate_tokens)
 from backends.upstream.config import UpstreamConfig
 from backends.upstream.normalise import Kind, Normaliser
@@ -155,16 +156,16 @@ class UpstreamBackend:
             member.answered(time.monotonic() - started)
             _note_upstream(member)
             try:
-                yield first
-                yield from events
+                for event in itertools.chain((first,), events):
+                    if isinstance(event, Finish) and reader.estimated:  # said now: the road may close us after it
+                        log.info("request %s: usage estimated (upstream %s sent none)", _request_id(), member.name)
+                    yield event
             except FAIL_OVER_ON as exc:  # too late for another upstream: the client has the start of it
                 member.failed(exc, answering=True)
                 raise
             finally:
                 response.close()  # a client that left closes the upstream's connection, which stops its work
                 member.end()
-            if reader.estimated:
-                log.info("request %s: usage estimated (upstream %s sent none)", _request_id(), member.name)
             return
         raise _gave_up(request.model, failures)
 
