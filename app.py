@@ -22,7 +22,16 @@ from compat.body import BodyReader
 from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.requests import Limits
-from compat.routes import chat, completions, embeddings, models, openapi, ops, playground, responses
+from compat.routes import (
+    chat,
+    completions,
+    embeddings,
+    models,
+    openapi,
+    ops,
+    playground,
+    responses,
+)
 from request_log import RequestRecord
 from response_store import ResponseStore, StoreError
 from settings import ConfigError, Settings, load_settings
@@ -149,11 +158,15 @@ def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> R
         backends.append(ChatGLMBackend(model, model_id=model_id, engine=launcher.client(settings),
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local"))
     if settings.uses_cloudflare:
-        from backends.cloudflare import CloudflareBackend  # imports requests: only in workers, after patching
+        from backends.cloudflare import (
+            CloudflareBackend,  # imports requests: only in workers, after patching
+        )
 
         backends.append(CloudflareBackend(cloudflare_config(settings)))
     if settings.upstreams:
-        from backends.upstream.backend import UpstreamBackend  # imports requests: only in workers, after patching
+        from backends.upstream.backend import (
+            UpstreamBackend,  # imports requests: only in workers, after patching
+        )
 
         # Served elsewhere, so a discovered upstream model of the same name is left out (a listed one is refused).
         taken = {local[1]} if local else set()

@@ -21,7 +21,11 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from backends.upstream.config import UpstreamConfig, UpstreamsFileError, read_upstreams_file
+from backends.upstream.config import (
+    UpstreamConfig,
+    UpstreamsFileError,
+    read_upstreams_file,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
@@ -324,7 +328,9 @@ def _storage_uri(raw: str) -> str:
     if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
         raise ConfigError(f"RATELIMIT_STORAGE_URI={shown!r} is not memory:// or redis://host:port")
     if raw.startswith("redis"):
-        from redis.connection import parse_url  # reads the address the way the client will, without connecting
+        from redis.connection import (
+            parse_url,  # reads the address the way the client will, without connecting
+        )
 
         try:
             parse_url(raw.replace("redis+unix://", "unix://", 1))

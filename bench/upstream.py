@@ -33,7 +33,7 @@ NAMES = ("upstream", "aigate", "litellm")
 
 
 def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def main() -> None:
@@ -89,9 +89,9 @@ def report(results, ttft, args, load_before: str, load_after: str) -> None:
         return median([r[key] for r in results[(name, c)]])
 
     lines = ["# aigate in front of an OpenAI-compatible upstream", "",
-             "A fake OpenAI-compatible upstream on loopback answering at once (tests/fake_upstream.py); one worker "
-             f"per gateway; wrk, non-stream chat, {args.seconds} s per point, {args.rounds} alternated rounds "
-             "(medians). Command: `.venv/bin/python bench/upstream.py`.", "",
+             ("A fake OpenAI-compatible upstream on loopback answering at once (tests/fake_upstream.py); one worker "
+              f"per gateway; wrk, non-stream chat, {args.seconds} s per point, {args.rounds} alternated rounds "
+              "(medians). Command: `.venv/bin/python bench/upstream.py`."), "",
              f"Machine load before: `{load_before}`; after: `{load_after}` (2 cores, shared with other work).", "",
              "| contender | conc. | req/s | vs upstream | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
              "|---|---|---|---|---|---|---|---|"]

@@ -96,7 +96,7 @@ def test_a_keys_limit_holds_across_both_hosts(cluster):
 
 
 def test_a_host_killed_mid_run_fails_no_request_that_had_not_started(cluster):
-    base, hosts, fakes = cluster
+    base, hosts, _ = cluster
     results: list[tuple[float, float, int]] = []  # (sent, answered, status)
     stop = threading.Event()
 

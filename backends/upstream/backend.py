@@ -18,8 +18,21 @@ import requests
 from flask import g, has_request_context
 from flask import request as flask_request
 
-from backends.base import (BackendError, ChatRequest, Embeddings, Event, Finish, Message, ModelInfo, ModelNotFound,
-                           RateLimited, Unavailable, UpstreamError, UpstreamTimeout, estimate_tokens)
+from backends.base import (
+    BackendError,
+    ChatRequest,
+    Embeddings,
+    Event,
+    Finish,
+    Message,
+    ModelInfo,
+    ModelNotFound,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    estimate_tokens,
+)
 from backends.upstream.config import UpstreamConfig
 from backends.upstream.normalise import Kind, Normaliser
 from backends.upstream.pool import Member, order

@@ -81,7 +81,7 @@ def parse_upstreams(text: str, environ: Mapping[str, str], where: str = "UPSTREA
         raise UpstreamsFileError(f"UPSTREAMS_FILE: {where} is not valid TOML: {exc}") from None
     unknown = set(document) - {"upstreams"}
     if unknown:
-        raise UpstreamsFileError(f"UPSTREAMS_FILE: unknown top-level key {sorted(unknown)[0]!r}; write upstreams "
+        raise UpstreamsFileError(f"UPSTREAMS_FILE: unknown top-level key {min(unknown)!r}; write upstreams "
                                  f"like\n{EXAMPLE}")
     tables = document.get("upstreams")
     if not isinstance(tables, dict) or not tables:

@@ -13,8 +13,17 @@ import secrets
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from backends.base import ChatRequest, Event, Finish, FinishReason, TextDelta, ToolCall, UpstreamError, Usage
-from backends.base import estimate_tokens
+from backends.base import (
+    ChatRequest,
+    Event,
+    Finish,
+    FinishReason,
+    TextDelta,
+    ToolCall,
+    UpstreamError,
+    Usage,
+    estimate_tokens,
+)
 from backends.sse_reader import sse_data
 from backends.stops import StopMatcher
 

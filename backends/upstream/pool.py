@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge, Histogram
 
 import metrics
-from backends.base import BackendError
+from backends.base import BackendError, RateLimited
 from backends.upstream.config import UpstreamConfig
 
 log = logging.getLogger("aigate")
@@ -86,6 +86,8 @@ class Member:
         self.failures += 1
         self.last_error = str(error)
         pause = self.config.cooldown * min(2 ** (self.failures - 1), MAX_BACKOFF)
+        if isinstance(error, RateLimited) and error.retry_after is not None:  # it said when to come back
+            pause = max(pause, min(error.retry_after, 3600.0))
         self.cool_until = time.monotonic() + pause
         log.warning("upstream %s failed %s (%s); left out for %.0f s", self.name,
                     "mid-answer" if answering else "before answering", error, pause)

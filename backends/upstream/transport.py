@@ -12,8 +12,14 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from backends.base import (BackendError, ContextLengthExceeded, InvalidRequest, RateLimited, UpstreamError,
-                           UpstreamTimeout)
+from backends.base import (
+    BackendError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from backends.upstream.config import UpstreamConfig
 
 MAX_ERROR_TEXT = 300  # an upstream's error message, as much as a client needs of it
