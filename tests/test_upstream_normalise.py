@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from backends.base import ChatRequest, Finish, Message, TextDelta, ToolCall, UpstreamError
+from backends.base import (
+    ChatRequest,
+    Finish,
+    Message,
+    TextDelta,
+    ToolCall,
+    UpstreamError,
+)
 from backends.upstream.normalise import Normaliser
 
 REQUEST = ChatRequest(model="m", messages=(Message("user", "hello there"),), max_tokens=5)
