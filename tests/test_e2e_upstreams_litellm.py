@@ -32,19 +32,25 @@ def litellm(fake, tmp_path_factory):
                                 str(port), "--num_workers", "1"], env={"LITELLM_LOG": "ERROR",
                                                                         "LITELLM_MASTER_KEY": "sk-litellm"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_liveliness(port, process)
+    except BaseException:
+        process.kill()
+        raise
+    yield f"http://127.0.0.1:{port}/v1"
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def wait_for_liveliness(port: int, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and process.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=5).status_code == 200:
-                break
+                return
         except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
             time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("LiteLLM's proxy did not start")
-    yield f"http://127.0.0.1:{port}/v1"
-    process.terminate()
-    process.wait(timeout=20)
+    pytest.fail("LiteLLM's proxy did not start")
 
 
 def test_litellm_s_proxy_as_an_upstream(litellm, tmp_path):
