@@ -22,7 +22,16 @@ from compat.body import BodyReader
 from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.requests import Limits
-from compat.routes import chat, completions, embeddings, models, openapi, ops, playground, responses
+from compat.routes import (
+    chat,
+    completions,
+    embeddings,
+    models,
+    openapi,
+    ops,
+    playground,
+    responses,
+)
 from request_log import RequestRecord
 from response_store import ResponseStore, StoreError
 from settings import ConfigError, Settings, load_settings
@@ -149,9 +158,22 @@ def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> R
         backends.append(ChatGLMBackend(model, model_id=model_id, engine=launcher.client(settings),
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local"))
     if settings.uses_cloudflare:
-        from backends.cloudflare import CloudflareBackend  # imports requests: only in workers, after patching
+        from backends.cloudflare import (
+            CloudflareBackend,  # imports requests: only in workers, after patching
+        )
 
         backends.append(CloudflareBackend(cloudflare_config(settings)))
+    if settings.upstreams:
+        from backends.upstream.backend import (
+            UpstreamBackend,  # imports requests: only in workers, after patching
+        )
+
+        # Served elsewhere, so a discovered upstream model of the same name is left out (a listed one is refused).
+        taken = {local[1]} if local else set()
+        if settings.uses_cloudflare:
+            taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models}
+        taken |= {alias for alias, _ in settings.model_aliases}
+        backends.append(UpstreamBackend(settings.upstreams, taken, settings.worker_connections))
     return Registry(backends, dict(settings.model_aliases))
 
 
@@ -178,8 +200,11 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
         known.update(settings.cloudflare_embedding_models)
     if settings.uses_cloudflare and not discovering:
         known.update(settings.cloudflare_models)
+    known |= check_upstream_models(settings, known)
+    upstream_discovers = any(u.discovers for u in settings.upstreams)
+
     def check(name: str, names: set[str], where: str, kinds: str = "model or alias") -> None:
-        if name not in names and not (discovering and name.startswith("@")):  # discovered later
+        if name not in names and not (discovering and name.startswith("@")) and not upstream_discovers:
             raise ConfigError(f"{where}: no configured {kinds} is called {name!r} (models: {', '.join(sorted(names))})")
 
     aliases = [alias for alias, _ in settings.model_aliases]
@@ -200,6 +225,21 @@ def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
         for name in (model, fallback):
             check(name, names, f"MODEL_FALLBACKS: {model}={fallback}")
     return local
+
+
+def check_upstream_models(settings: Settings, known: set[str]) -> set[str]:
+    """The ids UPSTREAMS_FILE declares; one that a local or Workers AI model (or an alias) already
+    names is refused (upstreams serving the same id form one pool, which is the point)."""
+    aliases = {alias for alias, _ in settings.model_aliases}
+    declared: set[str] = set()
+    for upstream in settings.upstreams:
+        for model in upstream.models:
+            if model in known or model in aliases:
+                what = "an alias in MODEL_ALIASES" if model in aliases else "a local or Workers AI model"
+                raise ConfigError(f"UPSTREAMS_FILE: [upstreams.{upstream.name}] model {model!r} is also {what}; "
+                                  "rename one of them (or alias the upstream's model)")
+            declared.add(model)
+    return declared
 
 
 def check_local_model(settings: Settings) -> tuple[ModelFile, str]:

@@ -21,6 +21,12 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from backends.upstream.config import (
+    UpstreamConfig,
+    UpstreamsFileError,
+    read_upstreams_file,
+)
+
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
                              "@cf/mistralai/mistral-small-3.1-24b-instruct", "@cf/zai-org/glm-4.7-flash")
@@ -76,6 +82,7 @@ class Settings:
     cloudflare_max_tokens: int = 2048
     cloudflare_timeout: tuple[float, float] = (10.0, 120.0)  # connect, read
     cloudflare_retries: int = 2
+    upstreams: tuple[UpstreamConfig, ...] = ()  # UPSTREAMS_FILE: OpenAI-compatible servers behind us
     generation_slots: int = 1
     max_queue: int = 8
     queue_timeout: float = 60.0
@@ -115,7 +122,7 @@ class Settings:
     @property
     def uses_demo_model(self) -> bool:
         """The random-weight demo model stands in when no backend at all is configured."""
-        return self.chatglm_model is None and not self.uses_cloudflare
+        return self.chatglm_model is None and not self.uses_cloudflare and not self.upstreams
 
     @property
     def model_path(self) -> Path | None:
@@ -184,6 +191,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         cloudflare_max_tokens=r.integer("CLOUDFLARE_MAX_TOKENS", 2048, minimum=1),
         cloudflare_timeout=_timeouts(r.text("CLOUDFLARE_TIMEOUT")),
         cloudflare_retries=r.integer("CLOUDFLARE_RETRIES", 2, minimum=0),
+        upstreams=_upstreams(r.text("UPSTREAMS_FILE"), env),
         generation_slots=r.integer("GENERATION_SLOTS", 1, minimum=1),
         max_queue=r.integer("MAX_QUEUE", 8, minimum=0),
         queue_timeout=r.number("QUEUE_TIMEOUT", 60.0, minimum=0.0),
@@ -291,6 +299,15 @@ def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
     return keys
 
 
+def _upstreams(path: str, env: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
+    if not path:
+        return ()
+    try:
+        return read_upstreams_file(Path(path).expanduser(), env)
+    except UpstreamsFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _ceilings(raw: str) -> tuple[int | None, tuple[tuple[str, int], ...]]:
     """MAX_TOKENS_CEILING: `1024` for every model, `model=512,...` per model, or both: `1024,model=512`."""
     default, per_model = None, []
@@ -313,7 +330,9 @@ def _storage_uri(raw: str) -> str:
     if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
         raise ConfigError(f"RATELIMIT_STORAGE_URI={shown!r} is not memory:// or redis://host:port")
     if raw.startswith("redis"):
-        from redis.connection import parse_url  # reads the address the way the client will, without connecting
+        from redis.connection import (
+            parse_url,  # reads the address the way the client will, without connecting
+        )
 
         try:
             parse_url(raw.replace("redis+unix://", "unix://", 1))

@@ -29,6 +29,9 @@ def ready():
     ok = all(reason is None for reason in reasons.values()) and broken_metrics is None
     body: dict = {"status": "ready" if ok else "not ready",
                   "backends": {name: reason or "ready" for name, reason in reasons.items()}}
+    upstreams = {name: state for b in backends for name, state in getattr(b, "report", dict)().items()}
+    if upstreams:  # each upstream's state, requests, errors and latency, as this worker sees them
+        body["upstreams"] = upstreams
     if broken_metrics:  # the requests are served meanwhile, but nothing counts them
         body["metrics"] = broken_metrics
     response = jsonify(body)

@@ -40,6 +40,7 @@ def json_body() -> object:
                       "JSON payload.", code="invalid_json") from None
     if json_depth(body) > MAX_JSON_DEPTH:
         raise invalid(f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json")
+    g.json_body = body  # an upstream passes on the fields aigate does not read (backends/upstream)
     return body
 
 

@@ -1,0 +1,152 @@
+"""HTTP to OpenAI-compatible upstreams over one `requests` session: every failure becomes a
+BackendError whose text never holds an upstream's key or address."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from backends.base import (
+    BackendError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from backends.upstream.config import UpstreamConfig
+
+MAX_ERROR_TEXT = 300  # an upstream's error message, as much as a client needs of it
+
+
+class Transport:
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...], pool_size: int) -> None:
+        self.session = requests.Session()
+        # One connection pool per upstream host, each as large as the worker's connections (gevent).
+        adapter = HTTPAdapter(pool_connections=max(4, len(upstreams)), pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        # The environment read once, here: requests would read it again on every call otherwise.
+        self.session.trust_env = False
+        self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        self._proxies = {u.name: requests.utils.get_environ_proxies(u.base_url) for u in upstreams}
+
+    def post(self, up: UpstreamConfig, path: str, body: dict[str, Any], stream: bool) -> requests.Response:
+        """The upstream's 2xx answer, its headers read and its body not yet; anything else raised."""
+        try:
+            response = self.session.post(up.base_url + path, json=body, stream=stream, headers=_headers(up),
+                                         timeout=(up.connect_timeout, up.timeout), proxies=self._proxies[up.name])
+        except requests.ConnectTimeout:
+            raise UpstreamTimeout(f"upstream {up.name} did not accept a connection in time") from None
+        except requests.Timeout:
+            raise UpstreamTimeout(f"upstream {up.name} did not answer in time") from None
+        except requests.RequestException as exc:
+            raise UpstreamError(f"cannot reach upstream {up.name}: {reason(exc)}") from None
+        if response.ok:
+            return response
+        try:
+            raise error(up, response)
+        finally:
+            response.close()
+
+    def models(self, up: UpstreamConfig) -> list[tuple[str, int]]:
+        """GET {base_url}/models: (id, created) of each model the upstream lists."""
+        try:
+            response = self.session.get(up.base_url + "/models", headers=_headers(up),
+                                        timeout=(up.connect_timeout, min(up.timeout, 30.0)),
+                                        proxies=self._proxies[up.name])
+        except requests.RequestException as exc:
+            raise UpstreamError(f"cannot reach upstream {up.name}: {reason(exc)}") from None
+        with response:
+            if not response.ok:
+                raise error(up, response)
+            try:
+                data = response.json().get("data")
+            except (ValueError, AttributeError, RecursionError, requests.RequestException):
+                data = None
+        if not isinstance(data, list):
+            raise UpstreamError(f"upstream {up.name} answered GET /models without a list of models")
+        return [(m["id"], m["created"] if isinstance(m.get("created"), int) else 0)
+                for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
+
+
+def _headers(up: UpstreamConfig) -> dict[str, str]:
+    return {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
+
+
+def error(up: UpstreamConfig, response: requests.Response) -> BackendError:
+    """The BackendError for an upstream's non-2xx answer (OpenAI's error shape, FastAPI's `detail`, or text)."""
+    status = response.status_code
+    try:
+        text = response.text
+    except requests.RequestException as exc:  # the error body stalled or broke
+        return broken_read(up, exc, f"while sending an HTTP {status} error")
+    message = scrub(up, error_message(text) or f"HTTP {status}")
+    retry_after = _seconds(response.headers.get("Retry-After"))
+    if status == 429:
+        return RateLimited(f"upstream {up.name} is rate limited: {message}", retry_after=retry_after,
+                           extra={"code": "upstream_rate_limited"})
+    if status in (401, 403):
+        return UpstreamError(f"upstream {up.name} refused aigate's credentials ({message}): check its api_key in "
+                             "UPSTREAMS_FILE", extra={"code": "upstream_auth_failed"})
+    if status == 404:  # the upstream no longer serves the model (or the URL is wrong): another may
+        return UpstreamError(f"upstream {up.name} does not serve this: {message}",
+                             extra={"code": "upstream_not_found"})
+    if status == 408:
+        return UpstreamTimeout(f"upstream {up.name} timed out: {message}")
+    if status == 413 or "context length" in message.lower() or "maximum context" in message.lower():
+        return ContextLengthExceeded(f"upstream {up.name}: {message}", param="messages")
+    if 400 <= status < 500:  # the request as sent: the client can change it, another upstream would refuse it too
+        return InvalidRequest(f"upstream {up.name} refused the request: {message}",
+                              extra={"code": "upstream_bad_request"})
+    return UpstreamError(f"upstream {up.name} failed (HTTP {status}): {message}", retry_after=retry_after)
+
+
+def error_message(text: str) -> str:
+    """What an error body says: {"error": {"message"}}, {"error": "..."}, {"detail": ...}, {"message"}, or text."""
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        return text.strip()[:MAX_ERROR_TEXT]
+    if isinstance(body, dict):
+        inner = body.get("error")
+        for candidate in (inner.get("message") if isinstance(inner, dict) else inner, body.get("detail"),
+                          body.get("message")):
+            if candidate:
+                return (candidate if isinstance(candidate, str) else json.dumps(candidate))[:MAX_ERROR_TEXT]
+    return ""
+
+
+def scrub(up: UpstreamConfig, text: str) -> str:
+    """An upstream's text may echo its own address or our key back: neither goes further."""
+    parts = urlsplit(up.base_url)
+    for secret in (up.api_key, up.base_url, parts.netloc, parts.hostname or ""):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def broken_read(up: UpstreamConfig, exc: requests.RequestException, where: str) -> UpstreamError:
+    """A failure while reading an answer under way; urllib3 wraps a read timeout as a ConnectionError."""
+    if isinstance(exc, requests.Timeout) or "timed out" in str(exc).lower():
+        return UpstreamTimeout(f"upstream {up.name} stopped sending {where} (read timeout)")
+    return UpstreamError(f"the connection to upstream {up.name} broke {where}")
+
+
+def reason(exc: Exception) -> str:
+    """The OS error inside requests' wrappers ("[Errno 111] Connection refused"), never the URL."""
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
+    return found.group(0).strip() if found else exc.__class__.__name__
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
