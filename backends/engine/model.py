@@ -1,5 +1,5 @@
 """The model side of the engine: chatglm.cpp Pipelines (one per slot, each with its own KV cache),
-the ChatGLM3 chat template, and the token loop, which reuses the part of a prompt that a slot's
+the family's chat template (families.py: ChatGLM2, ChatGLM3, GLM-4, GLM-4V), and the token loop, which reuses the part of a prompt that a slot's
 cache already holds.
 
 Pipeline.generate() is broken in chatglm-cpp 0.4.2 and Pipeline.chat() truncates long prompts in
@@ -16,6 +16,7 @@ aigate's patched build (``0.4.2+aigate``) masks any batch, so the rest goes in a
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import re
@@ -27,13 +28,13 @@ from typing import Any
 import chatglm_cpp
 
 from backends.base import ChatRequest, ContextLengthExceeded, Event, Finish, Message, TextDelta, Tool, Usage
-from backends.chatglm_tools import ReplySplitter, render_call, tools_system_prompt
-from backends.ggml_file import ModelFile
+from backends.chatglm_tools import ReplySplitter
+from backends.engine.families import FAMILIES
+from backends.ggml_file import ModelFile, read_tokenizer_vocab
 from backends.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
-CHATGLM_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 DEFAULT_TEMPERATURE = 0.95  # chatglm.cpp's own defaults, used when the client sends none
 DEFAULT_TOP_P = 0.7
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may carry lone ones; no tokenizer takes them
@@ -79,6 +80,22 @@ class Detokenizer:
             return "\ufffd"
 
 
+class ByteDetokenizer:
+    """Byte-level BPE (GLM-4): a token is a run of bytes that may end inside a UTF-8 character, so
+    the bytes go through an incremental UTF-8 decoder that holds an unfinished character back until
+    its last byte comes (and writes U+FFFD for bytes that can never form one)."""
+
+    def __init__(self, vocab: list[bytes]) -> None:
+        self._vocab = vocab
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, token: int) -> str:
+        return str(self._utf8.decode(self._vocab[token]))
+
+    def flush(self) -> str:
+        return str(self._utf8.decode(b"", final=True))
+
+
 @dataclass
 class StepCosts:
     """Seconds per prompt token evaluated cold and per decode step, as measured (moving averages):
@@ -104,6 +121,8 @@ class Model:
 
     def __init__(self, model: ModelFile, context_length: int, slots: int) -> None:
         self.file = model
+        self.family = FAMILIES[model.model_type]
+        self._vocab = read_tokenizer_vocab(model) if self.family.byte_level else []
         self.context_length = context_length
         self.costs = StepCosts()
         pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
@@ -118,7 +137,7 @@ class Model:
         """The request as the model reads it; ContextLengthExceeded if it leaves no room to answer."""
         if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
             special = self.file.special_token_ids
-            ids = [special["[gMASK]"], special["sop"], *self._sp_encode(request.prompt)]
+            ids = [*(special[t] for t in self.family.prefix), *self._encode(request.prompt)]
         else:
             ids = self.encode_chat(request.messages, request.tools)
         if len(ids) >= self.context_length:
@@ -128,32 +147,13 @@ class Model:
         return ids
 
     def encode_chat(self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> list[int]:
-        """ChatGLM3's chat template, built here rather than by chatglm.cpp's apply_chat_template,
+        """The family's chat template, built here rather than by chatglm.cpp's apply_chat_template,
         which can neither write a turn's metadata line (a tool call's name) nor be kept from
         dropping the oldest tokens of a long prompt in silence."""
-        special = self.file.special_token_ids
-        ids = [special["[gMASK]"], special["sop"]]
+        return self.family.encode_chat(messages, tools, self._encode, self.file.special_token_ids)
 
-        def turn(role: str, content: str, metadata: str = "") -> None:
-            ids.append(special[f"<|{role}|>"])
-            ids.extend(self._sp_encode(metadata + "\n"))
-            ids.extend(self._sp_encode(content))
-
-        if tools:
-            turn("system", tools_system_prompt(tools))
-        for m in messages:
-            if m.role == "assistant" and m.tool_calls:
-                if m.content:
-                    turn("assistant", m.content)
-                for call in m.tool_calls:
-                    turn("assistant", render_call(call), metadata=call.name)
-            else:
-                turn(CHATGLM_ROLES[m.role], m.content)
-        ids.append(special["<|assistant|>"])
-        return ids
-
-    def _sp_encode(self, text: str) -> list[int]:
-        """Sentencepiece ids of text (chatglm.cpp's encode adds [gMASK] sop in front)."""
+    def _encode(self, text: str) -> list[int]:
+        """Ordinary-text ids of text (chatglm.cpp's encode adds [gMASK] sop in front)."""
         text = _SURROGATE.sub("\ufffd", text)
         return list(self._tokenizer.encode(text, 1 << 30))[2:] if text else []
 
@@ -169,8 +169,13 @@ class Model:
         padding id would crash the tokenizer)."""
         return token in self._end_ids or not 0 <= token < self.file.tokenizer_pieces
 
-    def detokenizer(self) -> Detokenizer:
-        return Detokenizer(self._tokenizer.decode)
+    def detokenizer(self) -> Detokenizer | ByteDetokenizer:
+        return ByteDetokenizer(self._vocab) if self.family.byte_level else Detokenizer(self._tokenizer.decode)
+
+    def reply_splitter(self, request: ChatRequest) -> ReplySplitter:
+        tools = self.family.tools
+        return ReplySplitter(bool(request.tools), raw=request.prompt is not None or not self.family.metadata_line,
+                             **({"parse": tools.parse_call} if tools else {}))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -202,7 +207,7 @@ class Slot:
         decode graph up to the full context."""
         n = min(self.model.context_length - 1, max(128, 2 * math.isqrt(self.model.context_length) + 2))
         special = self.model.file.special_token_ids
-        ids = [special["[gMASK]"], special["sop"], *[special["<|user|>"]] * (n - 2)]
+        ids = [*(special[t] for t in self.model.family.prefix), *[special["[MASK]"]] * (n - 2)]
         config = chatglm_cpp._C.GenerationConfig(max_length=self.model.context_length, max_new_tokens=1,
                                                  max_context_length=self.model.context_length, do_sample=False)
         started = time.monotonic()
@@ -227,7 +232,7 @@ class Slot:
         max_new = room if request.max_tokens is None else min(request.max_tokens, room)
         config = self.model.generation_config(request, max_new)
         stop = StopMatcher(request.stop)
-        reply = ReplySplitter(bool(request.tools), raw=request.prompt is not None)
+        reply = self.model.reply_splitter(request)
         detok = self.model.detokenizer()
         reuse = self.reusable(prompt)
         self._ids, self._cached = list(prompt), 0  # until a step returns, what the cache holds is unknown
