@@ -16,6 +16,8 @@ aigate's patched build (``0.4.2+aigate``) masks any batch, so the rest goes in a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import logging
 import math
@@ -26,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import chatglm_cpp
+import numpy as np
 
-from backends.base import ChatRequest, ContextLengthExceeded, Event, Finish, Message, TextDelta, Tool, Usage
+from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest, Message, TextDelta,
+                           Tool, Usage)
 from backends.chatglm_tools import ReplySplitter
 from backends.engine.families import FAMILIES
 from backends.ggml_file import ModelFile, read_tokenizer_vocab
@@ -123,6 +127,8 @@ class Model:
         self.file = model
         self.family = FAMILIES[model.model_type]
         self._vocab = read_tokenizer_vocab(model) if self.family.byte_level else []
+        # An image takes the vision tower's tokens (and boi, eoi) where the prompt has 3 marker tokens.
+        self.image_extra = model.vision.image_tokens - 3 if model.vision is not None else 0
         self.context_length = context_length
         self.costs = StepCosts()
         pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
@@ -139,12 +145,38 @@ class Model:
             special = self.file.special_token_ids
             ids = [*(special[t] for t in self.family.prefix), *self._encode(request.prompt)]
         else:
-            ids = self.encode_chat(request.messages, request.tools)
-        if len(ids) >= self.context_length:
+            turn = next((i for i, m in enumerate(request.messages) if m.images), None)
+            ids = self.family.encode_chat(request.messages, request.tools, self._encode, self.file.special_token_ids,
+                                          image_turn=turn)
+        positions = len(ids) + (self.image_extra if self.image(request) is not None else 0)
+        if positions >= self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens, and your prompt "
-                f"takes {len(ids)} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
+                f"takes {positions} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
         return ids
+
+    def image(self, request: ChatRequest) -> Any:
+        """The request's image as chatglm.cpp takes it, or None. The worker sends pixels of the vision
+        tower's size; anything else is refused here (chatglm.cpp would abort on it)."""
+        images = [im for m in request.messages for im in m.images]
+        if not images:
+            return None
+        vision = self.file.vision
+        if vision is None:
+            raise InvalidRequest(f"{self.family.name} models take text only; send the request without images.",
+                                 param="messages", extra={"code": "unsupported_content"})
+        if len(images) > 1:
+            raise InvalidRequest(f"{self.family.name} reads one image per request; this one has {len(images)}.",
+                                 param="messages", extra={"code": "too_many_images"})
+        size = vision.image_size
+        try:
+            pixels = base64.b64decode(images[0].data, validate=True)
+        except (binascii.Error, ValueError):
+            pixels = b""
+        if (images[0].width, images[0].height) != (size, size) or len(pixels) != size * size * 3:
+            raise InvalidRequest("The image was not prepared for this model.", param="messages",
+                                 extra={"code": "invalid_image"})
+        return chatglm_cpp._C.Image(np.frombuffer(pixels, np.uint8).reshape(size, size, 3).copy())
 
     def encode_chat(self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> list[int]:
         """The family's chat template, built here rather than by chatglm.cpp's apply_chat_template,
@@ -207,11 +239,17 @@ class Slot:
         decode graph up to the full context."""
         n = min(self.model.context_length - 1, max(128, 2 * math.isqrt(self.model.context_length) + 2))
         special = self.model.file.special_token_ids
-        ids = [*(special[t] for t in self.model.family.prefix), *[special["[MASK]"]] * (n - 2)]
+        family, image = self.model.family, None
+        marker = [special[t] for t in family.image_marker]
+        if family.images:  # the first graph holds the vision tower too (its image a black square)
+            n = min(n, self.model.context_length - 1 - self.model.image_extra)
+            size = self.model.file.vision.image_size  # type: ignore[union-attr]
+            image = chatglm_cpp._C.Image(np.zeros((size, size, 3), np.uint8))
+        ids = [*(special[t] for t in family.prefix), *marker, *[special["[MASK]"]] * (n - 2 - len(marker))]
         config = chatglm_cpp._C.GenerationConfig(max_length=self.model.context_length, max_new_tokens=1,
                                                  max_context_length=self.model.context_length, do_sample=False)
         started = time.monotonic()
-        self._pipeline.model.generate_next_token(ids, None, config, 0, len(ids))
+        self._pipeline.model.generate_next_token(ids, image, config, 0, len(ids))
         self.model.costs.note_prefill(time.monotonic() - started, len(ids))
         self._ids, self._cached = [], 0  # nothing a request would want to reuse
 
@@ -228,17 +266,19 @@ class Slot:
 
     def generate(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Events for one answer to ``prompt``; ends early, without a Finish, once ``cancelled()``."""
-        room = self.model.context_length - len(prompt)
+        image = self.model.image(request)
+        extra = self.model.image_extra if image is not None else 0  # positions the image takes beyond its 3 ids
+        room = self.model.context_length - len(prompt) - extra
         max_new = room if request.max_tokens is None else min(request.max_tokens, room)
         config = self.model.generation_config(request, max_new)
         stop = StopMatcher(request.stop)
         reply = self.model.reply_splitter(request)
         detok = self.model.detokenizer()
-        reuse = self.reusable(prompt)
+        reuse = 0 if image is not None else self.reusable(prompt)
         self._ids, self._cached = list(prompt), 0  # until a step returns, what the cache holds is unknown
         ids, model = self._ids, self._pipeline.model
         started = time.monotonic()
-        token = self._prefill(prompt, reuse, config)
+        token = self._prefill(prompt, reuse, config, image)
         if reuse == 0:
             self.model.costs.note_prefill(time.monotonic() - started, len(prompt))
         generated, reason = 0, "length"
@@ -257,8 +297,8 @@ class Slot:
             if generated >= max_new or cancelled():
                 break
             step = time.monotonic()
-            token = model.generate_next_token(ids, None, config, len(ids) - 1, len(prompt))
-            self._cached = len(ids)
+            token = model.generate_next_token(ids, None, config, len(ids) - 1 + extra, len(prompt))
+            self._cached = len(ids) if image is None else 0  # with an image, cache positions are not the ids
             self.model.costs.note_decode(time.monotonic() - step)
         if cancelled():
             return
@@ -272,16 +312,16 @@ class Slot:
         if call is not None:
             yield call
             reason = "tool_calls"
-        yield Finish(reason, Usage(len(prompt), generated, cached_tokens=reuse))  # type: ignore[arg-type]
+        yield Finish(reason, Usage(len(prompt) + extra, generated, cached_tokens=reuse))  # type: ignore[arg-type]
 
-    def _prefill(self, prompt: list[int], reuse: int, config: Any) -> int:
+    def _prefill(self, prompt: list[int], reuse: int, config: Any, image: Any = None) -> int:
         """Evaluate what the cache lacks of ``prompt``; the first new token."""
         model = self._pipeline.model
         if reuse == 0 or PATCHED:
-            token = model.generate_next_token(prompt, None, config, reuse, len(prompt))
+            token = model.generate_next_token(prompt, image, config, reuse, len(prompt))
         else:  # stock build: one token a call once the cache holds something
             for i in range(reuse, len(prompt)):
                 token = model.generate_next_token(prompt[:i + 1], None, config, i, len(prompt))
                 self._cached = i + 1
-        self._cached = len(prompt)
+        self._cached = len(prompt) if image is None else 0
         return token
