@@ -168,9 +168,9 @@ def make_weights(c: ModelConfig, tok: Tokenizer, specials: tuple[str, ...], *, e
     emb = rng.standard_normal((c.vocab_size, c.hidden_size)).astype(np.float32)
     chain = rng.permutation(tok.ordinary)
     out = np.zeros((c.vocab_size, c.hidden_size), np.float32)
-    for i, tok in enumerate(chain):
+    for i, piece in enumerate(chain):
         ends = eos_every and (i + 1) % eos_every == 0
-        out[end_token if ends else chain[(i + 1) % len(chain)]] += emb[tok]
+        out[end_token if ends else chain[(i + 1) % len(chain)]] += emb[piece]
     # After the prompt's last token (<|assistant|>) and the other specials, start somewhere on the chain.
     for special in range(pieces, pieces + len(specials)):
         out[chain[rng.integers(len(chain))]] += emb[special]

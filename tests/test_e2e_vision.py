@@ -87,3 +87,21 @@ def test_text_only_models_refuse_image_parts_as_before(server_factory, glm4_mode
         text_only.chat.completions.create(model="glm4", messages=ask(RED), max_tokens=3)
     assert err.value.code == "unsupported_content"
     assert text_only.models.retrieve("glm4").model_extra["capabilities"]["images"] is False
+
+
+def test_the_responses_api_takes_input_image(client):
+    def content(url: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "input_text", "text": "What is in the picture?"},
+                                             {"type": "input_image", "image_url": url, "detail": "auto"}]}]
+
+    chat = client.chat.completions.create(model="glm4v", messages=ask(RED), temperature=0, max_tokens=6)
+    r = client.responses.create(model="glm4v", input=content(RED), temperature=0, max_output_tokens=6)
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    stored = client.responses.input_items.list(r.id)
+    assert [p.type for p in stored.data[0].content] == ["input_text", "input_image"]
+    for url, code in (("https://example.com/cat.png", "image_url_not_supported"),
+                      ("data:image/png;base64," + base64.b64encode(b"no image").decode(), "invalid_image")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="glm4v", input=content(url), max_output_tokens=3)
+        assert err.value.code == code
