@@ -241,13 +241,9 @@ def _history_tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
-def _content(content: Any, where: str) -> str:
-    """A string, an array of text parts (joined), or null (an assistant turn with tool calls)."""
-    return _content_parts(content, where, None)[0]
-
-
 def _content_parts(content: Any, where: str, images: Limits | None) -> tuple[str, tuple[ImageInput, ...]]:
-    """The text (parts joined) and, where the model reads them (``images``), the image parts."""
+    """A string, an array of text parts (joined), or null (an assistant turn with tool calls); and
+    where the model reads them (``images``), the image parts."""
     if content is None or isinstance(content, str):
         return content or "", ()
     if not isinstance(content, list):

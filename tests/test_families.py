@@ -104,3 +104,22 @@ def test_glm4_parse_call():
     assert "".join(r.feed(p) for p in ["get_wea", 'ther\n{"city":', ' "Paris"}']) == ""
     rest, got = r.finish()
     assert rest == "" and got is not None and json.loads(got.arguments) == {"city": "Paris"}
+
+
+def test_the_file_check_knows_each_family(tmp_path, glm4_model, glm4v_model, chatglm2_model):
+    from backends.ggml_file import ModelFileError
+
+    assert [read_model_file(p).family_name for p in (glm4_model, glm4v_model, chatglm2_model)] == [
+        "GLM-4", "GLM-4V", "ChatGLM2-6B"]
+    vision = read_model_file(glm4v_model).vision
+    assert vision is not None and vision.image_tokens == 6
+    data = glm4_model.read_bytes()
+    first_line = data.index(b" 0\n") - 4  # inside the first vocabulary line's base64
+    for name, bad, match in [
+            ("chatglm1", data[:4] + (1).to_bytes(4, "little") + data[8:], "ChatGLM-6B model; aigate serves"),
+            ("vocab", data[:first_line] + b"!!!!" + data[first_line + 4:], "tokenizer is corrupt"),
+            ("vision-cut", glm4v_model.read_bytes()[:12 + 52 + 20], "ends inside the vision config")]:
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(bad)
+        with pytest.raises(ModelFileError, match=match):
+            read_model_file(path)

@@ -38,6 +38,7 @@ class Family:
     tools: ToolFormat | None  # None: the family cannot call tools (a 400)
     metadata_line: bool  # an answer's first line is metadata (empty, or a tool's name)
     byte_level: bool  # byte-level BPE (pieces may split a UTF-8 character) rather than sentencepiece
+    turns: bool = True  # role-token turns; False: ChatGLM2's "[Round N]" text
     images: bool = False
     image_marker: tuple[str, ...] = ()  # where an image goes in the text; its pixels go in beside
 
@@ -48,7 +49,7 @@ class Family:
             raise InvalidRequest(f"{self.name} models cannot call tools; send the request without tools",
                                  param="tools", extra={"code": "tools_not_supported"})
         ids = [special[t] for t in self.prefix]
-        if self.name == "ChatGLM2":
+        if not self.turns:
             return ids + encode(chatglm2_text(messages))
 
         def turn(role: str, content: str, metadata: str = "", image: bool = False) -> None:
@@ -96,7 +97,7 @@ def chatglm2_text(messages: tuple[Message, ...]) -> str:
 
 
 FAMILIES = {
-    CHATGLM2: Family("ChatGLM2", ("[gMASK]", "sop"), tools=None, metadata_line=False, byte_level=False),
+    CHATGLM2: Family("ChatGLM2", ("[gMASK]", "sop"), tools=None, metadata_line=False, byte_level=False, turns=False),
     CHATGLM3: Family("ChatGLM3", ("[gMASK]", "sop"), tools=CHATGLM3_TOOLS, metadata_line=True, byte_level=False),
     CHATGLM4: Family("GLM-4", ("[gMASK]", "<sop>"), tools=GLM4_TOOLS, metadata_line=True, byte_level=True),
     CHATGLM4V: Family("GLM-4V", ("[gMASK]", "<sop>"), tools=GLM4_TOOLS, metadata_line=True, byte_level=True,
