@@ -43,11 +43,10 @@ def engine_status(server) -> dict:
     return status
 
 
-def wait_until(predicate, timeout: float = 30, server=None) -> None:
+def wait_until(predicate, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, "timed out" + (
-            "; the server said:\n" + "".join(line for line in server.log if "path=/ready" not in line and "path=/health" not in line) if server else "")
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
 
 
@@ -127,7 +126,7 @@ def test_the_next_turn_on_another_connection_reuses_the_history(server_factory, 
                              {"role": "user", "content": "And the bakery?"}])
     assert usage1["prompt_tokens_details"]["cached_tokens"] < 10
     assert usage2["prompt_tokens_details"]["cached_tokens"] >= usage1["prompt_tokens"]
-    assert ttft2 <= 0.5 * ttft1, (ttft1, ttft2)
+    assert ttft2 <= 0.3 * ttft1, (ttft1, ttft2)
     line = two.wait_for_log(f"cached_tokens={usage2['prompt_tokens_details']['cached_tokens']} ")
     assert "status=200" in line
 
@@ -157,7 +156,7 @@ def test_a_killed_engine_costs_only_its_own_generations(server):
     cf.join()
     assert len(arrivals) == 62  # the Cloudflare stream on the same worker went on to its end
     # The master starts the engine again; meanwhile /ready says why not, then the model answers.
-    wait_until(lambda: requests.get(server.base_url + "/ready", timeout=10).status_code == 200, server=server)
+    wait_until(lambda: requests.get(server.base_url + "/ready", timeout=10).status_code == 200)
     assert engine_status(server)["pid"] != pid
     r = requests.post(server.v1 + "/chat/completions", timeout=60,
                       json={"model": "endless", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -179,26 +178,3 @@ def test_on_a_stock_build_the_rest_goes_in_one_token_a_step_and_answers_the_same
     assert answer(cold, *turn2)[0] == reused
     loaded.costs.prefill, loaded.costs.decode = 0.001, 1.0  # one token a step costs more: start cold
     assert warm.reusable(loaded.prompt_ids(ChatRequest(model="demo", messages=turn2))) == 0
-
-
-def test_a_fork_in_the_master_waits_for_the_engine_start_in_flight():
-    """gunicorn's master forks workers while its keeper thread may be starting the engine: a worker
-    forked during that Popen would inherit the pipe the Popen waits on and hold the keeper for its
-    whole life (the engine then never came back after a crash). Forks wait for the Popen instead."""
-    from backends.engine import launcher
-
-    forked = threading.Event()
-
-    def fork() -> None:
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-        os.waitpid(pid, 0)
-        forked.set()
-
-    with launcher._spawning:
-        thread = threading.Thread(target=fork)
-        thread.start()
-        assert not forked.wait(0.5)
-    assert forked.wait(10)
-    thread.join()

@@ -48,14 +48,6 @@ def start_detached(settings: Settings) -> None:
                      cwd=PROJECT_DIR, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-# Popen waits for the new child's exec on a close-on-exec pipe. If gunicorn's master forks a worker
-# while that pipe is open, the worker inherits the writing end and never execs, so the Popen (and with
-# it the keeper) waits as long as that worker lives. Forks in this process wait for a Popen in flight.
-_spawning = threading.Lock()
-os.register_at_fork(before=_spawning.acquire, after_in_parent=_spawning.release,
-                    after_in_child=_spawning.release)
-
-
 class Keeper:
     """Runs the engine as a child of this process and starts it again when it exits."""
 
@@ -89,8 +81,7 @@ class Keeper:
                 self._stopping.wait(1.0)
                 continue
             started = time.monotonic()
-            with _spawning:
-                self.process = subprocess.Popen(command, cwd=PROJECT_DIR, stdin=subprocess.DEVNULL)  # nosec B603
+            self.process = subprocess.Popen(command, cwd=PROJECT_DIR, stdin=subprocess.DEVNULL)  # nosec B603
             # gunicorn's master reaps any child it did not start, so this may not learn the status.
             code = self.process.wait()
             if self._stopping.is_set():
