@@ -66,7 +66,10 @@ class AppState:
         for alias, target in s.model_aliases:  # an alias has its model's ceiling unless it has its own
             if alias not in by_model and target in by_model:
                 by_model[alias] = by_model[target]
-        return Limits(s.max_messages, s.max_input_chars, s.max_tokens_ceiling, by_model)
+        # Only the local model may read images (Cloudflare's list is not asked: it may be discovered later).
+        local = [m.id for b in self.registry.backends if b.name == "chatglm" for m in b.models() if m.images]
+        images = frozenset(local + [alias for alias, target in s.model_aliases if target in local])
+        return Limits(s.max_messages, s.max_input_chars, s.max_tokens_ceiling, by_model, images, s.max_image_bytes)
 
     @cached_property
     def fallbacks(self) -> dict[str, tuple[str, ...]]:
@@ -156,7 +159,8 @@ def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> R
 
         model, model_id = local
         backends.append(ChatGLMBackend(model, model_id=model_id, engine=launcher.client(settings),
-                                       owned_by=DEMO_OWNER if settings.uses_demo_model else "local"))
+                                       owned_by=DEMO_OWNER if settings.uses_demo_model else "local",
+                                       max_image_pixels=settings.max_image_pixels))
     if settings.uses_cloudflare:
         from backends.cloudflare import (
             CloudflareBackend,  # imports requests: only in workers, after patching

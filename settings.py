@@ -94,6 +94,8 @@ class Settings:
     header_timeout: float = 30.0  # seconds a client has to send a request's headers (408 after)
     max_messages: int = 2048
     max_input_chars: int = 1_000_000
+    max_image_bytes: int = 3 * 1024 * 1024  # one image part, decoded (GLM-4V); the body must hold it too
+    max_image_pixels: int = 16_000_000  # width x height, checked before an image is decoded
     max_tokens_ceiling: int | None = None  # for every model
     max_tokens_by_model: tuple[tuple[str, int], ...] = ()  # over that, per model or alias
     rate_limit_rpm: int = 0  # per key (per client address without keys); 0: unlimited
@@ -203,6 +205,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.Pat
         header_timeout=r.number("HEADER_TIMEOUT", Settings.header_timeout, minimum=0.1),
         max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
         max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),
+        max_image_bytes=r.integer("MAX_IMAGE_BYTES", Settings.max_image_bytes, minimum=1024),
+        max_image_pixels=r.integer("MAX_IMAGE_PIXELS", Settings.max_image_pixels, minimum=64 * 64),
         max_tokens_ceiling=ceiling,
         max_tokens_by_model=ceilings,
         rate_limit_rpm=rpm,

@@ -28,12 +28,24 @@ class Tool:
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """An image a user turn carries (models that read images: GLM-4V). As parsed, ``data`` is the
+    image file as sent (base64) and width = height = 0; the backend decodes it into raw RGB pixels
+    (base64, width x height x 3 bytes) before the engine sees it."""
+
+    data: str
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
 class Message:
     role: Role
     content: str
     tool_calls: tuple[ToolCall, ...] = ()  # assistant turns that called tools
     tool_call_id: str | None = None  # tool turns: the call answered
     name: str | None = None  # tool turns: the function's name, when the client sent it
+    images: tuple[ImageInput, ...] = ()  # the image parts of the turn, in order
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,7 @@ class ModelInfo:
     owned_by: str
     created: int = 0
     structured_outputs: bool = False  # can honour a JSON schema (response_format / text.format)
+    images: bool = False  # reads image content parts (GLM-4V)
 
 
 class Backend(Protocol):

@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Generator
+from dataclasses import replace
 
 from backends.base import ChatRequest, Embeddings, Event, InvalidRequest, ModelInfo
 from backends.engine.client import EngineClient
 from backends.ggml_file import ModelFile
+from backends.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +22,12 @@ _LOAD_POLL_SECONDS = 0.1
 class ChatGLMBackend:
     name = "chatglm"
 
-    def __init__(self, model: ModelFile, *, model_id: str, owned_by: str, engine: EngineClient) -> None:
+    def __init__(self, model: ModelFile, *, model_id: str, owned_by: str, engine: EngineClient,
+                 max_image_pixels: int = 16_000_000) -> None:
         self.engine = engine
-        self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime))
+        self._vision = model.vision
+        self._max_image_pixels = max_image_pixels
+        self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime), images=model.vision is not None)
 
     def load(self) -> None:
         """Wait until the engine has loaded the model (starting it, where that is this process's job)."""
@@ -56,4 +61,17 @@ class ChatGLMBackend:
                              "(Cloudflare's @cf/baai/bge-*).", param="model", extra={"code": "model_not_supported"})
 
     def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
+        if any(m.images for m in request.messages):
+            request = self._decoded_images(request)
         yield from self.engine.generate(request)
+
+    def _decoded_images(self, request: ChatRequest) -> ChatRequest:
+        """Each image as the pixels the engine takes (checked here: a bad image must not reach it)."""
+        if self._vision is None:
+            raise InvalidRequest(f"{self._info.id} takes text only; send the request without images.",
+                                 param="messages", extra={"code": "unsupported_content"})
+        size = self._vision.image_size
+        messages = tuple(replace(m, images=tuple(decode_image(im, size, self._max_image_pixels, f"messages[{i}]")
+                                                 for im in m.images)) if m.images else m
+                         for i, m in enumerate(request.messages))
+        return replace(request, messages=messages)

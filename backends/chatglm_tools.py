@@ -13,6 +13,8 @@ import json
 import re
 import secrets
 
+from collections.abc import Callable
+
 from backends.base import Tool, ToolCall
 
 TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:\n"
@@ -55,11 +57,13 @@ def parse_call(name: str, body: str) -> ToolCall | None:
 
 class ReplySplitter:
     """Sorts an answer's text into content (passed on as it comes) and a tool call (held to the
-    end). With tools offered, the first line is ChatGLM3's metadata: empty for a plain answer,
+    end). With tools offered, the first line is the metadata (ChatGLM3 and GLM-4): empty for a plain answer,
     the tool's name for a call. Without tools, only the empty metadata line is dropped."""
 
-    def __init__(self, tools_offered: bool, raw: bool = False) -> None:
+    def __init__(self, tools_offered: bool, raw: bool = False,
+                 parse: Callable[[str, str], ToolCall | None] = parse_call) -> None:
         self.tools_offered = tools_offered
+        self.parse = parse  # the family's own call format
         self.state = "content" if raw else "start"  # -> "content" or "tool"; raw text has no turns
         self.buffer = ""
 
@@ -87,7 +91,7 @@ class ReplySplitter:
         held, self.buffer = self.buffer, ""
         if self.state == "tool":
             name, body = held.split("\n", 1)
-            call = parse_call(name, body)
+            call = self.parse(name, body)
             if call is not None:
                 return "", call
         return held, None  # a call written badly comes back as plain text

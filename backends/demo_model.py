@@ -1,24 +1,31 @@
-"""Write a small random-weight ChatGLM3 GGML model: aigate's embedded default and test model.
+"""Write a small random-weight GGML model of any family aigate serves (ChatGLM3 by default:
+aigate's embedded default and test model; ChatGLM2, GLM-4 and GLM-4V for their tests and benches).
 
 Real weights cannot ship with aigate, but the whole server path (tokenizer, chat template,
 chatglm.cpp's forward pass, sampling, the GGML loader) can still run for real on a model made
-here: a sentencepiece tokenizer trained on the text below, and weights drawn so that greedy
-decoding walks a long chain of tokens (so answers read as varied words, not one repeated token)
-and, by default, reaches end-of-text after a sentence or so.
+here: a tokenizer trained on the text below (sentencepiece for ChatGLM2/3; for GLM-4 a byte-level
+BPE of our own in tiktoken's file format), and weights drawn so that greedy decoding walks a long
+chain of tokens (so answers read as varied words, not one repeated token) and, by default,
+reaches end-of-text after a sentence or so.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
+import re
 import struct
 import tempfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
 
-from backends.ggml_file import (ALIGN, CHATGLM3, CONFIG_V2, F16, MAGIC, SPECIAL_TOKENS, ModelConfig,
+from backends.ggml_file import (ALIGN, CHATGLM2, CHATGLM3, CHATGLM4, CHATGLM4V, CONFIG_V2, F16,
+                                FAMILY_SPECIAL_TOKENS, MAGIC, VISION_CONFIG, ModelConfig, VisionConfig,
                                 expected_tensors)
 
 CORPUS = """\
@@ -69,8 +76,84 @@ def train_tokenizer(vocab_size: int = 1000, extra_pieces: tuple[str, ...] = ()) 
     return out.getvalue()
 
 
-def make_weights(c: ModelConfig, sp: sentencepiece.SentencePieceProcessor, *, eos_every: int,
-                 end_token: int, seed: int, script: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Tokenizer:
+    """What the writer needs of a trained tokenizer."""
+
+    blob: bytes  # as stored in the file
+    pieces: int  # ordinary ids 0..pieces-1; the family's special tokens follow
+    ordinary: list[int]  # ids a chain may walk: whole pieces of text (no bytes, controls or unknown)
+    ids: dict[str, int]  # piece text -> id, for scripts
+    eos: int
+    pad: int
+
+
+def sentencepiece_tokenizer(extra_pieces: tuple[str, ...]) -> Tokenizer:
+    proto = train_tokenizer(extra_pieces=extra_pieces)
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    pieces = sp.get_piece_size()
+    ordinary = [i for i in range(pieces) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+    return Tokenizer(proto, pieces, ordinary, {sp.id_to_piece(i): i for i in range(pieces)}, sp.eos_id(),
+                     max(sp.pad_id(), 0))
+
+
+# Pre-tokenisation for training only (chatglm.cpp splits with GLM-4's own RE2 pattern when encoding).
+_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d{1,3}| ?[^\s\w]+[\r\n]*|\s*[\r\n]+|\s+")
+
+
+def train_bpe(merges: int = 700, extra_tokens: tuple[str, ...] = ()) -> list[bytes]:
+    """A byte-level BPE in tiktoken's sense, trained on CORPUS (deterministic): the 256 bytes, then
+    each merge of the most frequent adjacent pair, in order (a token's rank is its id), then
+    ``extra_tokens`` (a script's pieces) that the merges did not make."""
+    words = Counter(tuple(bytes([b]) for b in w.encode()) for w in _WORDS.findall(CORPUS))
+    vocab = [bytes([b]) for b in range(256)]
+    known = set(vocab)
+    for _ in range(merges):
+        pairs: Counter[tuple[bytes, bytes]] = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        (a, b), _count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        vocab.append(a + b)
+        known.add(a + b)
+        merged: Counter[tuple[bytes, ...]] = Counter()
+        for word, n in words.items():
+            out: list[bytes] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    vocab += [t.encode() for t in dict.fromkeys(extra_tokens) if t.encode() not in known]
+    return vocab
+
+
+def bpe_tokenizer(extra_pieces: tuple[str, ...]) -> Tokenizer:
+    vocab = train_bpe(extra_tokens=extra_pieces)
+    blob = b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(vocab))
+    ids, ordinary = {}, []
+    for i, t in enumerate(vocab):
+        try:
+            text = t.decode()
+        except UnicodeDecodeError:  # part of a character: decodes only beside its other bytes
+            continue
+        ids[text] = i
+        if text.isprintable() or text == "\n":
+            ordinary.append(i)
+    return Tokenizer(blob, len(vocab), ordinary, ids, eos=len(vocab), pad=len(vocab))  # <|endoftext|>
+
+
+def make_weights(c: ModelConfig, tok: Tokenizer, specials: tuple[str, ...], *, eos_every: int,
+                 end_token: int, seed: int, script: tuple[int, ...] = (),
+                 vision: VisionConfig | None = None) -> dict[str, np.ndarray]:
     """Random weights whose greedy decoding follows a chain through the ordinary pieces.
 
     The residual stream carries each token's embedding to the output layer, whose row for token
@@ -81,41 +164,49 @@ def make_weights(c: ModelConfig, sp: sentencepiece.SentencePieceProcessor, *, eo
     generations). Padding ids get a zero row, so they never win greedily.
     """
     rng = np.random.default_rng(seed)
-    pieces = sp.get_piece_size()
+    pieces = tok.pieces
     emb = rng.standard_normal((c.vocab_size, c.hidden_size)).astype(np.float32)
-    ordinary = [i for i in range(pieces) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
-    chain = rng.permutation(ordinary)
+    chain = rng.permutation(tok.ordinary)
     out = np.zeros((c.vocab_size, c.hidden_size), np.float32)
-    for i, tok in enumerate(chain):
+    for i, piece in enumerate(chain):
         ends = eos_every and (i + 1) % eos_every == 0
-        out[end_token if ends else chain[(i + 1) % len(chain)]] += emb[tok]
+        out[end_token if ends else chain[(i + 1) % len(chain)]] += emb[piece]
     # After the prompt's last token (<|assistant|>) and the other specials, start somewhere on the chain.
-    for special in range(pieces, pieces + len(SPECIAL_TOKENS)):
+    for special in range(pieces, pieces + len(specials)):
         out[chain[rng.integers(len(chain))]] += emb[special]
     # A script: what the model says after <|assistant|>, whatever the prompt (each of its tokens
     # must be unique), drawn much stronger than the chain so that it always wins.
     if script:
-        assistant = pieces + SPECIAL_TOKENS.index("<|assistant|>")
+        assistant = pieces + specials.index("<|assistant|>")
         for a, b in zip((assistant, *script), script):
             out[b] += 6 * emb[a]
     out *= 0.08
 
     weights: dict[str, np.ndarray] = {}
-    for name, (shape, _type) in expected_tensors(c).items():
+    for name, (shape, _type) in expected_tensors(c, vision).items():
         if name.endswith("word_embeddings.weight"):
             weights[name] = emb
         elif name.endswith("output_layer.weight"):
             weights[name] = out
         elif len(shape) == 1:
-            weights[name] = np.full(shape, 1.0 if "layernorm" in name else 0.0, np.float32)
+            norm = ("layernorm" in name or "norm1" in name) and name.endswith("weight")
+            weights[name] = np.full(shape, 1.0 if norm else 0.0, np.float32)
         else:
-            weights[name] = (rng.standard_normal(shape) * (1.5 / np.sqrt(shape[1]))).astype(np.float32)
+            fan_in = int(np.prod(shape[1:]))
+            weights[name] = (rng.standard_normal(shape) * (1.5 / np.sqrt(fan_in))).astype(np.float32)
     return weights
+
+
+FAMILY_IDS = {"chatglm2": CHATGLM2, "chatglm3": CHATGLM3, "glm4": CHATGLM4, "glm4v": CHATGLM4V}
+# A GLM-4V vision tower as small as chatglm.cpp runs: a 56 px image in 14 px patches, 4 image tokens.
+SMALL_VISION = dict(hidden_size=64, image_size=56, in_channels=3, intermediate_size=128, num_attention_heads=4,
+                    num_hidden_layers=1, patch_size=14)
 
 
 def write_demo_model(
     path: str | os.PathLike[str],
     *,
+    family: str = "chatglm3",
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -129,30 +220,41 @@ def write_demo_model(
     seed: int = 0,
 ) -> Path:
     """Write the model atomically (a reader never sees half a file) and return its path."""
-    proto = train_tokenizer(extra_pieces=tuple(p for p in script if not p.startswith("<|")))
-    sp = sentencepiece.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(proto)
-    pieces = sp.get_piece_size()
-    vocab = max(vocab_size or 0, -(-(pieces + len(SPECIAL_TOKENS)) // PAD_TO) * PAD_TO)  # padded, as real models
+    model_type = FAMILY_IDS[family]
+    specials = FAMILY_SPECIAL_TOKENS[model_type]
+    extra = tuple(p for p in script if p not in specials)
+    tok = bpe_tokenizer(extra) if model_type in (CHATGLM4, CHATGLM4V) else sentencepiece_tokenizer(extra)
+    pieces = tok.pieces
+    vocab = max(vocab_size or 0, -(-(pieces + len(specials)) // PAD_TO) * PAD_TO)  # padded, as real models
     config = ModelConfig(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size, 0, max_length,
-                         sp.eos_id())
-    end_token = vocab - 1 if end_with_padding else sp.eos_id()
-    script_ids = tuple(sp.piece_to_id(p) if not p.startswith("<|") else pieces + SPECIAL_TOKENS.index(p)
-                       for p in script)
+                         tok.eos)
+    vision = None
+    if model_type == CHATGLM4V:
+        v = SMALL_VISION
+        positions = (v["image_size"] // v["patch_size"]) ** 2 + 1
+        vision = VisionConfig(F16, v["hidden_size"], v["image_size"], v["in_channels"], v["intermediate_size"],
+                              v["num_attention_heads"], v["num_hidden_layers"], positions, v["patch_size"])
+    end_token = vocab - 1 if end_with_padding else tok.eos
+    script_ids = tuple(pieces + specials.index(p) if p in specials else tok.ids[p] for p in script)
     if len(set(script_ids)) != len(script_ids):
         raise ValueError("a script's pieces must all differ: the model picks the next token from the last one")
-    weights = make_weights(config, sp, eos_every=eos_every, end_token=end_token, seed=seed, script=script_ids)
+    weights = make_weights(config, tok, specials, eos_every=eos_every, end_token=end_token, seed=seed,
+                           script=script_ids, vision=vision)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + struct.pack("<ii", CHATGLM3, 2))
+            f.write(MAGIC + struct.pack("<ii", model_type, 2))
             f.write(CONFIG_V2.pack(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size,
-                                   1e-5, 0, 10000.0, max_length, sp.eos_id(), sp.pad_id() if sp.pad_id() >= 0 else 0))
-            f.write(struct.pack("<i", len(proto)) + proto)
-            for name, (shape, ggml_type) in expected_tensors(config).items():
+                                   1e-5, 0, 10000.0, max_length, tok.eos, tok.pad))
+            if vision is not None:
+                f.write(VISION_CONFIG.pack(vision.dtype, vision.hidden_size, vision.image_size, vision.in_channels,
+                                           vision.intermediate_size, 1e-6, vision.num_attention_heads,
+                                           vision.num_hidden_layers, vision.num_positions, vision.patch_size, 8.0))
+            f.write(struct.pack("<i", len(tok.blob)) + tok.blob)
+            for name, (shape, ggml_type) in expected_tensors(config, vision).items():
                 data = weights[name].astype(np.float16 if ggml_type == F16 else np.float32)
                 encoded = name.encode()
                 f.write(struct.pack(f"<i{len(encoded)}si", len(encoded), encoded, len(shape)))

@@ -26,12 +26,18 @@ BENCH_MODEL = dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=2,
                    vocab_size=65024, max_length=2048, eos_every=0)
 
 
-def bench_model() -> Path:
+# GLM-4-shaped: GLM-4-9B's proportions at a quarter of its width (its 2 KV heads, its ffn ratio, its
+# padded 151,552-token vocabulary), with the project's own byte-level BPE tokenizer.
+BENCH_GLM4_MODEL = dict(family="glm4", hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=2, ffn_size=3424,
+                        vocab_size=151552, max_length=2048, eos_every=0)
+
+
+def bench_model(family: str = "chatglm3") -> Path:
     from backends.demo_model import write_demo_model
 
-    path = CACHE / "bench-chatglm3.bin"
+    path = CACHE / f"bench-{family}.bin"
     if not path.exists():
-        write_demo_model(path, **BENCH_MODEL)
+        write_demo_model(path, **(BENCH_GLM4_MODEL if family == "glm4" else BENCH_MODEL))  # type: ignore[arg-type]
     return path
 
 

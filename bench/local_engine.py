@@ -6,7 +6,10 @@ what its KV cache holds) starts a "long" run from a cache. Then "turn 2": the lo
 answer aigate gave to it and a short question, which aigate answers from its cache (prefix
 reuse) and the engine, which has no such cache, evaluates whole.
 
-    .venv/bin/python bench/local_engine.py [--runs 5] [--tokens 128]
+    .venv/bin/python bench/local_engine.py [--runs 5] [--tokens 128] [--family glm4]
+
+``--family glm4``: the same on a GLM-4-shaped model (bench/common.py), engine and aigate only
+(results in local_engine_glm4.md).
 
 Contenders, each asked for the same greedy answer:
   engine   chatglm_cpp.Pipeline's token loop in this process (the limit: no server at all)
@@ -32,11 +35,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--family", default="chatglm3", choices=("chatglm3", "glm4"))
     args = parser.parse_args()
 
     import chatglm_cpp
 
-    model = bench_model()
+    model = bench_model(args.family)
     pipeline = chatglm_cpp.Pipeline(str(model))
     tokenizer = pipeline.tokenizer
 
@@ -62,9 +66,10 @@ def main() -> None:
 
     aigate_port, chatglm_port = free_port(), free_port()
     aigate = start_aigate(aigate_port, CHATGLM_MODEL=str(model), CHATGLM_MODEL_ID="bench")
-    chatglm = start([str(BIN / "uvicorn"), "chatglm_cpp.openai_api:app", "--host", "127.0.0.1", "--port",
-                     str(chatglm_port)], {"MODEL": str(model), "MAX_LENGTH": "2048"},
-                    f"http://127.0.0.1:{chatglm_port}/v1/models")
+    glm4 = args.family == "glm4"
+    chatglm = None if glm4 else start(
+        [str(BIN / "uvicorn"), "chatglm_cpp.openai_api:app", "--host", "127.0.0.1", "--port", str(chatglm_port)],
+        {"MODEL": str(model), "MAX_LENGTH": "2048"}, f"http://127.0.0.1:{chatglm_port}/v1/models")
 
     def aigate_run(text: str | list[dict[str, str]]) -> Timing:
         messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
@@ -78,7 +83,7 @@ def main() -> None:
                            {"model": "x", "messages": [{"role": "user", "content": text}],
                             "max_tokens": kept + args.tokens, "temperature": 0})
 
-    contenders = {"engine": engine, "aigate": aigate_run, "chatglm": chatglm_run}
+    contenders = {"engine": engine, "aigate": aigate_run, **({} if glm4 else {"chatglm": chatglm_run})}
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
     def note(prompt_name: str, name: str, t: Timing) -> None:
@@ -91,7 +96,8 @@ def main() -> None:
         for run in contenders.values():  # warm-up: page the weights in for everyone
             run(SHORT)
         for i in range(args.runs):
-            order = list(contenders)[i % 3:] + list(contenders)[:i % 3]  # alternate who goes first
+            k = i % len(contenders)
+            order = list(contenders)[k:] + list(contenders)[:k]  # alternate who goes first
             long = f"Run {i}. {LONG}"
             answers = {}
             for prompt_name, text in (("short", SHORT), ("long", long)):
@@ -107,7 +113,8 @@ def main() -> None:
             note("turn 2", "engine", engine(turn2))
     finally:
         aigate.terminate()
-        chatglm.terminate()
+        if chatglm is not None:
+            chatglm.terminate()
     report(results, args, len(prompt_ids(SHORT)), len(prompt_ids(LONG)), turn2_tokens)
 
 
@@ -122,44 +129,48 @@ def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int
             ttft = median([r[0] for r in results[(prompt_name, name)]])
             rate = median([r[1] for r in results[(prompt_name, name)]])
             rows.append((prompt_name, tokens, name, ttft * 1000, (ttft - base_ttft) * 1000, rate, rate / base_rate))
+    glm4 = args.family == "glm4"
+    shape = ("GLM-4 model (hidden 1024, 8 layers, 16/2 heads, ffn 3424, vocab 151552, f16, byte-level BPE)" if glm4
+             else "ChatGLM3 model (hidden 1024, 8 layers, 16/2 heads, ffn 2816, vocab 65024, f16)")
     lines = [
-        "# Local model: aigate against the engine and chatglm.cpp's own server",
+        "# Local model: aigate against the engine" + ("" if glm4 else " and chatglm.cpp's own server"),
         "",
-        f"Random-weight ChatGLM3 model (hidden 1024, 8 layers, 16/2 heads, ffn 2816, vocab 65024, f16), "
-        f"greedy, {args.tokens} new tokens, median of {args.runs} alternated runs. "
-        "Command: `.venv/bin/python bench/local_engine.py`.",
+        f"Random-weight {shape}, greedy, {args.tokens} new tokens, median of {args.runs} alternated runs. "
+        f"Command: `.venv/bin/python bench/local_engine.py{' --family glm4' if glm4 else ''}`.",
         "",
         "| prompt | prompt tokens | contender | TTFT ms | TTFT over engine, ms | decode tok/s | decode vs engine |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {p} | {n} | {c} | {t:.1f} | {d:+.1f} | {r:.1f} | {x:.1%} |" for p, n, c, t, d, r, x in rows]
-    lines += ["", "chatglm.cpp's server keeps only the last 512 prompt tokens, so its long-prompt TTFT "
-                  "covers a shorter prompt than the others'. On turn 2 aigate's engine takes the history from "
-                  "its KV cache and evaluates only the answer and the question; the engine row evaluates the "
-                  "whole prompt (what every turn cost before prefix reuse)."]
-    (RESULTS / "local_engine.md").write_text("\n".join(lines) + "\n")
-    plot(rows)
+    note = ("" if glm4 else "chatglm.cpp's server keeps only the last 512 prompt tokens, so its long-prompt TTFT "
+            "covers a shorter prompt than the others'. ")
+    lines += ["", note + "On turn 2 aigate's engine takes the history from its KV cache and evaluates only the "
+                         "answer and the question; the engine row evaluates the whole prompt (what every turn cost "
+                         "before prefix reuse)."]
+    name = "local_engine_glm4" if glm4 else "local_engine"
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, name)
     print("\n".join(lines))
 
 
-def plot(rows) -> None:
+def plot(rows, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["engine", "aigate", "chatglm"]
+    names = [n for n in ("engine", "aigate", "chatglm") if any(r[2] == n for r in rows)]
     width = 0.27
     for ax, (title, index) in zip(axes, (("time to first token (ms)", 3), ("decode tokens/s", 5))):
         for offset, prompt_name in enumerate(("short", "long", "turn 2")):
             values = [next((r[index] for r in rows if r[0] == prompt_name and r[2] == n), 0.0) for n in names]
-            ax.bar([i + offset * width for i in range(3)], values, width=width, label=prompt_name)
-        ax.set_xticks([i + width for i in range(3)], names)
+            ax.bar([i + offset * width for i in range(len(names))], values, width=width, label=prompt_name)
+        ax.set_xticks([i + width for i in range(len(names))], names)
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "local_engine.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
 
 
 if __name__ == "__main__":

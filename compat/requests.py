@@ -9,13 +9,15 @@ Unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import ChatRequest, Message, Tool, ToolCall
+from backends.base import ChatRequest, ImageInput, Message, Tool, ToolCall
 from compat.errors import APIError, invalid
 from compat.structured import chat_format
 
@@ -25,6 +27,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
          "tool": "tool", "function": "tool"}
 MAX_STOP_SEQUENCES = 4
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?(;[^,;]*)*;base64,(.*)", re.S)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class Limits:
     max_input_chars: int = 1_000_000  # all message contents (or prompts) together
     max_tokens: int | None = None  # a ceiling on max_tokens; None: the model's context decides
     max_tokens_by_model: Mapping[str, int] = field(default_factory=dict)  # over max_tokens, by name asked for
+    image_models: frozenset[str] = frozenset()  # models (and aliases) that read image parts
+    max_image_bytes: int = 3 * 1024 * 1024  # one image, decoded
 
     def ceiling(self, model: str) -> int | None:
         return self.max_tokens_by_model.get(model, self.max_tokens)
@@ -50,7 +55,7 @@ class ChatCall:
 
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     model = parse_model(body)
-    messages = _messages(body.get("messages"))
+    messages = _messages(body.get("messages"), limits if model in limits.image_models else None)
     if len(messages) > limits.max_messages:
         raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
                       "messages", "too_many_messages")
@@ -178,7 +183,8 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _messages(raw: Any) -> tuple[Message, ...]:
+def _messages(raw: Any, images: Limits | None = None) -> tuple[Message, ...]:
+    """The messages; ``images``: the limits of a model that reads image parts (None: text only)."""
     if raw is None:
         raise invalid("you must provide a messages parameter", "messages", "missing_required_parameter")
     if not isinstance(raw, list):
@@ -204,9 +210,13 @@ def _messages(raw: Any) -> tuple[Message, ...]:
         for field_name, value in (("tool_call_id", tool_call_id), ("name", name)):
             if value is not None and not isinstance(value, str):
                 raise invalid(f"{where}.{field_name} must be a string.", f"{where}.{field_name}", "invalid_type")
-        out.append(Message(ROLES[role], _content(content, f"{where}.content"), tool_calls=calls,  # type: ignore[arg-type]
+        text, pictures = _content_parts(content, f"{where}.content", images if role == "user" else None)
+        out.append(Message(ROLES[role], text, tool_calls=calls,  # type: ignore[arg-type]
                            tool_call_id=tool_call_id if role in ("tool", "function") else None,
-                           name=name if role in ("tool", "function") else None))
+                           name=name if role in ("tool", "function") else None, images=pictures))
+    if sum(len(m.images) for m in out) > 1:
+        raise invalid("This model reads one image per request (chatglm.cpp's GLM-4V takes one); send one.",
+                      "messages", "too_many_images")
     return tuple(out)
 
 
@@ -231,15 +241,22 @@ def _history_tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
     return tuple(calls)
 
 
-def _content(content: Any, where: str) -> str:
-    """A string, an array of text parts (joined), or null (an assistant turn with tool calls)."""
+def _content_parts(content: Any, where: str, images: Limits | None) -> tuple[str, tuple[ImageInput, ...]]:
+    """A string, an array of text parts (joined), or null (an assistant turn with tool calls); and
+    where the model reads them (``images``), the image parts."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return content or "", ()
     if not isinstance(content, list):
         raise invalid(f"{where} must be a string or an array of content parts.", where, "invalid_type")
     texts = []
+    pictures: list[ImageInput] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url" and images is not None:
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            pictures.append(image_input(url, f"{where}[{j}].image_url.url", images.max_image_bytes))
+            continue
         if kind != "text":
             raise invalid(f"{where}[{j}]: content parts of type {kind!r} are not supported; "
                           "this server's models take text only.", f"{where}[{j}].type", "unsupported_content")
@@ -247,7 +264,28 @@ def _content(content: Any, where: str) -> str:
         if not isinstance(text, str):
             raise invalid(f"{where}[{j}].text must be a string.", f"{where}[{j}].text", "invalid_type")
         texts.append(text)
-    return "".join(texts)
+    return "".join(texts), tuple(pictures)
+
+
+def image_input(url: Any, param: str, max_bytes: int) -> ImageInput:
+    """An image part's URL: a base64 data: URL of at most ``max_bytes`` (http(s) URLs are not fetched)."""
+    if not isinstance(url, str):
+        raise invalid(f"{param} must be a string (a data: URL).", param, "invalid_type")
+    if url.startswith(("http://", "https://")):
+        raise invalid("This server does not fetch image URLs; send the image inline as a base64 data: URL "
+                      "(data:image/png;base64,...).", param, "image_url_not_supported")
+    found = DATA_URL.fullmatch(url)
+    if found is None:
+        raise invalid("An image must be a base64 data: URL (data:image/png;base64,...).", param, "invalid_image")
+    data = found.group(3)
+    if len(data) > (max_bytes + 2) // 3 * 4 + 4:  # before decoding anything
+        raise invalid(f"The image is larger than this server's limit of {max_bytes} bytes (MAX_IMAGE_BYTES).",
+                      param, "image_too_large")
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("The image's base64 data is corrupt.", param, "invalid_image") from None
+    return ImageInput(data)
 
 
 def _stop(raw: Any) -> tuple[str, ...]:

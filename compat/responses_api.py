@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from backends.base import ChatRequest, Event, Finish, Message, TextDelta, Tool, ToolCall, Usage
+from backends.base import ChatRequest, Event, Finish, ImageInput, Message, TextDelta, Tool, ToolCall, Usage
 from compat.errors import APIError, invalid
-from compat.requests import (TOOL_NAME, Limits, _bounded_max_tokens, _integer, _number, _optional_bool,
-                             check_chars, parse_model)
+from compat.requests import (DATA_URL, TOOL_NAME, Limits, _bounded_max_tokens, _integer, _number, _optional_bool,
+                             check_chars, image_input, parse_model)
 from compat.structured import text_format
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -55,10 +55,14 @@ def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str
         if body.get(name) is not None:
             raise invalid(f"{name} is not supported by this server: send the input (or previous_response_id).",
                           name, "unsupported_parameter")
-    items = [*(history or []), *input_items(body.get("input"))]
+    images = limits if model in limits.image_models else None
+    items = [*(history or []), *input_items(body.get("input"), images=images)]
     messages = [*instruction_messages(body.get("instructions")), *to_messages(items)]
     if not messages:
         raise invalid("input must hold at least one message.", "input", "empty_array")
+    if sum(len(m.images) for m in messages) > 1:
+        raise invalid("This model reads one image per request (chatglm.cpp's GLM-4V takes one); send one.",
+                      "input", "too_many_images")
     if len(messages) > limits.max_messages:
         raise invalid(f"input holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
                       "input", "too_many_messages")
@@ -102,8 +106,9 @@ def instruction_messages(raw: Any) -> list[Message]:
     raise invalid("instructions must be a string.", "instructions", "invalid_type")
 
 
-def input_items(raw: Any, param: str = "input") -> list[dict[str, Any]]:
-    """The input as a list of checked items, each with an id (they are stored and listed)."""
+def input_items(raw: Any, param: str = "input", images: Limits | None = None) -> list[dict[str, Any]]:
+    """The input as a list of checked items, each with an id (they are stored and listed);
+    ``images``: the limits of a model that reads input_image parts (None: text only)."""
     if raw is None:
         return []
     if isinstance(raw, str):
@@ -118,7 +123,7 @@ def input_items(raw: Any, param: str = "input") -> list[dict[str, Any]]:
             raise invalid(f"{where} must be an object.", where, "invalid_type")
         kind = item.get("type", "message")
         if kind == "message":
-            items.append(_message_item(item, where))
+            items.append(_message_item(item, where, images))
         elif kind in ("function_call", "custom_tool_call"):
             name, call_id = item.get("name"), item.get("call_id")
             arguments = item.get("arguments" if kind == "function_call" else "input", "")
@@ -139,15 +144,26 @@ def input_items(raw: Any, param: str = "input") -> list[dict[str, Any]]:
     return items
 
 
-def _message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _message_item(item: dict[str, Any], where: str, images: Limits | None = None) -> dict[str, Any]:
     role = item.get("role")
     if not isinstance(role, str) or role not in ROLES:
         raise invalid(f"{where}.role must be one of user, assistant, system, developer; got {role!r}.",
                       f"{where}.role", "invalid_value")
     content = item.get("content")
     kind = "output_text" if role == "assistant" else "input_text"
+    pictures = []
+    if images is not None and role == "user" and isinstance(content, list):
+        for j, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "input_image":
+                if part.get("image_url") is None and part.get("file_id") is not None:
+                    raise invalid("Image files are not stored here; send the image as a base64 data: URL "
+                                  "in image_url.", f"{where}.content[{j}].file_id", "unsupported_parameter")
+                image_input(part.get("image_url"), f"{where}.content[{j}].image_url", images.max_image_bytes)
+                pictures.append({"type": "input_image", "image_url": part["image_url"],
+                                 "detail": part.get("detail") or "auto"})
+        content = [p for p in content if not (isinstance(p, dict) and p.get("type") == "input_image")]
     text = _text(content, f"{where}.content")
-    parts = [{"type": kind, "text": text, **({"annotations": []} if role == "assistant" else {})}]
+    parts = [{"type": kind, "text": text, **({"annotations": []} if role == "assistant" else {})}, *pictures]
     return {"id": _str(item.get("id")) or new_id("msg"), "type": "message", "role": role, "content": parts,
             "status": "completed"}
 
@@ -181,8 +197,10 @@ def to_messages(items: list[dict[str, Any]]) -> list[Message]:
     names: dict[str, str] = {}
     for item in items:
         if item["type"] == "message":
-            text = "".join(p["text"] for p in item["content"])
-            out.append(Message(ROLES[item["role"]], text))  # type: ignore[arg-type]
+            text = "".join(p["text"] for p in item["content"] if "text" in p)
+            found = [DATA_URL.fullmatch(p["image_url"]) for p in item["content"] if p["type"] == "input_image"]
+            pictures = tuple(ImageInput(m.group(3)) for m in found if m is not None)
+            out.append(Message(ROLES[item["role"]], text, images=pictures))  # type: ignore[arg-type]
         elif item["type"] == "function_call":
             call = ToolCall(item["call_id"], item["name"], item["arguments"])
             names[item["call_id"]] = item["name"]

@@ -1,4 +1,4 @@
-"""Write a random-weight ChatGLM3 GGML model: python scripts/make_demo_model.py OUT.bin [--endless]"""
+"""Write a random-weight GGML model: python scripts/make_demo_model.py OUT.bin [--family glm4] [--endless]"""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.demo_model import DEFAULT_EOS_EVERY, write_demo_model  # noqa: E402
+from backends.demo_model import DEFAULT_EOS_EVERY, FAMILY_IDS, write_demo_model  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--family", choices=sorted(FAMILY_IDS), default="chatglm3")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
@@ -22,7 +23,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--endless", action="store_true", help="never write end-of-text")
     args = parser.parse_args()
-    path = write_demo_model(args.out, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+    path = write_demo_model(args.out, family=args.family, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                             num_kv_heads=args.kv_heads, ffn_size=args.ffn, max_length=args.max_length,
                             eos_every=0 if args.endless else DEFAULT_EOS_EVERY)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -53,6 +53,23 @@ def slow_model(models_dir: Path) -> Path:
     return write_demo_model(models_dir / "endless.bin", **SLOW_MODEL)
 
 
+# The other families, as small as the demo model; they never write end-of-text, so max_tokens
+# decides every length (GLM-4's tokens are short: a few hundred make a long answer).
+@pytest.fixture(scope="session")
+def glm4_model(models_dir: Path) -> Path:
+    return write_demo_model(models_dir / "glm4.bin", family="glm4", eos_every=0)
+
+
+@pytest.fixture(scope="session")
+def chatglm2_model(models_dir: Path) -> Path:
+    return write_demo_model(models_dir / "chatglm2.bin", family="chatglm2", eos_every=0)
+
+
+@pytest.fixture(scope="session")
+def glm4v_model(models_dir: Path) -> Path:
+    return write_demo_model(models_dir / "glm4v.bin", family="glm4v", eos_every=0)
+
+
 @dataclass
 class Server:
     process: subprocess.Popen

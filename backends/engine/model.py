@@ -1,5 +1,5 @@
 """The model side of the engine: chatglm.cpp Pipelines (one per slot, each with its own KV cache),
-the ChatGLM3 chat template, and the token loop, which reuses the part of a prompt that a slot's
+the family's chat template (families.py: ChatGLM2, ChatGLM3, GLM-4, GLM-4V), and the token loop, which reuses the part of a prompt that a slot's
 cache already holds.
 
 Pipeline.generate() is broken in chatglm-cpp 0.4.2 and Pipeline.chat() truncates long prompts in
@@ -16,6 +16,9 @@ aigate's patched build (``0.4.2+aigate``) masks any batch, so the rest goes in a
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
 import logging
 import math
 import re
@@ -25,15 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import chatglm_cpp
+import numpy as np
 
-from backends.base import ChatRequest, ContextLengthExceeded, Event, Finish, Message, TextDelta, Tool, Usage
-from backends.chatglm_tools import ReplySplitter, render_call, tools_system_prompt
-from backends.ggml_file import ModelFile
+from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest, Message, TextDelta,
+                           Tool, Usage)
+from backends.chatglm_tools import ReplySplitter
+from backends.engine.families import FAMILIES
+from backends.ggml_file import ModelFile, read_tokenizer_vocab
 from backends.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
-CHATGLM_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
 DEFAULT_TEMPERATURE = 0.95  # chatglm.cpp's own defaults, used when the client sends none
 DEFAULT_TOP_P = 0.7
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may carry lone ones; no tokenizer takes them
@@ -79,6 +84,22 @@ class Detokenizer:
             return "\ufffd"
 
 
+class ByteDetokenizer:
+    """Byte-level BPE (GLM-4): a token is a run of bytes that may end inside a UTF-8 character, so
+    the bytes go through an incremental UTF-8 decoder that holds an unfinished character back until
+    its last byte comes (and writes U+FFFD for bytes that can never form one)."""
+
+    def __init__(self, vocab: list[bytes]) -> None:
+        self._vocab = vocab
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, token: int) -> str:
+        return str(self._utf8.decode(self._vocab[token]))
+
+    def flush(self) -> str:
+        return str(self._utf8.decode(b"", final=True))
+
+
 @dataclass
 class StepCosts:
     """Seconds per prompt token evaluated cold and per decode step, as measured (moving averages):
@@ -104,6 +125,10 @@ class Model:
 
     def __init__(self, model: ModelFile, context_length: int, slots: int) -> None:
         self.file = model
+        self.family = FAMILIES[model.model_type]
+        self._vocab = read_tokenizer_vocab(model) if self.family.byte_level else []
+        # An image takes the vision tower's tokens (and boi, eoi) where the prompt has 3 marker tokens.
+        self.image_extra = model.vision.image_tokens - 3 if model.vision is not None else 0
         self.context_length = context_length
         self.costs = StepCosts()
         pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
@@ -118,42 +143,49 @@ class Model:
         """The request as the model reads it; ContextLengthExceeded if it leaves no room to answer."""
         if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
             special = self.file.special_token_ids
-            ids = [special["[gMASK]"], special["sop"], *self._sp_encode(request.prompt)]
+            ids = [*(special[t] for t in self.family.prefix), *self._encode(request.prompt)]
         else:
-            ids = self.encode_chat(request.messages, request.tools)
-        if len(ids) >= self.context_length:
+            turn = next((i for i, m in enumerate(request.messages) if m.images), None)
+            ids = self.family.encode_chat(request.messages, request.tools, self._encode, self.file.special_token_ids,
+                                          image_turn=turn)
+        positions = len(ids) + (self.image_extra if self.image(request) is not None else 0)
+        if positions >= self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens, and your prompt "
-                f"takes {len(ids)} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
+                f"takes {positions} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
         return ids
+
+    def image(self, request: ChatRequest) -> Any:
+        """The request's image as chatglm.cpp takes it, or None. The worker sends pixels of the vision
+        tower's size; anything else is refused here (chatglm.cpp would abort on it)."""
+        images = [im for m in request.messages for im in m.images]
+        if not images:
+            return None
+        vision = self.file.vision
+        if vision is None:
+            raise InvalidRequest(f"{self.family.name} models take text only; send the request without images.",
+                                 param="messages", extra={"code": "unsupported_content"})
+        if len(images) > 1:
+            raise InvalidRequest(f"{self.family.name} reads one image per request; this one has {len(images)}.",
+                                 param="messages", extra={"code": "too_many_images"})
+        size = vision.image_size
+        try:
+            pixels = base64.b64decode(images[0].data, validate=True)
+        except (binascii.Error, ValueError):
+            pixels = b""
+        if (images[0].width, images[0].height) != (size, size) or len(pixels) != size * size * 3:
+            raise InvalidRequest("The image was not prepared for this model.", param="messages",
+                                 extra={"code": "invalid_image"})
+        return chatglm_cpp._C.Image(np.frombuffer(pixels, np.uint8).reshape(size, size, 3).copy())
 
     def encode_chat(self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> list[int]:
-        """ChatGLM3's chat template, built here rather than by chatglm.cpp's apply_chat_template,
+        """The family's chat template, built here rather than by chatglm.cpp's apply_chat_template,
         which can neither write a turn's metadata line (a tool call's name) nor be kept from
         dropping the oldest tokens of a long prompt in silence."""
-        special = self.file.special_token_ids
-        ids = [special["[gMASK]"], special["sop"]]
+        return self.family.encode_chat(messages, tools, self._encode, self.file.special_token_ids)
 
-        def turn(role: str, content: str, metadata: str = "") -> None:
-            ids.append(special[f"<|{role}|>"])
-            ids.extend(self._sp_encode(metadata + "\n"))
-            ids.extend(self._sp_encode(content))
-
-        if tools:
-            turn("system", tools_system_prompt(tools))
-        for m in messages:
-            if m.role == "assistant" and m.tool_calls:
-                if m.content:
-                    turn("assistant", m.content)
-                for call in m.tool_calls:
-                    turn("assistant", render_call(call), metadata=call.name)
-            else:
-                turn(CHATGLM_ROLES[m.role], m.content)
-        ids.append(special["<|assistant|>"])
-        return ids
-
-    def _sp_encode(self, text: str) -> list[int]:
-        """Sentencepiece ids of text (chatglm.cpp's encode adds [gMASK] sop in front)."""
+    def _encode(self, text: str) -> list[int]:
+        """Ordinary-text ids of text (chatglm.cpp's encode adds [gMASK] sop in front)."""
         text = _SURROGATE.sub("\ufffd", text)
         return list(self._tokenizer.encode(text, 1 << 30))[2:] if text else []
 
@@ -169,8 +201,13 @@ class Model:
         padding id would crash the tokenizer)."""
         return token in self._end_ids or not 0 <= token < self.file.tokenizer_pieces
 
-    def detokenizer(self) -> Detokenizer:
-        return Detokenizer(self._tokenizer.decode)
+    def detokenizer(self) -> Detokenizer | ByteDetokenizer:
+        return ByteDetokenizer(self._vocab) if self.family.byte_level else Detokenizer(self._tokenizer.decode)
+
+    def reply_splitter(self, request: ChatRequest) -> ReplySplitter:
+        tools = self.family.tools
+        return ReplySplitter(bool(request.tools), raw=request.prompt is not None or not self.family.metadata_line,
+                             **({"parse": tools.parse_call} if tools else {}))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -202,11 +239,17 @@ class Slot:
         decode graph up to the full context."""
         n = min(self.model.context_length - 1, max(128, 2 * math.isqrt(self.model.context_length) + 2))
         special = self.model.file.special_token_ids
-        ids = [special["[gMASK]"], special["sop"], *[special["<|user|>"]] * (n - 2)]
+        family, image = self.model.family, None
+        marker = [special[t] for t in family.image_marker]
+        if family.images:  # the first graph holds the vision tower too (its image a black square)
+            n = min(n, self.model.context_length - 1 - self.model.image_extra)
+            size = self.model.file.vision.image_size  # type: ignore[union-attr]
+            image = chatglm_cpp._C.Image(np.zeros((size, size, 3), np.uint8))
+        ids = [*(special[t] for t in family.prefix), *marker, *[special["[MASK]"]] * (n - 2 - len(marker))]
         config = chatglm_cpp._C.GenerationConfig(max_length=self.model.context_length, max_new_tokens=1,
                                                  max_context_length=self.model.context_length, do_sample=False)
         started = time.monotonic()
-        self._pipeline.model.generate_next_token(ids, None, config, 0, len(ids))
+        self._pipeline.model.generate_next_token(ids, image, config, 0, len(ids))
         self.model.costs.note_prefill(time.monotonic() - started, len(ids))
         self._ids, self._cached = [], 0  # nothing a request would want to reuse
 
@@ -223,17 +266,19 @@ class Slot:
 
     def generate(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Events for one answer to ``prompt``; ends early, without a Finish, once ``cancelled()``."""
-        room = self.model.context_length - len(prompt)
+        image = self.model.image(request)
+        extra = self.model.image_extra if image is not None else 0  # positions the image takes beyond its 3 ids
+        room = self.model.context_length - len(prompt) - extra
         max_new = room if request.max_tokens is None else min(request.max_tokens, room)
         config = self.model.generation_config(request, max_new)
         stop = StopMatcher(request.stop)
-        reply = ReplySplitter(bool(request.tools), raw=request.prompt is not None)
+        reply = self.model.reply_splitter(request)
         detok = self.model.detokenizer()
-        reuse = self.reusable(prompt)
+        reuse = 0 if image is not None else self.reusable(prompt)
         self._ids, self._cached = list(prompt), 0  # until a step returns, what the cache holds is unknown
         ids, model = self._ids, self._pipeline.model
         started = time.monotonic()
-        token = self._prefill(prompt, reuse, config)
+        token = self._prefill(prompt, reuse, config, image)
         if reuse == 0:
             self.model.costs.note_prefill(time.monotonic() - started, len(prompt))
         generated, reason = 0, "length"
@@ -252,8 +297,8 @@ class Slot:
             if generated >= max_new or cancelled():
                 break
             step = time.monotonic()
-            token = model.generate_next_token(ids, None, config, len(ids) - 1, len(prompt))
-            self._cached = len(ids)
+            token = model.generate_next_token(ids, None, config, len(ids) - 1 + extra, len(prompt))
+            self._cached = len(ids) if image is None else 0  # with an image, cache positions are not the ids
             self.model.costs.note_decode(time.monotonic() - step)
         if cancelled():
             return
@@ -267,16 +312,16 @@ class Slot:
         if call is not None:
             yield call
             reason = "tool_calls"
-        yield Finish(reason, Usage(len(prompt), generated, cached_tokens=reuse))  # type: ignore[arg-type]
+        yield Finish(reason, Usage(len(prompt) + extra, generated, cached_tokens=reuse))  # type: ignore[arg-type]
 
-    def _prefill(self, prompt: list[int], reuse: int, config: Any) -> int:
+    def _prefill(self, prompt: list[int], reuse: int, config: Any, image: Any = None) -> int:
         """Evaluate what the cache lacks of ``prompt``; the first new token."""
         model = self._pipeline.model
         if reuse == 0 or PATCHED:
-            token = model.generate_next_token(prompt, None, config, reuse, len(prompt))
+            token = model.generate_next_token(prompt, image, config, reuse, len(prompt))
         else:  # stock build: one token a call once the cache holds something
             for i in range(reuse, len(prompt)):
                 token = model.generate_next_token(prompt[:i + 1], None, config, i, len(prompt))
                 self._cached = i + 1
-        self._cached = len(prompt)
+        self._cached = len(prompt) if image is None else 0
         return token

@@ -11,10 +11,11 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest,
+from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, ImageInput, InvalidRequest,
                            JsonFormat, Message, QueueFull, QueueTimeout, TextDelta, Tool, ToolCall, Unavailable, Usage)
 
-MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this
+MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this (an image goes as the
+# model's own image_size squared x 3 bytes of pixels in base64: 5 MB for GLM-4V's 1120 px)
 ACK = b"\x06"  # the client's answer to each event but the last: passed on, send the next
 
 # The errors the engine may answer with, by name on the wire.
@@ -39,7 +40,8 @@ def generate_request(request: ChatRequest) -> dict[str, Any]:
 
 
 def chat_request(fields: dict[str, Any]) -> ChatRequest:
-    messages = tuple(Message(**{**m, "tool_calls": tuple(ToolCall(**c) for c in m["tool_calls"])})
+    messages = tuple(Message(**{**m, "tool_calls": tuple(ToolCall(**c) for c in m["tool_calls"]),
+                                "images": tuple(ImageInput(**i) for i in m.get("images", ()))})
                      for m in fields["messages"])
     response_format = fields.get("response_format")
     return ChatRequest(**{**fields, "messages": messages, "tools": tuple(Tool(**t) for t in fields["tools"]),

@@ -26,8 +26,10 @@ def retrieve_model(model_id: str):
 
 
 def _object(m: ModelInfo) -> dict:
-    # An extra field: whether response_format / text.format (a JSON schema) is honoured, or refused.
-    return {**model_object(m.id, m.owned_by, m.created), "capabilities": {"structured_outputs": m.structured_outputs}}
+    # An extra field: whether response_format / text.format (a JSON schema) is honoured, or refused,
+    # and whether image content parts are read (GLM-4V) or refused.
+    return {**model_object(m.id, m.owned_by, m.created),
+            "capabilities": {"structured_outputs": m.structured_outputs, "images": m.images}}
 
 
 def _visible() -> list[ModelInfo]:

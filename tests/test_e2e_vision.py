@@ -1,0 +1,107 @@
+"""GLM-4V end to end: image content parts through gunicorn and the official SDK to the real
+chatglm.cpp vision tower (a small generated one), and the 400s for images that cannot be read."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+MAX_IMAGE_BYTES = 20_000
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(out.getvalue()).decode()
+
+
+RED = data_url(Image.new("RGB", (40, 30), (200, 30, 30)))
+NOISE = data_url(Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), np.uint8)))
+
+
+def ask(url: str, text: str = "What is in the picture?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, glm4v_model):
+    return server_factory(CHATGLM_MODEL=str(glm4v_model), MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+                          MODEL_ALIASES="gpt-4o=glm4v")
+
+
+def test_the_model_says_it_reads_images(server, client):
+    assert client.models.retrieve("glm4v").model_extra["capabilities"]["images"] is True
+    assert client.models.retrieve("gpt-4o").model_extra["capabilities"]["images"] is True
+
+
+def test_a_base64_png_is_answered(client):
+    text_only = client.chat.completions.create(model="glm4v", messages=[{"role": "user", "content": "What is in "
+                                                                        "the picture?"}], max_tokens=3)
+    r = client.chat.completions.create(model="gpt-4o", messages=ask(RED), temperature=0, max_tokens=12)
+    assert r.choices[0].message.content and r.usage.completion_tokens == 12
+    # the image's 3 marker tokens stand for boi, the vision tower's 4 tokens and eoi: 3 more positions
+    assert r.usage.prompt_tokens == text_only.usage.prompt_tokens + 3 + 3
+    chunks = list(client.chat.completions.create(model="glm4v", messages=ask(RED), temperature=0, max_tokens=12,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    other = client.chat.completions.create(model="glm4v", messages=ask(NOISE_SMALL), temperature=0, max_tokens=12)
+    assert other.choices[0].message.content != r.choices[0].message.content  # the pixels reach the model
+    after = client.chat.completions.create(model="glm4v", messages=[{"role": "user", "content": "hello"}],
+                                           max_tokens=3)
+    assert after.usage.prompt_tokens_details.cached_tokens == 0  # an image's cache is not taken for text
+
+
+NOISE_SMALL = data_url(Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 20, 3), np.uint8)))
+
+
+@pytest.mark.parametrize("url, code", [
+    ("data:image/png;base64," + base64.b64encode(b"not an image at all").decode(), "invalid_image"),
+    ("data:image/png;base64,@@@", "invalid_image"),
+    (NOISE, "image_too_large"),
+    ("https://example.com/cat.png", "image_url_not_supported"),
+    ("file:///etc/passwd", "invalid_image"),
+])
+def test_bad_images_are_400s(client, url, code):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="glm4v", messages=ask(url), max_tokens=3, stream=stream)
+        assert err.value.code == code, err.value.message
+
+
+def test_two_images_are_one_too_many(client):
+    messages = ask(RED) + [{"role": "assistant", "content": "red"}] + ask(RED)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="glm4v", messages=messages, max_tokens=3)
+    assert err.value.code == "too_many_images"
+
+
+def test_text_only_models_refuse_image_parts_as_before(server_factory, glm4_model):
+    text_only = openai.OpenAI(base_url=server_factory(CHATGLM_MODEL=str(glm4_model)).v1, api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        text_only.chat.completions.create(model="glm4", messages=ask(RED), max_tokens=3)
+    assert err.value.code == "unsupported_content"
+    assert text_only.models.retrieve("glm4").model_extra["capabilities"]["images"] is False
+
+
+def test_the_responses_api_takes_input_image(client):
+    def content(url: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "input_text", "text": "What is in the picture?"},
+                                             {"type": "input_image", "image_url": url, "detail": "auto"}]}]
+
+    chat = client.chat.completions.create(model="glm4v", messages=ask(RED), temperature=0, max_tokens=6)
+    r = client.responses.create(model="glm4v", input=content(RED), temperature=0, max_output_tokens=6)
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    stored = client.responses.input_items.list(r.id)
+    assert [p.type for p in stored.data[0].content] == ["input_text", "input_image"]
+    for url, code in (("https://example.com/cat.png", "image_url_not_supported"),
+                      ("data:image/png;base64," + base64.b64encode(b"no image").decode(), "invalid_image")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model="glm4v", input=content(url), max_output_tokens=3)
+        assert err.value.code == code
