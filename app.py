@@ -149,7 +149,7 @@ def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> R
         backends.append(ChatGLMBackend(model, model_id=model_id, engine=launcher.client(settings),
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local"))
     if settings.uses_cloudflare:
-        from backends.cloudflare import CloudflareBackend  # imports requests: only in workers, after patching
+        from backends.cloudflare import CloudflareBackend  # imports urllib3: only in workers, after patching
 
         backends.append(CloudflareBackend(cloudflare_config(settings)))
     return Registry(backends, dict(settings.model_aliases))

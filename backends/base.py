@@ -141,12 +141,12 @@ class Backend(Protocol):
 
 @dataclass
 class BackendError(Exception):
-    """A failure a client should hear about; compat maps each kind to an HTTP status."""
+    """A failure a client should hear about. Backends raise the most precise class below; compat maps
+    each class to an HTTP status and an OpenAI error type and code (compat/errors.py, one table)."""
 
     message: str
     param: str | None = None
     retry_after: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.message
@@ -160,6 +160,18 @@ class ContextLengthExceeded(InvalidRequest):
     """The prompt does not fit the model's context."""
 
 
+class NotSupportedByModel(InvalidRequest):
+    """The model cannot do what was asked (embeddings from a chat model)."""
+
+
+class UpstreamRefused(InvalidRequest):
+    """The provider refused the request as given (its own validation)."""
+
+
+class SchemaNotMet(InvalidRequest):
+    """The model could not produce JSON matching the requested schema."""
+
+
 class ModelNotFound(BackendError):
     """The engine does not know the model."""
 
@@ -168,12 +180,28 @@ class RateLimited(BackendError):
     """The engine (or the account behind it) takes no more requests for now."""
 
 
+class UpstreamOverCapacity(RateLimited):
+    """The provider is busy for a moment: worth a retry."""
+
+
+class UpstreamQuotaExceeded(RateLimited):
+    """The account's allocation is used up (until retry_after)."""
+
+
 class UpstreamError(BackendError):
     """The engine behind us failed, refused our credentials, or could not be reached."""
 
 
 class UpstreamTimeout(UpstreamError):
     """The engine behind us did not answer in time."""
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The provider rejected our credentials: a configuration problem that resending will not mend."""
+
+
+class UpstreamBrokenAnswer(UpstreamError):
+    """The provider's answer (an error's body) broke off while being read: worth a retry."""
 
 
 class Unavailable(BackendError):

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Generator
 
-from backends.base import ChatRequest, Embeddings, Event, InvalidRequest, ModelInfo
+from backends.base import ChatRequest, Embeddings, Event, ModelInfo, NotSupportedByModel
 from backends.engine.client import EngineClient
 from backends.ggml_file import ModelFile
 
@@ -52,8 +52,8 @@ class ChatGLMBackend:
         return [self._info]
 
     def embed(self, model: str, inputs: list[str]) -> Embeddings:
-        raise InvalidRequest(f"{model} is a chat model and makes no embeddings; use an embedding model "
-                             "(Cloudflare's @cf/baai/bge-*).", param="model", extra={"code": "model_not_supported"})
+        raise NotSupportedByModel(f"{model} is a chat model and makes no embeddings; use an embedding model "
+                             "(Cloudflare's @cf/baai/bge-*).", param="model")
 
     def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
         yield from self.engine.generate(request)
