@@ -96,6 +96,11 @@ class RequestRecord:
         self.completion_tokens += self.unfinished_tokens
         self.unfinished_tokens = 0
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        if log.isEnabledFor(logging.INFO):  # the line is built only to be written
+            self._log(ended, ttft, log_prompts)
+        metrics.safely(lambda: self._count(ended, ttft))  # a metrics fault never fails the response's close
+
+    def _log(self, ended: float, ttft: float | None, log_prompts: bool) -> None:
         fields = {
             "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client,
             "key": self.key,
@@ -110,7 +115,6 @@ class RequestRecord:
         if log_prompts and self.messages:
             log.info("request %s prompt=%r answer=%r", self.id,
                      [(m.role, m.content) for m in self.messages], "".join(self.answer))
-        metrics.safely(lambda: self._count(ended, ttft))  # a metrics fault never fails the response's close
 
     def _count(self, ended: float, ttft: float | None) -> None:
         metrics.REQUESTS.labels(self.route, self.model, str(self.status), self.key).inc()
