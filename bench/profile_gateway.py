@@ -1,0 +1,112 @@
+"""Where a Workers AI request's CPU goes in aigate, against the floor (bench/floor.py): both WSGI apps
+called in this process (no gunicorn, no client), each with the same non-streamed chat request
+against the fake Cloudflare, keys set and the multiprocess metrics on as under gunicorn.
+
+    .venv/bin/python bench/profile_gateway.py [--requests 3000] [--top 25] [--out FILE]
+
+Prints CPU microseconds per request for each app (best of three runs) and cProfile's top
+functions for aigate (own time and cumulative), which is what bench/results/gateway_profile.md
+quotes. The per-request times repeat within a few percent on an idle core; on a busy machine
+compare runs made in the same minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib
+import io
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+KEY = "sk-bench-0123456789abcdef"
+BODY = json.dumps({"model": "@cf/fake/chat", "messages": [{"role": "user", "content": "hello there friend"}]}).encode()
+
+
+def environ(body: bytes) -> dict:
+    return {"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/chat/completions", "QUERY_STRING": "", "SERVER_NAME": "bench",
+            "SERVER_PORT": "8000", "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1",
+            "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)), "HTTP_HOST": "127.0.0.1:8000",
+            "HTTP_AUTHORIZATION": f"Bearer {KEY}", "wsgi.input": io.BytesIO(body), "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.version": (1, 0)}
+
+
+def call(app, body: bytes = BODY) -> bytes:
+    status: list[str] = []
+    result = app(environ(body), lambda s, h, e=None: status.append(s))
+    try:
+        out = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    if not status[0].startswith("200"):
+        raise RuntimeError(f"{status[0]}: {out[:300]!r}")
+    return out
+
+
+def per_request(app, n: int) -> float:
+    """CPU microseconds per request, the best of three runs of ``n``."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.thread_time()
+        for _ in range(n):
+            call(app)
+        best = min(best, (time.thread_time() - started) / n * 1e6)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aigate-profile-")  # as gunicorn.conf.py does
+    from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare, cloudflare_env
+
+    fake = FakeCloudflare(frame_delay=0.0).start()
+    os.environ.update(cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/chat"), API_KEYS=KEY, CHATGLM_MODEL="",
+                      LOG_LEVEL="warning")
+    os.environ.update(UPSTREAM=f"{fake.base}/accounts/{ACCOUNT}/ai/run/@cf/fake/chat", TOKEN=TOKEN)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # the request line is formatted, as in gunicorn
+    from app import create_app
+
+    aigate = create_app()
+    floor = importlib.import_module("floor").app
+    for app in (aigate, floor):
+        for _ in range(200):
+            call(app)
+    fake.requests.clear()
+    lines = [f"CPU per request in the calling thread (the fake upstream runs in others), best of 3 x {args.requests}, no gunicorn:",
+             f"  floor  {per_request(floor, args.requests):7.1f} us",
+             f"  aigate {per_request(aigate, args.requests):7.1f} us", ""]
+    fake.requests.clear()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(args.requests):
+        call(aigate)
+    profile.disable()
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).strip_dirs().sort_stats(order).print_stats(args.top)
+        lines += [f"aigate, top {args.top} by {order}:", text.getvalue().split("\n\n", 2)[-1].rstrip(), ""]
+    fake.stop()
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
