@@ -18,7 +18,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 from limits import RateLimitItemPerMinute
-from limits.storage import MemoryStorage, Storage
+from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from compat.errors import APIError, error_response, retry_headers
@@ -57,31 +57,35 @@ def install(app: Flask, settings: Settings) -> None:
         return f"{q.requests_per_minute}/minute" if q and q.requests_per_minute else ""
 
     # A Redis that hangs must not hang requests: give up on it after a second and count in memory.
-    redis_options = {"socket_connect_timeout": 1, "socket_timeout": 1}
-    limiter = Limiter(lambda: quota().who, app=app, application_limits=[requests_limit],  # type: ignore[union-attr]
-                      storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
-                      storage_options=redis_options if settings.ratelimit_storage_uri.startswith("redis") else {},
-                      headers_enabled=True, in_memory_fallback_enabled=True, swallow_errors=True,
-                      # Ours is rounded up (Flask-Limiter's may say 0); its own goes under another name.
-                      header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"})
+    redis = settings.ratelimit_storage_uri.startswith("redis")
+    storage_options: dict[str, Any] = {"socket_connect_timeout": 1, "socket_timeout": 1} if redis else {}
+    if not (settings.rate_limit_rpm or any(key.requests_per_minute for key in settings.api_keys)):
+        # No requests-per-minute anywhere: Flask-Limiter's hooks (a fifth of a request's CPU in a
+        # profile) would find no limit and add no header, so they are not installed.
+        tokens = TokenBudget(storage_from_string(settings.ratelimit_storage_uri, **storage_options))
+    else:
+        limiter = Limiter(lambda: quota().who, app=app, application_limits=[requests_limit],  # type: ignore[union-attr]
+                          storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
+                          storage_options=storage_options, headers_enabled=True, in_memory_fallback_enabled=True,
+                          swallow_errors=True,
+                          # Ours is rounded up (Flask-Limiter's may say 0); its own goes under another name.
+                          header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"})
+        tokens = TokenBudget(limiter.storage)
 
-    @limiter.request_filter
-    def without_request_limit() -> bool:
-        """No requests-per-minute for this client: Flask-Limiter's whole check (a fifth of a request's
-        CPU in a profile) is skipped; it would find no limit and add no header."""
-        q = quota()
-        return q is None or not q.requests_per_minute
+        @limiter.request_filter
+        def without_request_limit() -> bool:
+            """A client without a requests-per-minute limit is not counted (no limit, no header)."""
+            q = quota()
+            return q is None or not q.requests_per_minute
 
-    tokens = TokenBudget(limiter.storage)
-
-    @app.errorhandler(RateLimitExceeded)
-    def too_many_requests(err: RateLimitExceeded) -> Response:
-        try:
-            limit = limiter.current_limit
-            wait = limit.reset_at - time.time() if limit else 60.0
-        except Exception:  # the storage failed since the hit: the answer is still a 429
-            wait = 60.0
-        return error_response(_exceeded("requests", "RPM", quota(), err.limit.limit.amount, wait))
+        @app.errorhandler(RateLimitExceeded)
+        def too_many_requests(err: RateLimitExceeded) -> Response:
+            try:
+                current = limiter.current_limit
+                wait = current.reset_at - time.time() if current else 60.0
+            except Exception:  # the storage failed since the hit: the answer is still a 429
+                wait = 60.0
+            return error_response(_exceeded("requests", "RPM", quota(), err.limit.limit.amount, wait))
 
     @app.before_request
     def check_tokens() -> None:

@@ -117,15 +117,16 @@ class RequestRecord:
                      [(m.role, m.content) for m in self.messages], "".join(self.answer))
 
     def _count(self, ended: float, ttft: float | None) -> None:
-        metrics.REQUESTS.labels(self.route, self.model, str(self.status), self.key).inc()
+        child = metrics.child
+        child(metrics.REQUESTS, self.route, self.model, str(self.status), self.key).inc()
         if not self.model:
             return
-        metrics.TOKENS.labels(self.model, "prompt", self.key).inc(self.prompt_tokens)
-        metrics.TOKENS.labels(self.model, "completion", self.key).inc(self.completion_tokens)
-        metrics.PROMPT_TOKENS.labels(self.model, "reused").inc(self.cached_tokens)
-        metrics.PROMPT_TOKENS.labels(self.model, "evaluated").inc(self.prompt_tokens - self.cached_tokens)
+        child(metrics.TOKENS, self.model, "prompt", self.key).inc(self.prompt_tokens)
+        child(metrics.TOKENS, self.model, "completion", self.key).inc(self.completion_tokens)
+        child(metrics.PROMPT_TOKENS, self.model, "reused").inc(self.cached_tokens)
+        child(metrics.PROMPT_TOKENS, self.model, "evaluated").inc(self.prompt_tokens - self.cached_tokens)
         if ttft is not None and self.first_token_at is not None:
-            metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(ttft)
+            child(metrics.TIME_TO_FIRST_TOKEN, self.model).observe(ttft)
             decode_time = ended - self.first_token_at
             if self.completion_tokens > 1 and decode_time > 0:
-                metrics.TOKENS_PER_SECOND.labels(self.model).observe((self.completion_tokens - 1) / decode_time)
+                child(metrics.TOKENS_PER_SECOND, self.model).observe((self.completion_tokens - 1) / decode_time)
