@@ -104,7 +104,7 @@ class _Directory:
 
 _dir = _Directory(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None)
 if _dir.path is not None:  # before any metric exists: each one's value is made by this class
-    values.ValueClass = values.MultiProcessValue(process_identifier=_dir.process_id)  # type: ignore[misc]
+    values.ValueClass = values.MultiProcessValue(process_identifier=_dir.process_id)
 
 # `key` is an API key's name ("-" without one): as many values as keys configured, never a secret.
 REQUESTS = Counter("aigate_requests_total", "HTTP requests answered", ["route", "model", "status", "key"])
@@ -169,8 +169,8 @@ class _LiveGauges:
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
-        for backend, values in self.stats:
-            for key, value in values.items():
+        for backend, gauges in self.stats:
+            for key, value in gauges.items():
                 family = GaugeMetricFamily(f"aigate_{key}", f"{key.replace('_', ' ')} (machine-wide)",
                                            labels=["backend"])
                 family.add_metric([backend], value)
@@ -186,5 +186,5 @@ def exposition(stats: Iterable[tuple[str, dict[str, float]]]) -> bytes:
     else:
         counted = generate_latest(REGISTRY)
     live = CollectorRegistry()
-    live.register(_LiveGauges(list(stats)))  # type: ignore[arg-type]
+    live.register(_LiveGauges(list(stats)))
     return counted + generate_latest(live)

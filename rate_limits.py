@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, Response, g, request
 from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
@@ -39,10 +39,9 @@ def install(app: Flask, settings: Settings) -> None:
 
     def quota() -> Quota | None:
         """The request's quota, worked out once (the limiter and the token hooks each ask)."""
-        found: Quota | None | bool = g.get("quota", False)
-        if found is False:
-            found = g.quota = _quota()
-        return found  # type: ignore[return-value]
+        if "quota" not in g:
+            g.quota = _quota()
+        return g.quota
 
     def _quota() -> Quota | None:
         if not request.path.startswith("/v1/"):
@@ -62,9 +61,9 @@ def install(app: Flask, settings: Settings) -> None:
     if not (settings.rate_limit_rpm or any(key.requests_per_minute for key in settings.api_keys)):
         # No requests-per-minute anywhere: Flask-Limiter's hooks (a fifth of a request's CPU in a
         # profile) would find no limit and add no header, so they are not installed.
-        tokens = TokenBudget(storage_from_string(settings.ratelimit_storage_uri, **storage_options))
+        tokens = TokenBudget(cast(Storage, storage_from_string(settings.ratelimit_storage_uri, **storage_options)))
     else:
-        limiter = Limiter(lambda: quota().who, app=app, application_limits=[requests_limit],  # type: ignore[union-attr]
+        limiter = Limiter(lambda: getattr(quota(), "who", "-"), app=app, application_limits=[requests_limit],
                           storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
                           storage_options=storage_options, headers_enabled=True, in_memory_fallback_enabled=True,
                           swallow_errors=True,

@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import ChatRequest, Message, Tool, ToolCall
+from backends.base import ChatRequest, Message, Role, Tool, ToolCall
 from compat.errors import APIError, invalid
 from compat.structured import chat_format
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
 # "function" the deprecated form of "tool".
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+ROLES: dict[str, Role] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool", "function": "tool"}
 MAX_STOP_SEQUENCES = 4
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -204,7 +204,7 @@ def _messages(raw: Any) -> tuple[Message, ...]:
         for field_name, value in (("tool_call_id", tool_call_id), ("name", name)):
             if value is not None and not isinstance(value, str):
                 raise invalid(f"{where}.{field_name} must be a string.", f"{where}.{field_name}", "invalid_type")
-        out.append(Message(ROLES[role], _content(content, f"{where}.content"), tool_calls=calls,  # type: ignore[arg-type]
+        out.append(Message(ROLES[role], _content(content, f"{where}.content"), tool_calls=calls,
                            tool_call_id=tool_call_id if role in ("tool", "function") else None,
                            name=name if role in ("tool", "function") else None))
     return tuple(out)

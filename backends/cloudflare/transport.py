@@ -119,9 +119,9 @@ class _reading:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc is None or not isinstance(exc, (HTTPError, OSError)):
-            return False
+            return
         timed_out = isinstance(exc, (ReadTimeoutError, TimeoutError)) or (
             isinstance(exc, ProtocolError) and "timed out" in str(exc).lower())
         raise ReadBroken(_reason(exc), timed_out) from None
@@ -130,9 +130,9 @@ class _reading:
 def _environ_proxy(url: str) -> str | None:
     """The proxy the environment names for ``url`` (HTTPS_PROXY, NO_PROXY...), as requests finds it."""
     parts = urlsplit(url)
-    if urllib.request.proxy_bypass_environment(parts.netloc):
+    if urllib.request.proxy_bypass(parts.netloc):  # NO_PROXY (on Linux, from the environment only)
         return None
-    return urllib.request.getproxies_environment().get(parts.scheme)
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def _reason(exc: BaseException) -> str:

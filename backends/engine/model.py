@@ -26,7 +26,8 @@ from typing import Any
 
 import chatglm_cpp
 
-from backends.base import ChatRequest, ContextLengthExceeded, Event, Finish, Message, TextDelta, Tool, Usage
+from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason, Message, TextDelta, Tool,
+                           Usage)
 from backends.chatglm_tools import ReplySplitter, render_call, tools_system_prompt
 from backends.ggml_file import ModelFile
 from backends.stops import StopMatcher
@@ -236,7 +237,8 @@ class Slot:
         token = self._prefill(prompt, reuse, config)
         if reuse == 0:
             self.model.costs.note_prefill(time.monotonic() - started, len(prompt))
-        generated, reason = 0, "length"
+        generated = 0
+        reason: FinishReason = "length"
         while True:
             ids.append(token)
             generated += 1
@@ -267,7 +269,7 @@ class Slot:
         if call is not None:
             yield call
             reason = "tool_calls"
-        yield Finish(reason, Usage(len(prompt), generated, cached_tokens=reuse))  # type: ignore[arg-type]
+        yield Finish(reason, Usage(len(prompt), generated, cached_tokens=reuse))
 
     def _prefill(self, prompt: list[int], reuse: int, config: Any) -> int:
         """Evaluate what the cache lacks of ``prompt``; the first new token."""

@@ -69,7 +69,7 @@ def start(request: ChatRequest, stream: bool,
     if request.response_format is not None:  # a schema is honoured or refused: no fallback that would drop it
         if not structured.supports(first):
             structured.refuse(request.response_format, request.model, state.registry)
-        chain = [request.model, *(n for n in chain[1:] if structured.supports(find(n)))]  # type: ignore[arg-type]
+        chain = [request.model, *(n for n in chain[1:] if (r := find(n)) is not None and structured.supports(r))]
     g.record.admit(reserve(first) if reserve else most_tokens(first, request))  # a 429 if the budget lacks it
     client = ClientSocket(flask_request.environ, state.settings.client_write_timeout)
     for i, name in enumerate(chain):
