@@ -2,8 +2,9 @@
 
 Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
 ``logprobs``, a JSON response format on a model that cannot honour it) or, where ignoring them
-changes nothing a client relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...),
-are accepted and ignored.
+changes nothing a client relies on, are accepted: ``seed`` and the penalties are checked and
+passed to the backend (Workers AI uses them, chatglm.cpp cannot), ``user`` and
+``parallel_tool_calls`` are ignored.
 Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import ChatRequest, Message, Role, Tool, ToolCall
-from compat.errors import APIError, invalid
+from compat.errors import invalid
 from compat.structured import chat_format
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
@@ -359,4 +360,7 @@ def _optional_bool(body: dict[str, Any], name: str, param: str | None = None) ->
     return value
 
 
-__all__ = ["APIError", "ChatCall", "parse_chat"]
+# The parsers, their limits, and the field readers the Responses and embeddings parsers share.
+__all__ = ["DEFAULT_COMPLETION_TOKENS", "MAX_STOP_SEQUENCES", "ROLES", "TOOL_NAME", "ChatCall", "CompletionCall",
+           "Limits", "_bounded_max_tokens", "_integer", "_number", "_optional_bool", "check_chars", "message_chars",
+           "parse_chat", "parse_completion", "parse_model", "tool_chars"]
