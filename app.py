@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import rate_limits
+import serving
 from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
@@ -80,7 +81,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     open_ended = {"cloudflare": settings.cloudflare_max_tokens}
     if local is not None:
         open_ended["chatglm"] = settings.chatglm_max_length or local[0].config.max_length
-    app.extensions["aigate"] = AppState(settings, build_registry(settings, local), response_store(settings),
+    app.extensions[serving.EXTENSION] = AppState(settings, build_registry(settings, local), response_store(settings),
                                         open_ended)
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
@@ -127,7 +128,7 @@ def api_paths(wsgi_app):
 
 def load_backends(app: Flask) -> None:
     """Load models (the slow part of start-up); /ready answers 200 once this is done."""
-    registry: Registry = app.extensions["aigate"].registry
+    registry = serving.state(app).registry
     failed = []
     for backend in registry.backends:
         try:
@@ -241,7 +242,7 @@ def ensure_demo_model(settings: Settings) -> None:
 
 
 def _install_request_hooks(app: Flask) -> None:
-    settings: Settings = app.extensions["aigate"].settings
+    settings = serving.state(app).settings
 
     @app.before_request
     def identify():

@@ -17,6 +17,7 @@ from flask import Flask
 from backends.base import (ChatRequest, Embeddings, Event, Finish, ModelInfo, QueueFull, TextDelta, UpstreamError,
                            Usage, estimate_tokens)
 from backends.registry import Registry
+from serving import state
 
 MODELS = ("fake-echo", "fake-busy", "fake-broken")
 
@@ -76,5 +77,5 @@ def fake_app(tmp_path: Path, **changes: object) -> tuple[Flask, FakeBackend]:
                                    state_dir=tmp_path / "state", **changes)
     app = create_app(settings)
     backend = FakeBackend()
-    app.extensions["aigate"].registry = Registry([backend], {})
+    state(app).registry = Registry([backend], {})
     return app, backend
