@@ -53,6 +53,7 @@ class AppState:
     # context (the prompt counts within it), Workers AI's CLOUDFLARE_MAX_TOKENS (sent when none is asked).
     open_ended: dict[str, int] = field(default_factory=dict)
     streams: RunningStreams = field(default_factory=RunningStreams)  # ended by the worker's graceful timeout
+    budgets: rate_limits.TokenBudgets | None = None  # the keys' tokens per minute (set once the hooks are in)
 
     @cached_property
     def limits(self) -> Limits:
@@ -100,7 +101,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     CORS(app, origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()], send_wildcard=True,
          always_send=True, methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers="*",
          expose_headers=EXPOSED_HEADERS, max_age=600)
-    rate_limits.install(app, settings)  # after the hooks: its limits are per key
+    serving.state(app).budgets = rate_limits.install(app, settings)  # after the hooks: its limits are per key
     _install_error_handlers(app)
     return app
 

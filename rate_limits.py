@@ -34,8 +34,9 @@ class Quota:
     tokens_per_minute: int
 
 
-def install(app: Flask, settings: Settings) -> None:
-    """Call after the authentication hook is installed: the limits read the key it found."""
+def install(app: Flask, settings: Settings) -> TokenBudgets:
+    """Call after the authentication hook is installed: the limits read the key it found. Returns the
+    token budgets, which the serving code reserves and settles."""
 
     def quota() -> Quota | None:
         """The request's quota, worked out once (the limiter and the token hooks each ask)."""
@@ -95,25 +96,44 @@ def install(app: Flask, settings: Settings) -> None:
         wait = tokens.spent(item, q.who)
         if wait is not None:
             raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
-        # Taken from the budget when the request starts, so requests running at once cannot all
-        # spend the same tokens; set right by the answer's real usage when it ends. What does not
-        # fit in what is left of the minute is refused (what never fits, said so).
-        def admit(most: int) -> None:
-            if most > q.tokens_per_minute:
-                raise _too_large(q, most)
-            wait = tokens.reserve(item, q.who, most)
-            if wait is not None:
-                raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
-        g.record.on_admit.append(admit)
+
+    budgets = TokenBudgets(tokens, quota)
 
     @app.after_request
     def charge_tokens(response: Response) -> Response:
         q, record = quota(), g.get("record")
         if q is not None and q.tokens_per_minute and record is not None:
-            item = RateLimitItemPerMinute(q.tokens_per_minute)
             # Once the answer has ended (a stream's usage is known only then), finished or not.
-            response.call_on_close(lambda: tokens.charge(item, q.who, record.tokens_used - record.reserved_tokens))
+            response.call_on_close(lambda: budgets.settle(q, record.tokens_used - record.reserved_tokens))
         return response
+
+    return budgets
+
+
+class TokenBudgets:
+    """The current request's key's tokens per minute, as the serving code uses them: ``reserve`` what
+    a generation may cost before it starts (road.start), so that requests running at once cannot all
+    spend the same tokens; ``settle`` with its real usage once the answer has ended. What does not fit
+    in what is left of the minute is refused (what never fits, said so)."""
+
+    def __init__(self, budget: TokenBudget, quota: Callable[[], Quota | None]) -> None:
+        self._budget, self._quota = budget, quota
+
+    def reserve(self, most: int) -> None:
+        q = self._quota()
+        if q is None or not q.tokens_per_minute:
+            return
+        if most > q.tokens_per_minute:
+            raise _too_large(q, most)
+        wait = self._budget.reserve(RateLimitItemPerMinute(q.tokens_per_minute), q.who, most)
+        if wait is not None:
+            raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
+
+    def settle(self, q: Quota, used: int) -> None:
+        """``used`` more tokens than reserved for the quota ``q`` (fewer than none gives part of the
+        reservation back). Called when the answer has ended, after the request's context is gone."""
+        if q.tokens_per_minute:
+            self._budget.charge(RateLimitItemPerMinute(q.tokens_per_minute), q.who, used)
 
 
 class TokenBudget:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import metrics
@@ -56,8 +56,7 @@ class RequestRecord:
     first_token_at: float | None = None
     finish_reason: str = ""
     unfinished_tokens: int = 0  # text pieces of an answer whose Finish never came (a client left)
-    reserved_tokens: int = 0  # what the request might cost, told to the admission hooks
-    on_admit: list[Callable[[int], None]] = field(default_factory=list)  # e.g. a key's token budget
+    reserved_tokens: int = 0  # what the request might cost, reserved from its key's token budget
     error: str = ""
     messages: tuple[Message, ...] = ()  # only kept with LOG_PROMPTS
     answer: list[str] = field(default_factory=list)  # likewise
@@ -78,13 +77,6 @@ class RequestRecord:
                 self.finish_reason = event.reason
                 self.unfinished_tokens = 0
             yield event
-
-    def admit(self, most_tokens: int) -> None:
-        """The request is about to run: tell the hooks what it may cost (its prompt and max_tokens).
-        A hook may refuse it by raising; then nothing was reserved."""
-        for hook in self.on_admit:
-            hook(most_tokens)
-        self.reserved_tokens = most_tokens
 
     @property
     def tokens_used(self) -> int:

@@ -71,7 +71,10 @@ def start(request: ChatRequest, stream: bool,
         if not structured.supports(first):
             structured.refuse(request.response_format, request.model, app_state.registry)
         chain = [request.model, *(n for n in chain[1:] if (r := find(n)) is not None and structured.supports(r))]
-    g.record.admit(reserve(first) if reserve else most_tokens(first, request))  # a 429 if the budget lacks it
+    most = reserve(first) if reserve else most_tokens(first, request)
+    if app_state.budgets is not None:
+        app_state.budgets.reserve(most)  # a 429 if the key's tokens per minute lack it
+    g.record.reserved_tokens = most
     client = ClientSocket(flask_request.environ, app_state.settings.client_write_timeout)
     for i, name in enumerate(chain):
         route = first if i == 0 else resolve(name, stream)
