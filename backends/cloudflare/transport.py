@@ -13,7 +13,7 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import certifi
 import urllib3
@@ -89,19 +89,26 @@ class Transport:
                                        or certifi.where())
         proxy = _environ_proxy(self.base_url)
         # One pool per host, sized to the worker's connections: under gevent each waiting stream is a greenlet.
-        self._pool = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+        self._manager = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+        # Without a proxy every call goes to one host: its pool is looked up once, not per call.
+        self._pool = None if proxy else self._manager.connection_from_url(self.base_url)
+        self._path = urlsplit(self.base_url).path
 
     def post(self, path: str, body: dict[str, Any]) -> Response:
         data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-        return self._request("POST", self.base_url + path, data, None)
+        return self._request("POST", path, data)
 
     def get(self, path: str, params: dict[str, str]) -> Response:
-        return self._request("GET", self.base_url + path, None, params)
+        return self._request("GET", f"{path}?{urlencode(params)}", None)
 
-    def _request(self, method: str, url: str, body: bytes | None, fields: dict[str, str] | None) -> Response:
+    def _request(self, method: str, path: str, body: bytes | None) -> Response:
         try:
-            raw = self._pool.request(method, url, body=body, fields=fields, headers=self._headers,
-                                     preload_content=False, redirect=False)
+            if self._pool is not None:
+                raw = self._pool.urlopen(method, self._path + path, body=body, headers=self._headers,
+                                         preload_content=False, redirect=False, retries=False)
+            else:
+                raw = self._manager.urlopen(method, self.base_url + path, body=body, headers=self._headers,
+                                            preload_content=False, redirect=False, retries=False)
         except NewConnectionError as exc:  # before ConnectTimeoutError: urllib3 makes it a subclass
             raise ConnectFailed(_reason(exc)) from None
         except ReadTimeoutError:
