@@ -34,9 +34,9 @@ class Quota:
     tokens_per_minute: int
 
 
-def install(app: Flask, settings: Settings) -> TokenBudgets:
+def install(app: Flask, settings: Settings) -> TokenBudgets | None:
     """Call after the authentication hook is installed: the limits read the key it found. Returns the
-    token budgets, which the serving code reserves and settles."""
+    token budgets, which the serving code reserves and settles (None when no key has any)."""
 
     def quota() -> Quota | None:
         """The request's quota, worked out once (the limiter and the token hooks each ask)."""
@@ -86,6 +86,9 @@ def install(app: Flask, settings: Settings) -> TokenBudgets:
             except Exception:  # the storage failed since the hit: the answer is still a 429
                 wait = 60.0
             return error_response(_exceeded("requests", "RPM", quota(), err.limit.limit.amount, wait))
+
+    if not (settings.rate_limit_tpm or any(key.tokens_per_minute for key in settings.api_keys)):
+        return None  # no tokens-per-minute anywhere: nothing to check, reserve or settle on any request
 
     @app.before_request
     def check_tokens() -> None:
