@@ -4,9 +4,9 @@ against the fake Cloudflare, keys set and the multiprocess metrics on as under g
 
     .venv/bin/python bench/profile_gateway.py [--requests 3000] [--top 25] [--out FILE]
 
-Prints CPU microseconds per request for each app (best of three runs) and cProfile's top
-functions for aigate (own time and cumulative), which is what bench/results/gateway_profile.md
-quotes. The per-request times repeat within a few percent on an idle core; on a busy machine
+Prints CPU microseconds per request for each app (alternated runs, the best of each) and
+cProfile's top functions for aigate by CPU time (own and cumulative; waits on sockets and the GIL
+do not count), which is what bench/results/gateway_profile.md quotes. The per-request times repeat within a few percent on an idle core; on a busy machine
 compare runs made in the same minute.
 """
 
@@ -29,6 +29,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 KEY = "sk-bench-0123456789abcdef"
 BODY = json.dumps({"model": "@cf/fake/chat", "messages": [{"role": "user", "content": "hello there friend"}]}).encode()
+
+
+# The parts of a request, by the functions that do them (before and after the Workers AI split).
+PARTS = {
+    "the upstream call (requests, or the urllib3 transport)": [("sessions.py", "post"), ("transport.py", "post")],
+    "Flask-Limiter's hooks": [("_extension.py", "_check_request_limit"), ("_extension.py", "_inject_headers")],
+    "CORS headers (flask-cors; before, two header sets inside the after-request hook)": [("extension.py", "cors_after_request")],
+    "the request line and metrics (RequestRecord.close)": [("request_log.py", "close")],
+    "the body read and parsed (BodyReader, json_body, parse_chat)": [("body.py", "_read"), ("road.py", "json_body"),
+                                                                      ("requests.py", "parse_chat")],
+    "the answer built (fold, jsonify)": [("responses.py", "fold"), ("__init__.py", "jsonify")],
+    "request id, record and key (identify)": [("app.py", "identify")],
+    "Flask's request context push and pop": [("app.py", "request_context"), ("ctx.py", "pop")],
+}
 
 
 def environ(body: bytes) -> dict:
@@ -95,11 +109,19 @@ def main() -> None:
              f"of {args.requests // 5}, no gunicorn:", *(f"  {name:6s} {us:7.1f} us" for name, us in cpu.items()),
              f"  aigate - floor: {cpu['aigate'] - cpu['floor']:.1f} us", ""]
     fake.requests.clear()
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(time.thread_time)  # CPU time: waits on sockets and the GIL do not count
     profile.enable()
     for _ in range(args.requests):
         call(aigate)
     profile.disable()
+    stats = pstats.Stats(profile)
+    total = sum(ct for (_, _, name), (_, _, _, ct, _) in stats.stats.items() if name == "call")  # type: ignore[attr-defined]
+    lines += ["aigate, where a request's CPU goes (cumulative, share of the request; parts overlap where nested):"]
+    for part, names in PARTS.items():
+        spent = sum(ct for (path, _, name), (_, _, _, ct, _) in stats.stats.items()  # type: ignore[attr-defined]
+                    if any(path.endswith(f) and name == n for f, n in names))
+        lines.append(f"  {spent / total:6.1%}  {part}")
+    lines.append("")
     for order in ("tottime", "cumulative"):
         text = io.StringIO()
         pstats.Stats(profile, stream=text).strip_dirs().sort_stats(order).print_stats(args.top)
