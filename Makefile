@@ -7,13 +7,18 @@ NODE_DIR := .cache/node
 # chatglm-cpp 0.4.2 builds from source; CMake 4 rejects its bundled cmake_minimum_required.
 export CMAKE_ARGS ?= -DCMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: run test audit install install-dev install-clients test-servers clean
+.PHONY: run test lint audit install install-dev install-clients test-servers clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:application
 
-test: $(VENV)/.installed-dev test-servers install-clients
+test: $(VENV)/.installed-dev test-servers install-clients lint
 	$(BIN)/python -m pytest
+
+# ruff (bugs, not style) and mypy over the project, as pyproject.toml configures them; before the tests.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Known vulnerabilities in the pinned requirements (pip-audit asks PyPI's advisory service).
 audit: $(VENV)/.installed-dev

@@ -8,12 +8,16 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import cast
 
 from flask import Flask, Response, g, request
+from flask.json.provider import DefaultJSONProvider
+from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import rate_limits
+import serving
 from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFile, ModelFileError, read_model_file
 from backends.registry import Registry
@@ -43,8 +47,8 @@ DEMO_OWNER = "aigate-demo (random weights: set CHATGLM_MODEL to a real chatglm3-
 DEMO_MODEL_ID = "chatglm3-demo"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # Headers a browser client may read: the request id, and when and how much it may ask again.
-EXPOSED_HEADERS = ("x-request-id, Retry-After, retry-after-ms, X-RateLimit-Limit, X-RateLimit-Remaining, "
-                   "X-RateLimit-Reset, X-RateLimit-Retry-After")
+EXPOSED_HEADERS = ["x-request-id", "Retry-After", "retry-after-ms", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                   "X-RateLimit-Reset", "X-RateLimit-Retry-After"]
 # The API's paths without /v1 (a base URL without it), as LiteLLM and Ollama also serve them.
 UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses)(/.*)?")
 
@@ -58,6 +62,7 @@ class AppState:
     # context (the prompt counts within it), Workers AI's CLOUDFLARE_MAX_TOKENS (sent when none is asked).
     open_ended: dict[str, int] = field(default_factory=dict)
     streams: RunningStreams = field(default_factory=RunningStreams)  # ended by the worker's graceful timeout
+    budgets: rate_limits.TokenBudgets | None = None  # the keys' tokens per minute (set once the hooks are in)
 
     @cached_property
     def limits(self) -> Limits:
@@ -84,12 +89,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask(__name__, static_folder=None)  # the playground is served by its route, with its headers
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    cast(DefaultJSONProvider, app.json).sort_keys = False  # keys in the order the wire types declare them
     local = check_config(settings)
     open_ended = {"cloudflare": settings.cloudflare_max_tokens}
     if local is not None:
         open_ended["chatglm"] = settings.chatglm_max_length or local[0].config.max_length
-    app.extensions["aigate"] = AppState(settings, build_registry(settings, local), response_store(settings),
+    app.extensions[serving.EXTENSION] = AppState(settings, build_registry(settings, local), response_store(settings),
                                         open_ended)
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
@@ -102,8 +107,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     app.wsgi_app = api_paths(app.wsgi_app)  # type: ignore[method-assign]
-    _install_request_hooks(app, settings)
-    rate_limits.install(app, settings)  # after the hooks: its limits are per key
+    _install_request_hooks(app)
+    # CORS on every response (errors too), the preflight's headers reflecting what was asked (the SDKs
+    # send x-stainless-* headers); CORS_ORIGINS is one origin, a comma-separated list, or *.
+    CORS(app, origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()], send_wildcard=True,
+         always_send=True, methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers="*",
+         expose_headers=EXPOSED_HEADERS, max_age=600)
+    serving.state(app).budgets = rate_limits.install(app, settings)  # after the hooks: its limits are per key
     _install_error_handlers(app)
     return app
 
@@ -131,7 +141,7 @@ def api_paths(wsgi_app):
 
 def load_backends(app: Flask) -> None:
     """Load models (the slow part of start-up); /ready answers 200 once this is done."""
-    registry: Registry = app.extensions["aigate"].registry
+    registry = serving.state(app).registry
     failed = []
     for backend in registry.backends:
         try:
@@ -162,9 +172,7 @@ def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> R
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local",
                                        max_image_pixels=settings.max_image_pixels))
     if settings.uses_cloudflare:
-        from backends.cloudflare import (
-            CloudflareBackend,  # imports requests: only in workers, after patching
-        )
+        from backends.cloudflare import CloudflareBackend  # imports urllib3: only in workers, after patching
 
         backends.append(CloudflareBackend(cloudflare_config(settings)))
     if settings.upstreams:
@@ -276,15 +284,17 @@ def ensure_demo_model(settings: Settings) -> None:
     write_demo_model(settings.demo_model_path)
 
 
-def _install_request_hooks(app: Flask, settings: Settings) -> None:
+def _install_request_hooks(app: Flask) -> None:
+    settings = serving.state(app).settings
+
     @app.before_request
     def identify():
         # An incoming id (from a proxy or the client) is kept if it is a plain token, so logs line up.
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(12)
         g.record = RequestRecord(g.request_id, request.method, request.path, request.remote_addr or "-")
-        if request.method == "OPTIONS":
-            return _preflight(settings)
+        if request.method == "OPTIONS":  # a CORS preflight, without auth (flask-cors adds its headers)
+            return Response(status=204)
         if request.path.startswith("/v1/"):
             g.api_key = authenticate(request.headers.get("Authorization"), settings.api_keys)
             g.record.key = g.api_key.name if g.api_key else "-"
@@ -298,19 +308,7 @@ def _install_request_hooks(app: Flask, settings: Settings) -> None:
             record.route = request.url_rule.rule if request.url_rule else "other"
             response.call_on_close(lambda: record.close(settings.log_prompts))
         response.headers["x-request-id"] = g.get("request_id", "")
-        response.headers["Access-Control-Allow-Origin"] = settings.cors_origins
-        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
         return response
-
-
-def _preflight(settings: Settings) -> Response:
-    """CORS preflight, without auth; the SDKs send x-stainless-* headers, so reflect them."""
-    response = Response(status=204)
-    response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-    response.headers["Access-Control-Allow-Headers"] = request.headers.get(
-        "Access-Control-Request-Headers", "authorization, content-type")
-    response.headers["Access-Control-Max-Age"] = "600"
-    return response
 
 
 def _install_error_handlers(app: Flask) -> None:

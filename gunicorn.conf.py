@@ -140,9 +140,10 @@ def pre_fork(server, worker):
 
 def post_worker_init(worker):
     """Streams still running when a stopping worker's graceful timeout ends are told so (streams.py)."""
+    from serving import state
     from streams import end_streams_before_the_kill
 
-    end_streams_before_the_kill(worker, worker.wsgi.extensions["aigate"].streams, graceful_timeout)
+    end_streams_before_the_kill(worker, state(worker.wsgi).streams, graceful_timeout)
 
 
 def child_exit(server, worker):

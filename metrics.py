@@ -14,10 +14,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, values)
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -102,7 +104,7 @@ class _Directory:
 
 _dir = _Directory(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None)
 if _dir.path is not None:  # before any metric exists: each one's value is made by this class
-    values.ValueClass = values.MultiProcessValue(process_identifier=_dir.process_id)  # type: ignore[misc]
+    values.ValueClass = values.MultiProcessValue(process_identifier=_dir.process_id)
 
 # `key` is an API key's name ("-" without one): as many values as keys configured, never a secret.
 REQUESTS = Counter("aigate_requests_total", "HTTP requests answered", ["route", "model", "status", "key"])
@@ -118,6 +120,19 @@ TOKENS_PER_SECOND = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
 ACTIVE_STREAMS = Gauge("aigate_active_streams", "Streaming responses in progress", multiprocess_mode="livesum")
 _active_streams = 0  # this worker's count, written whole (set, not inc/dec): a skipped update cannot skew it
+
+
+_children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+
+def child(metric: MetricWrapperBase, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once: label sets are few (routes, served models, statuses,
+    key names) and prometheus_client checks and locks on every call. The values behind a child follow
+    a reopened file (a new process identifier), so a child stays valid."""
+    found = _children.get((metric, labels))
+    if found is None:
+        found = _children[(metric, labels)] = metric.labels(*labels)
+    return found
 
 
 def safely(update: Callable[[], None]) -> None:
@@ -154,8 +169,8 @@ class _LiveGauges:
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
-        for backend, values in self.stats:
-            for key, value in values.items():
+        for backend, gauges in self.stats:
+            for key, value in gauges.items():
                 family = GaugeMetricFamily(f"aigate_{key}", f"{key.replace('_', ' ')} (machine-wide)",
                                            labels=["backend"])
                 family.add_metric([backend], value)
@@ -171,5 +186,5 @@ def exposition(stats: Iterable[tuple[str, dict[str, float]]]) -> bytes:
     else:
         counted = generate_latest(REGISTRY)
     live = CollectorRegistry()
-    live.register(_LiveGauges(list(stats)))  # type: ignore[arg-type]
+    live.register(_LiveGauges(list(stats)))
     return counted + generate_latest(live)

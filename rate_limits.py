@@ -13,12 +13,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, Response, g, request
 from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 from limits import RateLimitItemPerMinute
-from limits.storage import MemoryStorage, Storage
+from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from compat.errors import APIError, error_response, retry_headers
@@ -34,10 +34,17 @@ class Quota:
     tokens_per_minute: int
 
 
-def install(app: Flask, settings: Settings) -> None:
-    """Call after the authentication hook is installed: the limits read the key it found."""
+def install(app: Flask, settings: Settings) -> TokenBudgets | None:
+    """Call after the authentication hook is installed: the limits read the key it found. Returns the
+    token budgets, which the serving code reserves and settles (None when no key has any)."""
 
     def quota() -> Quota | None:
+        """The request's quota, worked out once (the limiter and the token hooks each ask)."""
+        if "quota" not in g:
+            g.quota = _quota()
+        return g.quota
+
+    def _quota() -> Quota | None:
         if not request.path.startswith("/v1/"):
             return None
         key: ApiKey | None = g.get("api_key")
@@ -50,24 +57,38 @@ def install(app: Flask, settings: Settings) -> None:
         return f"{q.requests_per_minute}/minute" if q and q.requests_per_minute else ""
 
     # A Redis that hangs must not hang requests: give up on it after a second and count in memory.
-    redis_options = {"socket_connect_timeout": 1, "socket_timeout": 1}
-    limiter = Limiter(lambda: quota().who, app=app, application_limits=[requests_limit],  # type: ignore[union-attr]
-                      storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
-                      storage_options=redis_options if settings.ratelimit_storage_uri.startswith("redis") else {},
-                      headers_enabled=True, in_memory_fallback_enabled=True, swallow_errors=True,
-                      # Ours is rounded up (Flask-Limiter's may say 0); its own goes under another name.
-                      header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"})
+    redis = settings.ratelimit_storage_uri.startswith("redis")
+    storage_options: dict[str, Any] = {"socket_connect_timeout": 1, "socket_timeout": 1} if redis else {}
+    if not (settings.rate_limit_rpm or any(key.requests_per_minute for key in settings.api_keys)):
+        # No requests-per-minute anywhere: Flask-Limiter's hooks (a fifth of a request's CPU in a
+        # profile) would find no limit and add no header, so they are not installed.
+        tokens = TokenBudget(cast(Storage, storage_from_string(settings.ratelimit_storage_uri, **storage_options)))
+    else:
+        limiter = Limiter(lambda: getattr(quota(), "who", "-"), app=app, application_limits=[requests_limit],
+                          storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
+                          storage_options=storage_options, headers_enabled=True, in_memory_fallback_enabled=True,
+                          swallow_errors=True,
+                          # Ours is rounded up (Flask-Limiter's may say 0); its own goes under another name.
+                          header_name_mapping={HeaderNames.RETRY_AFTER: "X-RateLimit-Retry-After"})
+        tokens = TokenBudget(limiter.storage)
 
-    tokens = TokenBudget(limiter.storage)
+        @limiter.request_filter
+        def without_request_limit() -> bool:
+            """A client without a requests-per-minute limit is not counted (no limit, no header)."""
+            q = quota()
+            return q is None or not q.requests_per_minute
 
-    @app.errorhandler(RateLimitExceeded)
-    def too_many_requests(err: RateLimitExceeded) -> Response:
-        try:
-            limit = limiter.current_limit
-            wait = limit.reset_at - time.time() if limit else 60.0
-        except Exception:  # the storage failed since the hit: the answer is still a 429
-            wait = 60.0
-        return error_response(_exceeded("requests", "RPM", quota(), err.limit.limit.amount, wait))
+        @app.errorhandler(RateLimitExceeded)
+        def too_many_requests(err: RateLimitExceeded) -> Response:
+            try:
+                current = limiter.current_limit
+                wait = current.reset_at - time.time() if current else 60.0
+            except Exception:  # the storage failed since the hit: the answer is still a 429
+                wait = 60.0
+            return error_response(_exceeded("requests", "RPM", quota(), err.limit.limit.amount, wait))
+
+    if not (settings.rate_limit_tpm or any(key.tokens_per_minute for key in settings.api_keys)):
+        return None  # no tokens-per-minute anywhere: nothing to check, reserve or settle on any request
 
     @app.before_request
     def check_tokens() -> None:
@@ -78,25 +99,44 @@ def install(app: Flask, settings: Settings) -> None:
         wait = tokens.spent(item, q.who)
         if wait is not None:
             raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
-        # Taken from the budget when the request starts, so requests running at once cannot all
-        # spend the same tokens; set right by the answer's real usage when it ends. What does not
-        # fit in what is left of the minute is refused (what never fits, said so).
-        def admit(most: int) -> None:
-            if most > q.tokens_per_minute:
-                raise _too_large(q, most)
-            wait = tokens.reserve(item, q.who, most)
-            if wait is not None:
-                raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
-        g.record.on_admit.append(admit)
+
+    budgets = TokenBudgets(tokens, quota)
 
     @app.after_request
     def charge_tokens(response: Response) -> Response:
         q, record = quota(), g.get("record")
         if q is not None and q.tokens_per_minute and record is not None:
-            item = RateLimitItemPerMinute(q.tokens_per_minute)
             # Once the answer has ended (a stream's usage is known only then), finished or not.
-            response.call_on_close(lambda: tokens.charge(item, q.who, record.tokens_used - record.reserved_tokens))
+            response.call_on_close(lambda: budgets.settle(q, record.tokens_used - record.reserved_tokens))
         return response
+
+    return budgets
+
+
+class TokenBudgets:
+    """The current request's key's tokens per minute, as the serving code uses them: ``reserve`` what
+    a generation may cost before it starts (road.start), so that requests running at once cannot all
+    spend the same tokens; ``settle`` with its real usage once the answer has ended. What does not fit
+    in what is left of the minute is refused (what never fits, said so)."""
+
+    def __init__(self, budget: TokenBudget, quota: Callable[[], Quota | None]) -> None:
+        self._budget, self._quota = budget, quota
+
+    def reserve(self, most: int) -> None:
+        q = self._quota()
+        if q is None or not q.tokens_per_minute:
+            return
+        if most > q.tokens_per_minute:
+            raise _too_large(q, most)
+        wait = self._budget.reserve(RateLimitItemPerMinute(q.tokens_per_minute), q.who, most)
+        if wait is not None:
+            raise _exceeded("tokens", "TPM", q, q.tokens_per_minute, wait)
+
+    def settle(self, q: Quota, used: int) -> None:
+        """``used`` more tokens than reserved for the quota ``q`` (fewer than none gives part of the
+        reservation back). Called when the answer has ended, after the request's context is gone."""
+        if q.tokens_per_minute:
+            self._budget.charge(RateLimitItemPerMinute(q.tokens_per_minute), q.who, used)
 
 
 class TokenBudget:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import metrics
@@ -56,8 +56,7 @@ class RequestRecord:
     first_token_at: float | None = None
     finish_reason: str = ""
     unfinished_tokens: int = 0  # text pieces of an answer whose Finish never came (a client left)
-    reserved_tokens: int = 0  # what the request might cost, told to the admission hooks
-    on_admit: list[Callable[[int], None]] = field(default_factory=list)  # e.g. a key's token budget
+    reserved_tokens: int = 0  # what the request might cost, reserved from its key's token budget
     error: str = ""
     messages: tuple[Message, ...] = ()  # only kept with LOG_PROMPTS
     answer: list[str] = field(default_factory=list)  # likewise
@@ -79,13 +78,6 @@ class RequestRecord:
                 self.unfinished_tokens = 0
             yield event
 
-    def admit(self, most_tokens: int) -> None:
-        """The request is about to run: tell the hooks what it may cost (its prompt and max_tokens).
-        A hook may refuse it by raising; then nothing was reserved."""
-        for hook in self.on_admit:
-            hook(most_tokens)
-        self.reserved_tokens = most_tokens
-
     @property
     def tokens_used(self) -> int:
         """What the request cost, so far: an answer cut short counts the pieces it sent."""
@@ -96,6 +88,11 @@ class RequestRecord:
         self.completion_tokens += self.unfinished_tokens
         self.unfinished_tokens = 0
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        if log.isEnabledFor(logging.INFO):  # the line is built only to be written
+            self._log(ended, ttft, log_prompts)
+        metrics.safely(lambda: self._count(ended, ttft))  # a metrics fault never fails the response's close
+
+    def _log(self, ended: float, ttft: float | None, log_prompts: bool) -> None:
         fields = {
             "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client,
             "key": self.key,
@@ -110,18 +107,18 @@ class RequestRecord:
         if log_prompts and self.messages:
             log.info("request %s prompt=%r answer=%r", self.id,
                      [(m.role, m.content) for m in self.messages], "".join(self.answer))
-        metrics.safely(lambda: self._count(ended, ttft))  # a metrics fault never fails the response's close
 
     def _count(self, ended: float, ttft: float | None) -> None:
-        metrics.REQUESTS.labels(self.route, self.model, str(self.status), self.key).inc()
+        child = metrics.child
+        child(metrics.REQUESTS, self.route, self.model, str(self.status), self.key).inc()
         if not self.model:
             return
-        metrics.TOKENS.labels(self.model, "prompt", self.key).inc(self.prompt_tokens)
-        metrics.TOKENS.labels(self.model, "completion", self.key).inc(self.completion_tokens)
-        metrics.PROMPT_TOKENS.labels(self.model, "reused").inc(self.cached_tokens)
-        metrics.PROMPT_TOKENS.labels(self.model, "evaluated").inc(self.prompt_tokens - self.cached_tokens)
+        child(metrics.TOKENS, self.model, "prompt", self.key).inc(self.prompt_tokens)
+        child(metrics.TOKENS, self.model, "completion", self.key).inc(self.completion_tokens)
+        child(metrics.PROMPT_TOKENS, self.model, "reused").inc(self.cached_tokens)
+        child(metrics.PROMPT_TOKENS, self.model, "evaluated").inc(self.prompt_tokens - self.cached_tokens)
         if ttft is not None and self.first_token_at is not None:
-            metrics.TIME_TO_FIRST_TOKEN.labels(self.model).observe(ttft)
+            child(metrics.TIME_TO_FIRST_TOKEN, self.model).observe(ttft)
             decode_time = ended - self.first_token_at
             if self.completion_tokens > 1 and decode_time > 0:
-                metrics.TOKENS_PER_SECOND.labels(self.model).observe((self.completion_tokens - 1) / decode_time)
+                child(metrics.TOKENS_PER_SECOND, self.model).observe((self.completion_tokens - 1) / decode_time)

@@ -290,7 +290,7 @@ def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
             kind = KEY_FIELDS.get(field_name)
             if kind is None:
                 raise ConfigError(f"{where}: unknown field {field_name!r} (fields: {', '.join(KEY_FIELDS)})")
-            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
                 what = "a whole number >= 0" if kind is int else kind.__name__
                 raise ConfigError(f"{where}: {field_name} must be {what}")
         secret, models = table.get("key", "").strip(), table.get("models", [])

@@ -154,12 +154,12 @@ class Backend(Protocol):
 
 @dataclass
 class BackendError(Exception):
-    """A failure a client should hear about; compat maps each kind to an HTTP status."""
+    """A failure a client should hear about. Backends raise the most precise class below; compat maps
+    each class to an HTTP status and an OpenAI error type and code (compat/errors.py, one table)."""
 
     message: str
     param: str | None = None
     retry_after: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.message
@@ -173,6 +173,38 @@ class ContextLengthExceeded(InvalidRequest):
     """The prompt does not fit the model's context."""
 
 
+class NotSupportedByModel(InvalidRequest):
+    """The model cannot do what was asked (embeddings from a chat model)."""
+
+
+class UpstreamRefused(InvalidRequest):
+    """The provider refused the request as given (its own validation)."""
+
+
+class SchemaNotMet(InvalidRequest):
+    """The model could not produce JSON matching the requested schema."""
+
+
+class ToolsNotSupported(InvalidRequest):
+    """The model's family has no tool calling (ChatGLM2)."""
+
+
+class UnsupportedContent(InvalidRequest):
+    """The model takes text only and the request has images."""
+
+
+class InvalidImage(InvalidRequest):
+    """An image part that is not a readable image."""
+
+
+class ImageTooLarge(InvalidRequest):
+    """An image over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS."""
+
+
+class TooManyImages(InvalidRequest):
+    """More images than the model takes in one request."""
+
+
 class ModelNotFound(BackendError):
     """The engine does not know the model."""
 
@@ -181,12 +213,36 @@ class RateLimited(BackendError):
     """The engine (or the account behind it) takes no more requests for now."""
 
 
+class UpstreamOverCapacity(RateLimited):
+    """The provider is busy for a moment: worth a retry."""
+
+
+class UpstreamQuotaExceeded(RateLimited):
+    """The account's allocation is used up (until retry_after)."""
+
+
+class UpstreamRateLimited(RateLimited):
+    """An OpenAI-compatible upstream (or every one of a pool) answered 429."""
+
+
 class UpstreamError(BackendError):
     """The engine behind us failed, refused our credentials, or could not be reached."""
 
 
 class UpstreamTimeout(UpstreamError):
     """The engine behind us did not answer in time."""
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """The provider rejected our credentials: a configuration problem that resending will not mend."""
+
+
+class UpstreamBrokenAnswer(UpstreamError):
+    """The provider's answer (an error's body) broke off while being read: worth a retry."""
+
+
+class UpstreamNotFound(UpstreamError):
+    """The upstream does not serve the model (any more), or its URL is wrong."""
 
 
 class Unavailable(BackendError):

@@ -9,7 +9,7 @@ import time
 from collections.abc import Generator
 from dataclasses import replace
 
-from backends.base import ChatRequest, Embeddings, Event, InvalidRequest, ModelInfo
+from backends.base import ChatRequest, Embeddings, Event, ModelInfo, NotSupportedByModel, UnsupportedContent
 from backends.engine.client import EngineClient
 from backends.ggml_file import ModelFile
 from backends.images import decode_image
@@ -57,8 +57,8 @@ class ChatGLMBackend:
         return [self._info]
 
     def embed(self, model: str, inputs: list[str]) -> Embeddings:
-        raise InvalidRequest(f"{model} is a chat model and makes no embeddings; use an embedding model "
-                             "(Cloudflare's @cf/baai/bge-*).", param="model", extra={"code": "model_not_supported"})
+        raise NotSupportedByModel(f"{model} is a chat model and makes no embeddings; use an embedding model "
+                             "(Cloudflare's @cf/baai/bge-*).", param="model")
 
     def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
         if any(m.images for m in request.messages):
@@ -68,8 +68,8 @@ class ChatGLMBackend:
     def _decoded_images(self, request: ChatRequest) -> ChatRequest:
         """Each image as the pixels the engine takes (checked here: a bad image must not reach it)."""
         if self._vision is None:
-            raise InvalidRequest(f"{self._info.id} takes text only; send the request without images.",
-                                 param="messages", extra={"code": "unsupported_content"})
+            raise UnsupportedContent(f"{self._info.id} takes text only; send the request without images.",
+                                 param="messages")
         size = self._vision.image_size
         messages = tuple(replace(m, images=tuple(decode_image(im, size, self._max_image_pixels, f"messages[{i}]")
                                                  for im in m.images)) if m.images else m

@@ -9,6 +9,7 @@ the header, the tokenizer and the tensor table here turns each of those into one
 from __future__ import annotations
 
 import binascii
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -173,11 +174,11 @@ def tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
 
 
 class _Reader:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: memoryview) -> None:
         self.data = data
         self.pos = 0
 
-    def take(self, n: int, what: str) -> bytes:
+    def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
             raise ModelFileError(f"file ends inside the {what} (truncated download?)")
         chunk = self.data[self.pos:self.pos + n]
@@ -206,17 +207,15 @@ def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
         raise ModelFileError(f"{p}: {exc}") from None
 
 
-def _map(p: Path) -> bytes:
-    import mmap
-
+def _map(p: Path) -> mmap.mmap:
     with open(p, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise ModelFileError("the file is empty")
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # type: ignore[return-value]
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def _parse(p: Path, data: memoryview) -> ModelFile:
-    r = _Reader(data)  # type: ignore[arg-type]
+    r = _Reader(data)
     if bytes(r.take(4, "header")) != MAGIC:
         raise ModelFileError("not a GGML model (bad magic); convert it with chatglm_cpp.convert")
     model_type = r.int32("header")

@@ -13,7 +13,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from backends.base import ImageInput, InvalidRequest
+from backends.base import ImageInput, ImageTooLarge, InvalidImage
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
@@ -31,12 +31,12 @@ def decode_image(image: ImageInput, size: int, max_pixels: int, param: str) -> I
             with Image.open(io.BytesIO(raw), formats=FORMATS) as im:
                 width, height = im.size
                 if width * height > max_pixels:
-                    raise InvalidRequest(
+                    raise ImageTooLarge(
                         f"The image is {width}x{height} pixels; this server takes at most {max_pixels} "
-                        "(MAX_IMAGE_PIXELS). Send a smaller image.", param=param, extra={"code": "image_too_large"})
+                        "(MAX_IMAGE_PIXELS). Send a smaller image.", param=param)
                 im.load()
                 rgb = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    except InvalidRequest:
+    except ImageTooLarge:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning, EOFError):
@@ -44,5 +44,5 @@ def decode_image(image: ImageInput, size: int, max_pixels: int, param: str) -> I
     return ImageInput(base64.b64encode(rgb.tobytes()).decode("ascii"), size, size)
 
 
-def _bad(why: str, param: str) -> InvalidRequest:
-    return InvalidRequest(f"Invalid image: {why}.", param=param, extra={"code": "invalid_image"})
+def _bad(why: str, param: str) -> InvalidImage:
+    return InvalidImage(f"Invalid image: {why}.", param=param)

@@ -1,7 +1,9 @@
-"""The floor for benchmark 2: the least a Flask + gevent gateway can cost. One `requests` call
-per request, passed straight through: no validation, no mapping, no error handling.
+"""The floor for benchmark 2: the least a Flask + gevent gateway can cost. The request's bytes go to
+the upstream as they came and the upstream's bytes come back as they are: no JSON parsing, no
+validation, no mapping, no error handling, one `requests` session that does not re-read the
+environment on each call. The model is fixed by the URL (a gateway that reads it must parse).
 
-    UPSTREAM=http://127.0.0.1:PORT/client/v4/accounts/ID/ai/run TOKEN=... \\
+    UPSTREAM=http://127.0.0.1:PORT/client/v4/accounts/ID/ai/run/@cf/fake/chat TOKEN=... \\
         gunicorn -k gevent -w 1 -b 127.0.0.1:PORT 'floor:app'      (from bench/)
 """
 
@@ -12,9 +14,10 @@ from flask import Flask, Response, request
 
 app = Flask(__name__)
 session = requests.Session()
+session.trust_env = False  # proxies and CA bundle: none on loopback, and not looked up per call
 session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=1000))
 UPSTREAM = os.environ["UPSTREAM"]
-HEADERS = {"Authorization": "Bearer " + os.environ["TOKEN"]}
+HEADERS = {"Authorization": "Bearer " + os.environ["TOKEN"], "Content-Type": "application/json"}
 
 
 @app.get("/health")
@@ -24,8 +27,5 @@ def health():
 
 @app.post("/v1/chat/completions")
 def chat():
-    body = request.get_json()
-    upstream = session.post(f"{UPSTREAM}/{body['model']}", json={"messages": body["messages"],
-                            "stream": bool(body.get("stream"))}, headers=HEADERS, stream=True)
-    return Response(upstream.iter_content(chunk_size=None), status=upstream.status_code,
-                    content_type=upstream.headers.get("Content-Type"))
+    upstream = session.post(UPSTREAM, data=request.get_data(), headers=HEADERS)
+    return Response(upstream.content, status=upstream.status_code, content_type=upstream.headers.get("Content-Type"))

@@ -6,7 +6,8 @@ Upstream: the tests' fake Cloudflare on loopback, answering at once. Contenders,
   aigate   gunicorn -k gevent, its Cloudflare backend (POST /ai/run/{model})
   litellm  LiteLLM's proxy (litellm[proxy], in its own venv: bench/.cache/litellm-venv), its
            Cloudflare provider (POST /ai/v1/chat/completions on the same fake)
-  floor    bench/floor.py: Flask under gunicorn -k gevent, one requests call, no validation
+  floor    bench/floor.py: Flask under gunicorn -k gevent, the request's bytes to the upstream
+           and its bytes back (no JSON parsing), one requests call
 Load: wrk (C) with a POST body, concurrency 1, 10 and 50, alternating contenders; latency p50/p99
 from wrk; the upstream's own latency from wrk against the fake directly. Time to the first
 streamed token from a light Python client (median of 30).
@@ -70,7 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-litellm", action="store_true", help="aigate and the floor only")
     args = parser.parse_args()
+    with_litellm = LITELLM.exists() and not args.no_litellm
     from tests.fake_cloudflare import ACCOUNT, TOKEN, FakeCloudflare, cloudflare_env
 
     fake = FakeCloudflare(frame_delay=0.0).start()
@@ -80,27 +83,34 @@ def main() -> None:
         "model_list:\n  - model_name: \"@cf/fake/chat\"\n    litellm_params:\n"
         "      model: \"cloudflare/@cf/fake/chat\"\n"
         f"      api_base: \"{fake.base}/accounts/{ACCOUNT}/ai/v1\"\n      api_key: \"{TOKEN}\"\n")
-    servers = [
-        start_aigate(ports["aigate"], **cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/chat"), WORKERS="1",
-                     API_KEYS=KEY),
-        start([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port", str(ports["litellm"]),
-               "--num_workers", "1"], {"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": KEY},
-              f"http://127.0.0.1:{ports['litellm']}/health/liveliness"),
-        start([str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{ports['floor']}", "floor:app",
-               "--chdir", str(ROOT / "bench")],
-              {"UPSTREAM": f"{fake.base}/accounts/{ACCOUNT}/ai/run", "TOKEN": TOKEN},
-              f"http://127.0.0.1:{ports['floor']}/health"),
-    ]
+    if not with_litellm:
+        del ports["litellm"]
     urls = {name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in ports.items()}
     upstream = f"{fake.base}/accounts/{ACCOUNT}/ai/run/@cf/fake/chat"
     results: dict[tuple[str, int], list[dict]] = {}
     ttft: dict[str, list[float]] = {}
-    try:
-        for url in urls.values():  # warm-up, and a check that each answers
-            stream_chat(url, BODY, AUTH)
+    servers: list[subprocess.Popen] = []
+    try:  # started inside the try: one that fails to start does not leave the others running
+        servers += [
+            start_aigate(ports["aigate"], **cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/chat"), WORKERS="1",
+                         API_KEYS=KEY),
+            start([str(BIN / "gunicorn"), "-c", "/dev/null", "-k", "gevent", "-w", "1", "-b",
+                   f"127.0.0.1:{ports['floor']}", "floor:app", "--chdir", str(ROOT / "bench")],
+                  {"UPSTREAM": f"{fake.base}/accounts/{ACCOUNT}/ai/run/{BODY['model']}", "TOKEN": TOKEN},
+                  f"http://127.0.0.1:{ports['floor']}/health"),
+        ]
+        if with_litellm:
+            servers.append(start([str(LITELLM), "--config", str(config), "--host", "127.0.0.1", "--port",
+                                  str(ports["litellm"]), "--num_workers", "1"],
+                                 {"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": KEY},
+                                 f"http://127.0.0.1:{ports['litellm']}/health/liveliness"))
+        for name, url in urls.items():  # warm-up, and a check that each answers
+            if name != "floor":  # the floor passes Workers AI's frames, not OpenAI's
+                stream_chat(url, BODY, AUTH)
         for r in range(args.rounds):
             for connections in (1, 10, 50):
-                order = ["upstream", *urls][r % 4:] + ["upstream", *urls][:r % 4]
+                names = ["upstream", *urls]
+                order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
                     if name == "upstream":
                         res = wrk(upstream, {"messages": BODY["messages"]}, connections, args.seconds,
@@ -111,7 +121,7 @@ def main() -> None:
         for _ in range(30):
             ttft.setdefault("upstream", []).append(first_frame(upstream, {"messages": BODY["messages"]},
                                                                 {"Authorization": f"Bearer {TOKEN}"}))
-            for name in ("aigate", "litellm"):  # the floor passes Workers AI's frames, not OpenAI's
+            for name in [n for n in urls if n != "floor"]:  # the floor passes Workers AI's frames, not OpenAI's
                 ttft.setdefault(name, []).append(stream_chat(urls[name], BODY, AUTH).ttft)
     finally:
         for s in servers:
@@ -132,7 +142,7 @@ def report(results, ttft, args) -> None:
              "| contender | conc. | req/s | vs floor | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
              "|---|---|---|---|---|---|---|---|"]
     for c in (1, 10, 50):
-        for name in ("upstream", "floor", "aigate", "litellm"):
+        for name in [n for n in ("upstream", "floor", "aigate", "litellm") if (n, c) in results]:
             rps = m(name, c, "rps")
             lines.append(f"| {name} | {c} | {rps:.0f} | {rps / m('floor', c, 'rps'):.0%} | {m(name, c, 'p50'):.2f} | "
                          f"{m(name, c, 'p99'):.2f} | {m(name, c, 'p50') - m('upstream', c, 'p50'):+.2f} | "
@@ -148,7 +158,7 @@ def report(results, ttft, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, name in enumerate(("floor", "aigate", "litellm")):
+    for i, name in enumerate(n for n in ("floor", "aigate", "litellm") if (n, 1) in results):
         ax.bar([x + i * 0.27 for x in range(3)], [m(name, c, "rps") for c in (1, 10, 50)], width=0.27, label=name)
     ax.set_xticks([x + 0.27 for x in range(3)], ["1", "10", "50"])
     ax.set_xlabel("concurrent connections")

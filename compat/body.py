@@ -120,7 +120,7 @@ def _do_not_reuse(environ: dict[str, Any]) -> None:
     """The rest of the body was not read, so where a next request would begin is unknown: gunicorn
     closes a connection whose body read failed rather than drain it (without a time limit)."""
     stream = environ.get("wsgi.input")
-    if hasattr(stream, "failed"):
+    if stream is not None and hasattr(stream, "failed"):
         stream.failed = True
 
 

@@ -8,8 +8,11 @@ from typing import Any
 
 from flask import Response, jsonify
 
-from backends.base import (BackendError, ContextLengthExceeded, InvalidRequest, ModelNotFound, QueueFull, QueueTimeout,
-                           RateLimited, Unavailable, UpstreamError, UpstreamTimeout)
+from backends.base import (BackendError, ContextLengthExceeded, ImageTooLarge, InvalidImage, InvalidRequest,
+                           ModelNotFound, NotSupportedByModel, QueueFull, QueueTimeout, RateLimited, SchemaNotMet,
+                           TooManyImages, ToolsNotSupported, Unavailable, UnsupportedContent, UpstreamAuthFailed,
+                           UpstreamBrokenAnswer, UpstreamError, UpstreamNotFound, UpstreamOverCapacity,
+                           UpstreamQuotaExceeded, UpstreamRateLimited, UpstreamRefused, UpstreamTimeout)
 
 
 @dataclass
@@ -50,34 +53,57 @@ def retry_headers(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(int(seconds * 1000))}
 
 
+@dataclass(frozen=True)
+class _Face:
+    """How one kind of backend error looks to a client."""
+
+    status: int
+    type: str
+    code: str | None
+    param: str | None = None  # the param said, unless the backend names one where ``named`` allows it
+    named: bool = False  # the backend's param is passed on (the client's mistake is in that field)
+    retry: bool = True  # Retry-After from the error's retry_after, if it has one
+    no_retry: bool = False  # x-should-retry: false (resending will not help)
+
+
+_INVALID, _LIMIT, _SERVER = "invalid_request_error", "rate_limit_error", "server_error"
+
+# Every backend error class -> its HTTP face. An error takes the row of its nearest class here.
+BACKEND_ERRORS: dict[type[BackendError], _Face] = {
+    ContextLengthExceeded: _Face(400, _INVALID, "context_length_exceeded", named=True, param="messages", retry=False),
+    NotSupportedByModel: _Face(400, _INVALID, "model_not_supported", named=True, retry=False),
+    UpstreamRefused: _Face(400, _INVALID, "upstream_bad_request", named=True, retry=False),
+    SchemaNotMet: _Face(400, _INVALID, "json_schema_not_met", named=True, retry=False),
+    ToolsNotSupported: _Face(400, _INVALID, "tools_not_supported", named=True, retry=False),
+    UnsupportedContent: _Face(400, _INVALID, "unsupported_content", named=True, retry=False),
+    InvalidImage: _Face(400, _INVALID, "invalid_image", named=True, retry=False),
+    ImageTooLarge: _Face(400, _INVALID, "image_too_large", named=True, retry=False),
+    TooManyImages: _Face(400, _INVALID, "too_many_images", named=True, retry=False),
+    InvalidRequest: _Face(400, _INVALID, "invalid_request", named=True, retry=False),
+    ModelNotFound: _Face(404, _INVALID, "model_not_found", param="model", retry=False),
+    UpstreamOverCapacity: _Face(429, _LIMIT, "upstream_capacity"),
+    UpstreamQuotaExceeded: _Face(429, _LIMIT, "upstream_quota_exceeded"),
+    UpstreamRateLimited: _Face(429, _LIMIT, "upstream_rate_limited"),
+    RateLimited: _Face(429, _LIMIT, "rate_limit_exceeded"),
+    UpstreamTimeout: _Face(504, _SERVER, "upstream_timeout", retry=False),
+    # A configuration problem will not mend itself: tell the SDKs not to resend.
+    UpstreamAuthFailed: _Face(502, _SERVER, "upstream_auth_failed", retry=False, no_retry=True),
+    UpstreamBrokenAnswer: _Face(502, _SERVER, "upstream_broken_answer"),
+    UpstreamNotFound: _Face(502, _SERVER, "upstream_not_found"),
+    UpstreamError: _Face(502, _SERVER, "upstream_error"),
+    QueueFull: _Face(429, _LIMIT, "queue_full"),
+    Unavailable: _Face(503, _SERVER, "model_not_ready"),
+    QueueTimeout: _Face(503, _SERVER, "queue_timeout"),
+    BackendError: _Face(500, _SERVER, None, named=True, retry=False, no_retry=True),  # a backend's bug
+}
+
+
 def from_backend(exc: BackendError) -> APIError:
     """The HTTP face of a backend's error."""
-    if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, exc.message, param=exc.param or "messages", code="context_length_exceeded")
-    if isinstance(exc, InvalidRequest):
-        return APIError(400, exc.message, param=exc.param, code=exc.extra.get("code", "invalid_request"))
-    if isinstance(exc, ModelNotFound):
-        return APIError(404, exc.message, param="model", code="model_not_found")
-    if isinstance(exc, RateLimited):
-        return APIError(429, exc.message, type="rate_limit_error", code=exc.extra.get("code", "rate_limit_exceeded"),
-                        headers=retry_headers(exc.retry_after))
-    if isinstance(exc, UpstreamTimeout):
-        return APIError(504, exc.message, type="server_error", code="upstream_timeout")
-    if isinstance(exc, UpstreamError):
-        code = exc.extra.get("code", "upstream_error")
-        # A configuration problem will not mend itself: tell the SDKs not to resend.
-        headers = {"x-should-retry": "false"} if code == "upstream_auth_failed" else retry_headers(exc.retry_after)
-        return APIError(502, exc.message, type="server_error", code=code, headers=headers)
-    if isinstance(exc, QueueFull):
-        return APIError(429, exc.message, type="rate_limit_error", code="queue_full",
-                        headers=retry_headers(exc.retry_after))
-    if isinstance(exc, Unavailable):
-        return APIError(503, exc.message, type="server_error", code="model_not_ready",
-                        headers=retry_headers(exc.retry_after))
-    if isinstance(exc, QueueTimeout):
-        return APIError(503, exc.message, type="server_error", code="queue_timeout",
-                        headers=retry_headers(exc.retry_after))
-    return APIError(500, exc.message, type="server_error", param=exc.param, headers={"x-should-retry": "false"})
+    face = next(BACKEND_ERRORS[cls] for cls in type(exc).__mro__ if cls in BACKEND_ERRORS)
+    headers = {"x-should-retry": "false"} if face.no_retry else retry_headers(exc.retry_after) if face.retry else {}
+    param = (exc.param if face.named else None) or face.param
+    return APIError(face.status, exc.message, type=face.type, param=param, code=face.code, headers=headers)
 
 
 def internal_error() -> APIError:

@@ -2,8 +2,9 @@
 
 Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
 ``logprobs``, a JSON response format on a model that cannot honour it) or, where ignoring them
-changes nothing a client relies on (``seed``, ``user``, penalties, ``parallel_tool_calls``...),
-are accepted and ignored.
+changes nothing a client relies on, are accepted: ``seed`` and the penalties are checked and
+passed to the backend (Workers AI uses them, chatglm.cpp cannot), ``user`` and
+``parallel_tool_calls`` are ignored.
 Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
@@ -17,13 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import ChatRequest, ImageInput, Message, Tool, ToolCall
-from compat.errors import APIError, invalid
+from backends.base import ChatRequest, ImageInput, Message, Role, Tool, ToolCall
+from compat.errors import invalid
 from compat.structured import chat_format
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
 # "function" the deprecated form of "tool".
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+ROLES: dict[str, Role] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool", "function": "tool"}
 MAX_STOP_SEQUENCES = 4
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -211,7 +212,7 @@ def _messages(raw: Any, images: Limits | None = None) -> tuple[Message, ...]:
             if value is not None and not isinstance(value, str):
                 raise invalid(f"{where}.{field_name} must be a string.", f"{where}.{field_name}", "invalid_type")
         text, pictures = _content_parts(content, f"{where}.content", images if role == "user" else None)
-        out.append(Message(ROLES[role], text, tool_calls=calls,  # type: ignore[arg-type]
+        out.append(Message(ROLES[role], text, tool_calls=calls,
                            tool_call_id=tool_call_id if role in ("tool", "function") else None,
                            name=name if role in ("tool", "function") else None, images=pictures))
     if sum(len(m.images) for m in out) > 1:
@@ -397,4 +398,7 @@ def _optional_bool(body: dict[str, Any], name: str, param: str | None = None) ->
     return value
 
 
-__all__ = ["APIError", "ChatCall", "parse_chat"]
+# The parsers, their limits, and the field readers the Responses and embeddings parsers share.
+__all__ = ["DEFAULT_COMPLETION_TOKENS", "MAX_STOP_SEQUENCES", "ROLES", "TOOL_NAME", "ChatCall", "CompletionCall",
+           "Limits", "_bounded_max_tokens", "_integer", "_number", "_optional_bool", "check_chars", "message_chars",
+           "parse_chat", "parse_completion", "parse_model", "tool_chars"]

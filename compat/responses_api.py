@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from backends.base import ChatRequest, Event, Finish, ImageInput, Message, TextDelta, Tool, ToolCall, Usage
+from backends.base import ChatRequest, Event, Finish, ImageInput, Message, Role, TextDelta, Tool, ToolCall, Usage
 from compat.errors import APIError, invalid
 from compat.requests import (DATA_URL, TOOL_NAME, Limits, _bounded_max_tokens, _integer, _number, _optional_bool,
                              check_chars, image_input, parse_model)
 from compat.structured import text_format
 
-ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 # Fields clients send that change nothing here: accepted, echoed where the response object has them.
 NO_OPS = ("reasoning", "include", "prompt_cache_key", "prompt_cache_retention", "client_metadata", "metadata",
@@ -200,7 +200,7 @@ def to_messages(items: list[dict[str, Any]]) -> list[Message]:
             text = "".join(p["text"] for p in item["content"] if "text" in p)
             found = [DATA_URL.fullmatch(p["image_url"]) for p in item["content"] if p["type"] == "input_image"]
             pictures = tuple(ImageInput(m.group(3)) for m in found if m is not None)
-            out.append(Message(ROLES[item["role"]], text, images=pictures))  # type: ignore[arg-type]
+            out.append(Message(ROLES[item["role"]], text, images=pictures))
         elif item["type"] == "function_call":
             call = ToolCall(item["call_id"], item["name"], item["arguments"])
             names[item["call_id"]] = item["name"]
@@ -253,7 +253,7 @@ def tool_choice(raw: Any, tools: tuple[Tool, ...]) -> str:
             if not isinstance(name, str) or name not in {t.name for t in tools}:
                 raise invalid(f"tool_choice names {name!r}, which is not a function in tools.", "tool_choice",
                               "invalid_value")
-            return name  # type: ignore[return-value]
+            return name
         if raw.get("type") == "allowed_tools" and raw.get("mode") in ("auto", "required"):
             return raw["mode"] if tools else "auto"
         return "auto"  # a hosted tool's choice: those tools are skipped here
@@ -349,7 +349,7 @@ class ResponseStream:
         self.final = self.snapshot("failed", error={"code": code, "message": error.message})
         yield self.event("response.failed", response=self.final)
 
-    def _open_message(self) -> Iterator[dict[str, Any]]:
+    def _open_message(self) -> Generator[dict[str, Any], None, dict[str, Any]]:
         item = {"id": new_id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
         index = len(self.output)
         yield self.event("response.output_item.added", output_index=index, item=item)

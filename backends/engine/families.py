@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backends import chatglm_tools, glm4_tools
-from backends.base import InvalidRequest, Message, Tool, ToolCall
+from backends.base import Message, Tool, ToolCall, ToolsNotSupported
 from backends.ggml_file import CHATGLM2, CHATGLM3, CHATGLM4, CHATGLM4V
 
 Encode = Callable[[str], list[int]]  # ordinary text -> ids (no special tokens)
@@ -46,8 +46,8 @@ class Family:
                     special: dict[str, int], image_turn: int | None = None) -> list[int]:
         """The prompt ids of a chat; ``image_turn``: the index of the message that carries the image."""
         if tools and self.tools is None:
-            raise InvalidRequest(f"{self.name} models cannot call tools; send the request without tools",
-                                 param="tools", extra={"code": "tools_not_supported"})
+            raise ToolsNotSupported(f"{self.name} models cannot call tools; send the request without tools",
+                                 param="tools")
         ids = [special[t] for t in self.prefix]
         if not self.turns:
             return ids + encode(chatglm2_text(messages))
@@ -78,8 +78,8 @@ def chatglm2_text(messages: tuple[Message, ...]) -> str:
     assistant turns. ChatGLM2 has no system or tool role: a system message's text goes in front of
     the next user turn; turns of one speaker in a row are joined by a blank line."""
     if any(m.role == "tool" or m.tool_calls for m in messages):
-        raise InvalidRequest("ChatGLM2 models cannot call tools: the chat has tool calls or tool results",
-                             param="messages", extra={"code": "tools_not_supported"})
+        raise ToolsNotSupported("ChatGLM2 models cannot call tools: the chat has tool calls or tool results",
+                             param="messages")
     rounds: list[tuple[str, str]] = []  # (question, answer)
     question: list[str] = []
     for m in messages:

@@ -30,8 +30,8 @@ from typing import Any
 import chatglm_cpp
 import numpy as np
 
-from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, InvalidRequest, Message, TextDelta,
-                           Tool, Usage)
+from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason, InvalidImage, Message,
+                           TextDelta, TooManyImages, Tool, UnsupportedContent, Usage)
 from backends.chatglm_tools import ReplySplitter
 from backends.engine.families import FAMILIES
 from backends.ggml_file import ModelFile, read_tokenizer_vocab
@@ -163,19 +163,18 @@ class Model:
             return None
         vision = self.file.vision
         if vision is None:
-            raise InvalidRequest(f"{self.family.name} models take text only; send the request without images.",
-                                 param="messages", extra={"code": "unsupported_content"})
+            raise UnsupportedContent(f"{self.family.name} models take text only; send the request without images.",
+                                 param="messages")
         if len(images) > 1:
-            raise InvalidRequest(f"{self.family.name} reads one image per request; this one has {len(images)}.",
-                                 param="messages", extra={"code": "too_many_images"})
+            raise TooManyImages(f"{self.family.name} reads one image per request; this one has {len(images)}.",
+                                 param="messages")
         size = vision.image_size
         try:
             pixels = base64.b64decode(images[0].data, validate=True)
         except (binascii.Error, ValueError):
             pixels = b""
         if (images[0].width, images[0].height) != (size, size) or len(pixels) != size * size * 3:
-            raise InvalidRequest("The image was not prepared for this model.", param="messages",
-                                 extra={"code": "invalid_image"})
+            raise InvalidImage("The image was not prepared for this model.", param="messages")
         return chatglm_cpp._C.Image(np.frombuffer(pixels, np.uint8).reshape(size, size, 3).copy())
 
     def encode_chat(self, messages: tuple[Message, ...], tools: tuple[Tool, ...] = ()) -> list[int]:
@@ -281,7 +280,8 @@ class Slot:
         token = self._prefill(prompt, reuse, config, image)
         if reuse == 0:
             self.model.costs.note_prefill(time.monotonic() - started, len(prompt))
-        generated, reason = 0, "length"
+        generated = 0
+        reason: FinishReason = "length"
         while True:
             ids.append(token)
             generated += 1
@@ -312,7 +312,7 @@ class Slot:
         if call is not None:
             yield call
             reason = "tool_calls"
-        yield Finish(reason, Usage(len(prompt) + extra, generated, cached_tokens=reuse))  # type: ignore[arg-type]
+        yield Finish(reason, Usage(len(prompt) + extra, generated, cached_tokens=reuse))
 
     def _prefill(self, prompt: list[int], reuse: int, config: Any, image: Any = None) -> int:
         """Evaluate what the cache lacks of ``prompt``; the first new token."""

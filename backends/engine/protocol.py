@@ -11,8 +11,10 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, ImageInput, InvalidRequest,
-                           JsonFormat, Message, QueueFull, QueueTimeout, TextDelta, Tool, ToolCall, Unavailable, Usage)
+from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, ImageInput, ImageTooLarge,
+                           InvalidImage, InvalidRequest, JsonFormat, Message, NotSupportedByModel, QueueFull,
+                           QueueTimeout, TextDelta, TooManyImages, Tool, ToolCall, ToolsNotSupported, Unavailable,
+                           UnsupportedContent, Usage)
 
 MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this (an image goes as the
 # model's own image_size squared x 3 bytes of pixels in base64: 5 MB for GLM-4V's 1120 px)
@@ -20,7 +22,8 @@ ACK = b"\x06"  # the client's answer to each event but the last: passed on, send
 
 # The errors the engine may answer with, by name on the wire.
 ERRORS: dict[str, type[BackendError]] = {cls.__name__: cls for cls in (
-    BackendError, InvalidRequest, ContextLengthExceeded, QueueFull, QueueTimeout, Unavailable)}
+    BackendError, InvalidRequest, ContextLengthExceeded, NotSupportedByModel, ToolsNotSupported, UnsupportedContent,
+    InvalidImage, ImageTooLarge, TooManyImages, QueueFull, QueueTimeout, Unavailable)}
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -59,8 +62,7 @@ def event_message(event: Event) -> dict[str, Any]:
 
 def error_message(exc: BackendError) -> dict[str, Any]:
     kind = type(exc).__name__ if type(exc).__name__ in ERRORS else "BackendError"
-    return {"error": kind, "message": exc.message, "param": exc.param, "retry_after": exc.retry_after,
-            "extra": exc.extra}
+    return {"error": kind, "message": exc.message, "param": exc.param, "retry_after": exc.retry_after}
 
 
 def event(message: dict[str, Any]) -> Event:
@@ -73,6 +75,5 @@ def event(message: dict[str, Any]) -> Event:
         return Finish(message["finish"], Usage(**message["usage"]))
     if "error" in message:
         cls = ERRORS.get(message["error"], BackendError)
-        raise cls(message["message"], param=message.get("param"), retry_after=message.get("retry_after"),
-                  extra=message.get("extra") or {})
+        raise cls(message["message"], param=message.get("param"), retry_after=message.get("retry_after"))
     raise ValueError(f"unknown engine message {sorted(message)}")

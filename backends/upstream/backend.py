@@ -30,6 +30,7 @@ from backends.base import (
     RateLimited,
     Unavailable,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamTimeout,
     estimate_tokens,
 )
@@ -260,12 +261,13 @@ def _gave_up(model: str, failures: list[BackendError]) -> BackendError:
         return Unavailable(f"no upstream serves {model}")
     if all(isinstance(f, RateLimited) for f in failures):
         waits = [f.retry_after for f in failures if f.retry_after is not None]
-        return RateLimited(f"every upstream serving {model} is rate limited: {said}",
-                           retry_after=min(waits) if waits else None, extra={"code": "upstream_rate_limited"})
+        return UpstreamRateLimited(f"every upstream serving {model} is rate limited: {said}",
+                                   retry_after=min(waits) if waits else None)
     if all(isinstance(f, UpstreamTimeout) for f in failures):
         return UpstreamTimeout(f"every upstream serving {model} timed out: {said}")
-    last = failures[-1]
-    return UpstreamError(f"every upstream serving {model} failed: {said}", extra=dict(last.extra))
+    last = failures[-1]  # its kind (and so its code) stands for the pool's
+    kind = type(last) if isinstance(last, UpstreamError) else UpstreamError
+    return kind(f"every upstream serving {model} failed: {said}")
 
 
 def _body(r: ChatRequest, kind: Kind) -> dict[str, Any]:

@@ -15,9 +15,11 @@ from requests.adapters import HTTPAdapter
 from backends.base import (
     BackendError,
     ContextLengthExceeded,
-    InvalidRequest,
-    RateLimited,
+    UpstreamAuthFailed,
     UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamRefused,
     UpstreamTimeout,
 )
 from backends.upstream.config import UpstreamConfig
@@ -90,21 +92,18 @@ def error(up: UpstreamConfig, response: requests.Response) -> BackendError:
     message = scrub(up, error_message(text) or f"HTTP {status}")
     retry_after = _seconds(response.headers.get("Retry-After"))
     if status == 429:
-        return RateLimited(f"upstream {up.name} is rate limited: {message}", retry_after=retry_after,
-                           extra={"code": "upstream_rate_limited"})
+        return UpstreamRateLimited(f"upstream {up.name} is rate limited: {message}", retry_after=retry_after)
     if status in (401, 403):
-        return UpstreamError(f"upstream {up.name} refused aigate's credentials ({message}): check its api_key in "
-                             "UPSTREAMS_FILE", extra={"code": "upstream_auth_failed"})
+        return UpstreamAuthFailed(f"upstream {up.name} refused aigate's credentials ({message}): check its api_key in "
+                             "UPSTREAMS_FILE")
     if status == 404:  # the upstream no longer serves the model (or the URL is wrong): another may
-        return UpstreamError(f"upstream {up.name} does not serve this: {message}",
-                             extra={"code": "upstream_not_found"})
+        return UpstreamNotFound(f"upstream {up.name} does not serve this: {message}")
     if status == 408:
         return UpstreamTimeout(f"upstream {up.name} timed out: {message}")
     if status == 413 or "context length" in message.lower() or "maximum context" in message.lower():
         return ContextLengthExceeded(f"upstream {up.name}: {message}", param="messages")
     if 400 <= status < 500:  # the request as sent: the client can change it, another upstream would refuse it too
-        return InvalidRequest(f"upstream {up.name} refused the request: {message}",
-                              extra={"code": "upstream_bad_request"})
+        return UpstreamRefused(f"upstream {up.name} refused the request: {message}")
     return UpstreamError(f"upstream {up.name} failed (HTTP {status}): {message}", retry_after=retry_after)
 
 

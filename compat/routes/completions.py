@@ -6,25 +6,26 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import replace
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, g, jsonify
 
 from backends.base import Event
 from compat.requests import parse_completion
 from compat.responses import Completion, fold_text_completion, text_completion_chunks
 from compat.routes.road import SSE_HEADERS, Answer, json_body, most_tokens, sse_stream, start
+from serving import state
 
 bp = Blueprint("completions", __name__)
 
 
 @bp.post("/v1/completions")
 def create_completion():
-    call = parse_completion(json_body(), current_app.extensions["aigate"].limits)
+    call = parse_completion(json_body(), state().limits)
     # Only the first prompt starts before the response: each holds a generation slot, so the
     # others start one after the other, on the model that took the first, as the answer is written.
     # Every prompt's answer is reserved from a token budget up front: the call is admitted whole or not at all.
     route, first = start(call.requests[0], call.stream,
                          reserve=lambda route: sum(most_tokens(route, r) for r in call.requests))
-    log_prompts = current_app.extensions["aigate"].settings.log_prompts
+    log_prompts = state().settings.log_prompts
     record = g.record
     running = [first]
 

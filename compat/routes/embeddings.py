@@ -6,11 +6,12 @@ import base64
 import struct
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify
+from flask import Blueprint, g, jsonify
 
 from compat.errors import invalid
 from compat.requests import _integer, check_chars, parse_model
 from compat.routes.road import json_body, resolve
+from serving import state
 
 bp = Blueprint("embeddings", __name__)
 
@@ -21,7 +22,7 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 def create_embeddings():
     body = json_body()
     model, inputs, encoding, dimensions = parse_embeddings(body)
-    check_chars(sum(len(x) for x in inputs), current_app.extensions["aigate"].limits, "input")
+    check_chars(sum(len(x) for x in inputs), state().limits, "input")
     route = resolve(model, stream=False)
     result = route.backend.embed(route.model_id, inputs)
     size = len(result.vectors[0]) if result.vectors else 0

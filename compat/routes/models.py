@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
 from backends.base import ModelInfo
 from compat.auth import allowed
 from compat.errors import model_not_found
 from compat.responses import model_object
+from serving import state
 
 bp = Blueprint("models", __name__)
 
@@ -34,5 +35,5 @@ def _object(m: ModelInfo) -> dict:
 
 def _visible() -> list[ModelInfo]:
     """The models (and aliases) the request's key may use."""
-    registry = current_app.extensions["aigate"].registry
+    registry = state().registry
     return [m for m in registry.models() if allowed(m.id, registry.aliases.get(m.id, m.id))]

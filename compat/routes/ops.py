@@ -6,11 +6,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 import metrics
 from compat.auth import check_bearer
 from compat.errors import APIError
+from serving import state
 
 bp = Blueprint("ops", __name__)
 log = logging.getLogger("aigate")
@@ -23,7 +24,7 @@ def health():
 
 @bp.get("/ready")
 def ready():
-    backends = current_app.extensions["aigate"].registry.backends
+    backends = state().registry.backends
     reasons = {b.name: b.readiness() for b in backends}
     broken_metrics = metrics.readiness()
     ok = all(reason is None for reason in reasons.values()) and broken_metrics is None
@@ -41,13 +42,13 @@ def ready():
 
 @bp.get("/metrics")
 def prometheus_metrics():
-    state = current_app.extensions["aigate"]
-    if state.settings.metrics_token:
-        check_bearer(request.headers.get("Authorization"), state.settings.metrics_token)
+    app_state = state()
+    if app_state.settings.metrics_token:
+        check_bearer(request.headers.get("Authorization"), app_state.settings.metrics_token)
     elif not _is_loopback(request.remote_addr):
         raise APIError(403, "/metrics answers local clients only; set METRICS_TOKEN to scrape it from elsewhere.",
                        type="permission_error", code="metrics_forbidden")
-    stats = [(b.name, b.stats()) for b in state.registry.backends]
+    stats = [(b.name, b.stats()) for b in app_state.registry.backends]
     try:
         text = metrics.exposition(stats)
     except (OSError, ValueError) as exc:  # the multiprocess directory is gone or unreadable

@@ -7,19 +7,20 @@ import json
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from compat.errors import APIError, internal_error, invalid
 from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
 from compat.routes.road import SSE_HEADERS, json_body, sse_stream, start
 from response_store import ResponseStore
+from serving import state
 
 bp = Blueprint("responses", __name__)
 log = logging.getLogger(__name__)
 
 
 def _store() -> ResponseStore:
-    return current_app.extensions["aigate"].responses
+    return state().responses
 
 
 def _owner() -> str:
@@ -44,8 +45,8 @@ def create_response():
             raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
                            code="previous_response_not_found")
         history = stored.input_items + stored.response.get("output", [])
-    state = current_app.extensions["aigate"]
-    call = parse_responses(body, state.limits, history)
+    app_state = state()
+    call = parse_responses(body, app_state.limits, history)
     route, answer = start(call.request, call.stream)
     codec = ResponseStream(route.model_id, call.echo, call.echo["parallel_tool_calls"])
     owner, store = _owner(), _store()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import replace
 
-from flask import current_app, g, has_app_context
+from flask import g, has_app_context
 from flask import request as flask_request
 
 import metrics
@@ -22,6 +22,7 @@ from compat.client_socket import ClientGone, ClientSocket
 from compat.errors import APIError, from_backend, internal_error, invalid, model_not_found
 from request_log import RequestRecord
 from streams import STOPPED_CODE, RunningStreams, ServerStopping
+from serving import state
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,23 @@ def start(request: ChatRequest, stream: bool,
           reserve: Callable[[Route], int] | None = None) -> tuple[Route, Answer]:
     """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS.
     ``reserve`` says what the whole call may cost (/v1/completions runs one answer per prompt)."""
-    state = current_app.extensions["aigate"]
-    chain = [request.model, *(name for name in state.fallbacks.get(request.model, ()) if find(name))]
+    app_state = state()
+    chain = [request.model, *(name for name in app_state.fallbacks.get(request.model, ()) if find(name))]
     first = resolve(request.model, stream)
     if request.response_format is not None:  # a schema is honoured or refused: no fallback that would drop it
         if not structured.supports(first):
-            structured.refuse(request.response_format, request.model, state.registry)
-        chain = [request.model, *(n for n in chain[1:] if structured.supports(find(n)))]  # type: ignore[arg-type]
-    g.record.admit(reserve(first) if reserve else most_tokens(first, request))  # a 429 if the budget lacks it
-    client = ClientSocket(flask_request.environ, state.settings.client_write_timeout)
+            structured.refuse(request.response_format, request.model, app_state.registry)
+        chain = [request.model, *(n for n in chain[1:] if (r := find(n)) is not None and structured.supports(r))]
+    most = reserve(first) if reserve else most_tokens(first, request)
+    if app_state.budgets is not None:
+        app_state.budgets.reserve(most)  # a 429 if the key's tokens per minute lack it
+    g.record.reserved_tokens = most
+    client = ClientSocket(flask_request.environ, app_state.settings.client_write_timeout)
     for i, name in enumerate(chain):
         route = first if i == 0 else resolve(name, stream)
-        asked = request if i == 0 else within_ceiling(request, state.limits.ceiling(name))
+        asked = request if i == 0 else within_ceiling(request, app_state.limits.ceiling(name))
         try:
-            return route, Answer(route, asked, g.record, state.settings.log_prompts, client)
+            return route, Answer(route, asked, g.record, app_state.settings.log_prompts, client)
         except FALL_BACK_ON as exc:
             if i == len(chain) - 1:
                 raise
@@ -91,7 +95,7 @@ def most_tokens(route: Route, request: ChatRequest) -> int:
     prompt = request.estimated_prompt_tokens
     if request.max_tokens is not None:
         return prompt + request.max_tokens
-    open_ended = current_app.extensions["aigate"].open_ended.get(route.backend.name)
+    open_ended = state().open_ended.get(route.backend.name)
     if open_ended is None:
         return prompt
     if route.backend.name == "chatglm":  # a context holds the prompt and the answer together
@@ -117,7 +121,7 @@ def resolve(model: str, stream: bool) -> Route:
 
 def find(name: str) -> Route | None:
     """The backend serving ``name`` (an id or alias), if the request's key may use it."""
-    route = current_app.extensions["aigate"].registry.resolve(name)
+    route = state().registry.resolve(name)
     return route if route is not None and allowed(name, route.model_id) else None
 
 
@@ -157,7 +161,7 @@ def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: Reques
     CLIENT_WRITE_TIMEOUT, closes this generator, which closes the backend's. ``finished`` runs once
     the answer was written whole or its failure told."""
     # Taken now: the body is written after the view returns (outside an app, as in a unit test, none).
-    running = current_app.extensions["aigate"].streams if has_app_context() else RunningStreams()
+    running = state().streams if has_app_context() else RunningStreams()
     return _sse(chunks, close, record, client, running, frame, failed, done, finished)
 
 
