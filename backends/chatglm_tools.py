@@ -36,13 +36,22 @@ def render_call(call: ToolCall) -> str:
     return f"```python\ntool_call({kwargs})\n```"
 
 
-def parse_call(name: str, body: str) -> ToolCall | None:
-    """The call in a tool turn, or None if it is not one the client could use."""
+def call_turn(name: str, body: str) -> tuple[str, str] | None:
+    """A tool turn's function name and its arguments' source (fenced or not), or None for a name no
+    client could call. ChatGLM3 and GLM-4 differ only in how they write the arguments."""
     name = name.strip()
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
         return None
     fenced = _FENCED.search(body)
-    source = (fenced.group(1) if fenced else body).strip()
+    return name, (fenced.group(1) if fenced else body).strip()
+
+
+def parse_call(name: str, body: str) -> ToolCall | None:
+    """The call in a tool turn, or None if it is not one the client could use."""
+    turn = call_turn(name, body)
+    if turn is None:
+        return None
+    name, source = turn
     try:
         node = ast.parse(source, mode="eval").body
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tool_call"

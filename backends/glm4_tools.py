@@ -10,15 +10,14 @@ metadata line, as with ChatGLM3.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 
 from backends.base import Tool, ToolCall
+from backends.chatglm_tools import call_turn
 
 TOOLS_PROMPT = ("你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
                 "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
 CALL_HINT = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
-_FENCED = re.compile(r"```[^\n]*\n(.*?)\n?```", re.S)
 
 
 def tools_system_prompt(tools: tuple[Tool, ...]) -> str:
@@ -39,11 +38,10 @@ def render_call(call: ToolCall) -> str:
 
 def parse_call(name: str, body: str) -> ToolCall | None:
     """The call in a tool turn, or None if it is not one the client could use."""
-    name = name.strip()
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+    turn = call_turn(name, body)
+    if turn is None:
         return None
-    fenced = _FENCED.search(body)
-    source = (fenced.group(1) if fenced else body).strip()
+    name, source = turn
     try:
         arguments = json.loads(source)
     except (ValueError, RecursionError):

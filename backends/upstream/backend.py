@@ -219,13 +219,16 @@ def _read(reader: Normaliser, up: UpstreamConfig, response: requests.Response) -
     """The answer's events: a stream, or (also to a stream request, as some servers do) one JSON body."""
     if "text/event-stream" in response.headers.get("Content-Type", ""):
         return reader.stream(_chunks(up, response))
+    return reader.whole(_json(up, response))
+
+
+def _json(up: UpstreamConfig, response: requests.Response) -> Any:
     try:
-        body = response.json()
+        return response.json()
     except (ValueError, RecursionError):
         raise UpstreamError(f"upstream {up.name} answered with something that is not JSON") from None
     except requests.RequestException as exc:
         raise broken_read(up, exc, "mid-answer") from None
-    return reader.whole(body)
 
 
 def _chunks(up: UpstreamConfig, response: requests.Response) -> Iterator[bytes]:
@@ -236,12 +239,7 @@ def _chunks(up: UpstreamConfig, response: requests.Response) -> Iterator[bytes]:
 
 
 def _embeddings(up: UpstreamConfig, response: requests.Response, count: int) -> tuple[list[list[float]], int]:
-    try:
-        body = response.json()
-    except (ValueError, RecursionError):
-        raise UpstreamError(f"upstream {up.name} answered with something that is not JSON") from None
-    except requests.RequestException as exc:
-        raise broken_read(up, exc, "mid-answer") from None
+    body = _json(up, response)
     data = body.get("data") if isinstance(body, dict) else None
     items = sorted((d for d in data if isinstance(d, dict)), key=lambda d: d.get("index", 0)) if isinstance(
         data, list) else []
