@@ -34,6 +34,8 @@ class _Connection:
 
     def __init__(self, sock: socket.socket, limit: float) -> None:
         self._sock = sock
+        # Looked up once: the response's writes go through these for every chunk of a stream.
+        self.sendall, self.send, self.fileno = sock.sendall, sock.send, sock.fileno
         self.limit = limit
         self.reading_headers = True
         self.first_request = True

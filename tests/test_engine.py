@@ -202,3 +202,14 @@ def test_a_fork_in_the_master_waits_for_the_engine_start_in_flight():
         assert not forked.wait(0.5)
     assert forked.wait(10)
     thread.join()
+
+
+def test_between_tokens_the_worker_socket_is_looked_at_only_every_so_often():
+    from backends.engine.server import at_most_every
+
+    looks = []
+    check = at_most_every(0.05, lambda: looks.append(time.monotonic()) or True)
+    assert not any(check() for _ in range(1000))  # a token's step is far shorter than the interval
+    assert looks == []
+    time.sleep(0.06)  # the interval itself is what is tested
+    assert check() and len(looks) == 1

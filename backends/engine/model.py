@@ -294,14 +294,14 @@ class Slot:
             if stop.stopped:
                 reason = "stop"
                 break
-            if generated >= max_new or cancelled():
+            if generated >= max_new:
                 break
+            if cancelled():
+                return
             step = time.monotonic()
             token = model.generate_next_token(ids, None, config, len(ids) - 1 + extra, len(prompt))
             self._cached = len(ids) if image is None else 0  # with an image, cache positions are not the ids
             self.model.costs.note_decode(time.monotonic() - step)
-        if cancelled():
-            return
         call = None
         if not stop.stopped:
             content = reply.feed(detok.flush())

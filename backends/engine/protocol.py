@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+import msgspec
+
 from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, ImageInput, ImageTooLarge,
                            InvalidImage, InvalidRequest, JsonFormat, Message, NotSupportedByModel, QueueFull,
                            QueueTimeout, TextDelta, TooManyImages, Tool, ToolCall, ToolsNotSupported, Unavailable,
@@ -26,13 +28,23 @@ ERRORS: dict[str, type[BackendError]] = {cls.__name__: cls for cls in (
     InvalidImage, ImageTooLarge, TooManyImages, QueueFull, QueueTimeout, Unavailable)}
 
 
+# msgspec: an event line is written and read once per token, and that time is taken from the model.
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
 def encode(obj: dict[str, Any]) -> bytes:
-    # ensure_ascii: a lone surrogate a client sent (JSON allows "\ud800") travels as an escape
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    try:
+        return _encoder.encode(obj) + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate a client sent (JSON allows "\ud800"): as an escape
+        return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 def decode(line: bytes) -> dict[str, Any]:
-    obj = json.loads(line)
+    try:
+        obj = _decoder.decode(line)
+    except msgspec.DecodeError:  # msgspec refuses the escape of a lone surrogate; the standard library reads it
+        obj = json.loads(line)
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     return obj

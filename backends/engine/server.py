@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from backends.base import BackendError, ChatRequest, Finish, Unavailable
@@ -59,6 +60,24 @@ def peer_closed(conn: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+CANCEL_CHECK_SECONDS = 0.05  # between tokens a look at the worker's socket costs a system call: at most this often
+
+
+def at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], bool]:
+    """``check``, asked at most once every ``seconds`` (False in between). A worker that leaves is
+    also noticed at once by the acknowledgement it no longer sends."""
+    last = time.monotonic()
+
+    def throttled() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < seconds:
+            return False
+        last = now
+        return check()
+    return throttled
 
 
 class Engine:
@@ -121,7 +140,7 @@ class Engine:
             prompt = self.model.prompt_ids(request)
             gone = lambda: peer_closed(conn)  # noqa: E731
             with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone) as slot:
-                for event in slot.generate(request, prompt, gone):
+                for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
                     conn.sendall(protocol.encode(protocol.event_message(event)))
                     # The next step waits until the worker has passed this event on: on a small machine
                     # its work then never competes with the model's threads for the cores.
