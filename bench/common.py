@@ -1,9 +1,10 @@
-"""Shared by the benchmarks: the bench model, servers on loopback, a light SSE client, medians."""
+"""Shared by the benchmarks: the bench model, servers on loopback, a lean SSE client, medians."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -82,23 +84,57 @@ class Timing:
     text: str
 
 
+_FIRST_CONTENT = re.compile(rb'"content":"[^"]')  # the role chunk's content is ""
+
+
 def stream_chat(url: str, body: dict, headers: dict[str, str] | None = None) -> Timing:
-    """POST a streaming chat request and time it with a light client (requests + json), so the
-    client takes as little CPU from the model as possible."""
-    started = time.perf_counter()
+    """POST a streaming chat request and time it with the leanest client we could write: on a
+    small machine a client's own CPU is taken from the model's cores, and a real client runs
+    elsewhere. During the stream it only receives and looks for the first content; the HTTP
+    chunks and the SSE events are read after the last byte."""
+    parsed = urlsplit(url)
+    data = json.dumps({**body, "stream": True}).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    request = (f"POST {parsed.path} HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(data)}\r\nConnection: close\r\n{head}\r\n").encode() + data
+    received: list[bytes] = []
     first = None
-    parts = []
-    with requests.post(url, json={**body, "stream": True}, headers=headers, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith(b"data: {"):
-                continue
+    with socket.create_connection((parsed.hostname, parsed.port or 80), timeout=600) as sock:
+        started = time.perf_counter()
+        sock.sendall(request)
+        tail = b""
+        while block := sock.recv(65536):
+            received.append(block)
+            if first is None:
+                if _FIRST_CONTENT.search(tail + block):
+                    first = time.perf_counter() - started
+                tail = block[-32:]
+        total = time.perf_counter() - started
+    return Timing(first or 0.0, total, _content(b"".join(received)))
+
+
+def _content(response: bytes) -> str:
+    """The streamed text of a whole HTTP/1.1 response (chunked or not)."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1]
+    if status != b"200":
+        raise RuntimeError(f"HTTP {status.decode()}: {body[:300]!r}")
+    if b"transfer-encoding: chunked" in head.lower():
+        parts, rest = [], body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size.split(b";")[0], 16)
+            if n == 0:
+                break
+            parts.append(rest[:n])
+            rest = rest[n + 2:]
+        body = b"".join(parts)
+    text = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: {"):
             choices = json.loads(line[6:]).get("choices") or [{}]
-            content = (choices[0].get("delta") or {}).get("content")
-            if content:
-                first = first or time.perf_counter() - started
-                parts.append(content)
-    return Timing(first or 0.0, time.perf_counter() - started, "".join(parts))
+            text.append((choices[0].get("delta") or {}).get("content") or "")
+    return "".join(text)
 
 
 def median(values: list[float]) -> float:

@@ -17,7 +17,8 @@ Contenders, each asked for the same greedy answer:
   chatglm  chatglm_cpp.openai_api under uvicorn (from the chatglm-cpp[api] extra)
 Time to first token and decode speed (tokens after the first / time after the first) are the
 medians over the runs; tokens are counted by re-encoding the received text with the model's
-tokenizer, the same way for every contender.
+tokenizer, the same way for every contender. The servers are read by the same lean client
+(common.stream_chat), in this process, which is idle while the engine row runs.
 """
 
 from __future__ import annotations
