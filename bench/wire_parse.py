@@ -1,0 +1,264 @@
+"""Which tool declares the wire types (issue 13): the time to read a chat request (a typical one and one
+of 1,000 messages) into its declaration, and to encode one stream chunk, for pydantic v2 and msgspec
+against today's hand-written parser and dict chunks. In-process, one core, medians of rounds alternated.
+
+    .venv/bin/python bench/wire_parse.py        # writes bench/results/wire_parse.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compat import sse  # noqa: E402
+from compat.requests import parse_chat  # noqa: E402
+from compat.responses import Completion, chunk  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "wire_parse.md"
+
+TYPICAL = {"model": "@cf/meta/llama-3.1-8b-instruct", "stream": True, "stream_options": {"include_usage": True},
+           "max_tokens": 256, "temperature": 0.7,
+           "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": "What is the capital of France?"},
+                        {"role": "assistant", "content": "Paris."},
+                        {"role": "user", "content": [{"type": "text", "text": "And of Italy?"}]}],
+           "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                                         "parameters": {"type": "object",
+                                                                        "properties": {"city": {"type": "string"}}}}}]}
+LONG = {"model": "m", "messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 8}
+                                   for i in range(1000)]}
+
+
+# -- pydantic v2 -------------------------------------------------------------------------------------------
+class PStrict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class PText(PStrict):
+    type: Literal["text"]
+    text: str
+
+
+class PFunction(PStrict):
+    name: str
+    arguments: Any = None
+
+
+class PCall(PStrict):
+    id: str | None = None
+    function: PFunction
+
+
+class PMessage(PStrict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[PText] | None = None
+    tool_calls: list[PCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class PToolFunction(PStrict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class PTool(PStrict):
+    type: Literal["function"] = "function"
+    function: PToolFunction
+
+
+class PStreamOptions(PStrict):
+    include_usage: bool | None = None
+
+
+class PChat(PStrict):
+    model: Annotated[str, Field(min_length=1)]
+    n: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+    messages: Annotated[list[PMessage], Field(min_length=1)]
+    tools: list[PTool] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stream: bool | None = None
+    stream_options: PStreamOptions | None = None
+
+
+P_CHAT = TypeAdapter(PChat)
+
+
+class PDelta(BaseModel):
+    content: str
+
+
+class PChoice(BaseModel):
+    index: int
+    delta: PDelta
+    logprobs: None
+    finish_reason: str | None
+
+
+class PChunk(BaseModel):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[PChoice]
+
+
+# -- msgspec -----------------------------------------------------------------------------------------------
+class MText(msgspec.Struct, forbid_unknown_fields=False):
+    type: Literal["text"]
+    text: str
+
+
+class MFunction(msgspec.Struct):
+    name: str
+    arguments: Any = None
+
+
+class MCall(msgspec.Struct):
+    function: MFunction
+    id: str | None = None
+
+
+class MMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[MText] | None = None
+    tool_calls: list[MCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class MToolFunction(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+
+class MTool(msgspec.Struct):
+    function: MToolFunction
+    type: Literal["function"] = "function"
+
+
+class MStreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class MChat(msgspec.Struct):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    messages: Annotated[list[MMessage], msgspec.Meta(min_length=1)]
+    n: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
+    tools: list[MTool] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    stream: bool | None = None
+    stream_options: MStreamOptions | None = None
+
+
+class MDelta(msgspec.Struct):
+    content: str
+
+
+class MChoice(msgspec.Struct):
+    index: int
+    delta: MDelta
+    logprobs: None
+    finish_reason: str | None
+
+
+class MChunk(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[MChoice]
+
+
+M_ENCODER = msgspec.json.Encoder()
+
+
+def median_us(fn: Any, n: int) -> float:
+    rounds = []
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    load = os.getloadavg()
+    completion = Completion("m", id="chatcmpl-x", created=1)
+    cases: dict[str, dict[str, Any]] = {}
+    for name, body, n in (("typical chat request", TYPICAL, 3000), ("1,000-message chat request", LONG, 30)):
+        cases[name] = {
+            "today (compat.requests.parse_chat)": lambda body=body: parse_chat(body),
+            "pydantic v2 (validate the dict)": lambda body=body: P_CHAT.validate_python(body),
+            "msgspec (convert the dict)": lambda body=body: msgspec.convert(body, MChat, strict=True),
+            "_n": n,
+        }
+    cases["encode one content chunk"] = {
+        "today (dict + json encoder, compat.sse.encode)": lambda: sse.encode(chunk(completion, {"content": "tok"})),
+        "pydantic v2 (model_dump_json)": lambda: b"data: " + PChunk(
+            id="chatcmpl-x", object="chat.completion.chunk", created=1, model="m",
+            choices=[PChoice(index=0, delta=PDelta(content="tok"), logprobs=None, finish_reason=None)]
+        ).model_dump_json().encode() + b"\n\n",
+        "msgspec (Struct, msgspec.json)": lambda: b"data: " + M_ENCODER.encode(MChunk(
+            "chatcmpl-x", "chat.completion.chunk", 1, "m", [MChoice(0, MDelta("tok"), None, None)])) + b"\n\n",
+        "msgspec (the same dict, msgspec.json)": lambda: b"data: " + M_ENCODER.encode(
+            chunk(completion, {"content": "tok"})) + b"\n\n",
+        "_n": 20000,
+    }
+    rows = []
+    for case, contenders in cases.items():
+        n = contenders.pop("_n")
+        base = None
+        for name, fn in contenders.items():
+            fn()  # warm
+            us = median_us(fn, n)
+            base = base or us
+            rows.append(f"| {case} | {name} | {us:,.1f} | {us / base:.2f}x |")
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True,
+                         text=True).stdout.strip()
+    text = "\n".join([
+        "# Wire declarations: what reading a request and writing a chunk cost (bench/wire_parse.py)",
+        "",
+        f"In-process, one core ({cpu}), median of 7 rounds per contender, microseconds per call; pydantic "
+        f"{pydantic.VERSION}, msgspec {msgspec.__version__}. Load average before: {load[0]:.2f}, after: "
+        f"{os.getloadavg()[0]:.2f} (2 cores, shared with other sessions' work).",
+        "The declarations here are the chat request's shape (types, bounds, enums); today's parser also builds "
+        "the internal ChatRequest, so it does a little more than either candidate alone.",
+        "",
+        "| case | contender | us per call | vs today |",
+        "|---|---|---:|---:|",
+        *rows,
+        "",
+    ])
+    RESULTS.write_text(text, encoding="utf-8")
+    print(text)
+    json.dumps(TYPICAL)
+
+
+if __name__ == "__main__":
+    main()
