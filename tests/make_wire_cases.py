@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compat.errors import APIError
-from compat.requests import Limits, parse_chat, parse_completion
-from compat.routes.embeddings import parse_embeddings
+from compat.requests import Limits, parse_chat, parse_completion, parse_embeddings
 
 OUT = Path(__file__).resolve().parent / "data" / "wire_cases.json"
 GONE = "<removed>"
