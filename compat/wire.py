@@ -253,7 +253,8 @@ class CompletionRequest(Sampling, kw_only=True):
     suffix: Annotated[str, Meta(description="Accepted and ignored (no fill-in-the-middle model is served).")
                       ] | None = None
     best_of: One | None = None
-    logprobs: Annotated[Any, Meta(description="Any value is refused (`unsupported_parameter`).")] = None
+    logprobs: Annotated[Any, Meta(description="Any value is refused (`unsupported_parameter`).",
+                                  extra_json_schema={"type": "null"})] = None
 
 
 class EmbeddingRequest(Struct, kw_only=True):
@@ -373,10 +374,20 @@ def _is_nan(body: Any, path: str) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
+# What joins two fields, which a Struct cannot say: a tool_choice that asks for a tool needs tools.
+_JOINED = {"ChatCompletionRequest": {
+    "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [{"const": "required"},
+                                                                                {"type": "object"}]}}},
+    "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}}
+
+
 def schemas() -> dict[str, Any]:
     """The request declarations as OpenAPI 3.1 components (JSON Schema 2020-12), by name."""
-    return msgspec.json.schema_components(REQUESTS, schema_hook=_schema,
-                                          ref_template="#/components/schemas/{name}")[1]
+    components = msgspec.json.schema_components(REQUESTS, schema_hook=_schema,
+                                                ref_template="#/components/schemas/{name}")[1]
+    for name, extra in _JOINED.items():
+        components[name].update(extra)
+    return components
 
 
 __all__ = ["REQUESTS", "UNSET", "AssistantMessage", "ChatCompletionRequest", "ChatMessage", "CompletionRequest",
