@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from compat.errors import APIError
-from compat.requests import Limits, parse_chat, parse_completion, parse_embeddings
+from compat.requests import Limits, parse_chat, parse_completion
+
+try:
+    from compat.requests import parse_embeddings
+except ImportError:  # before the declarations, the route held it
+    from compat.routes.embeddings import parse_embeddings  # type: ignore[attr-defined,no-redef]
 
 OUT = Path(__file__).resolve().parent / "data" / "wire_cases.json"
 GONE = "<removed>"
@@ -23,6 +28,8 @@ PROBES: list[Any] = [GONE, None, 0, -1, 1, 2, 5, 1.5, 3.0, True, False, "", "x",
                      ["x"], ["a", "b", "c", "d", "e"], {}, {"a": 1}, {"type": "text"}, {"type": "function"},
                      float("nan"), 1e30]
 IMAGE = "data:image/png;base64,iVBORw0KGgo="
+PROBES += [{"type": "image_url", "image_url": {"url": IMAGE}}, {"type": "image_url", "image_url": "https://x/y.png"},
+           {"type": "input_audio"}, {"role": "user", "content": "x"}]
 CHAT = {
     "model": "m", "max_tokens": 8, "temperature": 0.5, "stop": ["\n"], "stream": True,
     "stream_options": {"include_usage": True},
@@ -41,6 +48,8 @@ CHAT_EXTRA = ["n", "user", "logprobs", "seed", "presence_penalty", "frequency_pe
               "max_completion_tokens", "functions", "function_call", "parallel_tool_calls", "metadata"]
 LEGACY = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
           "functions": [{"name": "f", "description": "d", "parameters": {}}], "function_call": {"name": "f"}}
+TEXT_ONLY = {"model": "t", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]},
+                                      {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]}
 COMPLETION = {"model": "m", "prompt": ["a", "b"], "max_tokens": 8, "echo": True, "suffix": "s", "stop": "\n",
               "stream": True, "stream_options": {"include_usage": False}}
 COMPLETION_EXTRA = ["n", "best_of", "logprobs", "user", "temperature", "top_p", "seed", "presence_penalty",
@@ -50,7 +59,7 @@ EMBEDDING_EXTRA = ["user", "n"]
 LIMITS = Limits(max_messages=6, max_input_chars=400, max_tokens=50, image_models=frozenset({"m"}),
                 max_image_bytes=64)
 BASES: dict[str, tuple[str, Any, list[str]]] = {
-    "chat": ("chat", CHAT, CHAT_EXTRA), "legacy": ("chat", LEGACY, []),
+    "chat": ("chat", CHAT, CHAT_EXTRA), "legacy": ("chat", LEGACY, []), "text_only": ("chat", TEXT_ONLY, []),
     "completion": ("completion", COMPLETION, COMPLETION_EXTRA), "embedding": ("embedding", EMBEDDING, EMBEDDING_EXTRA)}
 WHOLE: list[Any] = [None, [], "x", 1, {}]  # bodies that are not an object, or an empty one
 PARSERS = {"chat": lambda body: parse_chat(body, LIMITS), "completion": lambda body: parse_completion(body, LIMITS),
