@@ -29,10 +29,8 @@ from compat.errors import APIError, invalid
 # "function" the deprecated form of "tool".
 ROLES: dict[str, Role] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool", "function": "tool"}
-MAX_STOP_SEQUENCES = 4
-TOOL_NAME = re.compile(wire.TOOL_NAME.strip("^$"))
+TOOL_NAME = re.compile(wire.TOOL_NAME.strip("^$"))  # the Responses API's flat tools, read by hand
 DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?(;[^,;]*)*;base64,(.*)", re.S)
-MAX_INPUTS = 2048  # embedding inputs per request, OpenAI's limit (declared in wire.EmbeddingRequest)
 
 
 @dataclass(frozen=True)
@@ -361,8 +359,8 @@ def _optional_bool(body: dict[str, Any], name: str, param: str | None = None) ->
     return value
 
 
-# The parsers, their limits, and the field readers the Responses and embeddings parsers share.
-__all__ = ["DATA_URL", "DEFAULT_COMPLETION_TOKENS", "MAX_INPUTS", "MAX_STOP_SEQUENCES", "ROLES", "TOOL_NAME",
+# The parsers, their limits, and the field readers the Responses parser (not declared yet) shares.
+__all__ = ["DATA_URL", "DEFAULT_COMPLETION_TOKENS", "ROLES", "TOOL_NAME",
            "ChatCall", "CompletionCall", "EmbeddingCall", "Limits", "_bounded_max_tokens", "_integer", "_number",
            "_optional_bool", "check_chars", "image_input", "message_chars", "parse_chat", "parse_completion",
            "parse_embeddings", "parse_model", "tool_chars"]

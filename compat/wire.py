@@ -79,7 +79,9 @@ Seed = Annotated[Integer, _doc("Accepted; passed to Workers AI (when 1 to 999999
 ModelName = Annotated[str, Meta(min_length=1, description="A model id or alias from `GET /v1/models`.")]
 One = Annotated[Count, _doc("One choice per request; more are refused (`unsupported_value`).", maximum=1)]
 NonEmpty = Annotated[str, Meta(min_length=1)]
-Stop = Annotated[NonEmpty | Annotated[list[NonEmpty], Meta(max_length=4)], Meta(
+MAX_STOP_SEQUENCES = 4
+MAX_INPUTS = 2048  # embedding inputs per request, OpenAI's limit
+Stop = Annotated[NonEmpty | Annotated[list[NonEmpty], Meta(max_length=MAX_STOP_SEQUENCES)], Meta(
     description="Up to 4 non-empty sequences; the answer ends before the first one it would contain.")]
 Stream = Annotated[bool, Meta(description="true answers with server-sent events (`text/event-stream`).")]
 User = Annotated[str, Meta(description="Accepted and ignored.")]
@@ -259,7 +261,7 @@ class CompletionRequest(Sampling, kw_only=True):
 
 class EmbeddingRequest(Struct, kw_only=True):
     model: ModelName
-    input: Annotated[NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=2048)], Meta(
+    input: Annotated[NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=MAX_INPUTS)], Meta(
         description="One text or up to 2048, none empty. Token ids are refused (`unsupported_value`): with "
                     "LangChain's `OpenAIEmbeddings`, set `check_embedding_ctx_length=False`.")]
     encoding_format: Annotated[Literal["float", "base64"], Meta(
