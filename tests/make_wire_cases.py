@@ -16,6 +16,7 @@ from typing import Any
 
 from compat.errors import APIError
 from compat.requests import Limits, parse_chat, parse_completion
+from compat.responses_api import parse_responses
 
 try:
     from compat.requests import parse_embeddings
@@ -54,16 +55,30 @@ COMPLETION = {"model": "m", "prompt": ["a", "b"], "max_tokens": 8, "echo": True,
               "stream": True, "stream_options": {"include_usage": False}}
 COMPLETION_EXTRA = ["n", "best_of", "logprobs", "user", "temperature", "top_p", "seed", "presence_penalty",
                     "frequency_penalty"]
+RESPONSES = {
+    "model": "m", "instructions": "be brief", "max_output_tokens": 8, "temperature": 0.5, "store": False,
+    "stream": True, "metadata": {"a": "b"}, "parallel_tool_calls": False,
+    "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"},
+                                                              {"type": "input_image", "image_url": IMAGE}]},
+              {"type": "function_call", "name": "f", "call_id": "c1", "arguments": "{}"},
+              {"type": "function_call_output", "call_id": "c1", "output": "42"}],
+    "tools": [{"type": "function", "name": "f", "description": "d", "parameters": {"type": "object"}},
+              {"type": "web_search"}],
+    "tool_choice": {"type": "function", "name": "f"},
+    "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}},
+}
+RESPONSES_EXTRA = ["n", "user", "top_p", "background", "conversation", "prompt", "reasoning", "include"]
 EMBEDDING = {"model": "m", "input": ["a", "b"], "encoding_format": "base64", "dimensions": 8}
 EMBEDDING_EXTRA = ["user", "n"]
 LIMITS = Limits(max_messages=6, max_input_chars=400, max_tokens=50, image_models=frozenset({"m"}),
                 max_image_bytes=64)
 BASES: dict[str, tuple[str, Any, list[str]]] = {
     "chat": ("chat", CHAT, CHAT_EXTRA), "legacy": ("chat", LEGACY, []), "text_only": ("chat", TEXT_ONLY, []),
-    "completion": ("completion", COMPLETION, COMPLETION_EXTRA), "embedding": ("embedding", EMBEDDING, EMBEDDING_EXTRA)}
+    "completion": ("completion", COMPLETION, COMPLETION_EXTRA), "embedding": ("embedding", EMBEDDING, EMBEDDING_EXTRA),
+    "responses": ("responses", RESPONSES, RESPONSES_EXTRA)}
 WHOLE: list[Any] = [None, [], "x", 1, {}]  # bodies that are not an object, or an empty one
 PARSERS = {"chat": lambda body: parse_chat(body, LIMITS), "completion": lambda body: parse_completion(body, LIMITS),
-           "embedding": parse_embeddings}
+           "embedding": parse_embeddings, "responses": lambda body: parse_responses(body, LIMITS)}
 
 
 def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
