@@ -60,7 +60,7 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     legacy = isinstance(body, dict) and body.get("functions") is not None and body.get("tools") is None
     request = wire.read(_legacy_functions(body) if legacy else body, wire.ChatCompletionRequest)
     model = request.model
-    _one_choice(request.n, "n")
+    one_choice(request.n, "n")
     messages = _messages(request.messages, limits if model in limits.image_models else None)
     if len(messages) > limits.max_messages:
         raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
@@ -102,8 +102,8 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     request = _read_texts(body, wire.CompletionRequest, "prompt", "prompts given as token ids are not supported; "
                                                                   "send text.")
     model = request.model
-    _one_choice(request.n, "n")
-    _one_choice(request.best_of, "best_of")
+    one_choice(request.n, "n")
+    one_choice(request.best_of, "best_of")
     if request.logprobs is not None:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
@@ -131,7 +131,7 @@ def parse_embeddings(body: Any) -> EmbeddingCall:
     request = _read_texts(body, wire.EmbeddingRequest, "input", "input given as token ids is not supported: send "
                           "the text itself. (LangChain's OpenAIEmbeddings sends token ids unless it is created "
                           "with check_embedding_ctx_length=False.)")
-    _one_choice(request.n, "n")
+    one_choice(request.n, "n")
     inputs = [request.input] if isinstance(request.input, str) else request.input
     return EmbeddingCall(request.model, inputs, request.encoding_format or "float", _int(request.dimensions))
 
@@ -171,20 +171,7 @@ def _bounded_max_tokens(value: int | None, ceiling: int | None, param: str) -> i
     return ceiling if value is None else value
 
 
-class _Model(wire.Struct, kw_only=True):
-    model: wire.ModelName
-    n: wire.One | None = None
-    user: wire.User | None = None
-
-
-def parse_model(body: Any) -> str:
-    """The model of a body whose other fields are read by hand (the Responses API's)."""
-    request = wire.read(body, _Model)
-    _one_choice(request.n, "n")
-    return request.model
-
-
-def _one_choice(n: int | None, name: str) -> None:
+def one_choice(n: int | None, name: str) -> None:
     if n is not None and n > 1:
         raise invalid(f"{name} > 1 is not supported: this server returns one choice per request; "
                       f"send {name} separate requests instead.", name, "unsupported_value")
@@ -323,44 +310,7 @@ def _tool_choice(raw: str | wire.NamedToolChoice | None, tools: tuple[Tool, ...]
     return choice
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_number(value) or value != value:
-        raise invalid(f"{name} must be a number.", name, "invalid_type")
-    if not low <= value <= high:
-        raise invalid(f"{value} is not a valid {name}: it must be between {low:g} and {high:g}.", name,
-                      "invalid_value")
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str, *, minimum: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(f"{name} must be an integer.", name, "invalid_type")
-    if minimum is not None and value < minimum:
-        raise invalid(f"{value} is not a valid {name}: it must be at least {minimum}.", name, "invalid_value")
-    return value
-
-
-def _optional_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise invalid(f"{param or name} must be true or false.", param or name, "invalid_type")
-    return value
-
-
-# The parsers, their limits, and the field readers the Responses parser (not declared yet) shares.
-__all__ = ["DATA_URL", "DEFAULT_COMPLETION_TOKENS", "ROLES", "TOOL_NAME",
-           "ChatCall", "CompletionCall", "EmbeddingCall", "Limits", "_bounded_max_tokens", "_integer", "_number",
-           "_optional_bool", "check_chars", "image_input", "message_chars", "parse_chat", "parse_completion",
-           "parse_embeddings", "parse_model", "tool_chars"]
+# The parsers, their limits, and what the Responses parser shares with them.
+__all__ = ["DATA_URL", "DEFAULT_COMPLETION_TOKENS", "ROLES", "TOOL_NAME", "ChatCall", "CompletionCall", "EmbeddingCall",
+           "Limits", "_bounded_max_tokens", "check_chars", "image_input", "message_chars", "one_choice", "parse_chat",
+           "parse_completion", "parse_embeddings", "tool_chars"]

@@ -1,5 +1,5 @@
-"""The request bodies of /v1/chat/completions, /v1/completions and /v1/embeddings, declared once as
-msgspec Structs: `read` checks a body against its declaration (a 400 naming the field), and
+"""The request bodies of /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses,
+declared once as msgspec Structs: `read` checks a body against its declaration (a 400 naming the field), and
 `schemas()` gives the same declarations as the OpenAPI document's components (/openapi.json).
 
 msgspec was chosen by measurement (bench/results/wire_parse.md: it reads a chat request about 10x
@@ -273,7 +273,62 @@ class EmbeddingRequest(Struct, kw_only=True):
     user: User | None = None
 
 
-REQUESTS: tuple[type, ...] = (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+# -- the Responses API -------------------------------------------------------------------------------------
+# Its top-level fields are declared; the input items, function tools and tool_choice, whose unknown kinds
+# are skipped rather than refused (Codex sends hosted tools and reasoning items on every turn), are read
+# by hand in compat/responses_api.py, and described here.
+
+Item = dict[str, Any]
+_FUNCTION_TOOL = {"description": "Only `function` tools are used; the others are skipped.",
+                  "if": {"required": ["type"], "properties": {"type": {"const": "function"}}},
+                  "then": {"required": ["name"], "properties": {
+                      "name": {"type": "string", "pattern": TOOL_NAME},
+                      "description": {"type": ["string", "null"]}, "parameters": {"type": ["object", "null"]}}}}
+_TEXT_FORMAT = {"properties": {"format": {
+    "description": "Structured outputs, as `response_format` in chat completions.",
+    "oneOf": [{"type": "null"},
+              {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+              {"type": "object", "required": ["type", "schema"], "properties": {
+                  "type": {"const": "json_schema"}, "name": {"type": "string"}, "schema": {"type": "object"}}}]}}}
+Ignored = Annotated[Any, Meta(description="Accepted and ignored.")]
+
+
+class ResponseRequest(Struct, kw_only=True):
+    model: ModelName
+    input: Annotated[str | list[Item], Meta(
+        description="A user message as a string, or input items: messages (roles `user`, `assistant`, `system`, "
+                    "`developer`; content as a string or `input_text` / `output_text` parts), `function_call` and "
+                    "`function_call_output` items; others (`reasoning`...) are skipped.")] | None = None
+    instructions: Annotated[str | list[Item], Meta(
+        description="A system message before the input (not carried over by `previous_response_id`).")] | None = None
+    previous_response_id: Annotated[str, Meta(
+        description="Continue a stored response of this key (its input and output come before `input`).")
+                                    ] | None = None
+    store: Annotated[bool, Meta(description="Keep the response (the default); `false` keeps nothing.")] | None = None
+    stream: Stream | None = None
+    max_output_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    tools: list[Annotated[Item, Meta(extra_json_schema=_FUNCTION_TOOL)]] | None = None
+    tool_choice: Annotated[Any, Meta(extra_json_schema={"oneOf": [{"enum": ["none", "auto", "required", None]},
+                                                                  {"type": "object"}]})] = None
+    parallel_tool_calls: Annotated[bool, Meta(description="`false`: the first tool call only.")] | None = None
+    text: Annotated[Item, Meta(extra_json_schema=_TEXT_FORMAT)] | None = None
+    metadata: dict[str, Any] | None = None
+    user: User | None = None
+    n: One | None = None
+    background: Annotated[Any, Meta(description="`true` is refused (`unsupported_parameter`).")] = None
+    conversation: Annotated[Any, Meta(description="Refused (`unsupported_parameter`); use `previous_response_id`.",
+                                      extra_json_schema={"type": "null"})] = None
+    prompt: Annotated[Any, Meta(description="Refused (`unsupported_parameter`).", extra_json_schema={"type": "null"})
+                      ] = None
+    reasoning: Ignored = None
+    include: Ignored = None
+    prompt_cache_key: Ignored = None
+    client_metadata: Ignored = None
+
+
+REQUESTS: tuple[type, ...] = (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponseRequest)
 
 
 # -- reading a body ----------------------------------------------------------------------------------------
@@ -283,17 +338,23 @@ def read(body: Any, declaration: type[T]) -> T:
     try:
         return msgspec.convert(body, declaration, strict=True, dec_hook=_decode)
     except msgspec.ValidationError as err:
-        raise fault(str(err), body) from None
+        raise fault(str(err), body, EXCEPTIONS.get(declaration, _COMMON)) from None
 
 
-# Where today's answers differ from the generic ones (a missing field: missing_required_parameter; a
-# wrong JSON type: invalid_type; a wrong value: invalid_value; an empty array: empty_array): the field,
-# its indices written [], and the kind of fault ("*": any) -> the code, and the field named if it is not
-# the one at fault. One table, so that clients keep the codes they were given before the declarations.
+# Where the answers clients had before the declarations differ from the generic ones (a missing field:
+# missing_required_parameter; a wrong JSON type: invalid_type; a wrong value: invalid_value; an empty
+# array: empty_array): for each declaration, the field (its indices written []) and the kind of fault
+# -> the code, and the field named if it is not the one at fault. One table, so that clients keep the
+# param and code they were given (tests/test_wire.py holds every recorded case to it).
+Rows = dict[tuple[str, str], tuple[str, str | None]]
 _ALL = ("missing", "type", "value", "empty")
 _TOO_LATE = "tools[].function"
-EXCEPTIONS: dict[tuple[str, str], tuple[str, str | None]] = {
+_COMMON: Rows = {
     **{("model", k): ("invalid_type", None) for k in ("type", "value")},
+    ("stop[]", "missing"): ("invalid_type", "stop"), ("stop[]", "type"): ("invalid_type", "stop"),
+    ("stop[]", "value"): ("invalid_value", "stop"),
+}
+_CHAT: Rows = {
     **{("messages[].role", k): ("invalid_value", None) for k in _ALL},
     ("messages[].content[]", "type"): ("unsupported_content", "messages[].content[].type"),
     **{("messages[].content[].type", k): ("unsupported_content", None) for k in _ALL},
@@ -312,14 +373,16 @@ EXCEPTIONS: dict[tuple[str, str], tuple[str, str | None]] = {
     **{(p, k): ("invalid_type", None) for k in _ALL
        for p in ("response_format.json_schema", "response_format.json_schema.schema",
                  "response_format.json_schema.name")},
-    ("stop[]", "missing"): ("invalid_type", "stop"), ("stop[]", "type"): ("invalid_type", "stop"),
-    ("stop[]", "value"): ("invalid_value", "stop"),
-    **{("prompt", k): ("invalid_type", None) for k in _ALL}, **{("prompt[]", k): ("invalid_type", "prompt") for k in _ALL},
-    ("input", "missing"): ("invalid_type", None), ("input", "type"): ("invalid_type", None),
-    ("input", "empty"): ("invalid_type", None),
-    ("input[]", "missing"): ("invalid_type", "input"), ("input[]", "type"): ("invalid_type", "input"),
-    ("input[]", "value"): ("invalid_value", "input"),
-    ("encoding_format", "type"): ("invalid_value", None),
+}
+EXCEPTIONS: dict[type, Rows] = {
+    ChatCompletionRequest: {**_COMMON, **_CHAT},
+    CompletionRequest: {**_COMMON, **{("prompt", k): ("invalid_type", None) for k in _ALL},
+                        **{("prompt[]", k): ("invalid_type", "prompt") for k in _ALL}},
+    EmbeddingRequest: {**_COMMON, ("input", "missing"): ("invalid_type", None), ("input", "type"): ("invalid_type", None),
+                       ("input", "empty"): ("invalid_type", None), ("input[]", "missing"): ("invalid_type", "input"),
+                       ("input[]", "type"): ("invalid_type", "input"), ("input[]", "value"): ("invalid_value", "input"),
+                       ("encoding_format", "type"): ("invalid_value", None)},
+    ResponseRequest: _COMMON,
 }
 CODES = {"missing": "missing_required_parameter", "type": "invalid_type", "value": "invalid_value",
          "empty": "empty_array"}
@@ -328,8 +391,9 @@ _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 _INDEX = re.compile(r"\[\d+\]")
 
 
-def fault(error: str, body: Any) -> APIError:
-    """The 400 for msgspec's ``error``: "<what> - at `$.messages[0].role`"."""
+def fault(error: str, body: Any, rows: Rows) -> APIError:
+    """The 400 for msgspec's ``error`` ("<what> - at `$.messages[0].role`") on ``body``, with the
+    declaration's EXCEPTIONS ``rows``."""
     found = _AT.match(error)
     what, path = (found.group("what"), (found.group("path") or "").lstrip(".")) if found else (error, "")
     missing = _MISSING.match(what)
@@ -349,7 +413,7 @@ def fault(error: str, body: Any) -> APIError:
     if not path:  # the body itself
         return invalid("The request body must be a JSON object.", code="invalid_json")
     pattern = _INDEX.sub("[]", path)
-    code, param = EXCEPTIONS.get((pattern, kind), (CODES[kind], None))
+    code, param = rows.get((pattern, kind), (CODES[kind], None))
     param = _fill(param, path) if param else path
     if kind == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param, code)
