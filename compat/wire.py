@@ -404,12 +404,13 @@ def fault(error: str, body: Any, rows: Rows) -> APIError:
         kind = "missing"  # a field sent as null is the same as one left out (an array's null item is not)
     elif what.startswith("Expected `array` of length >= 1"):
         kind = "empty"
-    elif what.startswith("Expected `") and ", got `" in what and not _is_nan(body, path):
-        kind = "type"
-    elif _is_nan(body, path):
+    elif _is_nan(body, path):  # JSON has no NaN, Python's json reads one: not a number
         kind, what = "type", "Expected a number, got NaN"
+    elif what.startswith("Expected `") and ", got `" in what:
+        kind = "type"
     else:
         kind = "value"
+        what = re.sub(r"^Invalid (enum )?value ", "not an accepted value: ", what)
     if not path:  # the body itself
         return invalid("The request body must be a JSON object.", code="invalid_json")
     pattern = _INDEX.sub("[]", path)
