@@ -28,3 +28,29 @@ def test_the_same_param_and_code_as_before(base):
         if (got["status"], got.get("param"), got.get("code")) != RECORDED[json.dumps([name, where])]:
             wrong.append((where, json.dumps(body)[:300], got, RECORDED[json.dumps([name, where])]))
     assert not wrong, f"{len(wrong)} differ; first ones:\n" + "\n".join(map(str, wrong[:15]))
+
+
+def test_the_document_carries_the_declarations_and_is_valid_openapi():
+    import schemathesis
+
+    from compat import answers, wire
+    from compat.routes.openapi import document
+
+    doc = document()
+    schemas = doc["components"]["schemas"]
+    assert set(wire.schemas()) | set(answers.schemas()) <= set(schemas)
+    assert schemas["ChatCompletionRequest"] == wire.schemas()["ChatCompletionRequest"]
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    schemathesis.openapi.from_dict(doc).validate()  # against the OpenAPI 3.1 meta-schema
+
+
+def test_a_schema_both_written_and_declared_is_refused(monkeypatch, tmp_path):
+    from compat.routes import openapi
+
+    spec = tmp_path / "openapi.yaml"
+    spec.write_text(openapi.SPEC.read_text(encoding="utf-8").replace(
+        "  schemas:\n", "  schemas:\n    ChatCompletionRequest: {type: object}\n", 1), encoding="utf-8")
+    monkeypatch.setattr(openapi, "SPEC", spec)
+    with pytest.raises(ValueError, match="ChatCompletionRequest"):
+        openapi.document()
