@@ -1,5 +1,5 @@
-"""The objects aigate answers with (chat.completion and its chunks, text_completion, embeddings,
-models, readiness, errors), declared once: the OpenAPI document's schemas come from here, and
+"""The objects aigate answers with (chat.completion and its chunks, text_completion, the Responses
+API's response, items and stream events, embeddings, models, readiness, errors), declared once: the OpenAPI document's schemas come from here, and
 tests/test_answers.py holds what the builders make to these declarations.
 
 The builders (compat/responses.py, the routes) still make plain dicts: on the per-token path a
@@ -10,7 +10,7 @@ until it is declared here (and so described).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -213,8 +213,232 @@ class Readiness(_Answer):
     backends: Annotated[dict[str, str], Meta(description="Each backend's name and `ready`, or why it is not.")]
 
 
+# -- the Responses API ------------------------------------------------------------------------------------
+
+Status = Literal["in_progress", "completed", "incomplete"]
+
+
+class InputText(_Answer, tag_field="type", tag="input_text"):
+    text: str
+
+
+class OutputText(_Answer, tag_field="type", tag="output_text"):
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any] | UnsetType = UNSET  # an assistant turn given as input has none
+
+
+class InputImage(_Answer, tag_field="type", tag="input_image"):
+    image_url: str
+    detail: str
+
+
+class MessageItem(_Answer, tag_field="type", tag="message"):
+    """A message given (`user`, `system`, `developer`, or an earlier `assistant` turn) or answered."""
+
+    id: str
+    role: Literal["user", "assistant", "system", "developer"]
+    content: list[InputText | OutputText | InputImage]
+    status: Status
+
+
+class FunctionCallItem(_Answer, tag_field="type", tag="function_call"):
+    id: str
+    call_id: str
+    name: str
+    arguments: Annotated[str, Meta(description="JSON text.")]
+    status: Status
+
+
+class FunctionCallOutputItem(_Answer, tag_field="type", tag="function_call_output"):
+    id: str
+    call_id: str
+    output: str
+    status: Status
+
+
+ResponseItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
+
+
+class InputTokensDetails(_Answer):
+    cached_tokens: Annotated[int, Meta(ge=0, description="Prompt tokens the engine reused from its cache.")]
+    cache_write_tokens: Tokens
+
+
+class OutputTokensDetails(_Answer):
+    reasoning_tokens: Tokens
+
+
+class ResponseUsage(_Answer):
+    input_tokens: Tokens
+    input_tokens_details: InputTokensDetails
+    output_tokens: Tokens
+    output_tokens_details: OutputTokensDetails
+    total_tokens: Tokens
+
+
+class ResponseError(_Answer):
+    code: Annotated[str, Meta(description="`rate_limit_exceeded`, `invalid_prompt` or `server_error`; the `error` "
+                                          "event before `response.failed` carries aigate's own code.")]
+    message: str
+
+
+class IncompleteDetails(_Answer):
+    reason: Literal["max_output_tokens"]
+
+
+class FunctionTool(_Answer, tag_field="type", tag="function"):
+    name: str
+    description: str | None
+    parameters: dict[str, Any]
+    strict: bool
+
+
+class ResponseObject(_Answer):
+    """A response: its output, and the request's fields it repeats (`store: false` keeps nothing)."""
+
+    id: Annotated[str, Meta(pattern="^resp_")]
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "failed", "in_progress"]
+    background: bool
+    error: ResponseError | None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | list[dict[str, Any]] | None
+    max_output_tokens: int | None
+    max_tool_calls: None
+    model: Answered
+    output: list[ResponseItem]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    reasoning: dict[str, Any]
+    service_tier: str
+    store: bool
+    temperature: float | None
+    text: dict[str, Any]
+    tool_choice: str | dict[str, Any]
+    tools: list[FunctionTool]
+    top_p: float | None
+    truncation: str
+    usage: ResponseUsage | None
+    user: str | None
+    metadata: dict[str, Any]
+    completed_at: int | UnsetType = UNSET
+    output_text: Annotated[str, Meta(description="The output's text, joined (not in stream events).")
+                           ] | UnsetType = UNSET
+
+
+class InputItemList(_Answer):
+    object: Literal["list"]
+    data: list[ResponseItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class _Event(_Answer, tag_field="type"):
+    sequence_number: Tokens
+
+
+class _ResponseEvent(_Event):
+    response: ResponseObject
+
+
+class ResponseCreated(_ResponseEvent, tag="response.created"):
+    pass
+
+
+class ResponseInProgress(_ResponseEvent, tag="response.in_progress"):
+    pass
+
+
+class ResponseCompleted(_ResponseEvent, tag="response.completed"):
+    pass
+
+
+class ResponseIncomplete(_ResponseEvent, tag="response.incomplete"):
+    pass
+
+
+class ResponseFailed(_ResponseEvent, tag="response.failed"):
+    pass
+
+
+class _ItemEvent(_Event):
+    output_index: Tokens
+    item: ResponseItem
+
+
+class OutputItemAdded(_ItemEvent, tag="response.output_item.added"):
+    pass
+
+
+class OutputItemDone(_ItemEvent, tag="response.output_item.done"):
+    pass
+
+
+class _PartEvent(_Event):
+    item_id: str
+    output_index: Tokens
+    content_index: Tokens
+    part: OutputText
+
+
+class ContentPartAdded(_PartEvent, tag="response.content_part.added"):
+    pass
+
+
+class ContentPartDone(_PartEvent, tag="response.content_part.done"):
+    pass
+
+
+class OutputTextDelta(_Event, tag="response.output_text.delta"):
+    item_id: str
+    output_index: Tokens
+    content_index: Tokens
+    delta: str
+    logprobs: list[Any]
+
+
+class OutputTextDone(_Event, tag="response.output_text.done"):
+    item_id: str
+    output_index: Tokens
+    content_index: Tokens
+    text: str
+    logprobs: list[Any]
+
+
+class FunctionCallArgumentsDelta(_Event, tag="response.function_call_arguments.delta"):
+    item_id: str
+    output_index: Tokens
+    delta: str
+
+
+class FunctionCallArgumentsDone(_Event, tag="response.function_call_arguments.done"):
+    item_id: str
+    output_index: Tokens
+    name: str
+    arguments: str
+
+
+class StreamError(_Event, tag="error"):
+    """A failure after the stream began, with aigate's own code; `response.failed` follows."""
+
+    code: str
+    message: str
+    param: str | None
+
+
+ResponseStreamEvent = Annotated[
+    ResponseCreated | ResponseInProgress | OutputItemAdded | ContentPartAdded | OutputTextDelta | OutputTextDone
+    | ContentPartDone | OutputItemDone | FunctionCallArgumentsDelta | FunctionCallArgumentsDone | ResponseCompleted
+    | ResponseIncomplete | StreamError | ResponseFailed,
+    Meta(title="ResponseStreamEvent", description="One event of a Responses stream, numbered by `sequence_number`.")]
+
+
 ANSWERS: tuple[type, ...] = (ErrorResponse, ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk,
-                             EmbeddingList, Model, ModelList, Readiness)
+                             EmbeddingList, Model, ModelList, Readiness, ResponseObject, InputItemList)
+UNIONS: dict[str, Any] = {"ResponseStreamEvent": ResponseStreamEvent}  # a union has no name of its own
 
 
 CLOSED = ("ErrorResponse", "ErrorBody")  # described as closed; other answers may gain fields, as OpenAI's do
@@ -222,7 +446,9 @@ CLOSED = ("ErrorResponse", "ErrorBody")  # described as closed; other answers ma
 
 def schemas() -> dict[str, dict[str, object]]:
     """The answers as OpenAPI 3.1 components, by name."""
-    components = msgspec.json.schema_components(ANSWERS, ref_template="#/components/schemas/{name}")[1]
+    refs, components = msgspec.json.schema_components((*ANSWERS, *UNIONS.values()),
+                                                      ref_template="#/components/schemas/{name}")
+    components.update(zip(UNIONS, refs[len(ANSWERS):]))
     for name, schema in components.items():
         if name not in CLOSED:
             schema.pop("additionalProperties", None)

@@ -1,6 +1,6 @@
 """What the builders make is what compat/answers.py declares (and so what /openapi.json describes):
-every chunk and object of chat, legacy completions, embeddings, models, readiness and errors,
-read strictly into its declaration, whose Structs refuse unknown fields."""
+every chunk and object of chat, legacy completions, the Responses API, embeddings, models, readiness
+and errors, read strictly into its declaration, whose Structs refuse unknown fields."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from backends.base import Finish, QueueFull, TextDelta, ToolCall, Usage, UpstreamAuthFailed
 from compat import answers
 from compat.errors import from_backend, invalid, model_not_found
+from compat.responses_api import ResponseStream, parse_responses
 from compat.responses import (Completion, fold, fold_text_completion, legacy_function_call, stream_chunks,
                               text_completion_chunks)
 from tests.fake_backend import fake_app
@@ -25,7 +26,7 @@ CALLS = [ToolCall("call_1", "get_weather", '{"city": "Paris"}'), ToolCall("call_
 BOTH = [TextDelta("Let me see."), *CALLS]
 
 
-def holds(obj: dict[str, Any], declaration: type) -> None:
+def holds(obj: dict[str, Any], declaration: Any) -> None:
     msgspec.convert(json.loads(json.dumps(obj)), declaration, strict=True)  # as a client reads it
 
 
@@ -83,3 +84,51 @@ def test_a_field_the_declarations_lack_fails():
     deeper["choices"][0]["delta"]["reasoning"] = "hm"
     with pytest.raises(msgspec.ValidationError):
         holds(deeper, answers.ChatCompletionChunk)
+
+
+RESPONSE_BODY = {"model": "m", "instructions": "be brief", "input": "hi", "metadata": {"k": "v"}, "max_output_tokens": 9,
+                 "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}},
+                           {"type": "web_search"}],
+                 "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}}}
+
+
+@pytest.mark.parametrize("events", [TEXT, CALLS, BOTH, [Finish("length", USAGE)]], ids=["text", "calls", "both", "cut"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_responses_events_and_object(events, parallel):
+    call = parse_responses(RESPONSE_BODY)
+    codec = ResponseStream("m", call.echo, parallel)
+    for event in codec.events(iter(events)):
+        holds(event, answers.ResponseStreamEvent)
+    assert codec.final is not None
+    holds(codec.final, answers.ResponseObject)
+
+
+def test_a_responses_stream_that_fails():
+    codec = ResponseStream("m", parse_responses({"model": "m", "input": "hi"}).echo)
+    started = codec.events(iter([TextDelta("He"), TextDelta("llo")]))
+    for event in [next(started) for _ in range(4)]:
+        holds(event, answers.ResponseStreamEvent)
+    for event in codec.failed(from_backend(QueueFull("busy"))):
+        holds(event, answers.ResponseStreamEvent)
+    assert codec.final is not None and codec.final["status"] == "failed"
+
+
+def test_responses_from_the_routes(tmp_path):
+    client = fake_app(tmp_path)[0].test_client()
+    body = {**RESPONSE_BODY, "model": "fake-echo", "text": None,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                      {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "c1", "output": "21"},
+                      {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and now?"}]}
+    made = client.post("/v1/responses", json=body)
+    assert made.status_code == 200, made.json
+    holds(made.json, answers.ResponseObject)
+    holds(client.get(f"/v1/responses/{made.json['id']}").json, answers.ResponseObject)
+    items = client.get(f"/v1/responses/{made.json['id']}/input_items").json
+    assert len(items["data"]) == 5
+    holds(items, answers.InputItemList)
+    streamed = client.post("/v1/responses", json={**body, "stream": True}).get_data(as_text=True)
+    frames = [json.loads(line[6:]) for line in streamed.split("\n") if line.startswith("data: ")]
+    assert frames[-1]["type"] == "response.completed"
+    for frame in frames:
+        holds(frame, answers.ResponseStreamEvent)
