@@ -58,7 +58,7 @@ class ChatCall:
 
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     legacy = isinstance(body, dict) and body.get("functions") is not None and body.get("tools") is None
-    request = wire.read(_legacy_functions(body) if legacy else body, wire.ChatCompletionRequest)
+    request = _read_chat(_legacy_functions(body) if legacy else body, limits)
     model = request.model
     one_choice(request.n, "n")
     messages = _messages(request.messages, limits if model in limits.image_models else None)
@@ -83,6 +83,25 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
                        tools=tools if tool_choice != "none" else (), tool_choice=tool_choice,
                        response_format=response_format, **_sampling(request))
     return ChatCall(chat, stream, include_usage, legacy)
+
+
+_IMAGE_FAULT = re.compile(r"(messages\[(\d+)\]\.content\[\d+\])\.image_url")
+
+
+def _read_chat(body: Any, limits: Limits) -> wire.ChatCompletionRequest:
+    """The chat body as declared; where the model does not read an image part, a broken one is refused as
+    any image part is (unsupported_content), not for what is wrong inside it."""
+    try:
+        return wire.read(body, wire.ChatCompletionRequest)
+    except APIError as err:
+        found = _IMAGE_FAULT.match(err.param or "")
+        if found is not None:
+            message = body["messages"][int(found.group(2))]
+            if body.get("model") not in limits.image_models or message.get("role") != "user":
+                raise invalid(f"{found.group(1)}: content parts of type 'image_url' are not supported; this "
+                              "server's models take text only.", f"{found.group(1)}.type",
+                              "unsupported_content") from None
+        raise
 
 
 @dataclass(frozen=True)

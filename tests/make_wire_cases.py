@@ -30,7 +30,8 @@ PROBES: list[Any] = [GONE, None, 0, -1, 1, 2, 5, 1.5, 3.0, True, False, "", "x",
                      float("nan"), 1e30]
 IMAGE = "data:image/png;base64,iVBORw0KGgo="
 PROBES += [{"type": "image_url", "image_url": {"url": IMAGE}}, {"type": "image_url", "image_url": "https://x/y.png"},
-           {"type": "input_audio"}, {"role": "user", "content": "x"}]
+           {"type": "input_audio"}, {"role": "user", "content": "x"}, {"type": "image_url"},
+           {"type": "image_url", "image_url": {"detail": "low"}}]
 CHAT = {
     "model": "m", "max_tokens": 8, "temperature": 0.5, "stop": ["\n"], "stream": True,
     "stream_options": {"include_usage": True},
