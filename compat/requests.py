@@ -1,11 +1,14 @@
-"""Parse and check a /v1/chat/completions body; every problem is a 400 naming the field.
+"""Requests of /v1/chat/completions, /v1/completions and /v1/embeddings -> the ChatRequests the
+backends take. Each body is first read against its declaration (compat/wire.py: types, bounds,
+enums; a 400 naming the field); what a declaration cannot say is checked here after it: the
+server's limits, what the model supports (images, one choice), and what joins two fields.
 
 Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
 ``logprobs``, a JSON response format on a model that cannot honour it) or, where ignoring them
 changes nothing a client relies on, are accepted: ``seed`` and the penalties are checked and
-passed to the backend (Workers AI uses them, chatglm.cpp cannot), ``user`` and
-``parallel_tool_calls`` are ignored.
-Unknown fields are ignored, as OpenAI-compatible servers do.
+passed to the backend (Workers AI and OpenAI-compatible upstreams use them, chatglm.cpp cannot),
+``user`` and ``parallel_tool_calls`` are ignored. Unknown fields are ignored, as OpenAI-compatible
+servers do.
 """
 
 from __future__ import annotations
@@ -18,16 +21,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import ChatRequest, ImageInput, Message, Role, Tool, ToolCall
-from compat.errors import invalid
-from compat.structured import chat_format
+from backends.base import ChatRequest, ImageInput, JsonFormat, Message, Role, Tool, ToolCall
+from compat import wire
+from compat.errors import APIError, invalid
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
 # "function" the deprecated form of "tool".
 ROLES: dict[str, Role] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool", "function": "tool"}
-MAX_STOP_SEQUENCES = 4
-TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_NAME = re.compile(wire.TOOL_NAME.strip("^$"))  # the Responses API's flat tools, read by hand
 DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?(;[^,;]*)*;base64,(.*)", re.S)
 
 
@@ -55,32 +57,51 @@ class ChatCall:
 
 
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
-    model = parse_model(body)
-    messages = _messages(body.get("messages"), limits if model in limits.image_models else None)
+    legacy = isinstance(body, dict) and body.get("functions") is not None and body.get("tools") is None
+    request = _read_chat(_legacy_functions(body) if legacy else body, limits)
+    model = request.model
+    one_choice(request.n, "n")
+    messages = _messages(request.messages, limits if model in limits.image_models else None)
     if len(messages) > limits.max_messages:
         raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
                       "messages", "too_many_messages")
-    response_format = chat_format(body.get("response_format"))
-    legacy = body.get("functions") is not None and body.get("tools") is None
-    body = _legacy_functions(body)
-    tools = _tools(body.get("tools"))
+    response_format = _response_format(request.response_format)
+    tools = tuple(Tool(t.function.name, t.function.description, t.function.parameters) for t in request.tools or ())
     # Everything the model reads counts: tool definitions and the arguments of earlier calls too.
-    check_chars(sum(message_chars(m) for m in messages), limits, "messages")
-    check_chars(sum(message_chars(m) for m in messages) + sum(tool_chars(t) for t in tools), limits, "tools")
-    if body.get("logprobs") is True:
+    chars = sum(map(message_chars, messages))
+    check_chars(chars, limits, "messages")
+    check_chars(chars + sum(map(tool_chars, tools)), limits, "tools")
+    if request.logprobs is True:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
-    _optional_bool(body, "logprobs")
-    tool_choice = _tool_choice(body.get("tool_choice"), tools)
+    tool_choice = _tool_choice(request.tool_choice, tools)
     # Both are checked when both are sent; the newer max_completion_tokens wins.
-    newer = _integer(body, "max_completion_tokens", minimum=1)
-    older = _integer(body, "max_tokens", minimum=1)
+    newer, older = _int(request.max_completion_tokens), _int(request.max_tokens)
     max_tokens, param = (older, "max_tokens") if newer is None else (newer, "max_completion_tokens")
     max_tokens = _bounded_max_tokens(max_tokens, limits.ceiling(model), param)
-    stream, include_usage = _stream(body)
-    request = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
-                          tools=tools if tool_choice != "none" else (), tool_choice=tool_choice,
-                          response_format=response_format, **_sampling(body))
-    return ChatCall(request, stream, include_usage, legacy)
+    stream, include_usage = _stream(request)
+    chat = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
+                       tools=tools if tool_choice != "none" else (), tool_choice=tool_choice,
+                       response_format=response_format, **_sampling(request))
+    return ChatCall(chat, stream, include_usage, legacy)
+
+
+_IMAGE_FAULT = re.compile(r"(messages\[(\d+)\]\.content\[\d+\])\.image_url")
+
+
+def _read_chat(body: Any, limits: Limits) -> wire.ChatCompletionRequest:
+    """The chat body as declared; where the model does not read an image part, a broken one is refused as
+    any image part is (unsupported_content), not for what is wrong inside it."""
+    try:
+        return wire.read(body, wire.ChatCompletionRequest)
+    except APIError as err:
+        found = _IMAGE_FAULT.match(err.param or "")
+        if found is not None:
+            message = body["messages"][int(found.group(2))]
+            if body.get("model") not in limits.image_models or message.get("role") != "user":
+                raise invalid(f"{found.group(1)}: content parts of type 'image_url' are not supported; this "
+                              "server's models take text only.", f"{found.group(1)}.type",
+                              "unsupported_content") from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -97,36 +118,57 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     """POST /v1/completions. `suffix` is accepted and ignored: neither backend's models fill in
     the middle, and editors send it on every request."""
-    model = parse_model(body)
-    raw = body.get("prompt")
-    prompts = [raw] if isinstance(raw, str) else raw
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        if isinstance(prompts, list) and prompts and all(isinstance(p, (int, list)) for p in prompts):
-            raise invalid("prompts given as token ids are not supported; send text.", "prompt", "unsupported_value")
-        raise invalid("prompt must be a string or a non-empty array of strings.", "prompt", "invalid_type")
-    for name in ("best_of",):
-        value = _integer(body, name, minimum=1)
-        if value is not None and value > 1:
-            raise invalid(f"{name} > 1 is not supported.", name, "unsupported_value")
-    if body.get("logprobs") is not None:
+    request = _read_texts(body, wire.CompletionRequest, "prompt", "prompts given as token ids are not supported; "
+                                                                  "send text.")
+    model = request.model
+    one_choice(request.n, "n")
+    one_choice(request.best_of, "best_of")
+    if request.logprobs is not None:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
-    suffix = body.get("suffix")
-    if suffix is not None and not isinstance(suffix, str):
-        raise invalid("suffix must be a string.", "suffix", "invalid_type")
+    prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
     check_chars(sum(len(p) for p in prompts), limits, "prompt")
-    asked, ceiling = _integer(body, "max_tokens", minimum=1), limits.ceiling(model)
+    asked, ceiling = _int(request.max_tokens), limits.ceiling(model)
     default = DEFAULT_COMPLETION_TOKENS if ceiling is None else min(DEFAULT_COMPLETION_TOKENS, ceiling)
     max_tokens = default if asked is None else _bounded_max_tokens(asked, ceiling, "max_tokens")
-    echo = _optional_bool(body, "echo") or False
-    stream, include_usage = _stream(body)
-    sampling = _sampling(body)
+    stream, include_usage = _stream(request)
+    sampling = _sampling(request)
     return CompletionCall(tuple(ChatRequest(model=model, messages=(), max_tokens=max_tokens, prompt=p,
                                             incremental=stream, **sampling) for p in prompts),
-                          stream, include_usage, echo)
+                          stream, include_usage, bool(request.echo))
+
+
+@dataclass(frozen=True)
+class EmbeddingCall:
+    model: str
+    inputs: list[str]
+    encoding: str  # float or base64
+    dimensions: int | None
+
+
+def parse_embeddings(body: Any) -> EmbeddingCall:
+    """POST /v1/embeddings (the server's character limit is checked by the route, with the others')."""
+    request = _read_texts(body, wire.EmbeddingRequest, "input", "input given as token ids is not supported: send "
+                          "the text itself. (LangChain's OpenAIEmbeddings sends token ids unless it is created "
+                          "with check_embedding_ctx_length=False.)")
+    one_choice(request.n, "n")
+    inputs = [request.input] if isinstance(request.input, str) else request.input
+    return EmbeddingCall(request.model, inputs, request.encoding_format or "float", _int(request.dimensions))
+
+
+def _read_texts(body: Any, declaration: type[wire.T], name: str, refusal: str) -> wire.T:
+    """A body whose ``name`` holds text, where token ids (what some clients send instead) get their own 400."""
+    try:
+        return wire.read(body, declaration)
+    except APIError as err:
+        raw = body.get(name) if isinstance(body, dict) else None
+        if err.param == name and isinstance(raw, list) and raw and all(isinstance(x, (int, list)) for x in raw):
+            raise invalid(refusal, name, "unsupported_value") from None
+        raise
 
 
 def message_chars(m: Message) -> int:
-    return len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    calls = m.tool_calls
+    return len(m.content) + sum(len(c.name) + len(c.arguments) for c in calls) if calls else len(m.content)
 
 
 def tool_chars(tool: Tool) -> int:
@@ -148,123 +190,84 @@ def _bounded_max_tokens(value: int | None, ceiling: int | None, param: str) -> i
     return ceiling if value is None else value
 
 
-def parse_model(body: Any) -> str:
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("you must provide a model parameter" if model is None else "model must be a non-empty string",
-                      "model", "missing_required_parameter" if model is None else "invalid_type")
-    n = _integer(body, "n", minimum=1)
+def one_choice(n: int | None, name: str) -> None:
     if n is not None and n > 1:
-        raise invalid("n > 1 is not supported: this server returns one choice per request; "
-                      "send n separate requests instead.", "n", "unsupported_value")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid("user must be a string.", "user", "invalid_type")
-    return model
+        raise invalid(f"{name} > 1 is not supported: this server returns one choice per request; "
+                      f"send {name} separate requests instead.", name, "unsupported_value")
 
 
-def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = _optional_bool(body, "stream") or False
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid("stream_options must be an object.", "stream_options", "invalid_type")
-    return stream, bool(options and _optional_bool(options, "include_usage", "stream_options.include_usage"))
+def _int(value: int | None) -> int | None:
+    """A declared Count or Integer as the plain int the backends take."""
+    return None if value is None else int(value)
 
 
-def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+def _stream(request: wire.Sampling) -> tuple[bool, bool]:
+    options = request.stream_options
+    return bool(request.stream), bool(options is not None and options.include_usage)
+
+
+def _sampling(request: wire.Sampling) -> dict[str, Any]:
+    stop = request.stop
     return {
-        "temperature": _number(body, "temperature", 0.0, 2.0),
-        "top_p": _number(body, "top_p", 0.0, 1.0),
-        "stop": _stop(body.get("stop")),
-        "seed": _integer(body, "seed"),
-        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0),
-        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0),
+        "temperature": request.temperature, "top_p": request.top_p,
+        "stop": () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
+        "seed": _int(request.seed),
+        "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
     }
 
 
-def _messages(raw: Any, images: Limits | None = None) -> tuple[Message, ...]:
+_ROLE_OF: dict[type, Role] = {wire.SystemMessage: "system", wire.DeveloperMessage: "system", wire.UserMessage: "user",
+                             wire.AssistantMessage: "assistant", wire.ToolMessage: "tool", wire.FunctionMessage: "tool"}
+
+
+def _messages(raw: list[wire.ChatMessage], images: Limits | None = None) -> tuple[Message, ...]:
     """The messages; ``images``: the limits of a model that reads image parts (None: text only)."""
-    if raw is None:
-        raise invalid("you must provide a messages parameter", "messages", "missing_required_parameter")
-    if not isinstance(raw, list):
-        raise invalid("messages must be an array of message objects.", "messages", "invalid_type")
-    if not raw:
-        raise invalid("messages must contain at least one message.", "messages", "empty_array")
     out = []
+    pictures: tuple[ImageInput, ...] = ()
     for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise invalid(f"{where} must be an object with a role and content.", where, "invalid_type")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:  # a dict or list is unhashable
-            raise invalid(f"{where}.role must be one of system, developer, user, assistant, tool; got {role!r}.",
-                          f"{where}.role", "invalid_value")
-        content = m.get("content")
-        if content is None and role != "assistant":
-            raise invalid(f"{where}.content is required for role {role!r}.", f"{where}.content",
-                          "missing_required_parameter")
-        calls = _history_tool_calls(m.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else ()
-        tool_call_id = m.get("tool_call_id")
-        name = m.get("name")
-        for field_name, value in (("tool_call_id", tool_call_id), ("name", name)):
-            if value is not None and not isinstance(value, str):
-                raise invalid(f"{where}.{field_name} must be a string.", f"{where}.{field_name}", "invalid_type")
-        text, pictures = _content_parts(content, f"{where}.content", images if role == "user" else None)
-        out.append(Message(ROLES[role], text, tool_calls=calls,
-                           tool_call_id=tool_call_id if role in ("tool", "function") else None,
-                           name=name if role in ("tool", "function") else None, images=pictures))
-    if sum(len(m.images) for m in out) > 1:
+        role = _ROLE_OF[type(m)]
+        content = m.content
+        if content is None or isinstance(content, str):
+            text = content or ""
+        else:
+            text, pictures = _content_parts(content, f"messages[{i}].content", images if role == "user" else None)
+        if role == "assistant":
+            calls = tuple(ToolCall(c.id if isinstance(c.id, str) else f"call_{k}", c.function.name,
+                                   _arguments(c.function.arguments))
+                          for k, c in enumerate(m.tool_calls or ()))  # type: ignore[union-attr]
+            out.append(Message(role, text, tool_calls=calls, images=pictures))
+        elif role == "tool":
+            out.append(Message(role, text, tool_call_id=m.tool_call_id, name=m.name, images=pictures))
+        else:
+            out.append(Message(role, text, images=pictures))
+        pictures = ()
+    if images is not None and sum(len(m.images) for m in out) > 1:
         raise invalid("This model reads one image per request (chatglm.cpp's GLM-4V takes one); send one.",
                       "messages", "too_many_images")
     return tuple(out)
 
 
-def _history_tool_calls(raw: Any, where: str) -> tuple[ToolCall, ...]:
-    """Tool calls of an earlier assistant turn, as the client sends them back."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise invalid(f"{where} must be an array.", where, "invalid_type")
-    calls = []
-    for k, call in enumerate(raw):
-        function = call.get("function") if isinstance(call, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(function, dict) or not isinstance(name, str) or not name:
-            raise invalid(f"{where}[{k}].function.name must be a string.", f"{where}[{k}].function.name",
-                          "invalid_type")
-        arguments = function.get("arguments", "{}")
-        if not isinstance(arguments, str):  # some clients send an object: take it as meant
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        call_id = call.get("id")
-        calls.append(ToolCall(call_id if isinstance(call_id, str) else f"call_{k}", name, arguments))
-    return tuple(calls)
+def _arguments(raw: Any) -> str:
+    """A history tool call's arguments: JSON text; some clients send an object, taken as meant."""
+    if raw is wire.UNSET:
+        return "{}"
+    return raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
 
 
-def _content_parts(content: Any, where: str, images: Limits | None) -> tuple[str, tuple[ImageInput, ...]]:
-    """A string, an array of text parts (joined), or null (an assistant turn with tool calls); and
-    where the model reads them (``images``), the image parts."""
-    if content is None or isinstance(content, str):
-        return content or "", ()
-    if not isinstance(content, list):
-        raise invalid(f"{where} must be a string or an array of content parts.", where, "invalid_type")
+def _content_parts(content: list[wire.ContentPart], where: str, images: Limits | None
+                   ) -> tuple[str, tuple[ImageInput, ...]]:
+    """Content parts: the texts joined, and where the model reads them (``images``), the image parts."""
     texts = []
     pictures: list[ImageInput] = []
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "image_url" and images is not None:
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
+        if isinstance(part, wire.TextPart):
+            texts.append(part.text)
+        elif images is not None:
+            url = part.image_url.url if isinstance(part.image_url, wire.ImageUrl) else part.image_url
             pictures.append(image_input(url, f"{where}[{j}].image_url.url", images.max_image_bytes))
-            continue
-        if kind != "text":
-            raise invalid(f"{where}[{j}]: content parts of type {kind!r} are not supported; "
+        else:
+            raise invalid(f"{where}[{j}]: content parts of type 'image_url' are not supported; "
                           "this server's models take text only.", f"{where}[{j}].type", "unsupported_content")
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise invalid(f"{where}[{j}].text must be a string.", f"{where}[{j}].text", "invalid_type")
-        texts.append(text)
     return "".join(texts), tuple(pictures)
 
 
@@ -289,116 +292,44 @@ def image_input(url: Any, param: str, max_bytes: int) -> ImageInput:
     return ImageInput(data)
 
 
-def _stop(raw: Any) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    stops = [raw] if isinstance(raw, str) else raw
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise invalid("stop must be a string or an array of strings.", "stop", "invalid_type")
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise invalid(f"stop takes at most {MAX_STOP_SEQUENCES} sequences.", "stop", "invalid_value")
-    if any(s == "" for s in stops):
-        raise invalid("stop sequences must not be empty strings.", "stop", "invalid_value")
-    return tuple(stops)
+def _response_format(raw: Any) -> JsonFormat | None:
+    if isinstance(raw, wire.JsonObjectFormat):
+        return JsonFormat(None, param="response_format")
+    if isinstance(raw, wire.JsonSchemaFormat):
+        return JsonFormat(raw.json_schema.schema, raw.json_schema.name, param="response_format")
+    return None  # none, or type text
 
 
 def _legacy_functions(body: dict[str, Any]) -> dict[str, Any]:
     """The deprecated `functions` / `function_call` as the `tools` / `tool_choice` they became
     (ignored beside `tools`, as OpenAI does); older clients still send them."""
-    functions, call = body.get("functions"), body.get("function_call")
-    if functions is None or body.get("tools") is not None:
-        return body
+    functions, call = body["functions"], body.get("function_call")
     if not isinstance(functions, list):
         raise invalid("functions must be an array of function definitions.", "functions", "invalid_type")
     if isinstance(call, dict):
         call = {"type": "function", "function": call}
-    return {**body, "tools": [{"type": "function", "function": f} for f in functions],
+    rest = {k: v for k, v in body.items() if k not in ("functions", "function_call")}
+    return {**rest, "tools": [{"type": "function", "function": f} for f in functions],
             "tool_choice": call if body.get("tool_choice") is None else body["tool_choice"]}
 
 
-def _tools(raw: Any) -> tuple[Tool, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise invalid("tools must be an array of function tools.", "tools", "invalid_type")
-    tools = []
-    for i, tool in enumerate(raw):
-        where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise invalid(f"{where} must be an object of type 'function'.", f"{where}.type", "invalid_value")
-        function = tool.get("function")
-        if not isinstance(function, dict):
-            raise invalid(f"{where}.function must be an object.", f"{where}.function", "invalid_type")
-        name = function.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
-            raise invalid(f"{where}.function.name must be 1-64 letters, digits, _ or -.", f"{where}.function.name",
-                          "invalid_value")
-        description = function.get("description", "")
-        parameters = function.get("parameters", {})
-        if not isinstance(description, str) or not isinstance(parameters, dict):
-            raise invalid(f"{where}.function: description must be a string and parameters an object.",
-                          f"{where}.function", "invalid_type")
-        tools.append(Tool(name, description, parameters))
-    return tuple(tools)
-
-
-def _tool_choice(raw: Any, tools: tuple[Tool, ...]) -> str:
+def _tool_choice(raw: str | wire.NamedToolChoice | None, tools: tuple[Tool, ...]) -> str:
     if raw is None:
         return "auto"
     if raw in ("none", "auto"):
         return raw
-    if raw == "required":
-        choice = raw
-    elif isinstance(raw, dict) and isinstance(raw.get("function"), dict) and isinstance(raw["function"].get("name"),
-                                                                                           str):
-        choice = raw["function"]["name"]
+    if isinstance(raw, wire.NamedToolChoice):
+        choice = raw.function.name
         if choice not in {t.name for t in tools}:
             raise invalid(f"tool_choice names {choice!r}, which is not in tools.", "tool_choice", "invalid_value")
     else:
-        raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
-                      "{'name': ...}}.", "tool_choice", "invalid_value")
+        choice = raw  # required
     if not tools:
         raise invalid("tool_choice needs tools.", "tool_choice", "invalid_value")
     return choice
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_number(value) or value != value:
-        raise invalid(f"{name} must be a number.", name, "invalid_type")
-    if not low <= value <= high:
-        raise invalid(f"{value} is not a valid {name}: it must be between {low:g} and {high:g}.", name,
-                      "invalid_value")
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str, *, minimum: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(f"{name} must be an integer.", name, "invalid_type")
-    if minimum is not None and value < minimum:
-        raise invalid(f"{value} is not a valid {name}: it must be at least {minimum}.", name, "invalid_value")
-    return value
-
-
-def _optional_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool | None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise invalid(f"{param or name} must be true or false.", param or name, "invalid_type")
-    return value
-
-
-# The parsers, their limits, and the field readers the Responses and embeddings parsers share.
-__all__ = ["DEFAULT_COMPLETION_TOKENS", "MAX_STOP_SEQUENCES", "ROLES", "TOOL_NAME", "ChatCall", "CompletionCall",
-           "Limits", "_bounded_max_tokens", "_integer", "_number", "_optional_bool", "check_chars", "message_chars",
-           "parse_chat", "parse_completion", "parse_model", "tool_chars"]
+# The parsers, their limits, and what the Responses parser shares with them.
+__all__ = ["DATA_URL", "DEFAULT_COMPLETION_TOKENS", "ROLES", "TOOL_NAME", "ChatCall", "CompletionCall", "EmbeddingCall",
+           "Limits", "_bounded_max_tokens", "check_chars", "image_input", "message_chars", "one_choice", "parse_chat",
+           "parse_completion", "parse_embeddings", "tool_chars"]

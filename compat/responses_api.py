@@ -1,5 +1,6 @@
 """The Responses API (POST /v1/responses) as a codec over the same event road as chat completions:
-a request body read into a ChatRequest (input items become messages), and the backend's events
+a request body (declared in compat/wire.py, its items read here) read into a ChatRequest (input
+items become messages), and the backend's events
 written as OpenAI's typed stream events or folded into one `response` object. The folded object
 is the last stream event's, so stream and non-stream cannot disagree.
 
@@ -19,8 +20,8 @@ from typing import Any
 
 from backends.base import ChatRequest, Event, Finish, ImageInput, Message, Role, TextDelta, Tool, ToolCall, Usage
 from compat.errors import APIError, invalid
-from compat.requests import (DATA_URL, TOOL_NAME, Limits, _bounded_max_tokens, _integer, _number, _optional_bool,
-                             check_chars, image_input, parse_model)
+from compat import wire
+from compat.requests import DATA_URL, TOOL_NAME, Limits, _bounded_max_tokens, check_chars, image_input, one_choice
 from compat.structured import text_format
 
 ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -47,17 +48,18 @@ class ResponsesCall:
 def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str, Any]] | None = None
                     ) -> ResponsesCall:
     """A /v1/responses body; `history` is the input and output of `previous_response_id`, if any."""
-    model = parse_model(body)
-    for name in ("background",):
-        if body.get(name):
-            raise invalid(f"{name} is not supported by this server.", name, "unsupported_parameter")
-    for name in ("conversation", "prompt"):
-        if body.get(name) is not None:
+    request = wire.read(body, wire.ResponseRequest)
+    model = request.model
+    one_choice(request.n, "n")
+    if request.background:
+        raise invalid("background is not supported by this server.", "background", "unsupported_parameter")
+    for name, value in (("conversation", request.conversation), ("prompt", request.prompt)):
+        if value is not None:
             raise invalid(f"{name} is not supported by this server: send the input (or previous_response_id).",
                           name, "unsupported_parameter")
     images = limits if model in limits.image_models else None
-    items = [*(history or []), *input_items(body.get("input"), images=images)]
-    messages = [*instruction_messages(body.get("instructions")), *to_messages(items)]
+    items = [*(history or []), *input_items(request.input, images=images)]
+    messages = [*instruction_messages(request.instructions), *to_messages(items)]
     if not messages:
         raise invalid("input must hold at least one message.", "input", "empty_array")
     if sum(len(m.images) for m in messages) > 1:
@@ -67,33 +69,25 @@ def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str
         raise invalid(f"input holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
                       "input", "too_many_messages")
     check_chars(sum(len(m.content) for m in messages), limits, "input")
-    tools, echoed_tools = function_tools(body.get("tools"))
-    choice = tool_choice(body.get("tool_choice"), tools)
-    parallel = _optional_bool(body, "parallel_tool_calls")
-    max_tokens = _bounded_max_tokens(_integer(body, "max_output_tokens", minimum=1), limits.ceiling(model),
-                                     "max_output_tokens")
-    fmt = text_format(body.get("text"))
-    stream = _optional_bool(body, "stream") or False
-    store = _optional_bool(body, "store")
-    previous = body.get("previous_response_id")
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise invalid("metadata must be an object of strings.", "metadata", "invalid_type")
-    temperature, top_p = _number(body, "temperature", 0.0, 2.0), _number(body, "top_p", 0.0, 1.0)
-    request = ChatRequest(model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=temperature,
-                          top_p=top_p, tools=tools if choice != "none" else (), tool_choice=choice,
-                          incremental=stream, response_format=fmt)
-    instructions = body.get("instructions")
+    tools, echoed_tools = function_tools(request.tools)
+    choice = tool_choice(request.tool_choice, tools)
+    asked = None if request.max_output_tokens is None else int(request.max_output_tokens)
+    max_tokens = _bounded_max_tokens(asked, limits.ceiling(model), "max_output_tokens")
+    fmt = text_format(request.text)
+    stream = bool(request.stream)
+    chat = ChatRequest(model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=request.temperature,
+                       top_p=request.top_p, tools=tools if choice != "none" else (), tool_choice=choice,
+                       incremental=stream, response_format=fmt)
     echo = {
-        "instructions": instructions, "max_output_tokens": _integer(body, "max_output_tokens"),
-        "metadata": metadata or {}, "parallel_tool_calls": True if parallel is None else parallel,
-        "previous_response_id": previous, "reasoning": body.get("reasoning") if isinstance(body.get("reasoning"),
-                                                                                           dict) else None,
-        "temperature": temperature, "text": body.get("text") if isinstance(body.get("text"), dict)
-        else {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice") or "auto", "tools": echoed_tools,
-        "top_p": top_p, "user": body.get("user"), "store": True if store is None else store,
+        "instructions": request.instructions, "max_output_tokens": asked, "metadata": request.metadata or {},
+        "parallel_tool_calls": True if request.parallel_tool_calls is None else request.parallel_tool_calls,
+        "previous_response_id": request.previous_response_id,
+        "reasoning": request.reasoning if isinstance(request.reasoning, dict) else None,
+        "temperature": request.temperature, "text": request.text or {"format": {"type": "text"}},
+        "tool_choice": request.tool_choice or "auto", "tools": echoed_tools, "top_p": request.top_p,
+        "user": request.user, "store": True if request.store is None else request.store,
     }
-    return ResponsesCall(request, stream, echo["store"], tuple(items), echo)
+    return ResponsesCall(chat, stream, echo["store"] is True, tuple(items), echo)
 
 
 def instruction_messages(raw: Any) -> list[Message]:

@@ -1,5 +1,5 @@
-"""Structured outputs: `response_format` (chat completions) and `text.format` (Responses) read
-into one JsonFormat, and the rule that a schema is honoured or refused, never dropped: a model
+"""Structured outputs: `text.format` (Responses) read into a JsonFormat (chat's `response_format` is
+declared in compat/wire.py and read by compat/requests.py), and the rule that a schema is honoured or refused, never dropped: a model
 that cannot constrain its output gets a 400 naming the models here that can."""
 
 from __future__ import annotations
@@ -11,24 +11,6 @@ from backends.registry import Registry, Route
 from compat.errors import invalid
 
 KINDS = "text, json_object or json_schema"
-
-
-def chat_format(raw: Any) -> JsonFormat | None:
-    """`response_format`: {type: text} | {type: json_object} | {type: json_schema, json_schema: {name, schema}}."""
-    if raw is None:
-        return None
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return JsonFormat(None, param="response_format")
-    if kind == "json_schema":
-        spec = raw.get("json_schema")
-        if not isinstance(spec, dict):
-            raise invalid("response_format.json_schema must be an object with a name and a schema.",
-                          "response_format.json_schema", "invalid_type")
-        return _with_schema(spec, "response_format.json_schema")
-    raise invalid(f"response_format must be an object with type {KINDS}.", "response_format", "invalid_value")
 
 
 def text_format(raw: Any) -> JsonFormat | None:

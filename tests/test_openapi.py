@@ -1,26 +1,24 @@
 """The API against its own description: schemathesis sends generated requests (valid and invalid)
-to every operation of a live gunicorn and checks each answer against openapi.yaml, the document
-that /openapi.json serves. Embeddings go through the fake Cloudflare, the only embedding models."""
+to every operation of a live gunicorn and checks each answer against the document /openapi.json
+serves (openapi.yaml with the request schemas of compat/wire.py's declarations). Embeddings go
+through the fake Cloudflare, the only embedding models."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import requests
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
                                                response_headers_conformance, response_schema_conformance,
                                                status_code_conformance)
 
+from compat.routes.openapi import document
 from tests.fake_cloudflare import cloudflare_env
 
 API_KEY = "sk-openapi-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-SPEC = Path(__file__).resolve().parent.parent / "openapi.yaml"
 CHAT_MODEL, EMBEDDING_MODEL = "chatglm3-demo", "@cf/baai/bge-small-en-v1.5"  # as named in the examples
 # Responses go to the fake Workers AI model: the same road and codec, without a generation's CPU for each case.
 SERVED = {"/v1/chat/completions": CHAT_MODEL, "/v1/completions": CHAT_MODEL, "/v1/embeddings": EMBEDDING_MODEL,
@@ -30,9 +28,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, negative_data_rejection]
 EXAMPLES = 25  # fuzzed cases per operation, besides the document's examples and schemathesis' coverage cases
 
-# Loaded from the file at collection time (schemathesis makes one test per operation from it);
-# the first test checks that the live /openapi.json is this same document.
-schema = schemathesis.openapi.from_path(SPEC)
+# Built at collection time (schemathesis makes one test per operation from it); the first test
+# checks that the live /openapi.json is this same document.
+schema = schemathesis.openapi.from_dict(document())
 schema.config.update(headers=AUTH)
 
 
@@ -43,10 +41,10 @@ def server(server_factory, demo_model, fake):
                           CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge", MODEL_ALIASES=f"{EMBEDDING_MODEL}=@cf/fake/bge")
 
 
-def test_the_served_description_is_openapi_yaml_and_valid(server):
+def test_the_served_description_is_the_document_and_valid(server):
     r = requests.get(server.base_url + "/openapi.json", timeout=10)  # no key: it is outside /v1/
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
-    assert r.json() == yaml.safe_load(SPEC.read_text(encoding="utf-8"))
+    assert r.json() == document()
     schemathesis.openapi.from_dict(r.json()).validate()  # against the OpenAPI 3.1 meta-schema
 
 

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any
 
 from flask import Blueprint, g, jsonify
 
 from compat.errors import invalid
-from compat.requests import _integer, check_chars, parse_model
+from compat.requests import check_chars, parse_embeddings
 from compat.routes.road import json_body, resolve
 from serving import state
 
 bp = Blueprint("embeddings", __name__)
 
-MAX_INPUTS = 2048  # OpenAI's limit per request
-
 
 @bp.post("/v1/embeddings")
 def create_embeddings():
-    body = json_body()
-    model, inputs, encoding, dimensions = parse_embeddings(body)
+    call = parse_embeddings(json_body())
+    model, inputs, encoding, dimensions = call.model, call.inputs, call.encoding, call.dimensions
     check_chars(sum(len(x) for x in inputs), state().limits, "input")
     route = resolve(model, stream=False)
     result = route.backend.embed(route.model_id, inputs)
@@ -35,28 +32,6 @@ def create_embeddings():
             for i, vector in enumerate(result.vectors)]
     return jsonify({"object": "list", "data": data, "model": route.model_id,
                     "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}})
-
-
-def parse_embeddings(body: Any) -> tuple[str, list[str], str, int | None]:
-    model = parse_model(body)
-    raw = body.get("input")
-    inputs = [raw] if isinstance(raw, str) else raw
-    if isinstance(inputs, list) and inputs and all(isinstance(x, (int, list)) for x in inputs):
-        raise invalid("input given as token ids is not supported: send the text itself. (LangChain's "
-                      "OpenAIEmbeddings sends token ids unless it is created with check_embedding_ctx_length=False.)",
-                      "input", "unsupported_value")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
-        raise invalid("input must be a string or a non-empty array of strings.", "input", "invalid_type")
-    if len(inputs) > MAX_INPUTS:
-        raise invalid(f"input takes at most {MAX_INPUTS} strings.", "input", "invalid_value")
-    if any(not x for x in inputs):
-        raise invalid("input strings must not be empty.", "input", "invalid_value")
-    encoding = body.get("encoding_format")
-    encoding = "float" if encoding is None else encoding
-    if encoding not in ("float", "base64"):
-        raise invalid("encoding_format must be 'float' or 'base64'.", "encoding_format", "invalid_value")
-    dimensions = _integer(body, "dimensions", minimum=1)
-    return model, inputs, encoding, dimensions
 
 
 def encode(vector: list[float], encoding: str) -> list[float] | str:

@@ -1,19 +1,37 @@
-"""GET /openapi.json: openapi.yaml (the API as implemented) as JSON, for SDK generators and API tools.
+"""GET /openapi.json: the API as implemented, for SDK generators and API tools.
 
-The file is read and converted once, at import: a broken description stops the server at start
-(the gunicorn master imports the app) instead of failing the first request for it.
+openapi.yaml holds the paths and the schemas not declared in code; the request bodies' schemas
+come from their declarations (compat/wire.py), so what is validated and what is described cannot
+drift apart, and the answers' from theirs (compat/answers.py), which the builders are tested against. The document is built once, at import: a broken description stops
+the server at start (the gunicorn master imports the app) instead of failing the first request.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 from flask import Blueprint, Response
 
+from compat import answers, wire
+
 SPEC = Path(__file__).resolve().parent.parent.parent / "openapi.yaml"
-BODY = json.dumps(yaml.safe_load(SPEC.read_text(encoding="utf-8")), ensure_ascii=False)
+
+
+def document() -> dict[str, Any]:
+    """openapi.yaml with the declared schemas added; a name in both is a mistake, refused."""
+    doc = yaml.safe_load(SPEC.read_text(encoding="utf-8"))
+    written, declared = doc["components"]["schemas"], {**wire.schemas(), **answers.schemas()}
+    both = sorted(set(written) & set(declared) | set(wire.schemas()) & set(answers.schemas()))
+    if both:
+        raise ValueError(f"schemas written or declared twice: {', '.join(both)}")
+    written.update(declared)
+    return doc
+
+
+BODY = json.dumps(document(), ensure_ascii=False)
 
 bp = Blueprint("openapi", __name__)
 
