@@ -1,8 +1,12 @@
+import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-from settings import ConfigError, load_settings
+from settings import ELSEWHERE, ConfigError, Settings, configuration_table, load_settings
+from settings_fields import declarations
+from tests.conftest import ROOT
 
 
 def test_defaults_without_environment():
@@ -73,3 +77,50 @@ def test_stored_responses_and_json_mode_settings(tmp_path):
     assert (s.state_dir, s.responses_ttl, s.responses_max_mb) == (tmp_path, 3600, 5)
     assert s.cloudflare_json_models == ("@cf/a", "@cf/b")
     assert "@cf/meta/llama-3.3-70b-instruct-fp8-fast" in load_settings({}, dotenv=None).cloudflare_json_models
+
+
+def test_defaults_are_the_declared_ones():
+    """One place for a default: reading an empty environment gives the dataclass's own."""
+    assert load_settings({}, dotenv=None) == Settings()
+
+
+def test_every_setting_is_declared_once():
+    declared = declarations(Settings)
+    assert [f.name for f, _ in declared] == [f.name for f in dataclasses.fields(Settings)]
+    listed = [d.env for _, d in declared if d.listed] + [d.env for d in ELSEWHERE]
+    assert len(listed) == len(set(listed))
+    assert all(d.doc for _, d in declared if d.listed)
+
+
+@pytest.mark.parametrize("env, minimum", [(d.env, d.minimum) for _, d in declarations(Settings)
+                                          if d.minimum is not None])
+def test_each_declared_bound_is_enforced(env, minimum):
+    below = f"{minimum - 1:g}"
+    with pytest.raises(ConfigError, match=rf"^{env}=.* is too small \(at least {minimum:g}\)"):
+        load_settings({env: below}, dotenv=None)
+    assert getattr(load_settings({env: f"{minimum:g}"}, dotenv=None), _field_of(env)) == minimum
+
+
+def _field_of(env: str) -> str:
+    return next(f.name for f, d in declarations(Settings) if d.env == env)
+
+
+def test_flags_take_yes_and_no_only():
+    assert load_settings({"LOG_PROMPTS": "yes"}, dotenv=None).log_prompts is True
+    with pytest.raises(ConfigError, match=r"^LOG_PROMPTS='maybe' is not a yes/no value"):
+        load_settings({"LOG_PROMPTS": "maybe"}, dotenv=None)
+
+
+def test_readme_table_is_written_from_the_declarations():
+    script = _load_script("settings_table")
+    table = script.readme_table((ROOT / "README.md").read_text())
+    assert table == configuration_table(), "README.md's configuration table is stale: run `make settings-table`"
+    assert "| `MAX_QUEUE` | requests waiting for a slot before new ones get 429 | `8` | `0` |" in table
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
