@@ -124,3 +124,35 @@ def _load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_checking_the_configuration_writes_nothing(tmp_path):
+    """The demo model stands in but is not written yet: the check passes on what it will be, and
+    leaves no file behind (starting writes it: app.ensure_demo_model)."""
+    from app import check_config
+
+    s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "demo.bin"), "MODEL_ALIASES": "gpt-4o=chatglm3-demo",
+                       "MAX_TOKENS_CEILING": "gpt-4o=64"}, dotenv=None)
+    local = check_config(s)
+    assert local is not None and (local.id, local.context, local.file) == ("chatglm3-demo", 1024, None)
+    with pytest.raises(ConfigError, match=r"^CHATGLM_MAX_LENGTH=4096 is more than the model's own 1024"):
+        check_config(dataclasses.replace(s, chatglm_max_length=4096))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_written_demo_model_is_read_and_checked(demo_model):
+    from app import check_config, ensure_demo_model
+
+    s = load_settings({"DEMO_MODEL_PATH": str(demo_model)}, dotenv=None)
+    ensure_demo_model(s)  # there already: nothing to write
+    local = check_config(s)
+    assert local is not None and local.file is not None and local.file.path == demo_model
+
+
+def test_an_unwritable_demo_model_path_is_a_config_error(tmp_path):
+    from app import ensure_demo_model
+
+    (tmp_path / "file").write_text("")
+    s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "file" / "demo.bin")}, dotenv=None)
+    with pytest.raises(ConfigError, match=r"^DEMO_MODEL_PATH: cannot write .*demo\.bin"):
+        ensure_demo_model(s)
