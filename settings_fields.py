@@ -10,6 +10,7 @@ the same declarations. Every problem is a ConfigError naming the variable and th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -64,18 +65,25 @@ def declarations(cls: type) -> list[tuple[dataclasses.Field[Any], Declaration]]:
 def read_fields(cls: type, env: Mapping[str, str]) -> dict[str, Any]:
     """Every declared field of ``cls`` read from ``env``: attribute name -> value. Fields whose
     parser uses others are read after the rest."""
-    hints = typing.get_type_hints(cls)
     got: dict[str, Any] = {}
-    fields = declarations(cls)
-    for f, d in [*(x for x in fields if not x[1].uses), *(x for x in fields if x[1].uses)]:
+    for f, d, hint in _reading_order(cls):
         name, raw = _text(env, d)
         if d.parse is not None and (raw or d.uses):
             got[f.name] = d.parse(raw, Reading(env, got))
         elif not raw:
             got[f.name] = f.default
         else:
-            got[f.name] = _by_type(name, raw, hints[f.name], d.minimum)
+            got[f.name] = _by_type(name, raw, hint, d.minimum)
     return got
+
+
+@functools.cache
+def _reading_order(cls: type) -> tuple[tuple[dataclasses.Field[Any], Declaration, Any], ...]:
+    """The declared fields with their types (resolved once: it is the slow part), those whose parser
+    uses others last."""
+    hints = typing.get_type_hints(cls)
+    fields = [(f, d, hints[f.name]) for f, d in declarations(cls)]
+    return (*(x for x in fields if not x[1].uses), *(x for x in fields if x[1].uses))
 
 
 def _text(env: Mapping[str, str], d: Declaration) -> tuple[str, str]:
