@@ -7,7 +7,7 @@ NODE_DIR := .cache/node
 # chatglm-cpp 0.4.2 builds from source; CMake 4 rejects its bundled cmake_minimum_required.
 export CMAKE_ARGS ?= -DCMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: run test lint audit install install-dev install-clients test-servers clean
+.PHONY: run test lint audit settings-table install install-dev install-clients test-servers clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:application
@@ -19,6 +19,11 @@ test: $(VENV)/.installed-dev test-servers install-clients lint
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The README's configuration table, rewritten from the settings' declarations (settings.py);
+# tests/test_settings.py fails while the two differ.
+settings-table: $(VENV)/.installed
+	$(BIN)/python scripts/settings_table.py --write
 
 # Known vulnerabilities in the pinned requirements (pip-audit asks PyPI's advisory service).
 audit: $(VENV)/.installed-dev

@@ -6,8 +6,8 @@ import logging
 import re
 import secrets
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import cast
 
 from flask import Flask, Response, g, request
@@ -19,7 +19,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 import rate_limits
 import serving
 from backends.base import Backend, BackendError
-from backends.ggml_file import ModelFile, ModelFileError, read_model_file
+from backends.ggml_file import ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.auth import authenticate
 from compat.body import BodyReader
@@ -36,6 +36,7 @@ from compat.routes import (
     playground,
     responses,
 )
+from policy import LocalModel, Policy
 from request_log import RequestRecord
 from response_store import ResponseStore, StoreError
 from settings import ConfigError, Settings, load_settings
@@ -58,31 +59,23 @@ class AppState:
     settings: Settings
     registry: Registry
     responses: ResponseStore
-    # backend name -> the most tokens an answer without max_tokens can take: a local model's whole
-    # context (the prompt counts within it), Workers AI's CLOUDFLARE_MAX_TOKENS (sent when none is asked).
-    open_ended: dict[str, int] = field(default_factory=dict)
+    policy: Policy  # what the settings decide about each request (policy.py)
     streams: RunningStreams = field(default_factory=RunningStreams)  # ended by the worker's graceful timeout
     budgets: rate_limits.TokenBudgets | None = None  # the keys' tokens per minute (set once the hooks are in)
 
-    @cached_property
+    @property
     def limits(self) -> Limits:
-        s = self.settings
-        by_model = dict(s.max_tokens_by_model)
-        for alias, target in s.model_aliases:  # an alias has its model's ceiling unless it has its own
-            if alias not in by_model and target in by_model:
-                by_model[alias] = by_model[target]
-        # Only the local model may read images (Cloudflare's list is not asked: it may be discovered later).
-        local = [m.id for b in self.registry.backends if b.name == "chatglm" for m in b.models() if m.images]
-        images = frozenset(local + [alias for alias, target in s.model_aliases if target in local])
-        return Limits(s.max_messages, s.max_input_chars, s.max_tokens_ceiling, by_model, images, s.max_image_bytes)
+        return self.policy.limits
 
-    @cached_property
-    def fallbacks(self) -> dict[str, tuple[str, ...]]:
+    @property
+    def fallbacks(self) -> Mapping[str, tuple[str, ...]]:
         """model -> the models to try, in order, when it fails before answering."""
-        chains: dict[str, tuple[str, ...]] = {}
-        for model, fallback in self.settings.model_fallbacks:
-            chains[model] = (*chains.get(model, ()), fallback)
-        return chains
+        return self.policy.fallbacks
+
+    @property
+    def open_ended(self) -> Mapping[str, int]:
+        """backend name -> the most tokens an answer without max_tokens can take."""
+        return self.policy.open_ended
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -90,12 +83,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)  # the playground is served by its route, with its headers
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     cast(DefaultJSONProvider, app.json).sort_keys = False  # keys in the order the wire types declare them
+    ensure_demo_model(settings)  # starting writes the demo model if it stands in; checking never writes
     local = check_config(settings)
-    open_ended = {"cloudflare": settings.cloudflare_max_tokens}
-    if local is not None:
-        open_ended["chatglm"] = settings.chatglm_max_length or local[0].config.max_length
     app.extensions[serving.EXTENSION] = AppState(settings, build_registry(settings, local), response_store(settings),
-                                        open_ended)
+                                                 Policy.derive(settings, local))
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
@@ -161,14 +152,15 @@ def start_loading(app: Flask) -> None:
     threading.Thread(target=load_backends, args=(app,), name="aigate-load", daemon=True).start()
 
 
-def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> Registry:
+def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
     backends: list[Backend] = []
     if local is not None:
         from backends.chatglm import ChatGLMBackend
         from backends.engine import launcher
 
-        model, model_id = local
-        backends.append(ChatGLMBackend(model, model_id=model_id, engine=launcher.client(settings),
+        if local.file is None:
+            raise ConfigError(f"CHATGLM_MODEL: {settings.model_path} is not written yet (app.ensure_demo_model)")
+        backends.append(ChatGLMBackend(local.file, model_id=local.id, engine=launcher.client(settings),
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local",
                                        max_image_pixels=settings.max_image_pixels))
     if settings.uses_cloudflare:
@@ -181,7 +173,7 @@ def build_registry(settings: Settings, local: tuple[ModelFile, str] | None) -> R
         )
 
         # Served elsewhere, so a discovered upstream model of the same name is left out (a listed one is refused).
-        taken = {local[1]} if local else set()
+        taken = {local.id} if local else set()
         if settings.uses_cloudflare:
             taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models}
         taken |= {alias for alias, _ in settings.model_aliases}
@@ -202,11 +194,13 @@ def cloudflare_config(settings: Settings):
         json_mode_models=settings.cloudflare_json_models)
 
 
-def check_config(settings: Settings) -> tuple[ModelFile, str] | None:
+def check_config(settings: Settings) -> LocalModel | None:
     """Everything that can be checked without loading a model or calling Cloudflare (the gunicorn
-    master runs this before starting workers); returns the checked local model file and its id."""
+    master runs this before starting workers), and without writing anything; returns the local model
+    as checked. Its file is read, unless it is the demo model and not written yet (ensure_demo_model
+    writes it at start): then the demo model's own context stands for it."""
     local = check_local_model(settings) if settings.model_path is not None else None
-    known = {local[1]} if local else set()
+    known = {local.id} if local else set()
     discovering = settings.uses_cloudflare and settings.cloudflare_models == ("auto",)
     if settings.uses_cloudflare:
         known.update(settings.cloudflare_embedding_models)
@@ -254,34 +248,47 @@ def check_upstream_models(settings: Settings, known: set[str]) -> set[str]:
     return declared
 
 
-def check_local_model(settings: Settings) -> tuple[ModelFile, str]:
-    """The checked model file (the demo model written first if it stands in) and its id."""
+def check_local_model(settings: Settings) -> LocalModel:
+    """The local model: its file read and checked (the demo model, when it is not written yet, as it
+    will be), and its id."""
     path = settings.model_path
     if path is None:
         raise ConfigError("CHATGLM_MODEL: no local model is configured")
-    if settings.uses_demo_model:
-        ensure_demo_model(settings)
-    try:
-        model = read_model_file(path)
-    except ModelFileError as exc:
-        raise ConfigError(f"CHATGLM_MODEL: {exc}") from None
-    if settings.chatglm_max_length and settings.chatglm_max_length > model.config.max_length:
+    if settings.uses_demo_model and not path.is_file():
+        from backends.demo_model import DEMO_MAX_LENGTH
+
+        model, context, images = None, DEMO_MAX_LENGTH, False
+    else:
+        try:
+            model = read_model_file(path)
+        except ModelFileError as exc:
+            raise ConfigError(f"CHATGLM_MODEL: {exc}") from None
+        context, images = model.config.max_length, model.vision is not None
+    if settings.chatglm_max_length and settings.chatglm_max_length > context:
         raise ConfigError(f"CHATGLM_MAX_LENGTH={settings.chatglm_max_length} is more than the model's own "
-                          f"{model.config.max_length}; lower it or leave it unset")
+                          f"{context}; lower it or leave it unset")
     if settings.chatglm_model_id:
-        return model, settings.chatglm_model_id
-    return model, DEMO_MODEL_ID if settings.uses_demo_model else model.path.name.removesuffix(".bin")
+        model_id = settings.chatglm_model_id
+    else:
+        model_id = DEMO_MODEL_ID if settings.uses_demo_model else path.name.removesuffix(".bin")
+    return LocalModel(model_id, settings.chatglm_max_length or context, images, model)
 
 
 def ensure_demo_model(settings: Settings) -> None:
-    if settings.demo_model_path.is_file():
+    """Write the random-weight demo model if it stands in and is not there yet: a step of starting
+    (gunicorn.conf.py's master, create_app), never of checking the configuration."""
+    if not settings.uses_demo_model or settings.demo_model_path.is_file():
         return
     from backends.demo_model import write_demo_model
 
     log.warning("no CHATGLM_MODEL set: writing the random-weight demo model to %s. It answers with "
                 "nonsense; set CHATGLM_MODEL=/path/to/chatglm3-ggml.bin to serve a real model.",
                 settings.demo_model_path)
-    write_demo_model(settings.demo_model_path)
+    try:
+        write_demo_model(settings.demo_model_path)
+    except OSError as exc:
+        raise ConfigError(f"DEMO_MODEL_PATH: cannot write {settings.demo_model_path}: {exc.strerror or exc}; "
+                          "point it at a writable place or set CHATGLM_MODEL") from None
 
 
 def _install_request_hooks(app: Flask) -> None:

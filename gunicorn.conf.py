@@ -51,7 +51,10 @@ from settings import ConfigError, load_settings  # noqa: E402
 
 try:
     _settings = load_settings()
-    _app.check_config(_settings)
+    _app.check_config(_settings)  # reads only
+    # A step of its own: starting writes the random-weight demo model when it stands in, before the
+    # engine (when_ready) and the workers need it.
+    _app.ensure_demo_model(_settings)
 except Exception as _exc:
     _previous = _config.checked() if _reloading else None
     _what = str(_exc) if isinstance(_exc, ConfigError) else f"{type(_exc).__name__}: {_exc}"

@@ -1,5 +1,6 @@
 """A typed way to the objects create_app builds once for an app (app.AppState: settings, registry,
-limits, fallbacks, stored responses, running streams), instead of ``app.extensions["aigate"]`` by string."""
+the policy with its limits and fallbacks, stored responses, running streams), instead of
+``app.extensions["aigate"]`` by string."""
 
 from __future__ import annotations
 

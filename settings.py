@@ -1,7 +1,10 @@
 """Settings: one frozen object read from the environment, or a .env file in the working directory.
 
-Every problem is reported as a ConfigError naming the variable and the fix, so the server can
-stop at start with one clear line instead of failing on the first request.
+Each setting is declared once, as a field of Settings (settings_fields.setting: its variable,
+default, bound, one line of doc); the reader and the README's configuration table both come from
+those declarations. Every problem is reported as a ConfigError naming the variable and the fix, so
+the server can stop at start with one clear line instead of failing on the first request. Reading
+settings has no side effect; what they decide about requests is derived in policy.py.
 """
 
 from __future__ import annotations
@@ -14,10 +17,9 @@ import re
 import sys
 import tempfile
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dotenv import dotenv_values
 
@@ -26,6 +28,10 @@ from backends.upstream.config import (
     UpstreamsFileError,
     read_upstreams_file,
 )
+from settings_fields import ConfigError, Declaration, Parser, Reading, items, read_fields, setting, table_rows
+
+__all__ = ["ApiKey", "ConfigError", "Settings", "checked", "configuration_table", "key_name", "load_settings",
+           "set_checked"]
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DEFAULT_CLOUDFLARE_MODELS = ("@cf/meta/llama-3.1-8b-instruct-fast", "@cf/meta/llama-3.3-70b-instruct-fp8-fast",
@@ -44,10 +50,6 @@ DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
 log = logging.getLogger("aigate")
 
 
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the variable and the fix."""
-
-
 @dataclass(frozen=True)
 class ApiKey:
     """One accepted bearer key. ``name`` stands for it in logs, metrics and rate-limit counters:
@@ -64,58 +66,235 @@ class ApiKey:
         return not self.models or any(name in self.models for name in names)
 
 
+# Parsers of the settings too rich for their type alone (declared in Settings below) --------------
+
+def _api_keys(raw: str, r: Reading) -> tuple[ApiKey, ...]:
+    """API_KEYS (each with the default limits) and the keys of API_KEYS_FILE (limits of their own)."""
+    rpm, tpm, keys_file = r.got["rate_limit_rpm"], r.got["rate_limit_tpm"], r.got["api_keys_file"]
+    keys = [ApiKey(key_name(secret), secret, requests_per_minute=rpm, tokens_per_minute=tpm) for secret in items(raw)]
+    if keys_file is not None:
+        keys += _keys_file(keys_file, rpm, tpm)
+    for key in keys:
+        _check_header_safe(key)
+    secrets = [k.secret for k in keys]
+    if len(set(secrets)) != len(secrets):
+        raise ConfigError("API_KEYS / API_KEYS_FILE: the same key is listed twice")
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        raise ConfigError("API_KEYS_FILE: two keys have the same name")
+    return tuple(keys)
+
+
+def _cloudflare_token(raw: str, r: Reading) -> str:
+    if bool(r.got["cloudflare_account_id"]) != bool(raw):
+        missing = "CLOUDFLARE_ACCOUNT_ID" if raw else "CLOUDFLARE_API_TOKEN"
+        raise ConfigError(f"{missing} is not set: Workers AI needs both CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN")
+    return raw
+
+
+def _pairs_of(name: str, example: str) -> Parser:
+    """`a=b,c=d` (model ids may hold '/' and '@' but not '=' or ',')."""
+    def parse(raw: str, r: Reading) -> tuple[tuple[str, str], ...]:
+        pairs = []
+        for item in items(raw):
+            left, sep, right = (s.strip() for s in item.partition("="))
+            if not sep or not left or not right:
+                raise ConfigError(f"{name}: {item!r} is not model=model (example: {name}={example})")
+            pairs.append((left, right))
+        return tuple(pairs)
+    return parse
+
+
+def _ceilings(raw: str) -> tuple[int | None, tuple[tuple[str, int], ...]]:
+    """MAX_TOKENS_CEILING: `1024` for every model, `model=512,...` per model, or both: `1024,model=512`."""
+    default, per_model = None, []
+    for item in items(raw):
+        model, _, number = item.rpartition("=")
+        if not re.fullmatch(r"\s*[0-9]+\s*", number) or int(number) < 1 or (model == "" and "=" in item):
+            raise ConfigError(f"MAX_TOKENS_CEILING: {item!r} is not a number or model=number "
+                              "(example: MAX_TOKENS_CEILING=1024,chatglm3-6b=512)")
+        if model:
+            per_model.append((model.strip(), int(number)))
+        else:
+            default = int(number)
+    return default, tuple(per_model)
+
+
+def _timeouts(raw: str, r: Reading) -> tuple[float, float]:
+    """CLOUDFLARE_TIMEOUT: "read" or "connect,read", in seconds."""
+    try:
+        values = [float(v) for v in raw.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"CLOUDFLARE_TIMEOUT={raw!r} is not 'read' or 'connect,read' in seconds (example: 10,120)")
+    return (min(values[0], 10.0), values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _upstreams(raw: str, r: Reading) -> tuple[UpstreamConfig, ...]:
+    try:
+        return read_upstreams_file(Path(raw).expanduser(), r.env)
+    except UpstreamsFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _storage_uri(raw: str, r: Reading) -> str:
+    shown = raw.split("@")[-1]  # never the password
+    if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
+        raise ConfigError(f"RATELIMIT_STORAGE_URI={shown!r} is not memory:// or redis://host:port")
+    if raw.startswith("redis"):
+        from redis.connection import (
+            parse_url,  # reads the address the way the client will, without connecting
+        )
+
+        try:
+            parse_url(raw.replace("redis+unix://", "unix://", 1))
+        except ValueError as exc:
+            raise ConfigError(f"RATELIMIT_STORAGE_URI=...{shown!r}: {exc}") from None
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
-    api_keys: tuple[ApiKey, ...] = ()
-    chatglm_model: Path | None = None  # None: no local model (the demo model if nothing else is set)
-    chatglm_model_id: str | None = None
-    chatglm_max_length: int | None = None
-    demo_model_path: Path = DEFAULT_DEMO_MODEL
-    model_aliases: tuple[tuple[str, str], ...] = ()
-    model_fallbacks: tuple[tuple[str, str], ...] = ()  # (model, next model to try), in order
-    cloudflare_account_id: str = ""
-    cloudflare_api_token: str = field(default="", repr=False)
-    cloudflare_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_MODELS  # ("auto",): discover them
-    cloudflare_embedding_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
-    cloudflare_json_models: tuple[str, ...] = DEFAULT_CLOUDFLARE_JSON_MODELS
-    cloudflare_api_base: str = "https://api.cloudflare.com/client/v4"
-    cloudflare_max_tokens: int = 2048
-    cloudflare_timeout: tuple[float, float] = (10.0, 120.0)  # connect, read
-    cloudflare_retries: int = 2
-    upstreams: tuple[UpstreamConfig, ...] = ()  # UPSTREAMS_FILE: OpenAI-compatible servers behind us
-    generation_slots: int = 1
-    max_queue: int = 8
-    queue_timeout: float = 60.0
-    engine_socket: str = ""  # "@name": a Linux abstract socket; else a path; empty: derived (engine_address)
-    engine_idle_timeout: float = 600.0  # an engine a worker started (no gunicorn master) exits when idle this long
-    client_write_timeout: float = 30.0  # a client that leaves an answer's bytes unread this long is let go
-    max_body_bytes: int = 4 * 1024 * 1024
-    body_timeout: float = 30.0  # seconds a client has to send a request body (408 after)
-    header_timeout: float = 30.0  # seconds a client has to send a request's headers (408 after)
-    max_messages: int = 2048
-    max_input_chars: int = 1_000_000
-    max_image_bytes: int = 3 * 1024 * 1024  # one image part, decoded (GLM-4V); the body must hold it too
-    max_image_pixels: int = 16_000_000  # width x height, checked before an image is decoded
-    max_tokens_ceiling: int | None = None  # for every model
-    max_tokens_by_model: tuple[tuple[str, int], ...] = ()  # over that, per model or alias
-    rate_limit_rpm: int = 0  # per key (per client address without keys); 0: unlimited
-    rate_limit_tpm: int = 0
-    ratelimit_storage_uri: str = field(default="memory://", repr=False)  # redis:// shares counts (may hold a password)
-    cors_origins: str = "*"
-    trusted_proxies: int = 0  # proxies in front that set X-Forwarded-*; 0: trust none
-    metrics_token: str = field(default="", repr=False)  # bearer for /metrics; empty: loopback clients only
-    log_prompts: bool = False
-    state_dir: Path = PROJECT_DIR / ".state"  # stored responses (SQLite)
-    responses_ttl: int = 30 * 86400  # seconds a stored response is kept
-    responses_max_mb: int = 256  # the oldest stored responses go first past this
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    worker_connections: int = 1000
-    timeout: int = 300
-    graceful_timeout: int = 60
-    keepalive: int = 75
-    log_level: str = "info"
+    """Every setting, declared once: its variable, default, bound and the README's line about it
+    (`make settings-table` writes the README's table from these; tests/test_settings.py checks it)."""
+
+    # Keys and limits
+    api_keys: tuple[ApiKey, ...] = setting(
+        "API_KEYS", (), "comma-separated accepted bearer keys; empty = no auth (a warning is logged)",
+        parse=_api_keys, uses=("api_keys_file", "rate_limit_rpm", "rate_limit_tpm"))
+    api_keys_file: Path | None = setting(
+        "API_KEYS_FILE", None, "a TOML file of named keys, each with its own models and limits (see below)")
+    rate_limit_rpm: int = setting(
+        "RATE_LIMIT_RPM", 0, "requests per minute per key (per client address without keys); a key in the file "
+        "may set its own", shown="`0` (unlimited)", minimum=0)
+    rate_limit_tpm: int = setting(
+        "RATE_LIMIT_TPM", 0, "tokens (prompt + answer) per minute per key (per client address without keys); a key "
+        "in the file may set its own", shown="`0` (unlimited)", minimum=0)
+    ratelimit_storage_uri: str = setting(
+        "RATELIMIT_STORAGE_URI", "memory://", "where the rate-limit counts live: `memory://` (per worker) or "
+        "`redis://host:port` (shared by all workers and hosts)", parse=_storage_uri, secret=True)  # may hold a password
+    # The local model
+    chatglm_model: Path | None = setting(
+        "CHATGLM_MODEL", None, "path of a chatglm.cpp GGML model file (GLM-4, GLM-4V, ChatGLM3 or ChatGLM2)",
+        also=("MODEL",), shown="unset: no local model (the demo model if neither Cloudflare nor upstreams are set)")
+    chatglm_model_id: str | None = setting(
+        "CHATGLM_MODEL_ID", None, "the id shown in `/v1/models`", shown="file name without `.bin`")
+    chatglm_max_length: int | None = setting(
+        "CHATGLM_MAX_LENGTH", None, "context length (prompt + answer) given to the model", shown="the model's own",
+        minimum=16)
+    # Models across backends
+    model_fallbacks: tuple[tuple[str, str], ...] = setting(  # (model, next model to try), in order
+        "MODEL_FALLBACKS", (), "`model=next,...` (repeat a model for a longer chain): when a model fails before "
+        "answering (rate limit, upstream error or timeout, busy queue), the next one answers and the response's "
+        "`model` says which", parse=_pairs_of("MODEL_FALLBACKS", "@cf/meta/llama-3.1-8b-instruct-fast=chatglm3-6b"))
+    model_aliases: tuple[tuple[str, str], ...] = setting(
+        "MODEL_ALIASES", (), "`alias=model,...`, across backends, e.g. "
+        "`gpt-3.5-turbo=chatglm3-ggml,gpt-4o-mini=@cf/meta/llama-3.1-8b-instruct-fast`",
+        parse=_pairs_of("MODEL_ALIASES", "gpt-3.5-turbo=chatglm3-6b"))
+    # Workers AI
+    cloudflare_account_id: str = setting(
+        "CLOUDFLARE_ACCOUNT_ID", "", "the Cloudflare account whose Workers AI to use (with `CLOUDFLARE_API_TOKEN`)",
+        shown="unset: Workers AI off")
+    cloudflare_api_token: str = setting(
+        "CLOUDFLARE_API_TOKEN", "", "its API token (needs Workers AI Read and Edit)", shown="unset: Workers AI off",
+        parse=_cloudflare_token, uses=("cloudflare_account_id",), secret=True)
+    cloudflare_models: tuple[str, ...] = setting(  # ("auto",): discover them
+        "CLOUDFLARE_MODELS", DEFAULT_CLOUDFLARE_MODELS, "comma-separated `@cf/...` ids to serve, or `auto` to list "
+        "the account's text-generation models (refreshed hourly; `/ready` is 503 until the list was read once, "
+        "retried every 5 s)", shown="four text-generation models (`settings.DEFAULT_CLOUDFLARE_MODELS`)")
+    cloudflare_embedding_models: tuple[str, ...] = setting(
+        "CLOUDFLARE_EMBEDDING_MODELS", DEFAULT_CLOUDFLARE_EMBEDDING_MODELS,
+        "embedding models to serve on `/v1/embeddings`", shown="`@cf/baai/bge-{small,base,large}-en-v1.5`")
+    cloudflare_json_models: tuple[str, ...] = setting(
+        "CLOUDFLARE_JSON_MODELS", DEFAULT_CLOUDFLARE_JSON_MODELS,
+        "the Workers AI models that take `response_format` (JSON mode)",
+        shown="those Cloudflare's JSON-mode page lists (`settings.DEFAULT_CLOUDFLARE_JSON_MODELS`)")
+    cloudflare_api_base: str = setting("CLOUDFLARE_API_BASE", "https://api.cloudflare.com/client/v4",
+                                       "the REST base URL")
+    cloudflare_max_tokens: int = setting(
+        "CLOUDFLARE_MAX_TOKENS", 2048, "`max_tokens` sent when the client sets none (Cloudflare's own default, "
+        "256, cuts answers short)", minimum=1)
+    cloudflare_timeout: tuple[float, float] = setting(  # connect, read
+        "CLOUDFLARE_TIMEOUT", (10.0, 120.0), "`read` or `connect,read` seconds", shown="`10,120`", parse=_timeouts)
+    cloudflare_retries: int = setting(
+        "CLOUDFLARE_RETRIES", 2, "resends of a failed connection, a capacity 429 or a 5xx, before anything reached "
+        "the client", minimum=0)
+    # OpenAI-compatible servers behind us
+    upstreams: tuple[UpstreamConfig, ...] = setting(
+        "UPSTREAMS_FILE", (), "a TOML file of OpenAI-compatible servers to serve models from (vLLM, SGLang, "
+        "llama.cpp, Ollama, a hosted API...), pooled by model id with failover (see \"Put other servers behind "
+        "aigate\")", shown="unset: none", parse=_upstreams)
+    # The local engine
+    generation_slots: int = setting(
+        "GENERATION_SLOTS", 1, "generations at once on this machine, across all workers (each slot is a KV cache "
+        "in the engine)", minimum=1)
+    max_queue: int = setting("MAX_QUEUE", 8, "requests waiting for a slot before new ones get 429", minimum=0)
+    queue_timeout: float = setting(
+        "QUEUE_TIMEOUT", 60.0, "seconds a request may wait for a slot (or for an engine that is starting) before "
+        "a 503", minimum=0.0)
+    client_write_timeout: float = setting(
+        "CLIENT_WRITE_TIMEOUT", 30.0, "seconds a streaming client may leave its answer unread before its "
+        "generation stops and the connection closes", minimum=0.1)
+    engine_socket: str = setting(  # empty: derived (engine_address)
+        "ENGINE_SOCKET", "", "where the engine listens: `@name` for a Linux abstract socket, or a path",
+        shown="a name of this server's own")
+    engine_idle_timeout: float = setting(
+        "ENGINE_IDLE_TIMEOUT", 600.0, "without a gunicorn master (Passenger), seconds without requests before the "
+        "engine exits", minimum=0.0)
+    # What one request may be
+    max_body_bytes: int = setting("MAX_BODY_BYTES", 4 * 1024 * 1024, "largest request body (413 above it)",
+                                  minimum=1024)
+    body_timeout: float = setting(
+        "BODY_TIMEOUT", 30.0, "seconds a client has to send a request's body once its headers are in (408 after)",
+        minimum=0.1)
+    header_timeout: float = setting(
+        "HEADER_TIMEOUT", 30.0, "seconds a client has to send a request's headers from their first byte (408 "
+        "after); a new connection that sends nothing for this long is closed", minimum=0.1)
+    max_messages: int = setting("MAX_MESSAGES", 2048, "most messages in one request", minimum=1)
+    max_input_chars: int = setting(
+        "MAX_INPUT_CHARS", 1_000_000, "most characters of content in one request (messages with their tool-call "
+        "arguments and the tool definitions, prompts or embedding inputs)", minimum=1)
+    max_image_bytes: int = setting(
+        "MAX_IMAGE_BYTES", 3 * 1024 * 1024, "the largest image part (decoded bytes) a model that reads images "
+        "(GLM-4V) takes; one image per request; the body must hold it too", minimum=1024)
+    max_image_pixels: int = setting(
+        "MAX_IMAGE_PIXELS", 16_000_000, "the largest image (width x height), checked before it is decoded",
+        minimum=64 * 64)
+    max_tokens_ceiling: int | None = setting(  # for every model
+        "MAX_TOKENS_CEILING", None, "the most `max_tokens` a request may ask for (400 above it), and what it gets "
+        "when it asks for none: `1024` for every model, `model=512,...` per model or alias (an alias has its "
+        "model's), or both", shown="unset: the context decides", parse=lambda raw, r: _ceilings(raw)[0])
+    max_tokens_by_model: tuple[tuple[str, int], ...] = setting(  # over that, per model or alias
+        "MAX_TOKENS_CEILING", (), "", parse=lambda raw, r: _ceilings(raw)[1], listed=False)
+    # Serving
+    cors_origins: str = setting("CORS_ORIGINS", "*", "`Access-Control-Allow-Origin`: one origin, a "
+                                "comma-separated list, or `*`")
+    trusted_proxies: int = setting("TRUSTED_PROXIES", 0, "how many proxies in front set `X-Forwarded-*` "
+                                   "(0: trust none)", minimum=0)
+    metrics_token: str = setting("METRICS_TOKEN", "", "bearer token for `/metrics`; unset: only local clients "
+                                 "may read it", secret=True)
+    state_dir: Path = setting(  # stored responses (SQLite)
+        "STATE_DIR", PROJECT_DIR / ".state", "where stored responses are kept (`responses.sqlite3`); must be "
+        "writable and the same for every worker", shown="`.state` in the project")
+    responses_ttl: int = setting("RESPONSES_TTL", 30 * 86400, "seconds a stored response is kept",
+                                 shown="`2592000` (30 days)", minimum=60)
+    responses_max_mb: int = setting(
+        "RESPONSES_MAX_MB", 256, "the most stored responses may take; past it the oldest go first", minimum=1)
+    log_prompts: bool = setting("LOG_PROMPTS", False, "`1` also logs each prompt and answer (debugging only)")
+    # gunicorn
+    host: str = setting("HOST", "127.0.0.1", "where gunicorn listens: the address")
+    port: int = setting("PORT", 8000, "where gunicorn listens: the port", minimum=0)
+    workers: int = setting("WORKERS", 1, "gunicorn worker processes", minimum=1)
+    worker_connections: int = setting("WORKER_CONNECTIONS", 1000, "connections per worker", minimum=1)
+    timeout: int = setting("TIMEOUT", 300, "seconds a worker may miss its heartbeat before gunicorn restarts it",
+                           minimum=1)
+    graceful_timeout: int = setting("GRACEFUL_TIMEOUT", 60, "seconds running streams get to finish when a "
+                                    "worker stops", minimum=0)
+    keepalive: int = setting("KEEPALIVE", 75, "seconds an idle keep-alive connection stays open", minimum=0)
+    log_level: str = setting("LOG_LEVEL", "info", "`debug`, `info`, `warning`...", parse=lambda raw, r: raw.lower())
+    demo_model_path: Path = setting("DEMO_MODEL_PATH", DEFAULT_DEMO_MODEL, "where the demo model is written",
+                                    shown="`.cache/demo-chatglm3.bin` in the project")
 
     @property
     def uses_cloudflare(self) -> bool:
@@ -143,6 +322,20 @@ class Settings:
         return "@" + name if sys.platform.startswith("linux") else str(Path(tempfile.gettempdir()) / f"{name}.sock")
 
 
+# Variables read before settings are (documented in the same table).
+ELSEWHERE = (
+    Declaration("PROMETHEUS_MULTIPROC_DIR", "where the workers' metric files live (emptied at start, kept across "
+                "reloads; read by gunicorn.conf.py before anything imports prometheus_client); see "
+                "[docs/deploy.md](docs/deploy.md#observing-a-running-server)",
+                shown="a private directory under `$TMPDIR`, removed at exit"),
+)
+
+
+def configuration_table() -> str:
+    """The README's configuration table, from the declarations."""
+    return "\n".join(table_rows(Settings, ELSEWHERE)) + "\n"
+
+
 # What the gunicorn master last checked (gunicorn.conf.py sets it, at start and on each reload).
 # Its workers are forked from it and use this rather than read the files again: a reload with a
 # broken keys file or .env keeps serving the configuration that was checked before.
@@ -159,91 +352,13 @@ def checked() -> Settings | None:
 
 
 def load_settings(environ: Mapping[str, str] | None = None, dotenv: str | os.PathLike[str] | None = ".env") -> Settings:
-    """Read settings from ``environ`` (default os.environ) over the values of a .env file."""
+    """Read settings from ``environ`` (default os.environ) over the values of a .env file. Reads,
+    never writes: the demo model, if it stands in, is written at start (app.ensure_demo_model)."""
     env: dict[str, str] = {}
     if dotenv is not None and Path(dotenv).is_file():
         env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
     env.update(os.environ if environ is None else environ)
-    r = _Reader(env)
-    model = r.text("CHATGLM_MODEL") or r.text("MODEL")
-    account, token = r.text("CLOUDFLARE_ACCOUNT_ID"), r.text("CLOUDFLARE_API_TOKEN")
-    if bool(account) != bool(token):
-        missing = "CLOUDFLARE_API_TOKEN" if account else "CLOUDFLARE_ACCOUNT_ID"
-        raise ConfigError(f"{missing} is not set: Workers AI needs both CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN")
-    cf_models = r.items("CLOUDFLARE_MODELS")
-    cf_embedding = r.items("CLOUDFLARE_EMBEDDING_MODELS")
-    ceiling, ceilings = _ceilings(r.text("MAX_TOKENS_CEILING"))
-    rpm = r.integer("RATE_LIMIT_RPM", 0, minimum=0)
-    tpm = r.integer("RATE_LIMIT_TPM", 0, minimum=0)
-    return Settings(
-        api_keys=_api_keys(r.items("API_KEYS"), r.text("API_KEYS_FILE"), rpm, tpm),
-        chatglm_model=Path(model).expanduser() if model else None,
-        chatglm_model_id=r.text("CHATGLM_MODEL_ID") or None,
-        chatglm_max_length=r.integer("CHATGLM_MAX_LENGTH", None, minimum=16),
-        demo_model_path=Path(r.text("DEMO_MODEL_PATH") or DEFAULT_DEMO_MODEL),
-        model_aliases=_pairs("MODEL_ALIASES", r.text("MODEL_ALIASES"), "gpt-3.5-turbo=chatglm3-6b"),
-        model_fallbacks=_pairs("MODEL_FALLBACKS", r.text("MODEL_FALLBACKS"),
-                               "@cf/meta/llama-3.1-8b-instruct-fast=chatglm3-6b"),
-        cloudflare_account_id=account,
-        cloudflare_api_token=token,
-        cloudflare_models=cf_models or DEFAULT_CLOUDFLARE_MODELS,
-        cloudflare_embedding_models=cf_embedding or DEFAULT_CLOUDFLARE_EMBEDDING_MODELS,
-        cloudflare_json_models=r.items("CLOUDFLARE_JSON_MODELS") or DEFAULT_CLOUDFLARE_JSON_MODELS,
-        cloudflare_api_base=r.text("CLOUDFLARE_API_BASE") or Settings.cloudflare_api_base,
-        cloudflare_max_tokens=r.integer("CLOUDFLARE_MAX_TOKENS", 2048, minimum=1),
-        cloudflare_timeout=_timeouts(r.text("CLOUDFLARE_TIMEOUT")),
-        cloudflare_retries=r.integer("CLOUDFLARE_RETRIES", 2, minimum=0),
-        upstreams=_upstreams(r.text("UPSTREAMS_FILE"), env),
-        generation_slots=r.integer("GENERATION_SLOTS", 1, minimum=1),
-        max_queue=r.integer("MAX_QUEUE", 8, minimum=0),
-        queue_timeout=r.number("QUEUE_TIMEOUT", 60.0, minimum=0.0),
-        engine_socket=r.text("ENGINE_SOCKET"),
-        engine_idle_timeout=r.number("ENGINE_IDLE_TIMEOUT", Settings.engine_idle_timeout, minimum=0.0),
-        client_write_timeout=r.number("CLIENT_WRITE_TIMEOUT", Settings.client_write_timeout, minimum=0.1),
-        max_body_bytes=r.integer("MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
-        body_timeout=r.number("BODY_TIMEOUT", Settings.body_timeout, minimum=0.1),
-        header_timeout=r.number("HEADER_TIMEOUT", Settings.header_timeout, minimum=0.1),
-        max_messages=r.integer("MAX_MESSAGES", Settings.max_messages, minimum=1),
-        max_input_chars=r.integer("MAX_INPUT_CHARS", Settings.max_input_chars, minimum=1),
-        max_image_bytes=r.integer("MAX_IMAGE_BYTES", Settings.max_image_bytes, minimum=1024),
-        max_image_pixels=r.integer("MAX_IMAGE_PIXELS", Settings.max_image_pixels, minimum=64 * 64),
-        max_tokens_ceiling=ceiling,
-        max_tokens_by_model=ceilings,
-        rate_limit_rpm=rpm,
-        rate_limit_tpm=tpm,
-        ratelimit_storage_uri=_storage_uri(r.text("RATELIMIT_STORAGE_URI")),
-        cors_origins=r.text("CORS_ORIGINS") or "*",
-        trusted_proxies=r.integer("TRUSTED_PROXIES", 0, minimum=0),
-        metrics_token=r.text("METRICS_TOKEN"),
-        log_prompts=r.flag("LOG_PROMPTS"),
-        state_dir=Path(r.text("STATE_DIR") or Settings.state_dir).expanduser(),
-        responses_ttl=r.integer("RESPONSES_TTL", Settings.responses_ttl, minimum=60),
-        responses_max_mb=r.integer("RESPONSES_MAX_MB", Settings.responses_max_mb, minimum=1),
-        host=r.text("HOST") or "127.0.0.1",
-        port=r.integer("PORT", 8000, minimum=0),
-        workers=r.integer("WORKERS", 1, minimum=1),
-        worker_connections=r.integer("WORKER_CONNECTIONS", 1000, minimum=1),
-        timeout=r.integer("TIMEOUT", 300, minimum=1),
-        graceful_timeout=r.integer("GRACEFUL_TIMEOUT", 60, minimum=0),
-        keepalive=r.integer("KEEPALIVE", 75, minimum=0),
-        log_level=(r.text("LOG_LEVEL") or "info").lower(),
-    )
-
-
-def _api_keys(plain: tuple[str, ...], keys_file: str, rpm: int, tpm: int) -> tuple[ApiKey, ...]:
-    """API_KEYS (each with the default limits) and the keys of API_KEYS_FILE (limits of their own)."""
-    keys = [ApiKey(key_name(secret), secret, requests_per_minute=rpm, tokens_per_minute=tpm) for secret in plain]
-    if keys_file:
-        keys += _keys_file(Path(keys_file).expanduser(), rpm, tpm)
-    for key in keys:
-        _check_header_safe(key)
-    secrets = [k.secret for k in keys]
-    if len(set(secrets)) != len(secrets):
-        raise ConfigError("API_KEYS / API_KEYS_FILE: the same key is listed twice")
-    names = [k.name for k in keys]
-    if len(set(names)) != len(names):
-        raise ConfigError("API_KEYS_FILE: two keys have the same name")
-    return tuple(keys)
+    return Settings(**read_fields(Settings, env))
 
 
 def _check_header_safe(key: ApiKey) -> None:
@@ -301,108 +416,3 @@ def _keys_file(path: Path, rpm: int, tpm: int) -> list[ApiKey]:
         keys.append(ApiKey(name, secret, tuple(models), table.get("requests_per_minute", rpm),
                            table.get("tokens_per_minute", tpm)))
     return keys
-
-
-def _upstreams(path: str, env: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
-    if not path:
-        return ()
-    try:
-        return read_upstreams_file(Path(path).expanduser(), env)
-    except UpstreamsFileError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _ceilings(raw: str) -> tuple[int | None, tuple[tuple[str, int], ...]]:
-    """MAX_TOKENS_CEILING: `1024` for every model, `model=512,...` per model, or both: `1024,model=512`."""
-    default, per_model = None, []
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        model, _, number = item.rpartition("=")
-        if not re.fullmatch(r"\s*[0-9]+\s*", number) or int(number) < 1 or (model == "" and "=" in item):
-            raise ConfigError(f"MAX_TOKENS_CEILING: {item!r} is not a number or model=number "
-                              "(example: MAX_TOKENS_CEILING=1024,chatglm3-6b=512)")
-        if model:
-            per_model.append((model.strip(), int(number)))
-        else:
-            default = int(number)
-    return default, tuple(per_model)
-
-
-def _storage_uri(raw: str) -> str:
-    if not raw:
-        return Settings.ratelimit_storage_uri
-    shown = raw.split("@")[-1]  # never the password
-    if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
-        raise ConfigError(f"RATELIMIT_STORAGE_URI={shown!r} is not memory:// or redis://host:port")
-    if raw.startswith("redis"):
-        from redis.connection import (
-            parse_url,  # reads the address the way the client will, without connecting
-        )
-
-        try:
-            parse_url(raw.replace("redis+unix://", "unix://", 1))
-        except ValueError as exc:
-            raise ConfigError(f"RATELIMIT_STORAGE_URI=...{shown!r}: {exc}") from None
-    return raw
-
-
-def _pairs(name: str, raw: str, example: str) -> tuple[tuple[str, str], ...]:
-    """`a=b,c=d` (model ids may hold '/' and '@' but not '=' or ',')."""
-    pairs = []
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        left, sep, right = (s.strip() for s in item.partition("="))
-        if not sep or not left or not right:
-            raise ConfigError(f"{name}: {item!r} is not model=model (example: {name}={example})")
-        pairs.append((left, right))
-    return tuple(pairs)
-
-
-def _timeouts(raw: str) -> tuple[float, float]:
-    """CLOUDFLARE_TIMEOUT: "read" or "connect,read", in seconds."""
-    if not raw:
-        return Settings.cloudflare_timeout
-    try:
-        values = [float(v) for v in raw.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ConfigError(f"CLOUDFLARE_TIMEOUT={raw!r} is not 'read' or 'connect,read' in seconds (example: 10,120)")
-    return (min(values[0], 10.0), values[0]) if len(values) == 1 else (values[0], values[1])
-
-
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-
-    def text(self, name: str) -> str:
-        return self.env.get(name, "").strip()
-
-    def items(self, name: str) -> tuple[str, ...]:
-        return tuple(item.strip() for item in self.text(name).split(",") if item.strip())
-
-    def flag(self, name: str) -> bool:
-        raw = self.text(name).lower()
-        if raw in ("", "0", "false", "no", "off"):
-            return False
-        if raw in ("1", "true", "yes", "on"):
-            return True
-        raise ConfigError(f"{name}={raw!r} is not a yes/no value (use 1 or 0)")
-
-    def integer(self, name: str, default: Any, *, minimum: int) -> Any:
-        return self._parsed(name, default, int, "a whole number", minimum)
-
-    def number(self, name: str, default: float, *, minimum: float) -> float:
-        return self._parsed(name, default, float, "a number", minimum)
-
-    def _parsed(self, name: str, default: Any, kind: Callable[[str], Any], what: str, minimum: float) -> Any:
-        raw = self.text(name)
-        if not raw:
-            return default
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not {what}") from None
-        if not math.isfinite(value):  # nan compares false with everything: it would slip past every check
-            raise ConfigError(f"{name}={raw!r} is not {what} (a finite one)")
-        if value < minimum:
-            raise ConfigError(f"{name}={value} is too small (at least {minimum:g})")
-        return value

@@ -49,6 +49,7 @@ Good software is simple, tested, fast and pleasant to use; bad software surprise
 请把真正的模型文件路径写进配置，然后重新启动服务器。
 """
 
+DEMO_MAX_LENGTH = 1024  # the context of the demo model aigate writes when no backend is configured
 PAD_TO = 64  # round the vocabulary up like real ChatGLM3 (65024): ids past the tokenizer are padding
 DEFAULT_EOS_EVERY = 96  # end-of-text after at most this many tokens of the chain: answers of a sentence or two
 
@@ -212,7 +213,7 @@ def write_demo_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     ffn_size: int = 256,
-    max_length: int = 1024,
+    max_length: int = DEMO_MAX_LENGTH,
     eos_every: int = DEFAULT_EOS_EVERY,
     end_with_padding: bool = False,
     script: tuple[str, ...] = (),

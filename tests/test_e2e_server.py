@@ -148,6 +148,18 @@ def test_bad_model_file_stops_startup_with_one_line(tmp_path, demo_model, corrup
     assert lines[0].startswith("aigate: configuration error: CHATGLM_MODEL:") and str(path) in lines[0]
 
 
+def test_a_bad_configuration_leaves_no_demo_model_behind(tmp_path):
+    """The master checks before it writes anything: a bad setting stops it, the demo model unwritten."""
+    demo = tmp_path / "demo.bin"
+    env = {"DEMO_MODEL_PATH": str(demo), "MODEL_ALIASES": "gpt-4o=nothing", "PORT": "0", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:application"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("aigate: configuration error: MODEL_ALIASES: alias gpt-4o=nothing"), lines
+    assert not demo.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_bad_alias_stops_startup(tmp_path, demo_model):
     with pytest.raises(RuntimeError, match="MODEL_ALIASES"):
         start_server(tmp_path, {"CHATGLM_MODEL": str(demo_model), "MODEL_ALIASES": "gpt-4=nothing"})

@@ -1,8 +1,12 @@
+import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-from settings import ConfigError, load_settings
+from settings import ELSEWHERE, ConfigError, Settings, configuration_table, load_settings
+from settings_fields import declarations
+from tests.conftest import ROOT
 
 
 def test_defaults_without_environment():
@@ -73,3 +77,82 @@ def test_stored_responses_and_json_mode_settings(tmp_path):
     assert (s.state_dir, s.responses_ttl, s.responses_max_mb) == (tmp_path, 3600, 5)
     assert s.cloudflare_json_models == ("@cf/a", "@cf/b")
     assert "@cf/meta/llama-3.3-70b-instruct-fp8-fast" in load_settings({}, dotenv=None).cloudflare_json_models
+
+
+def test_defaults_are_the_declared_ones():
+    """One place for a default: reading an empty environment gives the dataclass's own."""
+    assert load_settings({}, dotenv=None) == Settings()
+
+
+def test_every_setting_is_declared_once():
+    declared = declarations(Settings)
+    assert [f.name for f, _ in declared] == [f.name for f in dataclasses.fields(Settings)]
+    listed = [d.env for _, d in declared if d.listed] + [d.env for d in ELSEWHERE]
+    assert len(listed) == len(set(listed))
+    assert all(d.doc for _, d in declared if d.listed)
+
+
+@pytest.mark.parametrize("env, minimum", [(d.env, d.minimum) for _, d in declarations(Settings)
+                                          if d.minimum is not None])
+def test_each_declared_bound_is_enforced(env, minimum):
+    below = f"{minimum - 1:g}"
+    with pytest.raises(ConfigError, match=rf"^{env}=.* is too small \(at least {minimum:g}\)"):
+        load_settings({env: below}, dotenv=None)
+    assert getattr(load_settings({env: f"{minimum:g}"}, dotenv=None), _field_of(env)) == minimum
+
+
+def _field_of(env: str) -> str:
+    return next(f.name for f, d in declarations(Settings) if d.env == env)
+
+
+def test_flags_take_yes_and_no_only():
+    assert load_settings({"LOG_PROMPTS": "yes"}, dotenv=None).log_prompts is True
+    with pytest.raises(ConfigError, match=r"^LOG_PROMPTS='maybe' is not a yes/no value"):
+        load_settings({"LOG_PROMPTS": "maybe"}, dotenv=None)
+
+
+def test_readme_table_is_written_from_the_declarations():
+    script = _load_script("settings_table")
+    table = script.readme_table((ROOT / "README.md").read_text())
+    assert table == configuration_table(), "README.md's configuration table is stale: run `make settings-table`"
+    assert "| `MAX_QUEUE` | requests waiting for a slot before new ones get 429 | `8` | `0` |" in table
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_checking_the_configuration_writes_nothing(tmp_path):
+    """The demo model stands in but is not written yet: the check passes on what it will be, and
+    leaves no file behind (starting writes it: app.ensure_demo_model)."""
+    from app import check_config
+
+    s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "demo.bin"), "MODEL_ALIASES": "gpt-4o=chatglm3-demo",
+                       "MAX_TOKENS_CEILING": "gpt-4o=64"}, dotenv=None)
+    local = check_config(s)
+    assert local is not None and (local.id, local.context, local.file) == ("chatglm3-demo", 1024, None)
+    with pytest.raises(ConfigError, match=r"^CHATGLM_MAX_LENGTH=4096 is more than the model's own 1024"):
+        check_config(dataclasses.replace(s, chatglm_max_length=4096))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_written_demo_model_is_read_and_checked(demo_model):
+    from app import check_config, ensure_demo_model
+
+    s = load_settings({"DEMO_MODEL_PATH": str(demo_model)}, dotenv=None)
+    ensure_demo_model(s)  # there already: nothing to write
+    local = check_config(s)
+    assert local is not None and local.file is not None and local.file.path == demo_model
+
+
+def test_an_unwritable_demo_model_path_is_a_config_error(tmp_path):
+    from app import ensure_demo_model
+
+    (tmp_path / "file").write_text("")
+    s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "file" / "demo.bin")}, dotenv=None)
+    with pytest.raises(ConfigError, match=r"^DEMO_MODEL_PATH: cannot write .*demo\.bin"):
+        ensure_demo_model(s)
