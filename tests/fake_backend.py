@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flask import Flask
 
-from backends.base import (ChatRequest, Embeddings, Event, Finish, ModelInfo, QueueFull, TextDelta, UpstreamError,
-                           Usage, estimate_tokens)
+from backends.base import (Caller, ChatRequest, Embeddings, Event, Finish, ModelInfo, QueueFull, TextDelta,
+                           UpstreamError, Usage, estimate_tokens)
 from backends.registry import Registry
 from serving import state
 
@@ -41,10 +41,10 @@ class FakeBackend:
     def stats(self) -> dict[str, float]:
         return {}
 
-    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
         return Embeddings([[float(len(text)), 1.0] for text in inputs], sum(estimate_tokens(len(t)) for t in inputs))
 
-    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
+    def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         self.requests.append(request)
         if request.model == "fake-busy":
             raise QueueFull("every generation slot is busy", retry_after=2)
