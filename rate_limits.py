@@ -40,12 +40,11 @@ EXTENSION = "aigate.rate_limits"
 
 
 class RateLimits:
-    """The extension's state (app.extensions[EXTENSION]): the limits of a client without an API key,
-    and the token budgets (None when no key has tokens per minute)."""
+    """The extension's state (app.extensions[EXTENSION]): the limits of a client without an API key.
+    The token budgets are the serving code's (serving.state(app).budgets)."""
 
     def __init__(self, settings: Settings) -> None:
         self.rpm, self.tpm = settings.rate_limit_rpm, settings.rate_limit_tpm
-        self.budgets: TokenBudgets | None = None
 
     def quota(self, ctx: RequestContext) -> Quota | None:
         """The request's quota (None: not a /v1 path), worked out once: the limiter and the token
@@ -65,15 +64,16 @@ class RateLimits:
 
 def init_app(app: Flask) -> RateLimits:
     """Install the limits on ``app`` after the request log (request_log.init_app): they read the key
-    its hook found. The token budgets, which the serving code reserves and settles, also go to
-    ``serving.state(app).budgets``."""
-    settings = serving.state(app).settings
-    limits = app.extensions[EXTENSION] = RateLimits(settings)
-    limits.budgets = serving.state(app).budgets = _install(app, settings, limits.quota)
+    its hook found. The token budgets, which the serving code reserves and settles, go to
+    ``serving.state(app).budgets`` (None when no key has tokens per minute)."""
+    app_state = serving.state(app)
+    limits = app.extensions[EXTENSION] = RateLimits(app_state.settings)
+    app_state.budgets = _install(app, app_state.settings, limits.quota)
     return limits
 
 
-def _install(app: Flask, settings: Settings, quota: Callable[[RequestContext], Quota | None]) -> TokenBudgets | None:
+def _install(app: Flask, settings: Settings,
+             quota: Callable[[RequestContext], Quota | None]) -> TokenBudgets | None:
     def requests_limit() -> str:
         q = quota(context())
         return f"{q.requests_per_minute}/minute" if q and q.requests_per_minute else ""
@@ -138,8 +138,8 @@ def _install(app: Flask, settings: Settings, quota: Callable[[RequestContext], Q
 
 
 class TokenBudgets:
-    """The current request's key's tokens per minute, as the serving code uses them: ``reserve`` what
-    a generation may cost before it starts (generation.start), so that requests running at once cannot all
+    """The keys' tokens per minute, as the serving code uses them: ``reserve`` what a request's
+    generation may cost before it starts (generation.start), so that requests running at once cannot all
     spend the same tokens; ``settle`` with its real usage once the answer has ended. What does not fit
     in what is left of the minute is refused (what never fits, said so)."""
 
