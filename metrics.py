@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask
-
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, values)
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -162,7 +161,8 @@ class Metrics:
 
 def init_app(app: Flask) -> Metrics:
     """Install the metrics: before request_log.init_app, whose closing hook counts each request."""
-    installed = app.extensions[EXTENSION] = Metrics()
+    installed = Metrics()
+    app.extensions[EXTENSION] = installed
     return installed
 
 

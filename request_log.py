@@ -93,7 +93,6 @@ class RequestRecord:
         return self.prompt_tokens + self.completion_tokens + self.unfinished_tokens
 
 
-
 @dataclass(frozen=True)
 class RequestLog:
     """The extension's state (app.extensions[EXTENSION]): whether prompts are logged, and what counts

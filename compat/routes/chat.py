@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from compat.requests import parse_chat
-from compat.responses import Completion, fold, legacy_function_call, stream_chunks
 from compat.generation import start
 from compat.json_body import read_json
+from compat.requests import parse_chat
+from compat.responses import Completion, fold, legacy_function_call, stream_chunks
 from compat.sse_writer import SSE_HEADERS, sse_stream
 from serving import context, state
 

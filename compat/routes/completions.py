@@ -9,10 +9,10 @@ from dataclasses import replace
 from flask import Blueprint, Response, jsonify
 
 from backends.base import Event
-from compat.requests import parse_completion
-from compat.responses import Completion, fold_text_completion, text_completion_chunks
 from compat.generation import Answer, most_tokens, start
 from compat.json_body import read_json
+from compat.requests import parse_completion
+from compat.responses import Completion, fold_text_completion, text_completion_chunks
 from compat.sse_writer import SSE_HEADERS, sse_stream
 from serving import context, state
 

@@ -9,9 +9,9 @@ from typing import Any
 from flask import Blueprint, jsonify
 
 from compat.errors import invalid
-from compat.requests import _integer, check_chars, parse_model
 from compat.generation import resolve
 from compat.json_body import read_json
+from compat.requests import _integer, check_chars, parse_model
 from serving import context, state
 
 bp = Blueprint("embeddings", __name__)

@@ -10,9 +10,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from compat.errors import APIError, internal_error, invalid
-from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
 from compat.generation import start
 from compat.json_body import read_json
+from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
 from compat.sse_writer import SSE_HEADERS, sse_stream
 from response_store import ResponseStore
 from serving import RequestContext, context, state
