@@ -28,7 +28,7 @@ def state(app: Flask | None = None) -> AppState:
 @dataclass(slots=True)
 class RequestContext:
     """What one request carries through aigate, made once by the request log's first hook
-    (request_log.RequestLog). A backend sees it as a backends.base.Caller."""
+    (request_log.init_app's open_request). A backend is handed it as its backends.base.Caller."""
 
     id: str  # the x-request-id header and the log line's id
     record: RequestRecord  # what the log line and the metrics say of the request
