@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
-from flask import Flask, Response, g, request
+from flask import Flask, request
 from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import metrics
 import rate_limits
+import request_log
 import serving
 from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFileError, read_model_file
 from backends.registry import Registry
-from compat.auth import authenticate
 from compat.body import BodyReader
 from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
@@ -37,7 +37,6 @@ from compat.routes import (
     responses,
 )
 from policy import LocalModel, Policy
-from request_log import RequestRecord
 from response_store import ResponseStore, StoreError
 from settings import ConfigError, Settings, load_settings
 from streams import RunningStreams
@@ -46,7 +45,6 @@ log = logging.getLogger("aigate")
 
 DEMO_OWNER = "aigate-demo (random weights: set CHATGLM_MODEL to a real chatglm3-ggml.bin)"
 DEMO_MODEL_ID = "chatglm3-demo"
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # Headers a browser client may read: the request id, and when and how much it may ask again.
 EXPOSED_HEADERS = ["x-request-id", "Retry-After", "retry-after-ms", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                    "X-RateLimit-Reset", "X-RateLimit-Retry-After"]
@@ -98,13 +96,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     app.wsgi_app = api_paths(app.wsgi_app)  # type: ignore[method-assign]
-    _install_request_hooks(app)
+    # The serving layer's extensions, in the order their hooks must run.
+    metrics.init_app(app)  # what counts each request (the request log calls it with the request's line)
+    request_log.init_app(app)  # first hook: the request's context (id, record, key); its line when closed
     # CORS on every response (errors too), the preflight's headers reflecting what was asked (the SDKs
     # send x-stainless-* headers); CORS_ORIGINS is one origin, a comma-separated list, or *.
     CORS(app, origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()], send_wildcard=True,
          always_send=True, methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers="*",
          expose_headers=EXPOSED_HEADERS, max_age=600)
-    serving.state(app).budgets = rate_limits.install(app, settings)  # after the hooks: its limits are per key
+    rate_limits.init_app(app)  # after the request log: its limits are per key (sets state(app).budgets)
     _install_error_handlers(app)
     return app
 
@@ -291,33 +291,6 @@ def ensure_demo_model(settings: Settings) -> None:
                           "point it at a writable place or set CHATGLM_MODEL") from None
 
 
-def _install_request_hooks(app: Flask) -> None:
-    settings = serving.state(app).settings
-
-    @app.before_request
-    def identify():
-        # An incoming id (from a proxy or the client) is kept if it is a plain token, so logs line up.
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(12)
-        g.record = RequestRecord(g.request_id, request.method, request.path, request.remote_addr or "-")
-        if request.method == "OPTIONS":  # a CORS preflight, without auth (flask-cors adds its headers)
-            return Response(status=204)
-        if request.path.startswith("/v1/"):
-            g.api_key = authenticate(request.headers.get("Authorization"), settings.api_keys)
-            g.record.key = g.api_key.name if g.api_key else "-"
-        return None
-
-    @app.after_request
-    def decorate(response: Response) -> Response:
-        record: RequestRecord | None = g.get("record")
-        if record is not None:
-            record.status = response.status_code
-            record.route = request.url_rule.rule if request.url_rule else "other"
-            response.call_on_close(lambda: record.close(settings.log_prompts))
-        response.headers["x-request-id"] = g.get("request_id", "")
-        return response
-
-
 def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(APIError)
     def api_error(err: APIError):
@@ -330,7 +303,7 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(ClientGone)
     def client_gone(err: ClientGone):
         # Nobody reads this: the client left before its whole answer was ready (nginx's 499).
-        g.record.error = "client_gone"
+        serving.context().record.error = "client_gone"
         return error_response(APIError(499, "The client closed the connection.", code="client_gone"))
 
     @app.errorhandler(HTTPException)

@@ -14,14 +14,19 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flask import Flask
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, values)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
+if TYPE_CHECKING:
+    from request_log import RequestRecord
+
+EXTENSION = "aigate.metrics"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MIN_FREE_BYTES = 8 * 1024 * 1024  # a worker's files start at 1 MiB each, three kinds; they may double
 FAILURE_MEMORY = 60.0  # seconds /ready keeps reporting a failed write
@@ -143,6 +148,37 @@ def safely(update: Callable[[], None]) -> None:
         update()
     except Exception as exc:  # OSError from the files, ValueError from a closed mmap: metrics only
         _dir.failed(exc)
+
+
+class Metrics:
+    """The extension's state (app.extensions[EXTENSION]). The counts themselves are this process's
+    (prometheus_client's registry, or its files in PROMETHEUS_MULTIPROC_DIR), whatever the app."""
+
+    def count(self, record: RequestRecord, ended: float, ttft: float | None) -> None:
+        """A closed request's counts (the request log calls this with its line)."""
+        safely(lambda: _count(record, ended, ttft))  # a metrics fault never fails the response's close
+
+
+def init_app(app: Flask) -> Metrics:
+    """Install the metrics: before request_log.init_app, whose closing hook counts each request."""
+    installed = Metrics()
+    app.extensions[EXTENSION] = installed
+    return installed
+
+
+def _count(r: RequestRecord, ended: float, ttft: float | None) -> None:
+    child(REQUESTS, r.route, r.model, str(r.status), r.key).inc()
+    if not r.model:
+        return
+    child(TOKENS, r.model, "prompt", r.key).inc(r.prompt_tokens)
+    child(TOKENS, r.model, "completion", r.key).inc(r.completion_tokens)
+    child(PROMPT_TOKENS, r.model, "reused").inc(r.cached_tokens)
+    child(PROMPT_TOKENS, r.model, "evaluated").inc(r.prompt_tokens - r.cached_tokens)
+    if ttft is not None and r.first_token_at is not None:
+        child(TIME_TO_FIRST_TOKEN, r.model).observe(ttft)
+        decode_time = ended - r.first_token_at
+        if r.completion_tokens > 1 and decode_time > 0:
+            child(TOKENS_PER_SECOND, r.model).observe((r.completion_tokens - 1) / decode_time)
 
 
 def stream_started() -> None:

@@ -15,14 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 from flask_limiter import HeaderNames, Limiter, RateLimitExceeded
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
+import serving
 from compat.errors import APIError, error_response, retry_headers
-from settings import ApiKey, Settings
+from serving import RequestContext, context, context_if_any
+from settings import Settings
 
 log = logging.getLogger("aigate")
 
@@ -34,26 +36,46 @@ class Quota:
     tokens_per_minute: int
 
 
-def install(app: Flask, settings: Settings) -> TokenBudgets | None:
-    """Call after the authentication hook is installed: the limits read the key it found. Returns the
-    token budgets, which the serving code reserves and settles (None when no key has any)."""
+EXTENSION = "aigate.rate_limits"
 
-    def quota() -> Quota | None:
-        """The request's quota, worked out once (the limiter and the token hooks each ask)."""
-        if "quota" not in g:
-            g.quota = _quota()
-        return g.quota
 
-    def _quota() -> Quota | None:
+class RateLimits:
+    """The extension's state (app.extensions[EXTENSION]): the limits of a client without an API key.
+    The token budgets are the serving code's (serving.state(app).budgets)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rpm, self.tpm = settings.rate_limit_rpm, settings.rate_limit_tpm
+
+    def quota(self, ctx: RequestContext) -> Quota | None:
+        """The request's quota (None: not a /v1 path), worked out once: the limiter and the token
+        hooks each ask. A client without an API key is its address."""
+        if not ctx.quota_known:
+            ctx.quota, ctx.quota_known = self._quota(ctx), True
+        return ctx.quota
+
+    def _quota(self, ctx: RequestContext) -> Quota | None:
         if not request.path.startswith("/v1/"):
             return None
-        key: ApiKey | None = g.get("api_key")
+        key = ctx.key
         if key is not None:
             return Quota(key.name, key.requests_per_minute, key.tokens_per_minute)
-        return Quota("ip:" + (request.remote_addr or "-"), settings.rate_limit_rpm, settings.rate_limit_tpm)
+        return Quota("ip:" + (request.remote_addr or "-"), self.rpm, self.tpm)
 
+
+def init_app(app: Flask) -> RateLimits:
+    """Install the limits on ``app`` after the request log (request_log.init_app): they read the key
+    its hook found. The token budgets, which the serving code reserves and settles, go to
+    ``serving.state(app).budgets`` (None when no key has tokens per minute)."""
+    app_state = serving.state(app)
+    limits = app.extensions[EXTENSION] = RateLimits(app_state.settings)
+    app_state.budgets = _install(app, app_state.settings, limits.quota)
+    return limits
+
+
+def _install(app: Flask, settings: Settings,
+             quota: Callable[[RequestContext], Quota | None]) -> TokenBudgets | None:
     def requests_limit() -> str:
-        q = quota()
+        q = quota(context())
         return f"{q.requests_per_minute}/minute" if q and q.requests_per_minute else ""
 
     # A Redis that hangs must not hang requests: give up on it after a second and count in memory.
@@ -64,7 +86,7 @@ def install(app: Flask, settings: Settings) -> TokenBudgets | None:
         # profile) would find no limit and add no header, so they are not installed.
         tokens = TokenBudget(cast(Storage, storage_from_string(settings.ratelimit_storage_uri, **storage_options)))
     else:
-        limiter = Limiter(lambda: getattr(quota(), "who", "-"), app=app, application_limits=[requests_limit],
+        limiter = Limiter(lambda: getattr(quota(context()), "who", "-"), app=app, application_limits=[requests_limit],
                           storage_uri=settings.ratelimit_storage_uri, strategy="moving-window", key_prefix="aigate",
                           storage_options=storage_options, headers_enabled=True, in_memory_fallback_enabled=True,
                           swallow_errors=True,
@@ -75,7 +97,7 @@ def install(app: Flask, settings: Settings) -> TokenBudgets | None:
         @limiter.request_filter
         def without_request_limit() -> bool:
             """A client without a requests-per-minute limit is not counted (no limit, no header)."""
-            q = quota()
+            q = quota(context())
             return q is None or not q.requests_per_minute
 
         @app.errorhandler(RateLimitExceeded)
@@ -85,14 +107,14 @@ def install(app: Flask, settings: Settings) -> TokenBudgets | None:
                 wait = current.reset_at - time.time() if current else 60.0
             except Exception:  # the storage failed since the hit: the answer is still a 429
                 wait = 60.0
-            return error_response(_exceeded("requests", "RPM", quota(), err.limit.limit.amount, wait))
+            return error_response(_exceeded("requests", "RPM", quota(context()), err.limit.limit.amount, wait))
 
     if not (settings.rate_limit_tpm or any(key.tokens_per_minute for key in settings.api_keys)):
         return None  # no tokens-per-minute anywhere: nothing to check, reserve or settle on any request
 
     @app.before_request
     def check_tokens() -> None:
-        q = quota()
+        q = quota(context())
         if q is None or not q.tokens_per_minute:
             return
         item = RateLimitItemPerMinute(q.tokens_per_minute)
@@ -104,26 +126,28 @@ def install(app: Flask, settings: Settings) -> TokenBudgets | None:
 
     @app.after_request
     def charge_tokens(response: Response) -> Response:
-        q, record = quota(), g.get("record")
-        if q is not None and q.tokens_per_minute and record is not None:
+        ctx = context_if_any()
+        q = quota(ctx) if ctx is not None else None
+        if ctx is not None and q is not None and q.tokens_per_minute:
+            record = ctx.record
             # Once the answer has ended (a stream's usage is known only then), finished or not.
-            response.call_on_close(lambda: budgets.settle(q, record.tokens_used - record.reserved_tokens))
+            response.call_on_close(lambda: budgets.settle(q, record.tokens_used - ctx.reserved_tokens))
         return response
 
     return budgets
 
 
 class TokenBudgets:
-    """The current request's key's tokens per minute, as the serving code uses them: ``reserve`` what
-    a generation may cost before it starts (road.start), so that requests running at once cannot all
+    """The keys' tokens per minute, as the serving code uses them: ``reserve`` what a request's
+    generation may cost before it starts (generation.start), so that requests running at once cannot all
     spend the same tokens; ``settle`` with its real usage once the answer has ended. What does not fit
     in what is left of the minute is refused (what never fits, said so)."""
 
-    def __init__(self, budget: TokenBudget, quota: Callable[[], Quota | None]) -> None:
+    def __init__(self, budget: TokenBudget, quota: Callable[[RequestContext], Quota | None]) -> None:
         self._budget, self._quota = budget, quota
 
-    def reserve(self, most: int) -> None:
-        q = self._quota()
+    def reserve(self, ctx: RequestContext, most: int) -> None:
+        q = self._quota(ctx)
         if q is None or not q.tokens_per_minute:
             return
         if most > q.tokens_per_minute:

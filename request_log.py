@@ -1,18 +1,28 @@
-"""One log line and one set of metrics per request, written when the response is closed (for a
-stream, when its last byte is sent or the client went away). Never the prompt, the answer or a
-key, unless LOG_PROMPTS is set."""
+"""The request log, a Flask extension: every request gets its context (serving.RequestContext: an
+id, a RequestRecord, the bearer key checked) before anything else looks at it, and one log line,
+plus its metrics, written when the response is closed (for a stream, when its last byte is sent
+or the client went away). Never the prompt, the answer or a key, unless LOG_PROMPTS is set."""
 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from flask import Flask, Response, request
+
 import metrics
+import serving
 from backends.base import Event, Finish, Message, TextDelta
+from compat.auth import authenticate
 
 log = logging.getLogger("aigate.requests")
+
+EXTENSION = "aigate.request_log"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # an incoming id kept as it is: a plain token
 
 
 class HideHeaderLines(logging.Filter):
@@ -56,7 +66,6 @@ class RequestRecord:
     first_token_at: float | None = None
     finish_reason: str = ""
     unfinished_tokens: int = 0  # text pieces of an answer whose Finish never came (a client left)
-    reserved_tokens: int = 0  # what the request might cost, reserved from its key's token budget
     error: str = ""
     messages: tuple[Message, ...] = ()  # only kept with LOG_PROMPTS
     answer: list[str] = field(default_factory=list)  # likewise
@@ -83,42 +92,78 @@ class RequestRecord:
         """What the request cost, so far: an answer cut short counts the pieces it sent."""
         return self.prompt_tokens + self.completion_tokens + self.unfinished_tokens
 
-    def close(self, log_prompts: bool) -> None:
+
+@dataclass(frozen=True)
+class RequestLog:
+    """The extension's state (app.extensions[EXTENSION]): whether prompts are logged, and what counts
+    a closed request in the metrics (the metrics extension's, when it is installed)."""
+
+    log_prompts: bool
+    count: Callable[[RequestRecord, float, float | None], None] | None
+
+    def write(self, record: RequestRecord) -> None:
+        """The request's line and metrics, once its response is closed."""
         ended = time.monotonic()
-        self.completion_tokens += self.unfinished_tokens
-        self.unfinished_tokens = 0
-        ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        record.completion_tokens += record.unfinished_tokens
+        record.unfinished_tokens = 0
+        ttft = None if record.first_token_at is None else record.first_token_at - record.started
         if log.isEnabledFor(logging.INFO):  # the line is built only to be written
-            self._log(ended, ttft, log_prompts)
-        metrics.safely(lambda: self._count(ended, ttft))  # a metrics fault never fails the response's close
+            _line(record, ended, ttft, self.log_prompts)
+        if self.count is not None:
+            self.count(record, ended, ttft)
 
-    def _log(self, ended: float, ttft: float | None, log_prompts: bool) -> None:
-        fields = {
-            "id": self.id, "method": self.method, "path": self.path, "status": self.status, "client": self.client,
-            "key": self.key,
-            "model": self.model or "-", "backend": self.backend or "-", "stream": str(self.stream).lower(),
-            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-            "completion_tokens": self.completion_tokens,
-            "ttft_ms": "-" if ttft is None else f"{ttft * 1000:.1f}",
-            "duration_ms": f"{(ended - self.started) * 1000:.1f}",
-            "finish": self.finish_reason or "-", "error": self.error or "-",
-        }
-        log.info("request %s", " ".join(f"{k}={v}" for k, v in fields.items()))
-        if log_prompts and self.messages:
-            log.info("request %s prompt=%r answer=%r", self.id,
-                     [(m.role, m.content) for m in self.messages], "".join(self.answer))
 
-    def _count(self, ended: float, ttft: float | None) -> None:
-        child = metrics.child
-        child(metrics.REQUESTS, self.route, self.model, str(self.status), self.key).inc()
-        if not self.model:
-            return
-        child(metrics.TOKENS, self.model, "prompt", self.key).inc(self.prompt_tokens)
-        child(metrics.TOKENS, self.model, "completion", self.key).inc(self.completion_tokens)
-        child(metrics.PROMPT_TOKENS, self.model, "reused").inc(self.cached_tokens)
-        child(metrics.PROMPT_TOKENS, self.model, "evaluated").inc(self.prompt_tokens - self.cached_tokens)
-        if ttft is not None and self.first_token_at is not None:
-            child(metrics.TIME_TO_FIRST_TOKEN, self.model).observe(ttft)
-            decode_time = ended - self.first_token_at
-            if self.completion_tokens > 1 and decode_time > 0:
-                child(metrics.TOKENS_PER_SECOND, self.model).observe((self.completion_tokens - 1) / decode_time)
+def init_app(app: Flask) -> RequestLog:
+    """Install the request log's two hooks: before any other hook that reads the request's key
+    (rate_limits), and after metrics.init_app (a request's metrics are written with its line)."""
+    settings = serving.state(app).settings
+    found = app.extensions.get(metrics.EXTENSION)
+    requests_log = app.extensions[EXTENSION] = RequestLog(settings.log_prompts, found.count if found else None)
+    keys = settings.api_keys
+
+    @app.before_request
+    def open_request() -> Response | None:
+        # An incoming id (from a proxy or the client) is kept if it is a plain token, so logs line up.
+        incoming = request.headers.get("X-Request-ID", "")
+        request_id = incoming if REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(12)
+        ctx = serving.RequestContext(request_id, RequestRecord(request_id, request.method, request.path,
+                                                               request.remote_addr or "-"))
+        serving.begin(ctx)
+        if request.method == "OPTIONS":  # a CORS preflight, without auth (flask-cors adds its headers)
+            return Response(status=204)
+        if request.path.startswith("/v1/"):
+            ctx.key = authenticate(request.headers.get("Authorization"), keys)
+            ctx.record.key = ctx.key.name if ctx.key else "-"
+        return None
+
+    @app.after_request
+    def close_request(response: Response) -> Response:
+        ctx = serving.context_if_any()
+        if ctx is None:  # a hook before ours answered
+            response.headers["x-request-id"] = ""
+            return response
+        record = ctx.record
+        record.status = response.status_code
+        record.route = request.url_rule.rule if request.url_rule else "other"
+        response.call_on_close(lambda: requests_log.write(record))
+        response.headers["x-request-id"] = ctx.id
+        return response
+
+    return requests_log
+
+
+def _line(record: RequestRecord, ended: float, ttft: float | None, log_prompts: bool) -> None:
+    fields = {
+        "id": record.id, "method": record.method, "path": record.path, "status": record.status,
+        "client": record.client, "key": record.key,
+        "model": record.model or "-", "backend": record.backend or "-", "stream": str(record.stream).lower(),
+        "prompt_tokens": record.prompt_tokens, "cached_tokens": record.cached_tokens,
+        "completion_tokens": record.completion_tokens,
+        "ttft_ms": "-" if ttft is None else f"{ttft * 1000:.1f}",
+        "duration_ms": f"{(ended - record.started) * 1000:.1f}",
+        "finish": record.finish_reason or "-", "error": record.error or "-",
+    }
+    log.info("request %s", " ".join(f"{k}={v}" for k, v in fields.items()))
+    if log_prompts and record.messages:
+        log.info("request %s prompt=%r answer=%r", record.id,
+                 [(m.role, m.content) for m in record.messages], "".join(record.answer))

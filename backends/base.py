@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -55,6 +55,21 @@ class JsonFormat:
     schema: dict | None = None
     name: str = "response"
     param: str = "response_format"  # where the client asked for it, for errors
+
+
+class Caller(Protocol):
+    """The request a backend serves, as much of it as a backend may know (aigate's
+    serving.RequestContext): its id, for a backend's log lines; the client's JSON body, whose fields
+    aigate does not read an OpenAI-compatible upstream passes on (None: nothing to pass on); and
+    ``served_by``, for a backend that says which of its servers answered."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def body(self) -> Mapping[str, Any] | None: ...
+
+    def served_by(self, backend: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -141,11 +156,11 @@ class Backend(Protocol):
         """Gauges read at scrape time (e.g. generations running, requests waiting)."""
         ...
 
-    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
         """One vector per input (InvalidRequest if the model makes none)."""
         ...
 
-    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
+    def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         """Yield TextDeltas (and ToolCalls) then exactly one Finish. Errors raised before the first event are the
         request's fault or the server's state (BackendError); closing the iterator must stop
         the work at once."""

@@ -9,7 +9,7 @@ import time
 from collections.abc import Generator
 from dataclasses import replace
 
-from backends.base import ChatRequest, Embeddings, Event, ModelInfo, NotSupportedByModel, UnsupportedContent
+from backends.base import Caller, ChatRequest, Embeddings, Event, ModelInfo, NotSupportedByModel, UnsupportedContent
 from backends.engine.client import EngineClient
 from backends.ggml_file import ModelFile
 from backends.images import decode_image
@@ -56,11 +56,11 @@ class ChatGLMBackend:
     def models(self) -> list[ModelInfo]:
         return [self._info]
 
-    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
         raise NotSupportedByModel(f"{model} is a chat model and makes no embeddings; use an embedding model "
                              "(Cloudflare's @cf/baai/bge-*).", param="model")
 
-    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
+    def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         if any(m.images for m in request.messages):
             request = self._decoded_images(request)
         yield from self.engine.generate(request)

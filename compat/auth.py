@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hmac
 
-from flask import g
-
 from compat.errors import APIError
 from settings import ApiKey
 
@@ -17,9 +15,9 @@ def authenticate(authorization: str | None, keys: tuple[ApiKey, ...]) -> ApiKey 
     return keys[_match(authorization, tuple(k.secret for k in keys))]
 
 
-def allowed(*names: str) -> bool:
-    """May the request's key use the model known by any of ``names`` (the name asked for, its id)?"""
-    key: ApiKey | None = g.get("api_key")
+def allowed(key: ApiKey | None, *names: str) -> bool:
+    """May ``key`` (the request's; None: no API_KEYS) use the model known by any of ``names`` (the
+    name asked for, its id)?"""
     return key is None or key.allows(*names)
 
 

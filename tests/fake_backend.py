@@ -1,6 +1,6 @@
 """An in-process backend for fast route tests: no model, no socket, no gunicorn. It speaks the
 Backend protocol exactly (events, errors, closing), so a route test through Flask's test client
-exercises the real parsing, road, limits, errors and response building in milliseconds.
+exercises the real parsing, generation start, limits, errors and response building in milliseconds.
 
 The model picks the behaviour: `fake-echo` answers "You said: <last user message>" one word per
 event; `fake-busy` raises QueueFull before its first event; `fake-broken` fails after its first.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from flask import Flask
 
-from backends.base import (ChatRequest, Embeddings, Event, Finish, ModelInfo, QueueFull, TextDelta, UpstreamError,
-                           Usage, estimate_tokens)
+from backends.base import (Caller, ChatRequest, Embeddings, Event, Finish, ModelInfo, QueueFull, TextDelta,
+                           UpstreamError, Usage, estimate_tokens)
 from backends.registry import Registry
 from serving import state
 
@@ -27,6 +27,7 @@ class FakeBackend:
 
     def __init__(self) -> None:
         self.requests: list[ChatRequest] = []
+        self.callers: list[Caller | None] = []  # what each chat and embed was told of its request
         self.closed = 0  # generations closed before their end (a client that left, an error)
 
     def models(self) -> list[ModelInfo]:
@@ -41,11 +42,13 @@ class FakeBackend:
     def stats(self) -> dict[str, float]:
         return {}
 
-    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
+        self.callers.append(caller)
         return Embeddings([[float(len(text)), 1.0] for text in inputs], sum(estimate_tokens(len(t)) for t in inputs))
 
-    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
+    def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         self.requests.append(request)
+        self.callers.append(caller)
         if request.model == "fake-busy":
             raise QueueFull("every generation slot is busy", retry_after=2)
         last = next((m.content for m in reversed(request.messages) if m.role == "user"), request.prompt or "")

@@ -148,7 +148,7 @@ def test_sse_event_is_one_line_of_json_for_any_text(text):
 def test_failure_after_the_first_byte_goes_in_band():
     from backends.base import QueueTimeout
     from compat.client_socket import ClientSocket
-    from compat.routes.road import sse_stream
+    from compat.sse_writer import sse_stream
 
     closed = []
 
@@ -173,7 +173,7 @@ def test_failure_after_the_first_byte_goes_in_band():
 
 def test_closing_the_stream_closes_the_backend():
     from compat.client_socket import ClientSocket
-    from compat.routes.road import sse_stream
+    from compat.sse_writer import sse_stream
 
     closed = []
 

@@ -105,3 +105,37 @@ def test_embeddings(client):
     r = client.post("/v1/embeddings", json={"model": "fake-echo", "input": ["ab", "abcd"]})
     assert r.status_code == 200
     assert [d["embedding"] for d in r.json["data"]] == [[2.0, 1.0], [4.0, 1.0]]
+
+
+def test_the_backend_is_handed_the_request_s_context(app_and_backend):
+    """What an upstream needs of the request (its id, the fields aigate does not read) reaches the
+    backend as an argument; the Responses API's body is not passed on (its fields are its own)."""
+    app, backend = app_and_backend
+    client = app.test_client()
+    r = client.post("/v1/chat/completions", headers={"X-Request-ID": "req-ctx-1"},
+                    json={"model": "fake-echo", "messages": USER, "top_k": 5})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-ctx-1"
+    caller = backend.callers[-1]
+    assert caller is not None and caller.id == "req-ctx-1" and caller.body is not None and caller.body["top_k"] == 5
+    r = client.post("/v1/embeddings", json={"model": "fake-echo", "input": "ab", "user": "u1"})
+    caller = backend.callers[-1]
+    assert r.status_code == 200 and caller is not None and caller.body == {"model": "fake-echo", "input": "ab",
+                                                                           "user": "u1"}
+    r = client.post("/v1/responses", json={"model": "fake-echo", "input": "hello", "store": False})
+    caller = backend.callers[-1]
+    assert r.status_code == 200 and caller is not None and caller.body is None
+    assert caller.id == r.headers["x-request-id"]
+
+
+def test_the_log_line_says_who_answered_and_what_it_cost(app_and_backend, caplog):
+    import logging
+
+    app, backend = app_and_backend
+    caplog.set_level(logging.INFO, logger="aigate.requests")
+    r = app.test_client().post("/v1/chat/completions", headers={"X-Request-ID": "req-log-1"},
+                               json={"model": "fake-echo", "messages": USER})
+    assert r.status_code == 200
+    r.close()  # the line is written when the response is closed
+    line = next(rec.getMessage() for rec in caplog.records if "id=req-log-1" in rec.getMessage())
+    assert "status=200" in line and "model=fake-echo" in line and "backend=fake" in line
+    assert "completion_tokens=4" in line and "stream=false" in line and "error=-" in line

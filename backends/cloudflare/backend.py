@@ -12,7 +12,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import (BackendError, ChatRequest, Embeddings, Event, ModelInfo, UpstreamBrokenAnswer,
+from backends.base import (BackendError, Caller, ChatRequest, Embeddings, Event, ModelInfo, UpstreamBrokenAnswer,
                            UpstreamError, UpstreamOverCapacity, UpstreamTimeout, estimate_tokens)
 from backends.cloudflare import codec
 from backends.cloudflare.transport import (ConnectFailed, ConnectTimedOut, NoAnswer, ReadBroken, Response, Transport,
@@ -123,7 +123,7 @@ class CloudflareBackend:
 
     # -- embeddings -------------------------------------------------------------------------------
 
-    def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
         """`{"text": [...]}` at most 100 texts a call. Workers AI counts no tokens for embeddings:
         usage is a chars/4 estimate."""
         vectors: list[list[float]] = []
@@ -139,7 +139,7 @@ class CloudflareBackend:
 
     # -- chat -------------------------------------------------------------------------------------
 
-    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
+    def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         body = codec.chat_body(request, self.config.max_tokens)
         response = self._post(request.model, body)
         try:

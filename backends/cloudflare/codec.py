@@ -11,9 +11,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason,
-                           InvalidRequest, Message, ModelNotFound, SchemaNotMet, TextDelta, ToolCall,
+                           InvalidRequest, ModelNotFound, SchemaNotMet, TextDelta, ToolCall,
                            UpstreamAuthFailed, UpstreamError, UpstreamOverCapacity, UpstreamQuotaExceeded,
                            UpstreamRefused, UpstreamTimeout, Usage, estimate_tokens)
+from backends.chat_messages import message_json
+from backends.sse_reader import JsonFrames
 from backends.stops import StopMatcher
 
 CAPACITY_CODES = {3040, 971}  # transient: worth a retry
@@ -37,7 +39,7 @@ def chat_body(r: ChatRequest, default_max_tokens: int) -> dict[str, Any]:
                                    else {"type": "json_schema", "json_schema": fmt.schema})
         body["stream"] = False
     if r.prompt is None:
-        body["messages"] = [_message(m) for m in r.messages]
+        body["messages"] = [message_json(m) for m in r.messages]
     else:  # Workers AI's prompt form; raw skips the chat template: a plain continuation
         body.update(prompt=r.prompt, raw=True)
     if r.tools:  # the OpenAI form, which Workers AI's function-calling models take
@@ -55,18 +57,6 @@ def chat_body(r: ChatRequest, default_max_tokens: int) -> dict[str, Any]:
     if r.presence_penalty is not None:
         body["presence_penalty"] = max(r.presence_penalty, 0.0)
     return body
-
-
-def _message(m: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in m.tool_calls]
-    if m.tool_call_id:
-        out["tool_call_id"] = m.tool_call_id
-    if m.name:
-        out["name"] = m.name
-    return out
 
 
 # -- the answer -------------------------------------------------------------------------------------
@@ -88,17 +78,8 @@ def stream_events(datas: Iterable[str], request: ChatRequest, max_tokens: int, s
     usage: dict[str, Any] = {}
     finish: str | None = None
     parts = 0
-    done = False
-    for data in datas:
-        if data.strip() == "[DONE]":
-            done = True
-            break
-        try:
-            frame = json.loads(data)
-        except (ValueError, RecursionError):
-            raise UpstreamError("Cloudflare sent a malformed stream event") from None
-        if not isinstance(frame, dict):
-            raise UpstreamError("Cloudflare sent a malformed stream event")
+    frames = JsonFrames(datas, "Cloudflare sent a malformed stream event")
+    for frame in frames:
         if frame.get("errors") or frame.get("error"):
             raise UpstreamError(f"Cloudflare failed mid-stream: {scrub(first_message(frame))}")
         text, frame_finish, frame_calls = _frame_parts(frame)
@@ -112,7 +93,7 @@ def stream_events(datas: Iterable[str], request: ChatRequest, max_tokens: int, s
                 yield TextDelta(out)
             if stop.stopped:
                 break
-    if not done and not stop.stopped:
+    if not frames.done and not stop.stopped:
         raise UpstreamError("the Cloudflare stream ended before its end marker (truncated)")
     tail = stop.flush()
     if tail:

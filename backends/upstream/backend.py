@@ -15,16 +15,14 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 import requests
-from flask import g, has_request_context
-from flask import request as flask_request
 
 from backends.base import (
     BackendError,
+    Caller,
     ChatRequest,
     Embeddings,
     Event,
     Finish,
-    Message,
     ModelInfo,
     ModelNotFound,
     RateLimited,
@@ -34,6 +32,7 @@ from backends.base import (
     UpstreamTimeout,
     estimate_tokens,
 )
+from backends.chat_messages import message_json
 from backends.upstream.config import UpstreamConfig
 from backends.upstream.normalise import Kind, Normaliser
 from backends.upstream.pool import Member, order
@@ -49,7 +48,6 @@ OWN_FIELDS = {"model", "messages", "prompt", "stream", "stream_options", "max_to
               "functions", "function_call", "response_format", "n", "logprobs", "top_logprobs", "echo", "best_of",
               "input", "encoding_format"}
 DISCOVERY_RETRY = 5.0  # seconds between reads of a model list never read yet
-PASSED_ON_FROM = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")  # not /v1/responses' own fields
 
 
 class UpstreamBackend:
@@ -138,9 +136,9 @@ class UpstreamBackend:
 
     # -- requests --------------------------------------------------------------------------------------
 
-    def chat(self, request: ChatRequest) -> Generator[Event, None, None]:
+    def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         kind: Kind = "chat" if request.prompt is None else "text"
-        body = _body(request, kind)
+        body = _body(request, kind, caller)
         path = "/chat/completions" if kind == "chat" else "/completions"
         failures: list[BackendError] = []
         for member in order(self._pool(request.model)):
@@ -168,11 +166,13 @@ class UpstreamBackend:
                 member.end()
                 raise
             member.answered(time.monotonic() - started)
-            _note_upstream(member)
+            if caller is not None:
+                caller.served_by(f"upstream/{member.name}")  # the request's log line says which one answered
             try:
                 for event in itertools.chain((first,), events):
                     if isinstance(event, Finish) and reader.estimated:  # said now: the road may close us after it
-                        log.info("request %s: usage estimated (upstream %s sent none)", _request_id(), member.name)
+                        log.info("request %s: usage estimated (upstream %s sent none)",
+                                 caller.id if caller else "-", member.name)
                     yield event
             except FAIL_OVER_ON as exc:  # too late for another upstream: the client has the start of it
                 member.failed(exc, answering=True)
@@ -183,8 +183,8 @@ class UpstreamBackend:
             return
         raise _gave_up(request.model, failures)
 
-    def embed(self, model: str, inputs: list[str]) -> Embeddings:
-        body = {**_extras(), "model": model, "input": inputs, "encoding_format": "float"}
+    def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
+        body = {**_extras(caller), "model": model, "input": inputs, "encoding_format": "float"}
         failures: list[BackendError] = []
         for member in order(self._pool(model)):
             member.begin()
@@ -203,7 +203,8 @@ class UpstreamBackend:
             finally:
                 member.end()
             member.answered(time.monotonic() - started)
-            _note_upstream(member)
+            if caller is not None:
+                caller.served_by(f"upstream/{member.name}")
             vectors, tokens = result
             return Embeddings(vectors, tokens or sum(estimate_tokens(len(text)) for text in inputs))
         raise _gave_up(model, failures)
@@ -268,12 +269,12 @@ def _gave_up(model: str, failures: list[BackendError]) -> BackendError:
     return kind(f"every upstream serving {model} failed: {said}")
 
 
-def _body(r: ChatRequest, kind: Kind) -> dict[str, Any]:
+def _body(r: ChatRequest, kind: Kind, caller: Caller | None) -> dict[str, Any]:
     """The request as the upstream is sent it: the client's own fields, with those aigate checked
     (and may have changed: a ceiling's max_tokens, a fallback's model) as aigate has them."""
-    body: dict[str, Any] = {**_extras(), "model": r.model, "stream": r.incremental}
+    body: dict[str, Any] = {**_extras(caller), "model": r.model, "stream": r.incremental}
     if kind == "chat":
-        body["messages"] = [_message(m) for m in r.messages]
+        body["messages"] = [message_json(m) for m in r.messages]
     else:
         body["prompt"] = r.prompt
     if r.incremental:  # exact usage, where the upstream can say it
@@ -298,33 +299,10 @@ def _body(r: ChatRequest, kind: Kind) -> dict[str, Any]:
     return body
 
 
-def _message(m: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in m.tool_calls]
-    if m.tool_call_id is not None:
-        out["tool_call_id"] = m.tool_call_id
-    if m.name is not None:
-        out["name"] = m.name
-    return out
-
-
-def _extras() -> dict[str, Any]:
+def _extras(caller: Caller | None) -> dict[str, Any]:
     """The fields of the client's body that aigate does not read itself (top_k, user, logit_bias...)."""
-    if not has_request_context() or flask_request.path not in PASSED_ON_FROM:
-        return {}
-    body = g.get("json_body")
-    return {k: v for k, v in body.items() if k not in OWN_FIELDS} if isinstance(body, dict) else {}
-
-
-def _note_upstream(member: Member) -> None:
-    if has_request_context() and g.get("record") is not None:
-        g.record.backend = f"upstream/{member.name}"  # the request's log line says which one answered
-
-
-def _request_id() -> str:
-    return g.get("request_id", "-") if has_request_context() else "-"
+    body = caller.body if caller is not None else None
+    return {k: v for k, v in body.items() if k not in OWN_FIELDS} if body is not None else {}
 
 
 def _close(response: requests.Response | None) -> None:

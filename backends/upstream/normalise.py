@@ -24,7 +24,7 @@ from backends.base import (
     Usage,
     estimate_tokens,
 )
-from backends.sse_reader import sse_data
+from backends.sse_reader import JsonFrames, sse_data
 from backends.stops import StopMatcher
 
 Kind = Literal["chat", "text"]  # /chat/completions or the legacy /completions
@@ -45,17 +45,8 @@ class Normaliser:
     # -- the two shapes of an answer -----------------------------------------------------------
 
     def stream(self, chunks: Iterable[bytes]) -> Iterator[Event]:
-        done = False
-        for data in sse_data(chunks):
-            if data.strip() == "[DONE]":
-                done = True
-                break
-            try:
-                frame = json.loads(data)
-            except (ValueError, RecursionError):
-                raise UpstreamError(f"upstream {self.upstream} sent a malformed stream chunk") from None
-            if not isinstance(frame, dict):
-                raise UpstreamError(f"upstream {self.upstream} sent a malformed stream chunk")
+        frames = JsonFrames(sse_data(chunks), f"upstream {self.upstream} sent a malformed stream chunk")
+        for frame in frames:
             self._failure(frame)
             self._usage(frame)
             choice = _first(frame.get("choices"))
@@ -70,7 +61,7 @@ class Normaliser:
                 yield TextDelta(out)
             if self.stop.stopped:
                 break  # closing the response stops the upstream's generation with it
-        if not done and self.finish is None and not self.stop.stopped:
+        if not frames.done and self.finish is None and not self.stop.stopped:
             raise UpstreamError(f"upstream {self.upstream}'s stream ended before the answer did (truncated)")
         yield from self._end()
 

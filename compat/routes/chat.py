@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, jsonify
 
+from compat.generation import start
+from compat.json_body import read_json
 from compat.requests import parse_chat
 from compat.responses import Completion, fold, legacy_function_call, stream_chunks
-from compat.routes.road import SSE_HEADERS, json_body, sse_stream, start
-from serving import state
+from compat.sse_writer import SSE_HEADERS, sse_stream
+from serving import context, state
 
 bp = Blueprint("chat", __name__)
 
 
 @bp.post("/v1/chat/completions")
 def create_chat_completion():
-    call = parse_chat(json_body(), state().limits)
-    route, answer = start(call.request, call.stream)
+    ctx = context()
+    call = parse_chat(read_json(ctx, pass_on=True), state().limits)
+    route, answer = start(ctx, call.request, call.stream)
     completion = Completion(route.model_id)  # the model that answered: a fallback says so here
     shape = legacy_function_call if call.legacy_functions else (lambda obj: obj)
     if not call.stream:
@@ -24,5 +27,5 @@ def create_chat_completion():
         finally:
             answer.close()
     chunks = map(shape, stream_chunks(completion, answer.events, call.include_usage))
-    body = sse_stream(chunks, answer.close, g.record, answer.client)
+    body = sse_stream(chunks, answer.close, ctx.record, answer.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

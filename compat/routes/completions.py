@@ -6,34 +6,36 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import replace
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, jsonify
 
 from backends.base import Event
+from compat.generation import Answer, most_tokens, start
+from compat.json_body import read_json
 from compat.requests import parse_completion
 from compat.responses import Completion, fold_text_completion, text_completion_chunks
-from compat.routes.road import SSE_HEADERS, Answer, json_body, most_tokens, sse_stream, start
-from serving import state
+from compat.sse_writer import SSE_HEADERS, sse_stream
+from serving import context, state
 
 bp = Blueprint("completions", __name__)
 
 
 @bp.post("/v1/completions")
 def create_completion():
-    call = parse_completion(json_body(), state().limits)
+    ctx = context()
+    call = parse_completion(read_json(ctx, pass_on=True), state().limits)
     # Only the first prompt starts before the response: each holds a generation slot, so the
     # others start one after the other, on the model that took the first, as the answer is written.
     # Every prompt's answer is reserved from a token budget up front: the call is admitted whole or not at all.
-    route, first = start(call.requests[0], call.stream,
+    route, first = start(ctx, call.requests[0], call.stream,
                          reserve=lambda route: sum(most_tokens(route, r) for r in call.requests))
     log_prompts = state().settings.log_prompts
-    record = g.record
     running = [first]
 
     def answers() -> Iterator[tuple[str, Iterator[Event]]]:
         for i, request in enumerate(call.requests):
             # The same max_tokens as the first: a fallback model's ceiling may have lowered it.
-            answer = first if i == 0 else Answer(route, replace(request, max_tokens=first.request.max_tokens),
-                                                 record, log_prompts, first.client)
+            answer = first if i == 0 else Answer(ctx, route, replace(request, max_tokens=first.request.max_tokens),
+                                                 log_prompts, first.client)
             if i:
                 running.append(answer)
             yield (request.prompt or "") if call.echo else "", answer.events
@@ -49,6 +51,6 @@ def create_completion():
             return jsonify(fold_text_completion(completion, answers()))
         finally:
             close()
-    body = sse_stream(text_completion_chunks(completion, answers(), call.include_usage), close, record,
+    body = sse_stream(text_completion_chunks(completion, answers(), call.include_usage), close, ctx.record,
                       first.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

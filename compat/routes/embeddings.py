@@ -5,29 +5,31 @@ from __future__ import annotations
 import base64
 import struct
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, jsonify
 
 from compat.errors import invalid
+from compat.generation import resolve
+from compat.json_body import read_json
 from compat.requests import check_chars, parse_embeddings
-from compat.routes.road import json_body, resolve
-from serving import state
+from serving import context, state
 
 bp = Blueprint("embeddings", __name__)
 
 
 @bp.post("/v1/embeddings")
 def create_embeddings():
-    call = parse_embeddings(json_body())
+    ctx = context()
+    call = parse_embeddings(read_json(ctx, pass_on=True))
     model, inputs, encoding, dimensions = call.model, call.inputs, call.encoding, call.dimensions
     check_chars(sum(len(x) for x in inputs), state().limits, "input")
-    route = resolve(model, stream=False)
-    result = route.backend.embed(route.model_id, inputs)
+    route = resolve(ctx, model, stream=False)
+    result = route.backend.embed(route.model_id, inputs, ctx)
     size = len(result.vectors[0]) if result.vectors else 0
     if dimensions is not None and dimensions != size:  # the model's own size is no change: accept it
         raise invalid(f"dimensions is {dimensions}, but {route.model_id} makes vectors of {size} dimensions and "
                       "cannot shorten them; leave dimensions out or set it to the model's own size.", "dimensions",
                       "unsupported_value")
-    g.record.prompt_tokens = result.prompt_tokens  # logged, counted, and charged to the key's TPM
+    ctx.record.prompt_tokens = result.prompt_tokens  # logged, counted, and charged to the key's TPM
     data = [{"object": "embedding", "index": i, "embedding": encode(vector, encoding)}
             for i, vector in enumerate(result.vectors)]
     return jsonify({"object": "list", "data": data, "model": route.model_id,

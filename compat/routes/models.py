@@ -8,7 +8,7 @@ from backends.base import ModelInfo
 from compat.auth import allowed
 from compat.errors import model_not_found
 from compat.responses import model_object
-from serving import state
+from serving import context, state
 
 bp = Blueprint("models", __name__)
 
@@ -35,5 +35,5 @@ def _object(m: ModelInfo) -> dict:
 
 def _visible() -> list[ModelInfo]:
     """The models (and aliases) the request's key may use."""
-    registry = state().registry
-    return [m for m in registry.models() if allowed(m.id, registry.aliases.get(m.id, m.id))]
+    registry, key = state().registry, context().key
+    return [m for m in registry.models() if allowed(key, m.id, registry.aliases.get(m.id, m.id))]

@@ -7,13 +7,15 @@ import json
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from compat.errors import APIError, internal_error, invalid
+from compat.generation import start
+from compat.json_body import read_json
 from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
-from compat.routes.road import SSE_HEADERS, json_body, sse_stream, start
+from compat.sse_writer import SSE_HEADERS, sse_stream
 from response_store import ResponseStore
-from serving import state
+from serving import RequestContext, context, state
 
 bp = Blueprint("responses", __name__)
 log = logging.getLogger(__name__)
@@ -23,9 +25,8 @@ def _store() -> ResponseStore:
     return state().responses
 
 
-def _owner() -> str:
-    key = g.get("api_key")
-    return key.name if key is not None else ""
+def _owner(ctx: RequestContext) -> str:
+    return ctx.key.name if ctx.key is not None else ""
 
 
 def not_found(response_id: str, param: str | None = None) -> APIError:
@@ -34,22 +35,23 @@ def not_found(response_id: str, param: str | None = None) -> APIError:
 
 @bp.post("/v1/responses")
 def create_response():
-    body = json_body()
+    ctx = context()
+    body = read_json(ctx, pass_on=False)  # its fields are the Responses API's, not an upstream's
     previous = body.get("previous_response_id") if isinstance(body, dict) else None
     history = None
     if previous is not None:
         if not isinstance(previous, str) or not previous:
             raise invalid("previous_response_id must be a string.", "previous_response_id", "invalid_type")
-        stored = _store().get(previous, _owner())
+        stored = _store().get(previous, _owner(ctx))
         if stored is None:
             raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
                            code="previous_response_not_found")
         history = stored.input_items + stored.response.get("output", [])
     app_state = state()
     call = parse_responses(body, app_state.limits, history)
-    route, answer = start(call.request, call.stream)
+    route, answer = start(ctx, call.request, call.stream)
     codec = ResponseStream(route.model_id, call.echo, call.echo["parallel_tool_calls"])
-    owner, store = _owner(), _store()
+    owner, store = _owner(ctx), _store()
     if not call.stream:
         try:
             for _ in codec.events(answer.events):
@@ -66,7 +68,7 @@ def create_response():
         if codec.final is not None:
             _keep(store, call, codec.final, owner)
 
-    body = sse_stream(codec.events(answer.events), answer.close, g.record, answer.client, frame=_frame,
+    body = sse_stream(codec.events(answer.events), answer.close, ctx.record, answer.client, frame=_frame,
                       failed=codec.failed, done=None, finished=finished)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -87,7 +89,7 @@ def _keep(store: ResponseStore, call: ResponsesCall, response: dict[str, Any], o
 
 @bp.get("/v1/responses/<response_id>")
 def retrieve_response(response_id: str):
-    stored = _store().get(response_id, _owner())
+    stored = _store().get(response_id, _owner(context()))
     if stored is None:
         raise not_found(response_id)
     return jsonify({**stored.response, "output_text": output_text(stored.response)})
@@ -95,14 +97,14 @@ def retrieve_response(response_id: str):
 
 @bp.delete("/v1/responses/<response_id>")
 def delete_response(response_id: str):
-    if not _store().delete(response_id, _owner()):
+    if not _store().delete(response_id, _owner(context())):
         raise not_found(response_id)
     return jsonify({"id": response_id, "object": "response", "deleted": True})
 
 
 @bp.get("/v1/responses/<response_id>/input_items")
 def list_input_items(response_id: str):
-    stored = _store().get(response_id, _owner())
+    stored = _store().get(response_id, _owner(context()))
     if stored is None:
         raise not_found(response_id)
     order = request.args.get("order", "desc")
