@@ -16,7 +16,7 @@ from flask import Flask, Response, request
 
 import metrics
 import serving
-from backends.base import Event, Finish, Message, TextDelta
+from backends.base import Event, Finish, Message, TextDelta, Written
 from compat.auth import authenticate
 
 log = logging.getLogger("aigate.requests")
@@ -77,6 +77,10 @@ class RequestRecord:
                 self.unfinished_tokens += 1  # about a token each, until Finish gives the exact count
                 if self.first_token_at is None:
                     self.first_token_at = time.monotonic()
+                if keep_text:
+                    self.answer.append(event.text)
+            elif isinstance(event, Written):  # pieces the backend wrote itself, after the first
+                self.unfinished_tokens += event.deltas
                 if keep_text:
                     self.answer.append(event.text)
             elif isinstance(event, Finish):

@@ -14,6 +14,7 @@ from flask import Flask, current_app, g
 
 if TYPE_CHECKING:  # app imports the routes, which import this
     from app import AppState
+    from backends.base import ClientStream
     from rate_limits import Quota
     from request_log import RequestRecord
     from settings import ApiKey
@@ -40,6 +41,9 @@ class RequestContext:
     quota: Quota | None = None  # its rate limits (rate_limits.quota: worked out once, when first asked)
     quota_known: bool = False
     reserved_tokens: int = 0  # what its generations may cost, reserved from the key's tokens per minute
+    # A streamed chat answer's connection, offered to a backend that writes its text itself (set by the
+    # route once the answer's first event is in: the frames carry the model that answered).
+    client_stream: ClientStream | None = None
 
     def served_by(self, backend: str) -> None:
         """A backend says which of its servers answered (``upstream/<name>``): the log line says it."""

@@ -60,8 +60,10 @@ class JsonFormat:
 class Caller(Protocol):
     """The request a backend serves, as much of it as a backend may know (aigate's
     serving.RequestContext): its id, for a backend's log lines; the client's JSON body, whose fields
-    aigate does not read an OpenAI-compatible upstream passes on (None: nothing to pass on); and
-    ``served_by``, for a backend that says which of its servers answered."""
+    aigate does not read an OpenAI-compatible upstream passes on (None: nothing to pass on);
+    ``served_by``, for a backend that says which of its servers answered; and ``client_stream``, the
+    connection of a streamed answer, for a backend that can write its text itself (None: it cannot be
+    handed over; read once the first event was passed on, since the route sets it after that)."""
 
     @property
     def id(self) -> str: ...
@@ -70,6 +72,9 @@ class Caller(Protocol):
     def body(self) -> Mapping[str, Any] | None: ...
 
     def served_by(self, backend: str) -> None: ...
+
+    @property
+    def client_stream(self) -> ClientStream | None: ...
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,39 @@ class Finish:
     usage: Usage
 
 
-Event = TextDelta | ToolCall | Finish
+@dataclass(frozen=True)
+class Written:
+    """Text the backend wrote to the client itself (the local engine, handed the client's socket):
+    ``deltas`` pieces, counted and logged like TextDeltas but not written again."""
+
+    text: str
+    deltas: int
+
+
+Event = TextDelta | ToolCall | Finish | Written
+
+
+@dataclass(frozen=True)
+class ClientStream:
+    """A streamed answer's connection, offered to a backend that can write its text pieces itself
+    (the local engine, so that no worker sits between the model and the client for every token).
+    Each piece goes out as ``prefix`` + the piece as a JSON string + ``suffix``, in an HTTP/1.1
+    chunk when ``chunked``; a write that blocks for ``write_timeout`` seconds ends the answer."""
+
+    fileno: int
+    prefix: bytes
+    suffix: bytes
+    chunked: bool
+    write_timeout: float
+
+
+class ClientGone(Exception):
+    """The client closed its connection (``client_gone``), or left its bytes unread for too long
+    (``client_too_slow``), before its answer was complete."""
+
+    def __init__(self, reason: str = "client_gone") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ tokenizer, the same way for every contender. The servers are read by the same le
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from common import BIN, RESULTS, Timing, bench_model, free_port, median, start, start_aigate, stream_chat
@@ -106,12 +107,13 @@ def main() -> None:
                     t = contenders[name](text)
                     answers[name] = t.text
                     note(prompt_name, name, t)
-            # Turn 2 right after aigate's own turn 1 on the same prompt, so its cache holds that turn.
+            # Turn 2 after aigate's own turn 1 on the same prompt (its cache holds that turn), who goes
+            # first alternating as above.
             turn2 = [{"role": "user", "content": long}, {"role": "assistant", "content": answers["aigate"]},
                      {"role": "user", "content": "And the bakery?"}]
             turn2_tokens = len(prompt_ids(turn2))
-            note("turn 2", "aigate", aigate_run(turn2))
-            note("turn 2", "engine", engine(turn2))
+            for name in ("aigate", "engine") if i % 2 == 0 else ("engine", "aigate"):
+                note("turn 2", name, aigate_run(turn2) if name == "aigate" else engine(turn2))
     finally:
         aigate.terminate()
         if chatglm is not None:
@@ -124,12 +126,17 @@ def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int
     for prompt_name, tokens in (("short", short_tokens), ("long", long_tokens), ("turn 2", turn2_tokens)):
         base_ttft = median([r[0] for r in results[(prompt_name, "engine")]])
         base_rate = median([r[1] for r in results[(prompt_name, "engine")]])
+        engine_runs = results[(prompt_name, "engine")]
         for name in ("engine", "aigate", "chatglm"):
             if (prompt_name, name) not in results:
                 continue
-            ttft = median([r[0] for r in results[(prompt_name, name)]])
-            rate = median([r[1] for r in results[(prompt_name, name)]])
-            rows.append((prompt_name, tokens, name, ttft * 1000, (ttft - base_ttft) * 1000, rate, rate / base_rate))
+            runs = results[(prompt_name, name)]
+            ttft = median([r[0] for r in runs])
+            rate = median([r[1] for r in runs])
+            paired = sorted(r[1] / e[1] for r, e in zip(runs, engine_runs))  # each run against the engine's beside it
+            quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+            rows.append((prompt_name, tokens, name, ttft * 1000, (ttft - base_ttft) * 1000, rate, rate / base_rate,
+                         quartiles))
     glm4 = args.family == "glm4"
     shape = ("GLM-4 model (hidden 1024, 8 layers, 16/2 heads, ffn 3424, vocab 151552, f16, byte-level BPE)" if glm4
              else "ChatGLM3 model (hidden 1024, 8 layers, 16/2 heads, ffn 2816, vocab 65024, f16)")
@@ -139,10 +146,12 @@ def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int
         f"Random-weight {shape}, greedy, {args.tokens} new tokens, median of {args.runs} alternated runs. "
         f"Command: `.venv/bin/python bench/local_engine.py{' --family glm4' if glm4 else ''}`.",
         "",
-        "| prompt | prompt tokens | contender | TTFT ms | TTFT over engine, ms | decode tok/s | decode vs engine |",
-        "|---|---|---|---|---|---|---|",
+        "| prompt | prompt tokens | contender | TTFT ms | TTFT over engine, ms | decode tok/s | decode vs engine "
+        "| same, run by run: median (quartiles) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {p} | {n} | {c} | {t:.1f} | {d:+.1f} | {r:.1f} | {x:.1%} |" for p, n, c, t, d, r, x in rows]
+    lines += [f"| {p} | {n} | {c} | {t:.1f} | {d:+.1f} | {r:.1f} | {x:.1%} | {q[1]:.1%} ({q[0]:.1%}-{q[2]:.1%}) |"
+              for p, n, c, t, d, r, x, q in rows]
     note = ("" if glm4 else "chatglm.cpp's server keeps only the last 512 prompt tokens, so its long-prompt TTFT "
             "covers a shorter prompt than the others'. ")
     lines += ["", note + "On turn 2 aigate's engine takes the history from its KV cache and evaluates only the "

@@ -10,17 +10,18 @@ import socket
 import time
 from typing import Any
 
+from backends.base import ClientGone, ClientStream
+
+__all__ = ["ClientGone", "ClientSocket"]
+
 _CHECK_SECONDS = 0.1  # a look at the socket costs a system call: at most this often
 _SEND_BUFFER = 16 * 1024  # bytes (the kernel doubles it): ample for token streams, quick to fill when stalled
-
-
-class ClientGone(Exception):
-    """The client closed its connection before its answer was complete."""
 
 
 class ClientSocket:
     def __init__(self, environ: dict[str, Any], write_timeout: float) -> None:
         self._sock: socket.socket | None = environ.get("gunicorn.socket")
+        self._chunked = environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
         self._write_timeout = write_timeout
         self._checked = 0.0
         self._old_timeout: float | None = None
@@ -39,6 +40,15 @@ class ClientSocket:
             gone = True
         if gone:
             raise ClientGone
+
+    def stream(self, frame: tuple[bytes, bytes]) -> ClientStream | None:
+        """The connection, for a backend that writes a stream's text pieces itself (each one's frame
+        is ``prefix`` + the piece as a JSON string + ``suffix``), or None where it cannot be handed
+        over. gunicorn sends an HTTP/1.1 answer of unknown length in chunks, an HTTP/1.0 one as it is."""
+        if self._sock is None:
+            return None
+        prefix, suffix = frame
+        return ClientStream(self._sock.fileno(), prefix, suffix, self._chunked, self._write_timeout)
 
     def bound_writes(self) -> None:
         """From now on a write that blocks longer than the write timeout fails (and ends the answer).

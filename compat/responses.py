@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import Event, Finish, TextDelta, ToolCall, Usage
+from backends.base import Event, Finish, TextDelta, ToolCall, Usage, Written
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ def chunk(c: Completion, delta: dict[str, Any], finish_reason: str | None = None
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
 
+def content_chunk(c: Completion, text: str) -> dict[str, Any]:
+    return chunk(c, {"content": text})
+
+
 def stream_chunks(c: Completion, events: Iterator[Event], include_usage: bool) -> Iterator[dict[str, Any]]:
     """The chunk sequence: role first, content deltas, a final chunk with finish_reason, and the
     usage-only chunk (``choices: []``) when the client asked for it."""
@@ -42,7 +46,9 @@ def stream_chunks(c: Completion, events: Iterator[Event], include_usage: bool) -
     for event in events:
         if isinstance(event, TextDelta):
             if event.text:
-                yield chunk(c, {"content": event.text})
+                yield content_chunk(c, event.text)
+        elif isinstance(event, Written):  # its chunks are on the wire already (content_chunk's frame)
+            continue
         elif isinstance(event, ToolCall):
             # As OpenAI streams them: id, type and name once, then the arguments; index always.
             yield chunk(c, {"tool_calls": [{"index": calls, "id": event.id, "type": "function",
@@ -63,7 +69,7 @@ def fold(c: Completion, events: Iterator[Event]) -> dict[str, Any]:
     parts: list[str] = []
     calls: list[dict[str, Any]] = []
     for event in events:
-        if isinstance(event, TextDelta):
+        if isinstance(event, (TextDelta, Written)):
             parts.append(event.text)
         elif isinstance(event, ToolCall):
             calls.append(tool_call_object(event))

@@ -20,3 +20,14 @@ def encode(obj: dict[str, Any]) -> bytes:
         return b"data: " + _encoder.encode(obj) + b"\n\n"
     except UnicodeEncodeError:  # a lone surrogate
         return b"data: " + _fallback.encode(obj).encode("utf-8", "replace") + b"\n\n"
+
+
+HOLE = "aigate:text-piece"  # stands for a text piece in a chunk whose frame is split around it
+
+
+def around_hole(obj: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The frame of ``obj`` (one of whose strings is HOLE) as what comes before and after the piece
+    that goes in its place, encoded as a JSON string: a backend writing the pieces itself writes the
+    same bytes as ``encode`` would."""
+    prefix, _, suffix = encode(obj).partition(b'"' + HOLE.encode() + b'"')
+    return prefix, suffix

@@ -47,8 +47,10 @@ def _sse(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecor
         for c in chunks:
             yield frame(c)
             written = time.monotonic()
-    except ClientGone:
-        record.error = "client_gone"
+    except ClientGone as exc:
+        record.error = exc.reason
+        if exc.reason == "client_too_slow":  # a frame may be cut short: the connection cannot go on
+            raise BrokenPipeError("the client did not take its bytes in time") from None
         return
     except GeneratorExit:  # the server closes the answer: the client left, or did not read in time
         record.error = "client_too_slow" if client.write_timed_out(written) else "client_gone"

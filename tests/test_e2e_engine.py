@@ -228,3 +228,75 @@ def test_the_line_holds_when_a_tmp_cleaner_empties_tmp(server_factory, slow_mode
     finally:
         first.close()
         second.join()
+
+
+# -- the engine writes a stream's text pieces to the client itself (handover) ---------------------------
+
+
+def send_stream_request(server, version: str, body: dict, request_id: str = "raw") -> socket.socket:
+    data = json.dumps({**body, "stream": True}).encode()
+    host, port = server.base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions %s\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: %s\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (version.encode(), request_id.encode(), len(data), data))
+    return sock
+
+
+def stream_body(response: bytes) -> bytes:
+    """A streamed answer's body from the whole response, every HTTP/1.1 chunk's size checked and nothing
+    after the last chunk."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head
+    if b"transfer-encoding: chunked" not in head.lower():
+        return body
+    text = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            assert body == b"\r\n", body[:200]  # the end, and nothing after it
+            return text
+        assert body[n:n + 2] == b"\r\n", "a chunk's size does not match its bytes"
+        text, body = text + body[:n], body[n + 2:]
+
+
+def read_to_end(sock: socket.socket, response: bytes = b"") -> bytes:
+    with sock:
+        while block := sock.recv(65536):
+            response += block
+    return response
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_stream_written_by_the_engine_says_what_the_whole_answer_says(server, version):
+    body = {"model": "endless", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    whole = requests.post(server.v1 + "/chat/completions", json=body, timeout=60).json()
+    events = stream_body(read_to_end(send_stream_request(server, version, body))).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
+    assert {(c["id"], c["model"], c["object"]) for c in chunks} == {(chunks[0]["id"], "endless", "chat.completion.chunk")}
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 60 == whole["usage"]["completion_tokens"]
+    assert len(chunks) >= 60  # a chunk a piece, as the worker writes them
+
+
+def test_a_local_stream_cut_by_the_graceful_timeout_ends_in_whole_frames(server_factory, slow_model):
+    """The engine is writing the pieces when the graceful timeout runs out: the worker takes the
+    connection back, then says why the answer stops, and no frame is cut, mixed with another or sent
+    after the end."""
+    server = server_factory(CHATGLM_MODEL=str(slow_model), WORKERS="1", GRACEFUL_TIMEOUT="2")
+    body = {"model": "endless", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 3000, "temperature": 0}
+    sock = send_stream_request(server, "HTTP/1.1", body, "cut-local")
+    response = b""
+    while b'"content":"' not in response:  # the stream has begun
+        response += sock.recv(65536)
+    server.process.send_signal(signal.SIGTERM)
+    events = [e for e in stream_body(read_to_end(sock, response)).split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]", events[-3:]
+    assert json.loads(events[-2].removeprefix(b"data: "))["error"]["code"] == "server_shutting_down"
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]  # every one whole
+    assert 3 < len(chunks) < 1000 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "error=server_shutting_down" in server.wait_for_log("id=cut-local ")

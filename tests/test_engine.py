@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from backends.base import ChatRequest, Finish, Message, QueueFull, QueueTimeout, TextDelta
+from backends.base import (ChatRequest, ClientGone, ClientStream, Finish, Message, QueueFull, QueueTimeout, TextDelta,
+                           Written)
 from backends.demo_model import write_demo_model
+from backends.engine import protocol
 from backends.engine.client import EngineClient
-from backends.engine.line import ClientGone, Line
+from backends.engine.line import Line
 from backends.engine.model import PATCHED
 from tests.conftest import ROOT, engine_socket
 
@@ -213,3 +219,127 @@ def test_between_tokens_the_worker_socket_is_looked_at_only_every_so_often():
     assert looks == []
     time.sleep(0.06)  # the interval itself is what is tested
     assert check() and len(looks) == 1
+
+
+# -- handover: the engine writes a streamed answer's text pieces to the client itself -------------
+
+PREFIX, SUFFIX = b'data: {"piece":', b"}\n\n"
+
+
+@pytest.fixture(scope="module")
+def endless(slow_model) -> Iterator[EngineClient]:
+    """An engine whose model never ends an answer by itself (a decode step of a few ms)."""
+    process, client = start_engine(slow_model)
+    yield client
+    process.terminate()
+    process.wait()
+
+
+@contextmanager
+def tcp_connection(receive_buffer: int = 0) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A loopback TCP connection: the server's end (what a worker hands over) and the client's."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        if receive_buffer:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        client.connect(listener.getsockname())
+        server_end, _ = listener.accept()
+    with client, server_end:
+        yield server_end, client
+
+
+def received(client: socket.socket) -> bytes:
+    data = b""
+    while block := client.recv(65536):
+        data += block
+    return data
+
+
+def unchunked(data: bytes) -> bytes:
+    """The body of HTTP/1.1 chunks, each one's size checked."""
+    body = b""
+    while data:
+        size, _, data = data.partition(b"\r\n")
+        n = int(size, 16)
+        assert data[n:n + 2] == b"\r\n", "a chunk's size does not match its bytes"
+        body, data = body + data[:n], data[n + 2:]
+    return body
+
+
+def pieces(body: bytes) -> list[str]:
+    frames = body.split(b"\n\n")
+    assert frames[-1] == b""  # nothing cut short
+    return [json.loads(f.removeprefix(b"data: "))["piece"] for f in frames[:-1]]
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["http/1.1", "http/1.0"])
+def test_a_handed_over_stream_is_written_by_the_engine_in_the_workers_frames(endless, chunked):
+    request = ChatRequest(model="endless", messages=(Message("user", "Tell me a story."),), temperature=0,
+                          max_tokens=40)
+    whole = "".join(e.text for e in endless.generate(request) if isinstance(e, TextDelta))
+    with tcp_connection() as (server_end, client):
+        stream = ClientStream(server_end.fileno(), PREFIX, SUFFIX, chunked, 5.0)
+        events = list(endless.generate(request, lambda: stream))
+        server_end.close()  # the engine closed its own descriptor: the client sees the end only now
+        data = received(client)
+    first, written, finish = events
+    assert isinstance(first, TextDelta) and isinstance(written, Written) and isinstance(finish, Finish)
+    assert finish.usage.completion_tokens == 40 and written.deltas >= 30
+    written_pieces = pieces(unchunked(data) if chunked else data)
+    assert all(written_pieces) and "".join(written_pieces) == written.text and len(written_pieces) == written.deltas
+    assert first.text + written.text == whole  # the same answer as through the worker
+
+
+def test_a_client_that_leaves_while_the_engine_writes_ends_its_generation(endless):
+    request = ChatRequest(model="endless", messages=(Message("user", "go"),), temperature=0, max_tokens=900)
+    with tcp_connection() as (server_end, client):
+        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), PREFIX, SUFFIX, True, 5.0))
+        assert isinstance(next(events), TextDelta)
+        reader = threading.Thread(target=lambda: (client.recv(1), client.close()))  # leaves after its first bytes
+        reader.start()
+        left = time.monotonic()
+        with pytest.raises(ClientGone) as gone:
+            for event in events:
+                assert isinstance(event, Written) and 0 < event.deltas < 800
+        reader.join()
+    assert gone.value.reason == "client_gone" and time.monotonic() - left < 3
+    assert endless.status()["running"] == 0
+
+
+def test_a_client_that_stops_reading_is_let_go_after_the_write_timeout(endless):
+    request = ChatRequest(model="endless", messages=(Message("user", "go"),), temperature=0, max_tokens=900)
+    padded = PREFIX + b" " * 2000  # a few frames fill the (small) buffers
+    with tcp_connection(receive_buffer=4096) as (server_end, client):
+        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), padded, SUFFIX, True, 0.5))
+        assert isinstance(next(events), TextDelta)
+        started = time.monotonic()
+        with pytest.raises(ClientGone) as gone:
+            list(events)
+    assert gone.value.reason == "client_too_slow" and time.monotonic() - started < 5
+    assert endless.status()["running"] == 0
+
+
+def test_a_worker_takes_the_connection_back_and_nothing_is_written_after(endless):
+    """The worker's side of a graceful stop, spoken by hand: it shuts down its sending side while the
+    engine writes; the engine stops, says what it wrote and closes, and writes no byte after that."""
+    request = ChatRequest(model="endless", messages=(Message("user", "go"),), temperature=0, max_tokens=900)
+    with tcp_connection() as (server_end, client), socket.socket(socket.AF_UNIX) as sock:
+        sock.connect("\0" + endless.address[1:])
+        sock.sendall(protocol.encode(protocol.generate_request(request, handover=True)))
+        lines = sock.makefile("rb")
+        assert protocol.decode(lines.readline())["handover"] is True
+        frame = protocol.HANDOVER + protocol.encode(protocol.handover_message(
+            ClientStream(server_end.fileno(), PREFIX, SUFFIX, True, 5.0)))
+        socket.send_fds(sock, [frame], [server_end.fileno()])
+        assert select.select([client], [], [], 5)[0]  # the engine is writing
+        sock.shutdown(socket.SHUT_WR)
+        stopped = time.monotonic()
+        rest = lines.read()  # until the engine closes the connection
+        assert time.monotonic() - stopped < 2
+        summary = protocol.decode(rest)
+        server_end.close()
+        data = received(client)
+    assert summary["deltas"] >= 1 and summary["client"] is None
+    written_pieces = pieces(unchunked(data))  # every frame whole, and none after what the summary says
+    assert "".join(written_pieces) == summary["written"] and len(written_pieces) == summary["deltas"]

@@ -4,15 +4,17 @@ requests of the worker; elsewhere it simply blocks, one request per process."""
 
 from __future__ import annotations
 
+import array
 import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from backends.base import ChatRequest, Event, Finish, Unavailable
+from backends.base import ChatRequest, ClientGone, ClientStream, Event, Finish, Unavailable
 from backends.engine import protocol
 
 _RETRY_SECONDS = 0.05
+_TAKE_BACK_SECONDS = 2.0  # an engine notices within CANCEL_CHECK_SECONDS and a decode step
 
 
 def connect(address: str, timeout: float | None = None) -> socket.socket:
@@ -52,11 +54,15 @@ class EngineClient:
         if self._start is not None and self.status() is None:
             self._start()
 
-    def generate(self, request: ChatRequest) -> Iterator[Event]:
-        """The engine's events for ``request``; closing the iterator cancels the generation."""
+    def generate(self, request: ChatRequest,
+                 stream: Callable[[], ClientStream | None] | None = None) -> Iterator[Event]:
+        """The engine's events for ``request``; closing the iterator cancels the generation. With
+        ``stream`` (the client's connection, once the first event is passed on), the engine may write
+        the text pieces to the client itself: they come back as one Written event."""
         sock = self._connect_waiting()
+        handed = False  # the engine is writing to the client
         try:
-            sock.sendall(protocol.encode(protocol.generate_request(request)))
+            sock.sendall(protocol.encode(protocol.generate_request(request, handover=stream is not None)))
             lines = sock.makefile("rb")
             while True:
                 try:
@@ -66,14 +72,28 @@ class EngineClient:
                 if not line:
                     raise Unavailable("the local engine stopped during this generation (it crashed or was "
                                       "restarted); it is being started again, retry", retry_after=2)
-                event = protocol.event(protocol.decode(line))
+                message = protocol.decode(line)
+                if "written" in message:  # the connection is ours again
+                    handed = False
+                    yield protocol.written(message)
+                    if message["client"]:
+                        raise ClientGone(message["client"])
+                    continue
+                event = protocol.event(message)
                 yield event
                 if isinstance(event, Finish):
                     return
-                sock.sendall(protocol.ACK)  # passed on: the engine may take its next step
+                client = stream() if stream is not None and message.get("handover") else None
+                if client is None:
+                    sock.sendall(protocol.ACK)  # passed on: the engine may take its next step
+                else:
+                    frame = protocol.HANDOVER + protocol.encode(protocol.handover_message(client))
+                    sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [client.fileno]))])
+                    handed = True
         finally:
+            if handed:  # ended while the engine writes (the worker is stopping): take the connection back first
+                _take_back(sock)
             sock.close()
-
     def _connect_waiting(self) -> socket.socket:
         """A connection to the engine, waiting for one that is starting (and starting it if that is
         ours to do) for up to ``wait_seconds``."""
@@ -90,3 +110,15 @@ class EngineClient:
                 self._start()
                 started = True
             time.sleep(_RETRY_SECONDS)  # cooperative under gevent
+
+
+def _take_back(sock: socket.socket) -> None:
+    """Ask the engine to stop writing to the client (it sees our end close within a step) and wait
+    until it has, so that nothing written after this interleaves with its frames."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(_TAKE_BACK_SECONDS)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass

@@ -15,15 +15,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
-from backends.base import QueueFull, QueueTimeout
+from backends.base import ClientGone, QueueFull, QueueTimeout
 
 _CHECK_SECONDS = 0.25  # how often a waiting request looks whether its client is still there
 
 S = TypeVar("S")
-
-
-class ClientGone(Exception):
-    """The request's client went away while it waited."""
 
 
 class Line(Generic[S]):

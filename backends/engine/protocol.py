@@ -3,6 +3,15 @@ event line after another (the client acknowledges each but the last with one byt
 the connection after the last. Every line is a JSON object.
 
 A client that closes its end cancels the generation; the engine notices before its next token.
+
+Handover (a streamed answer, under gunicorn): a request may say ``handover``; the engine then marks
+its first event line, if it is text, with ``"handover": true``, and the worker may answer it with
+HANDOVER instead of ACK: that byte carries the HTTP client's socket (SCM_RIGHTS) and is followed by
+a line with the frame of a text piece (``handover_message``). The engine writes the following text
+pieces to the client itself; at the first other event (or when the client fails) it sends a
+``written`` line (the text it wrote, how many pieces, and ``client``: null, ``client_gone`` or
+``client_too_slow``), and the protocol goes on as before. A worker that must end the answer while the
+engine writes shuts down its sending side and waits for the engine to close the connection.
 """
 
 from __future__ import annotations
@@ -13,14 +22,15 @@ from typing import Any
 
 import msgspec
 
-from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, ImageInput, ImageTooLarge,
-                           InvalidImage, InvalidRequest, JsonFormat, Message, NotSupportedByModel, QueueFull,
-                           QueueTimeout, TextDelta, TooManyImages, Tool, ToolCall, ToolsNotSupported, Unavailable,
-                           UnsupportedContent, Usage)
+from backends.base import (BackendError, ChatRequest, ClientStream, ContextLengthExceeded, Event, Finish, ImageInput,
+                           ImageTooLarge, InvalidImage, InvalidRequest, JsonFormat, Message, NotSupportedByModel,
+                           QueueFull, QueueTimeout, TextDelta, TooManyImages, Tool, ToolCall, ToolsNotSupported,
+                           Unavailable, UnsupportedContent, Usage, Written)
 
 MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this (an image goes as the
 # model's own image_size squared x 3 bytes of pixels in base64: 5 MB for GLM-4V's 1120 px)
 ACK = b"\x06"  # the client's answer to each event but the last: passed on, send the next
+HANDOVER = b"\x0e"  # instead of ACK, with the HTTP client's socket: write the text pieces to it yourself
 
 # The errors the engine may answer with, by name on the wire.
 ERRORS: dict[str, type[BackendError]] = {cls.__name__: cls for cls in (
@@ -50,8 +60,17 @@ def decode(line: bytes) -> dict[str, Any]:
     return obj
 
 
-def generate_request(request: ChatRequest) -> dict[str, Any]:
-    return {"op": "generate", "request": asdict(request)}
+def generate_request(request: ChatRequest, handover: bool = False) -> dict[str, Any]:
+    return {"op": "generate", "request": asdict(request), "handover": handover}
+
+
+def handover_message(stream: ClientStream) -> dict[str, Any]:
+    return {"prefix": stream.prefix.decode(), "suffix": stream.suffix.decode(), "chunked": stream.chunked,
+            "write_timeout": stream.write_timeout}
+
+
+def written(message: dict[str, Any]) -> Written:
+    return Written(message["written"], message["deltas"])
 
 
 def chat_request(fields: dict[str, Any]) -> ChatRequest:
@@ -69,7 +88,9 @@ def event_message(event: Event) -> dict[str, Any]:
         return {"text": event.text}
     if isinstance(event, ToolCall):
         return {"tool_call": asdict(event)}
-    return {"finish": event.reason, "usage": asdict(event.usage)}
+    if isinstance(event, Finish):
+        return {"finish": event.reason, "usage": asdict(event.usage)}
+    raise TypeError(f"the engine does not send {type(event).__name__} events")
 
 
 def error_message(exc: BackendError) -> dict[str, Any]:

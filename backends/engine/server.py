@@ -14,17 +14,18 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from backends.base import BackendError, ChatRequest, Finish, Unavailable
+from backends.base import BackendError, ClientGone, Finish, TextDelta, Unavailable
 from backends.engine import protocol
-from backends.engine.line import ClientGone, Line
+from backends.engine.client_writer import ClientWriter, peer_closed
+from backends.engine.line import Line
 from backends.engine.model import PATCHED, Model, Slot, common_prefix
 from backends.ggml_file import ModelFileError, read_model_file
 
@@ -49,17 +50,6 @@ def bind(address: str) -> socket.socket:
         os.chmod(address, 0o600)
     listener.listen(128)
     return listener
-
-
-def peer_closed(conn: socket.socket) -> bool:
-    """Has the client closed its end? It sends nothing after its request, so readable means gone."""
-    try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        return bool(readable) and conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 CANCEL_CHECK_SECONDS = 0.05  # between tokens a look at the worker's socket costs a system call: at most this often
@@ -115,7 +105,7 @@ class Engine:
             if message.get("op") == "status":
                 conn.sendall(protocol.encode(self.status()))
             elif message.get("op") == "generate":
-                self.generate(conn, protocol.chat_request(message["request"]))
+                self.generate(conn, message)
         except (OSError, ClientGone) as exc:  # the worker went away (its client left) or stopped reading
             log.debug("connection ended early: %r", exc)
         except Exception:  # a malformed message is a bug in the worker: say so, keep serving
@@ -131,27 +121,73 @@ class Engine:
         return {"loaded": self.model is not None, "error": self.load_error, "running": running,
                 "waiting": waiting, "pid": os.getpid(), "patched": PATCHED}
 
-    def generate(self, conn: socket.socket, request: ChatRequest) -> None:
+    def generate(self, conn: socket.socket, message: dict[str, Any]) -> None:
+        request = protocol.chat_request(message["request"])
+        writer: ClientWriter | None = None  # the client's connection, once the worker handed it over
         try:
-            # A request that arrives while the model loads (at start, or after a crash) waits for it.
-            if not self.loaded.wait(self.args.queue_timeout) or self.model is None or self.line is None:
-                raise Unavailable(self.load_error or "the local model is still loading",
-                                  retry_after=None if self.load_error else 2)
-            prompt = self.model.prompt_ids(request)
-            gone = lambda: peer_closed(conn)  # noqa: E731
-            with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone) as slot:
-                for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
-                    conn.sendall(protocol.encode(protocol.event_message(event)))
-                    # The next step waits until the worker has passed this event on: on a small machine
-                    # its work then never competes with the model's threads for the cores.
-                    if not isinstance(event, Finish) and conn.recv(1) != protocol.ACK:
-                        raise ClientGone
+            try:
+                # A request that arrives while the model loads (at start, or after a crash) waits for it.
+                if not self.loaded.wait(self.args.queue_timeout) or self.model is None or self.line is None:
+                    raise Unavailable(self.load_error or "the local model is still loading",
+                                      retry_after=None if self.load_error else 2)
+                prompt = self.model.prompt_ids(request)
+                gone = lambda: peer_closed(conn) or (writer is not None and writer.client_gone())  # noqa: E731
+                offer = bool(message.get("handover"))
+                with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone) as slot:
+                    for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
+                        if writer is not None:
+                            if isinstance(event, TextDelta):
+                                if writer.write(event.text):
+                                    continue
+                                break  # the client left or stopped reading (the summary says which)
+                            self.hand_back(conn, writer)
+                            writer = None
+                        line = protocol.event_message(event)
+                        if offer and isinstance(event, TextDelta):
+                            line["handover"], offer = True, False
+                        conn.sendall(protocol.encode(line))
+                        if isinstance(event, Finish):
+                            break
+                        # The next step waits until the worker has passed this event on: on a small machine
+                        # its work then never competes with the model's threads for the cores.
+                        writer = self.acknowledged(conn)
+            finally:
+                if writer is not None:  # ended while writing to the client: the worker gets it back first
+                    self.hand_back(conn, writer)
         except BackendError as exc:
             conn.sendall(protocol.encode(protocol.error_message(exc)))
         except RuntimeError:  # chatglm.cpp's own checks (a CHATGLM_CHECK): this request failed, not the engine
             log.exception("the model failed on a request")
             conn.sendall(protocol.encode(protocol.error_message(
                 BackendError("The local model failed on this request; the error has been logged."))))
+
+    @staticmethod
+    def acknowledged(conn: socket.socket) -> ClientWriter | None:
+        """The worker's answer to an event: ACK, or HANDOVER with the client's socket (a writer for it)."""
+        data, fds, _, _ = socket.recv_fds(conn, 1, 1)
+        if data == protocol.ACK and not fds:
+            return None
+        if data == protocol.HANDOVER and len(fds) == 1:
+            frame = b""
+            while not frame.endswith(b"\n"):
+                more = conn.recv(4096)
+                if not more:
+                    break
+                frame += more
+            try:
+                return ClientWriter(fds[0], protocol.decode(frame))
+            except (ValueError, KeyError, TypeError, OSError):
+                os.close(fds[0])
+                raise
+        for fd in fds:
+            os.close(fd)
+        raise ClientGone
+
+    @staticmethod
+    def hand_back(conn: socket.socket, writer: ClientWriter) -> None:
+        """Tell the worker what was written to its client, and stop writing to it."""
+        writer.close()
+        conn.sendall(protocol.encode(writer.summary()))
 
 
 def parent_gone(parent: int) -> bool:
