@@ -6,7 +6,7 @@ explicitly."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,13 +41,17 @@ class RequestContext:
     quota: Quota | None = None  # its rate limits (rate_limits.quota: worked out once, when first asked)
     quota_known: bool = False
     reserved_tokens: int = 0  # what its generations may cost, reserved from the key's tokens per minute
-    # A streamed chat answer's connection, offered to a backend that writes its text itself (set by the
-    # route once the answer's first event is in: the frames carry the model that answered).
-    client_stream: ClientStream | None = None
+    # How a streamed answer offers its connection to a backend that writes the text itself (set by the
+    # route once the answer has begun: the frames carry the model that answered, the message's id).
+    offer_client: Callable[[], ClientStream | None] | None = None
 
     def served_by(self, backend: str) -> None:
         """A backend says which of its servers answered (``upstream/<name>``): the log line says it."""
         self.record.backend = backend
+
+    def client_stream(self) -> ClientStream | None:
+        """The client's connection and a text piece's frame, for a backend that writes them itself."""
+        return self.offer_client() if self.offer_client is not None else None
 
 
 def begin(ctx: RequestContext) -> None:

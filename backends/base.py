@@ -61,9 +61,9 @@ class Caller(Protocol):
     """The request a backend serves, as much of it as a backend may know (aigate's
     serving.RequestContext): its id, for a backend's log lines; the client's JSON body, whose fields
     aigate does not read an OpenAI-compatible upstream passes on (None: nothing to pass on);
-    ``served_by``, for a backend that says which of its servers answered; and ``client_stream``, the
+    ``served_by``, for a backend that says which of its servers answered; and ``client_stream()``, the
     connection of a streamed answer, for a backend that can write its text itself (None: it cannot be
-    handed over; read once the first event was passed on, since the route sets it after that)."""
+    handed over). Ask it only once the first event was passed on: the frame is known from then."""
 
     @property
     def id(self) -> str: ...
@@ -73,7 +73,6 @@ class Caller(Protocol):
 
     def served_by(self, backend: str) -> None: ...
 
-    @property
     def client_stream(self) -> ClientStream | None: ...
 
 
@@ -139,15 +138,26 @@ Event = TextDelta | ToolCall | Finish | Written
 
 
 @dataclass(frozen=True)
-class ClientStream:
-    """A streamed answer's connection, offered to a backend that can write its text pieces itself
-    (the local engine, so that no worker sits between the model and the client for every token).
-    Each piece goes out as ``prefix`` + the piece as a JSON string + ``suffix``, in an HTTP/1.1
-    chunk when ``chunked``; a write that blocks for ``write_timeout`` seconds ends the answer."""
+class PieceFrame:
+    """How one text piece of a stream goes on the wire: ``prefix``, then (when ``number`` is set: the
+    Responses API's sequence_number, one up a piece) the number and ``after_number``, then the piece
+    as a JSON string, then ``suffix``."""
 
-    fileno: int
     prefix: bytes
     suffix: bytes
+    number: int | None = None
+    after_number: bytes = b""
+
+
+@dataclass(frozen=True)
+class ClientStream:
+    """A streamed answer's connection, offered to a backend that can write its text pieces itself
+    (the local engine, so that no worker sits between the model and the client for every token):
+    each piece in ``frame``, in an HTTP/1.1 chunk when ``chunked``; a write that blocks for
+    ``write_timeout`` seconds ends the answer."""
+
+    fileno: int
+    frame: PieceFrame
     chunked: bool
     write_timeout: float
 

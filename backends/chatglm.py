@@ -63,7 +63,7 @@ class ChatGLMBackend:
     def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         if any(m.images for m in request.messages):
             request = self._decoded_images(request)
-        yield from self.engine.generate(request, None if caller is None else lambda: caller.client_stream)
+        yield from self.engine.generate(request, None if caller is None else caller.client_stream)
 
     def _decoded_images(self, request: ChatRequest) -> ChatRequest:
         """Each image as the pixels the engine takes (checked here: a bad image must not reach it)."""

@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Any
 
-from backends.base import ClientGone, ClientStream
+from backends.base import ClientGone, ClientStream, PieceFrame
 
 __all__ = ["ClientGone", "ClientSocket"]
 
@@ -41,14 +41,13 @@ class ClientSocket:
         if gone:
             raise ClientGone
 
-    def stream(self, frame: tuple[bytes, bytes]) -> ClientStream | None:
-        """The connection, for a backend that writes a stream's text pieces itself (each one's frame
-        is ``prefix`` + the piece as a JSON string + ``suffix``), or None where it cannot be handed
-        over. gunicorn sends an HTTP/1.1 answer of unknown length in chunks, an HTTP/1.0 one as it is."""
-        if self._sock is None:
+    def stream(self, frame: PieceFrame | None) -> ClientStream | None:
+        """The connection, for a backend that writes a stream's text pieces itself in ``frame``, or
+        None where it cannot be handed over. gunicorn sends an HTTP/1.1 answer of unknown length in
+        chunks, an HTTP/1.0 one as it is."""
+        if self._sock is None or frame is None:
             return None
-        prefix, suffix = frame
-        return ClientStream(self._sock.fileno(), prefix, suffix, self._chunked, self._write_timeout)
+        return ClientStream(self._sock.fileno(), frame, self._chunked, self._write_timeout)
 
     def bound_writes(self) -> None:
         """From now on a write that blocks longer than the write timeout fails (and ends the answer).

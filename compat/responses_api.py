@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from itertools import count
 from typing import Any
 
-from backends.base import ChatRequest, Event, Finish, ImageInput, Message, Role, TextDelta, Tool, ToolCall, Usage
+from backends.base import (ChatRequest, Event, Finish, ImageInput, Message, PieceFrame, Role, TextDelta, Tool, ToolCall,
+                           Usage, Written)
 from compat.errors import APIError, invalid
-from compat import wire
+from compat import sse, wire
 from compat.requests import DATA_URL, TOOL_NAME, Limits, _bounded_max_tokens, check_chars, image_input, one_choice
 from compat.structured import text_format
 
@@ -272,11 +272,27 @@ class ResponseStream:
         self.created_at = int(time.time())
         self.output: list[dict[str, Any]] = []
         self.final: dict[str, Any] | None = None
-        self._seq = count()
+        self._sequence = 0  # the next event's sequence_number
+        self._writing: str | None = None  # the id of the message whose text is being streamed
         self._parallel = parallel_tool_calls
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        return {"type": kind, "sequence_number": next(self._seq), **fields}
+        return {"type": kind, "sequence_number": self._number(), **fields}
+
+    def _number(self) -> int:
+        self._sequence += 1
+        return self._sequence - 1
+
+    def _text_delta(self, message_id: str, text: str, number: int | str) -> dict[str, Any]:
+        return {"type": "response.output_text.delta", "sequence_number": number, "item_id": message_id,
+                "output_index": len(self.output), "content_index": 0, "delta": text, "logprobs": []}
+
+    def piece_frame(self, encode: Callable[[dict[str, Any]], bytes]) -> PieceFrame | None:
+        """The frame of the next text delta, for a backend that writes them itself (None: no message's
+        text is being streamed)."""
+        if self._writing is None:
+            return None
+        return sse.piece_frame(encode(self._text_delta(self._writing, sse.PIECE, sse.NUMBER)), self._sequence)
 
     def snapshot(self, status: str, *, usage: Usage | None = None, error: dict[str, Any] | None = None,
                  incomplete: str | None = None) -> dict[str, Any]:
@@ -311,9 +327,13 @@ class ResponseStream:
                 if message is None:
                     message = yield from self._open_message()
                 text.append(ev.text)
-                yield self.event("response.output_text.delta", item_id=message["id"], output_index=len(self.output),
-                                 content_index=0, delta=ev.text, logprobs=[])
+                self._writing = message["id"]
+                yield self._text_delta(message["id"], ev.text, self._number())
+            elif isinstance(ev, Written):  # deltas the backend wrote itself, numbered as ours would be
+                text.append(ev.text)
+                self._sequence += ev.deltas
             elif isinstance(ev, ToolCall):
+                self._writing = None
                 if message is not None:
                     yield from self._close_message(message, "".join(text), "completed")
                     message, text = None, []
@@ -322,6 +342,7 @@ class ResponseStream:
                 calls += 1
                 yield from self._tool_call(ev)
             elif isinstance(ev, Finish):
+                self._writing = None
                 incomplete = "max_output_tokens" if ev.reason == "length" else None
                 if message is None and not calls:
                     message = yield from self._open_message()  # an empty answer is still a message

@@ -7,6 +7,8 @@ from typing import Any
 
 import msgspec
 
+from backends.base import PieceFrame
+
 DONE = b"data: [DONE]\n\n"
 
 _encoder = msgspec.json.Encoder()  # a chunk is encoded per token: its time is taken from a local model's cores
@@ -22,12 +24,14 @@ def encode(obj: dict[str, Any]) -> bytes:
         return b"data: " + _fallback.encode(obj).encode("utf-8", "replace") + b"\n\n"
 
 
-HOLE = "aigate:text-piece"  # stands for a text piece in a chunk whose frame is split around it
+PIECE, NUMBER = "aigate:text-piece", "aigate:number"  # stand for a text piece and its number in a frame
 
 
-def around_hole(obj: dict[str, Any]) -> tuple[bytes, bytes]:
-    """The frame of ``obj`` (one of whose strings is HOLE) as what comes before and after the piece
-    that goes in its place, encoded as a JSON string: a backend writing the pieces itself writes the
-    same bytes as ``encode`` would."""
-    prefix, _, suffix = encode(obj).partition(b'"' + HOLE.encode() + b'"')
-    return prefix, suffix
+def piece_frame(encoded: bytes, number: int | None = None) -> PieceFrame:
+    """A text piece's frame from the frame of an event whose piece is PIECE (and, with ``number``, whose
+    number is NUMBER): a backend writing pieces itself writes the bytes the worker would."""
+    before, _, suffix = encoded.partition(b'"' + PIECE.encode() + b'"')
+    if number is None:
+        return PieceFrame(before, suffix)
+    prefix, _, after = before.partition(b'"' + NUMBER.encode() + b'"')
+    return PieceFrame(prefix, suffix, number, after)

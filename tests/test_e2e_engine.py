@@ -233,12 +233,13 @@ def test_the_line_holds_when_a_tmp_cleaner_empties_tmp(server_factory, slow_mode
 # -- the engine writes a stream's text pieces to the client itself (handover) ---------------------------
 
 
-def send_stream_request(server, version: str, body: dict, request_id: str = "raw") -> socket.socket:
+def send_stream_request(server, version: str, body: dict, request_id: str = "raw",
+                        path: str = "/v1/chat/completions") -> socket.socket:
     data = json.dumps({**body, "stream": True}).encode()
     host, port = server.base_url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=60)
-    sock.sendall(b"POST /v1/chat/completions %s\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: %s\r\n"
-                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (version.encode(), request_id.encode(), len(data), data))
+    sock.sendall(b"POST %s %s\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: %s\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), version.encode(), request_id.encode(), len(data), data))
     return sock
 
 
@@ -272,7 +273,9 @@ def test_a_stream_written_by_the_engine_says_what_the_whole_answer_says(server, 
     body = {"model": "endless", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 60,
             "temperature": 0, "stream_options": {"include_usage": True}}
     whole = requests.post(server.v1 + "/chat/completions", json=body, timeout=60).json()
+    handovers = engine_status(server)["handovers"]
     events = stream_body(read_to_end(send_stream_request(server, version, body))).split(b"\n\n")
+    assert engine_status(server)["handovers"] == handovers + 1  # the engine wrote the pieces after the first
     assert events[-2:] == [b"data: [DONE]", b""]
     chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
     assert {(c["id"], c["model"], c["object"]) for c in chunks} == {(chunks[0]["id"], "endless", "chat.completion.chunk")}
@@ -280,6 +283,26 @@ def test_a_stream_written_by_the_engine_says_what_the_whole_answer_says(server, 
     assert content == whole["choices"][0]["message"]["content"]
     assert chunks[-1]["usage"]["completion_tokens"] == 60 == whole["usage"]["completion_tokens"]
     assert len(chunks) >= 60  # a chunk a piece, as the worker writes them
+
+
+def test_a_responses_stream_written_by_the_engine_is_numbered_without_a_gap(server):
+    body = {"model": "endless", "input": "Tell me a story.", "max_output_tokens": 60, "temperature": 0}
+    whole = requests.post(server.v1 + "/responses", json=body, timeout=60).json()
+    handovers = engine_status(server)["handovers"]
+    frames = stream_body(read_to_end(send_stream_request(server, "HTTP/1.1", body, path="/v1/responses")))
+    assert engine_status(server)["handovers"] == handovers + 1  # the engine wrote the deltas after the first
+    events = []
+    for frame in frames.split(b"\n\n")[:-1]:
+        kind, data = frame.split(b"\n")
+        events.append(json.loads(data.removeprefix(b"data: ")))
+        assert kind == b"event: " + events[-1]["type"].encode()
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) >= 40 and len({e["item_id"] for e in deltas}) == 1
+    text = "".join(e["delta"] for e in deltas)
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert text == done["text"] == whole["output_text"] and done["item_id"] == deltas[0]["item_id"]
+    assert events[-1]["type"] == "response.incomplete" and events[-1]["response"]["usage"]["output_tokens"] == 60
 
 
 def test_a_local_stream_cut_by_the_graceful_timeout_ends_in_whole_frames(server_factory, slow_model):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import (ChatRequest, ClientGone, ClientStream, Finish, Message, QueueFull, QueueTimeout, TextDelta,
-                           Written)
+from backends.base import (ChatRequest, ClientGone, ClientStream, Finish, Message, PieceFrame, QueueFull, QueueTimeout,
+                           TextDelta, Written)
 from backends.demo_model import write_demo_model
 from backends.engine import protocol
 from backends.engine.client import EngineClient
@@ -278,7 +278,7 @@ def test_a_handed_over_stream_is_written_by_the_engine_in_the_workers_frames(end
                           max_tokens=40)
     whole = "".join(e.text for e in endless.generate(request) if isinstance(e, TextDelta))
     with tcp_connection() as (server_end, client):
-        stream = ClientStream(server_end.fileno(), PREFIX, SUFFIX, chunked, 5.0)
+        stream = ClientStream(server_end.fileno(), PieceFrame(PREFIX, SUFFIX), chunked, 5.0)
         events = list(endless.generate(request, lambda: stream))
         server_end.close()  # the engine closed its own descriptor: the client sees the end only now
         data = received(client)
@@ -293,7 +293,7 @@ def test_a_handed_over_stream_is_written_by_the_engine_in_the_workers_frames(end
 def test_a_client_that_leaves_while_the_engine_writes_ends_its_generation(endless):
     request = ChatRequest(model="endless", messages=(Message("user", "go"),), temperature=0, max_tokens=900)
     with tcp_connection() as (server_end, client):
-        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), PREFIX, SUFFIX, True, 5.0))
+        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), PieceFrame(PREFIX, SUFFIX), True, 5.0))
         assert isinstance(next(events), TextDelta)
         reader = threading.Thread(target=lambda: (client.recv(1), client.close()))  # leaves after its first bytes
         reader.start()
@@ -311,7 +311,7 @@ def test_a_client_that_stops_reading_is_let_go_after_the_write_timeout(endless):
     padded = PREFIX + b" " * 2000  # a few frames fill the (small) buffers
     with tcp_connection(receive_buffer=4096) as (server_end, client):
         server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), padded, SUFFIX, True, 0.5))
+        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), PieceFrame(padded, SUFFIX), True, 0.5))
         assert isinstance(next(events), TextDelta)
         started = time.monotonic()
         with pytest.raises(ClientGone) as gone:
@@ -330,7 +330,7 @@ def test_a_worker_takes_the_connection_back_and_nothing_is_written_after(endless
         lines = sock.makefile("rb")
         assert protocol.decode(lines.readline())["handover"] is True
         frame = protocol.HANDOVER + protocol.encode(protocol.handover_message(
-            ClientStream(server_end.fileno(), PREFIX, SUFFIX, True, 5.0)))
+            ClientStream(server_end.fileno(), PieceFrame(PREFIX, SUFFIX), True, 5.0)))
         socket.send_fds(sock, [frame], [server_end.fileno()])
         assert select.select([client], [], [], 5)[0]  # the engine is writing
         sock.shutdown(socket.SHUT_WR)

@@ -94,6 +94,7 @@ class EngineClient:
             if handed:  # ended while the engine writes (the worker is stopping): take the connection back first
                 _take_back(sock)
             sock.close()
+
     def _connect_waiting(self) -> socket.socket:
         """A connection to the engine, waiting for one that is starting (and starting it if that is
         ours to do) for up to ``wait_seconds``."""

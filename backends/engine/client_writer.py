@@ -44,6 +44,8 @@ class ClientWriter:
         self._sock.settimeout(float(frame["write_timeout"]))
         self._prefix = str(frame["prefix"]).encode()
         self._suffix = str(frame["suffix"]).encode()
+        self._number: int | None = frame["number"]  # the Responses API's sequence_number, one up a piece
+        self._after_number = str(frame["after_number"]).encode()
         self._chunked = bool(frame["chunked"])
         self.pieces: list[str] = []
         self.failed: str | None = None  # client_gone or client_too_slow, once a write failed
@@ -52,7 +54,11 @@ class ClientWriter:
         """Write one piece's frame; False (and ``failed`` says why) when the client is not taking it."""
         if not text:
             return True
-        body = self._prefix + piece(text) + self._suffix
+        if self._number is None:
+            body = self._prefix + piece(text) + self._suffix
+        else:
+            body = b"%b%d%b%b%b" % (self._prefix, self._number + len(self.pieces), self._after_number, piece(text),
+                                    self._suffix)
         try:
             self._sock.sendall(b"%X\r\n%b\r\n" % (len(body), body) if self._chunked else body)
         except TimeoutError:

@@ -65,7 +65,9 @@ def generate_request(request: ChatRequest, handover: bool = False) -> dict[str, 
 
 
 def handover_message(stream: ClientStream) -> dict[str, Any]:
-    return {"prefix": stream.prefix.decode(), "suffix": stream.suffix.decode(), "chunked": stream.chunked,
+    frame = stream.frame
+    return {"prefix": frame.prefix.decode(), "suffix": frame.suffix.decode(), "number": frame.number,
+            "after_number": frame.after_number.decode(), "chunked": stream.chunked,
             "write_timeout": stream.write_timeout}
 
 

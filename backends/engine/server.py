@@ -78,6 +78,7 @@ class Engine:
         self.load_error: str | None = None
         self.loaded = threading.Event()
         self.connections = 0
+        self.handovers = 0  # streams whose text this engine wrote to the client itself
         self.last_seen = time.monotonic()
         self._lock = threading.Lock()
 
@@ -119,7 +120,7 @@ class Engine:
     def status(self) -> dict[str, object]:
         running, waiting = self.line.counts() if self.line else (0, 0)
         return {"loaded": self.model is not None, "error": self.load_error, "running": running,
-                "waiting": waiting, "pid": os.getpid(), "patched": PATCHED}
+                "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers}
 
     def generate(self, conn: socket.socket, message: dict[str, Any]) -> None:
         request = protocol.chat_request(message["request"])
@@ -151,6 +152,9 @@ class Engine:
                         # The next step waits until the worker has passed this event on: on a small machine
                         # its work then never competes with the model's threads for the cores.
                         writer = self.acknowledged(conn)
+                        if writer is not None:
+                            with self._lock:
+                                self.handovers += 1
             finally:
                 if writer is not None:  # ended while writing to the client: the worker gets it back first
                     self.hand_back(conn, writer)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from backends.base import ClientStream
+from compat import sse
 from compat.generation import start
 from compat.json_body import read_json
 from compat.requests import parse_chat
 from compat.responses import Completion, content_chunk, fold, legacy_function_call, stream_chunks
-from compat.sse import HOLE, around_hole
 from compat.sse_writer import SSE_HEADERS, sse_stream
 from serving import context, state
 
@@ -27,8 +28,11 @@ def create_chat_completion():
             return jsonify(shape(fold(completion, answer.events)))
         finally:
             answer.close()
-    # A backend that writes the text pieces itself (the local engine) gets the connection and their frame.
-    ctx.client_stream = answer.client.stream(around_hole(shape(content_chunk(completion, HOLE))))
+
+    def offer_client() -> ClientStream | None:  # to a backend that writes the text pieces itself (the local engine)
+        return answer.client.stream(sse.piece_frame(sse.encode(shape(content_chunk(completion, sse.PIECE)))))
+
+    ctx.offer_client = offer_client
     chunks = map(shape, stream_chunks(completion, answer.events, call.include_usage))
     body = sse_stream(chunks, answer.close, ctx.record, answer.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

@@ -68,6 +68,7 @@ def create_response():
         if codec.final is not None:
             _keep(store, call, codec.final, owner)
 
+    ctx.offer_client = lambda: answer.client.stream(codec.piece_frame(_frame))  # to a backend that writes text itself
     body = sse_stream(codec.events(answer.events), answer.close, ctx.record, answer.client, frame=_frame,
                       failed=codec.failed, done=None, finished=finished)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)
