@@ -13,6 +13,8 @@ reuse) and the engine, which has no such cache, evaluates whole.
 
 Contenders, each asked for the same greedy answer:
   engine   chatglm_cpp.Pipeline's token loop in this process (the limit: no server at all)
+  loop     the same loop in a process of its own, writing each chunk to the client's socket itself
+           (bench/model_loop_server.py: what any server pays for a client in another process)
   aigate   gunicorn -k gevent, one worker, streaming
   chatglm  chatglm_cpp.openai_api under uvicorn (from the chatglm-cpp[api] extra)
 Time to first token and decode speed (tokens after the first / time after the first) are the
@@ -66,9 +68,11 @@ def main() -> None:
             out.append(token)
         return Timing(first or 0.0, time.perf_counter() - started, tokenizer.decode(out))
 
-    aigate_port, chatglm_port = free_port(), free_port()
+    aigate_port, chatglm_port, loop_port = free_port(), free_port(), free_port()
     aigate = start_aigate(aigate_port, CHATGLM_MODEL=str(model), CHATGLM_MODEL_ID="bench")
     glm4 = args.family == "glm4"
+    loop = None if glm4 else start([str(BIN / "python"), "bench/model_loop_server.py", str(loop_port), str(model)], {},
+                                   f"http://127.0.0.1:{loop_port}/")
     chatglm = None if glm4 else start(
         [str(BIN / "uvicorn"), "chatglm_cpp.openai_api:app", "--host", "127.0.0.1", "--port", str(chatglm_port)],
         {"MODEL": str(model), "MAX_LENGTH": "2048"}, f"http://127.0.0.1:{chatglm_port}/v1/models")
@@ -85,7 +89,12 @@ def main() -> None:
                            {"model": "x", "messages": [{"role": "user", "content": text}],
                             "max_tokens": kept + args.tokens, "temperature": 0})
 
-    contenders = {"engine": engine, "aigate": aigate_run, **({} if glm4 else {"chatglm": chatglm_run})}
+    def loop_run(text: str | list[dict[str, str]]) -> Timing:
+        messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
+        return stream_chat(f"http://127.0.0.1:{loop_port}/v1/chat/completions",
+                           {"model": "x", "messages": messages, "max_tokens": args.tokens})
+
+    contenders = {"engine": engine, "aigate": aigate_run, **({} if glm4 else {"loop": loop_run, "chatglm": chatglm_run})}
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
     def note(prompt_name: str, name: str, t: Timing) -> None:
@@ -116,18 +125,18 @@ def main() -> None:
                 note("turn 2", name, aigate_run(turn2) if name == "aigate" else engine(turn2))
     finally:
         aigate.terminate()
-        if chatglm is not None:
-            chatglm.terminate()
+        for server in (loop, chatglm):
+            if server is not None:
+                server.terminate()
     report(results, args, len(prompt_ids(SHORT)), len(prompt_ids(LONG)), turn2_tokens)
 
 
 def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int) -> None:
     rows = []
     for prompt_name, tokens in (("short", short_tokens), ("long", long_tokens), ("turn 2", turn2_tokens)):
-        base_ttft = median([r[0] for r in results[(prompt_name, "engine")]])
         base_rate = median([r[1] for r in results[(prompt_name, "engine")]])
         engine_runs = results[(prompt_name, "engine")]
-        for name in ("engine", "aigate", "chatglm"):
+        for name in ("engine", "loop", "aigate", "chatglm"):
             if (prompt_name, name) not in results:
                 continue
             runs = results[(prompt_name, name)]
@@ -135,7 +144,8 @@ def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int
             rate = median([r[1] for r in runs])
             paired = sorted(r[1] / e[1] for r, e in zip(runs, engine_runs))  # each run against the engine's beside it
             quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
-            rows.append((prompt_name, tokens, name, ttft * 1000, (ttft - base_ttft) * 1000, rate, rate / base_rate,
+            ttft_paired = median([r[0] - e[0] for r, e in zip(runs, engine_runs)])
+            rows.append((prompt_name, tokens, name, ttft * 1000, ttft_paired * 1000, rate, rate / base_rate,
                          quartiles))
     glm4 = args.family == "glm4"
     shape = ("GLM-4 model (hidden 1024, 8 layers, 16/2 heads, ffn 3424, vocab 151552, f16, byte-level BPE)" if glm4
@@ -146,13 +156,15 @@ def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int
         f"Random-weight {shape}, greedy, {args.tokens} new tokens, median of {args.runs} alternated runs. "
         f"Command: `.venv/bin/python bench/local_engine.py{' --family glm4' if glm4 else ''}`.",
         "",
-        "| prompt | prompt tokens | contender | TTFT ms | TTFT over engine, ms | decode tok/s | decode vs engine "
-        "| same, run by run: median (quartiles) |",
+        "| prompt | prompt tokens | contender | TTFT ms | TTFT over engine, ms (run by run, median) | decode tok/s "
+        "| decode vs engine | same, run by run: median (quartiles) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {p} | {n} | {c} | {t:.1f} | {d:+.1f} | {r:.1f} | {x:.1%} | {q[1]:.1%} ({q[0]:.1%}-{q[2]:.1%}) |"
               for p, n, c, t, d, r, x, q in rows]
-    note = ("" if glm4 else "chatglm.cpp's server keeps only the last 512 prompt tokens, so its long-prompt TTFT "
+    note = ("" if glm4 else "`loop` is the engine's own loop in a process of its own writing each chunk to the "
+            "client's socket (bench/model_loop_server.py): what any server pays for a client in another process. "
+            "chatglm.cpp's server keeps only the last 512 prompt tokens, so its long-prompt TTFT "
             "covers a shorter prompt than the others'. ")
     lines += ["", note + "On turn 2 aigate's engine takes the history from its KV cache and evaluates only the "
                          "answer and the question; the engine row evaluates the whole prompt (what every turn cost "
@@ -170,7 +182,7 @@ def plot(rows, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = [n for n in ("engine", "aigate", "chatglm") if any(r[2] == n for r in rows)]
+    names = [n for n in ("engine", "loop", "aigate", "chatglm") if any(r[2] == n for r in rows)]
     width = 0.27
     for ax, (title, index) in zip(axes, (("time to first token (ms)", 3), ("decode tokens/s", 5))):
         for offset, prompt_name in enumerate(("short", "long", "turn 2")):
