@@ -38,12 +38,20 @@ def start_engine(model: Path, *args: str) -> tuple[subprocess.Popen, EngineClien
     return process, client
 
 
+@contextmanager
+def running_engine(model: Path) -> Iterator[EngineClient]:
+    process, client = start_engine(model)
+    try:
+        yield client
+    finally:
+        process.terminate()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def engine(demo_model) -> Iterator[EngineClient]:
-    process, client = start_engine(demo_model)
-    yield client
-    process.terminate()
-    process.wait()
+    with running_engine(demo_model) as client:
+        yield client
 
 
 def ask(client: EngineClient, *messages: Message, **fields) -> tuple[str, Finish]:
@@ -65,13 +73,8 @@ def test_the_next_turn_reuses_the_cached_history_and_answers_the_same(engine, de
     if PATCHED:  # the stock build reuses only where one token a step beats a cold prefill
         assert second.usage.cached_tokens >= first.usage.prompt_tokens
     assert second.usage.prompt_tokens > second.usage.cached_tokens
-    # Greedy: the same text with the history from the cache as evaluated cold on a fresh engine.
-    process, cold = start_engine(demo_model)
-    try:
+    with running_engine(demo_model) as cold:  # greedy: the same text as evaluated cold on a fresh engine
         assert ask(cold, *turn2, max_tokens=24)[0] == again
-    finally:
-        process.terminate()
-        process.wait()
 
 
 def test_a_lone_surrogate_is_replaced_not_a_crash(engine):
@@ -229,10 +232,8 @@ PREFIX, SUFFIX = b'data: {"piece":', b"}\n\n"
 @pytest.fixture(scope="module")
 def endless(slow_model) -> Iterator[EngineClient]:
     """An engine whose model never ends an answer by itself (a decode step of a few ms)."""
-    process, client = start_engine(slow_model)
-    yield client
-    process.terminate()
-    process.wait()
+    with running_engine(slow_model) as client:
+        yield client
 
 
 @contextmanager
