@@ -139,3 +139,43 @@ def _content(response: bytes) -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def load_report(name: str, intro: list[str], results: dict, ttft: dict[str, list[float]], names: tuple[str, ...],
+                baseline: str, plotted: tuple[str, ...], ylabel: str) -> None:
+    """A load benchmark's results (bench/results/<name>.md and .png): wrk's table at concurrency 1, 10
+    and 50 (each contender's requests/s against ``baseline``'s, latency over the upstream's), the time
+    to the first streamed token, and the requests/s of ``plotted`` as bars."""
+    def m(contender: str, c: int, key: str) -> float:
+        return median([r[key] for r in results[(contender, c)]])
+
+    lines = [*intro, f"| contender | conc. | req/s | vs {baseline} | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in (1, 10, 50):
+        for contender in [n for n in names if (n, c) in results]:
+            rps = m(contender, c, "rps")
+            lines.append(f"| {contender} | {c} | {rps:.0f} | {rps / m(baseline, c, 'rps'):.0%} | "
+                         f"{m(contender, c, 'p50'):.2f} | {m(contender, c, 'p99'):.2f} | "
+                         f"{m(contender, c, 'p50') - m('upstream', c, 'p50'):+.2f} | "
+                         f"{sum(r['errors'] for r in results[(contender, c)])} |")
+    lines += ["", "| contender | time to first streamed token, median ms | over the upstream's, ms |", "|---|---|---|"]
+    base = median(ttft["upstream"]) * 1000
+    lines += [f"| {contender} | {median(values) * 1000:.2f} | {median(values) * 1000 - base:+.2f} |"
+              for contender, values in ttft.items()]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, contender in enumerate(n for n in plotted if (n, 1) in results):
+        ax.bar([x + i * 0.27 for x in range(3)], [m(contender, c, "rps") for c in (1, 10, 50)], width=0.27,
+               label=contender)
+    ax.set_xticks([x + 0.27 for x in range(3)], ["1", "10", "50"])
+    ax.set_xlabel("concurrent connections")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+    print("\n".join(lines))

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import BIN, CACHE, RESULTS, ROOT, free_port, median, start, start_aigate, stream_chat
+from common import BIN, CACHE, ROOT, free_port, load_report, start, start_aigate, stream_chat
 
 LITELLM = CACHE / "litellm-venv" / "bin" / "litellm"
 BODY = {"model": "@cf/fake/chat", "messages": [{"role": "user", "content": "hello there friend"}]}
@@ -132,41 +132,12 @@ def main() -> None:
 
 
 def report(results, ttft, args) -> None:
-    def m(name: str, c: int, key: str) -> float:
-        return median([r[key] for r in results[(name, c)]])
-
-    lines = ["# Gateway cost on the Cloudflare path", "",
+    intro = ["# Gateway cost on the Cloudflare path", "",
              "Fake Cloudflare on loopback answering at once; one worker per gateway; wrk, "
              f"{args.seconds} s per point, {args.rounds} alternated rounds (medians). "
-             "Command: `.venv/bin/python bench/gateway.py`.", "",
-             "| contender | conc. | req/s | vs floor | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in (1, 10, 50):
-        for name in [n for n in ("upstream", "floor", "aigate", "litellm") if (n, c) in results]:
-            rps = m(name, c, "rps")
-            lines.append(f"| {name} | {c} | {rps:.0f} | {rps / m('floor', c, 'rps'):.0%} | {m(name, c, 'p50'):.2f} | "
-                         f"{m(name, c, 'p99'):.2f} | {m(name, c, 'p50') - m('upstream', c, 'p50'):+.2f} | "
-                         f"{sum(r['errors'] for r in results[(name, c)])} |")
-    lines += ["", "| contender | time to first streamed token, median ms | over the upstream's, ms |", "|---|---|---|"]
-    base = median(ttft["upstream"]) * 1000
-    lines += [f"| {name} | {median(values) * 1000:.2f} | {median(values) * 1000 - base:+.2f} |"
-              for name, values in ttft.items()]
-    (RESULTS / "gateway.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, name in enumerate(n for n in ("floor", "aigate", "litellm") if (n, 1) in results):
-        ax.bar([x + i * 0.27 for x in range(3)], [m(name, c, "rps") for c in (1, 10, 50)], width=0.27, label=name)
-    ax.set_xticks([x + 0.27 for x in range(3)], ["1", "10", "50"])
-    ax.set_xlabel("concurrent connections")
-    ax.set_ylabel("requests/s")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "gateway.png", dpi=100)
-    print("\n".join(lines))
+             "Command: `.venv/bin/python bench/gateway.py`.", ""]
+    load_report("gateway", intro, results, ttft, ("upstream", "floor", "aigate", "litellm"), "floor",
+                ("floor", "aigate", "litellm"), "requests/s")
 
 
 if __name__ == "__main__":

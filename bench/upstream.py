@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import CACHE, RESULTS, free_port, median, start, start_aigate, stream_chat
+from common import CACHE, free_port, load_report, start, start_aigate, stream_chat
 from gateway import wrk
 
 LITELLM = CACHE / "litellm-venv" / "bin" / "litellm"
@@ -85,42 +85,12 @@ def main() -> None:
 
 
 def report(results, ttft, args, load_before: str, load_after: str) -> None:
-    def m(name: str, c: int, key: str) -> float:
-        return median([r[key] for r in results[(name, c)]])
-
-    lines = ["# aigate in front of an OpenAI-compatible upstream", "",
+    intro = ["# aigate in front of an OpenAI-compatible upstream", "",
              ("A fake OpenAI-compatible upstream on loopback answering at once (tests/fake_upstream.py); one worker "
               f"per gateway; wrk, non-stream chat, {args.seconds} s per point, {args.rounds} alternated rounds "
               "(medians). Command: `.venv/bin/python bench/upstream.py`."), "",
-             f"Machine load before: `{load_before}`; after: `{load_after}` (2 cores, shared with other work).", "",
-             "| contender | conc. | req/s | vs upstream | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c in (1, 10, 50):
-        for name in NAMES:
-            rps = m(name, c, "rps")
-            lines.append(f"| {name} | {c} | {rps:.0f} | {rps / m('upstream', c, 'rps'):.0%} | {m(name, c, 'p50'):.2f} | "
-                         f"{m(name, c, 'p99'):.2f} | {m(name, c, 'p50') - m('upstream', c, 'p50'):+.2f} | "
-                         f"{sum(r['errors'] for r in results[(name, c)])} |")
-    lines += ["", "| contender | time to first streamed token, median ms | over the upstream's, ms |", "|---|---|---|"]
-    base = median(ttft["upstream"]) * 1000
-    lines += [f"| {name} | {median(values) * 1000:.2f} | {median(values) * 1000 - base:+.2f} |"
-              for name, values in ttft.items()]
-    (RESULTS / "upstream.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, name in enumerate(NAMES):
-        ax.bar([x + i * 0.27 for x in range(3)], [m(name, c, "rps") for c in (1, 10, 50)], width=0.27, label=name)
-    ax.set_xticks([x + 0.27 for x in range(3)], ["1", "10", "50"])
-    ax.set_xlabel("concurrent connections")
-    ax.set_ylabel("requests/s (non-stream chat)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "upstream.png", dpi=100)
-    print("\n".join(lines))
+             f"Machine load before: `{load_before}`; after: `{load_after}` (2 cores, shared with other work).", ""]
+    load_report("upstream", intro, results, ttft, NAMES, "upstream", NAMES, "requests/s (non-stream chat)")
 
 
 if __name__ == "__main__":
