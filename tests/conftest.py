@@ -165,3 +165,18 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     yield make
     for s in servers:
         s.stop()
+
+
+def unchunked(data: bytes, ended: bool) -> bytes:
+    """The body carried by HTTP/1.1 chunks, each chunk's size checked against its bytes; ``ended``: the
+    last (zero) chunk must close the data, with nothing after it."""
+    body = b""
+    while data or ended:
+        size, _, data = data.partition(b"\r\n")
+        n = int(size, 16)
+        if ended and n == 0:
+            assert data == b"\r\n", data[:200]  # the end, and nothing after it
+            return body
+        assert data[n:n + 2] == b"\r\n", "a chunk's size does not match its bytes"
+        body, data = body + data[:n], data[n + 2:]
+    return body

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from backends.engine.client import EngineClient
+from tests.conftest import unchunked
 from tests.fake_cloudflare import FakeCloudflare, cloudflare_env
 
 LONG = "The river runs through the old town, past the market and the bridge. " * 60  # ~1,000 tokens
@@ -248,17 +249,7 @@ def stream_body(response: bytes) -> bytes:
     after the last chunk."""
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head
-    if b"transfer-encoding: chunked" not in head.lower():
-        return body
-    text = b""
-    while True:
-        size, _, body = body.partition(b"\r\n")
-        n = int(size, 16)
-        if n == 0:
-            assert body == b"\r\n", body[:200]  # the end, and nothing after it
-            return text
-        assert body[n:n + 2] == b"\r\n", "a chunk's size does not match its bytes"
-        text, body = text + body[:n], body[n + 2:]
+    return unchunked(body, ended=True) if b"transfer-encoding: chunked" in head.lower() else body
 
 
 def read_to_end(sock: socket.socket, response: bytes = b"") -> bytes:
