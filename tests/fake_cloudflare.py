@@ -13,9 +13,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fake_http import FakeServer, WireHandler
 
 ACCOUNT = "0123456789abcdef0123456789abcdef"
 TOKEN = "cf-test-token-SECRET-8d7f6e5a"
@@ -48,7 +49,7 @@ class Recorded:
 
 
 @dataclass
-class FakeCloudflare:
+class FakeCloudflare(FakeServer):
     """Start with .start(); .base is the CLOUDFLARE_API_BASE to configure."""
 
     frame_delay: float = 0.01
@@ -60,22 +61,12 @@ class FakeCloudflare:
     catalogue_down: bool = False  # the models search API answers 500 while set
 
     def start(self) -> FakeCloudflare:
-        fake = self
-
-        class Handler(_Handler):
-            server_state = fake
-
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.serve(_Handler)
         return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/client/v4"
+        return f"http://127.0.0.1:{self.port}/client/v4"
 
     def wait_for(self, predicate, timeout: float = 10) -> bool:
         with self.changed:
@@ -115,55 +106,8 @@ def usage_for(body: dict[str, Any], completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # the default listen backlog of 5 resets bursts of connections
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients that hang up mid-stream are what several tests do on purpose
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_state: FakeCloudflare
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in separate writes: without this, Nagle's algorithm and the
-        # client's delayed ACK add 40 ms to every small answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    # -- plumbing ------------------------------------------------------------------------------------
-
-    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def start_sse(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-    def chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def frame(self, obj: Any) -> None:
-        self.chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
-
-    def end_chunks(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+class _Handler(WireHandler):
+    state: FakeCloudflare
 
     def envelope(self, result: Any) -> dict[str, Any]:
         return {"result": result, "success": True, "errors": [], "messages": []}
@@ -175,7 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.record(None)
         if not self.authorized():
             return
-        if url.path.endswith("/ai/models/search") and self.server_state.catalogue_down:
+        if url.path.endswith("/ai/models/search") and self.state.catalogue_down:
             self.send_json(500, {"success": False, "errors": [{"code": 7001, "message": "Internal error"}]})
         elif url.path.endswith("/ai/models/search"):
             query = parse_qs(url.query)
@@ -208,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         model = self.path.split(marker, 1)[1]
         mode = model.removeprefix("@cf/fake/")
-        state = self.server_state
+        state = self.state
         try:
             self.answer(model, mode, body, state)
         except (BrokenPipeError, ConnectionResetError):
@@ -368,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.start_sse()
         for word in words:
-            time.sleep(self.server_state.frame_delay)
+            time.sleep(self.state.frame_delay)
             self.frame({**base, "object": "chat.completion.chunk",
                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
         self.frame({**base, "object": "chat.completion.chunk", "usage": usage,
@@ -421,7 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_chunks()
 
     def record(self, body: Any) -> None:
-        self.server_state.requests.append(Recorded(self.command, self.path, dict(self.headers), body))
+        self.state.requests.append(Recorded(self.command, self.path, dict(self.headers), body))
 
     def authorized(self) -> bool:
         if f"/accounts/{ACCOUNT}/" not in self.path:

@@ -12,10 +12,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.fake_cloudflare import _Server, fake_embedding, reply_words
+from tests.fake_cloudflare import fake_embedding, reply_words
+from tests.fake_http import FakeServer, WireHandler
 
 KEY = "sk-upstream-SECRET-5f4e3d"
 # ok: a model server by the book. quirks: what real ones get wrong (no id/created, `default-model`,
@@ -25,7 +25,7 @@ MODES = ["ok", "quirks", "json", "tools", "stall", "drop", "429", "500", "malfor
 
 
 @dataclass
-class FakeUpstream:
+class FakeUpstream(FakeServer):
     """Start with .start(); .base is the base_url to configure."""
 
     models: list[str] = field(default_factory=lambda: [f"fake-{m}" for m in MODES])
@@ -35,22 +35,12 @@ class FakeUpstream:
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def start(self) -> FakeUpstream:
-        fake = self
-
-        class Handler(_Handler):
-            state = fake
-
-        self.httpd = _Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.serve(_Handler)
         return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def posts(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["body"] is not None]
@@ -62,33 +52,8 @@ def usage(body: dict[str, Any], completion: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": 3}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(WireHandler):
     state: FakeUpstream
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def frame(self, obj: Any) -> None:
-        self.chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
 
     def record(self, body: Any) -> None:
         with self.state.changed:
@@ -129,10 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self.tools(body)
         if not body.get("stream") or mode == "json":
             return self.whole(body, words, chat)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_sse()
         if mode == "malformed":
             self.frame(b"{not json")
         for i, word in enumerate(words):
@@ -176,10 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
     def tools(self, body: dict[str, Any]) -> None:
         """A call to the first tool, its arguments in three pieces."""
         name = body["tools"][0]["function"]["name"]
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_sse()
         pieces = [{"index": 0, "id": "call_up1", "type": "function", "function": {"name": name, "arguments": ""}},
                   {"index": 0, "function": {"arguments": '{"city": '}}, {"index": 0, "function": {"arguments": '"Paris"}'}}]
         for piece in pieces:
