@@ -45,7 +45,11 @@ def upstream(server_factory, slow_model):
     return server_factory(CHATGLM_MODEL=str(slow_model), WORKERS="2")
 
 
-def nginx_config(tmp: Path, port: int, upstream_url: str) -> Path:
+def nginx_config(tmp: Path, port: int, upstreams: list[str], server_options: str = "",
+                 includes: tuple[str, ...] = ("aigate-proxy.conf",)) -> Path:
+    """nginx on ``port`` in front of the aigate hosts ``upstreams``, with the deploy files ``includes``."""
+    servers = "".join(f"server {u.removeprefix('http://')}{server_options}; " for u in upstreams)
+    included = "".join(f"        include {DEPLOY}/nginx/{name};\n" for name in includes)
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
 pid {tmp}/nginx.pid;
@@ -55,11 +59,10 @@ http {{
     access_log off;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
-    upstream aigate {{ server {upstream_url.removeprefix("http://")}; keepalive 16; }}
+    upstream aigate {{ {servers}keepalive 16; }}
     server {{
         listen 127.0.0.1:{port};
-        include {DEPLOY}/nginx/aigate-proxy.conf;
-    }}
+{included}    }}
 }}
 """)
     return conf
@@ -94,7 +97,7 @@ def proxy(request, upstream, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     port = free_port()
     if request.param == "nginx":
-        conf = nginx_config(tmp, port, upstream.base_url)
+        conf = nginx_config(tmp, port, [upstream.base_url])
         command = [binary, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"]
     else:
         conf = apache_config(tmp, port, upstream.base_url)

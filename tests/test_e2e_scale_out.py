@@ -15,34 +15,12 @@ import requests
 
 from tests.conftest import start_server
 from tests.fake_upstream import FakeUpstream
-from tests.test_deploy import DEPLOY, free_port, wait_for_port
+from tests.test_deploy import free_port, nginx_config, wait_for_port
 from tests.test_e2e_keys import redis_url  # noqa: F401  (the fixture: a real redis-server)
 
 NGINX = "/usr/sbin/nginx"
 USER = [{"role": "user", "content": "hello"}]
 KEYS = '[keys.open]\nkey = "sk-open"\n\n[keys.limited]\nkey = "sk-limited"\nrequests_per_minute = 8\n'
-
-
-def nginx_config(tmp: Path, port: int, hosts: list[str]) -> Path:
-    servers = "".join(f"server {h.removeprefix('http://')} max_fails=1 fail_timeout=10s; " for h in hosts)
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{}}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    upstream aigate {{ {servers} keepalive 16; }}
-    server {{
-        listen 127.0.0.1:{port};
-        include {DEPLOY}/nginx/aigate-proxy.conf;
-        include {DEPLOY}/nginx/aigate-scale-out.conf;
-    }}
-}}
-""")
-    return conf
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +39,10 @@ def cluster(tmp_path_factory, redis_url):  # noqa: F811
                                         "API_KEYS_FILE": str(tmp / "keys.toml"), "RATELIMIT_STORAGE_URI": redis_url}))
     tmp = tmp_path_factory.mktemp("nginx")
     port = free_port()
-    nginx = subprocess.Popen([NGINX, "-c", str(nginx_config(tmp, port, [h.base_url for h in hosts])), "-p", str(tmp),
-                              "-g", "daemon off;"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    conf = nginx_config(tmp, port, [h.base_url for h in hosts], " max_fails=1 fail_timeout=10s",
+                        ("aigate-proxy.conf", "aigate-scale-out.conf"))
+    nginx = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     wait_for_port(port, nginx)
     yield f"http://127.0.0.1:{port}/v1", hosts, fakes
     nginx.send_signal(signal.SIGTERM)
