@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -122,7 +121,7 @@ def test_a_metrics_directory_that_cannot_be_recreated_costs_metrics_only(tmp_pat
     try:
         assert stream_completes(server)
         worker = int(re.findall(r"Booting worker with pid: (\d+)", "".join(server.log))[-1])
-        shutil.rmtree(parent)
+        parent.rename(tmp_path / "gone")  # at once: a worker may still be writing a file in it
         parent.write_text("a file where the directory was: it cannot be made again")
         os.kill(worker, signal.SIGKILL)  # its replacement finds no directory to write in
         wait_until(server, lambda: ready_workers(server) >= 2)
