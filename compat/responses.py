@@ -93,7 +93,8 @@ def text_completion_chunk(c: Completion, text: str, index: int, finish_reason: s
 def text_completion_chunks(c: Completion, answers: Iterator[tuple[str, Iterator[Event]]], include_usage: bool
                            ) -> Iterator[dict[str, Any]]:
     """Legacy /v1/completions stream: each prompt's text as choice `index`, one after the other
-    (a prompt is echoed first when asked: the caller passes it as the first text)."""
+    (a prompt is echoed first when asked: the caller passes it as the first text). A Written
+    event's chunks are on the wire already (text_completion_chunk's frame)."""
     prompt_tokens = completion_tokens = cached_tokens = 0
     for index, (echo, events) in enumerate(answers):
         if echo:

@@ -296,6 +296,24 @@ def test_a_responses_stream_written_by_the_engine_is_numbered_without_a_gap(serv
     assert events[-1]["type"] == "response.incomplete" and events[-1]["response"]["usage"]["output_tokens"] == 60
 
 
+def test_a_completions_stream_of_two_prompts_is_written_by_the_engine_choice_by_choice(server):
+    body = {"model": "endless", "prompt": ["Once upon a time", "The river"], "max_tokens": 30, "temperature": 0}
+    whole = requests.post(server.v1 + "/completions", json=body, timeout=60).json()
+    handovers = engine_status(server)["handovers"]
+    events = stream_body(read_to_end(send_stream_request(server, "HTTP/1.1", body, path="/v1/completions")))
+    assert engine_status(server)["handovers"] == handovers + 2  # each prompt's answer after its first piece
+    events = events.split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
+    assert {(c["id"], c["object"]) for c in chunks} == {(chunks[0]["id"], "text_completion")}
+    indexes = [c["choices"][0]["index"] for c in chunks]
+    assert indexes == sorted(indexes) and len(chunks) >= 50  # one choice after the other, a chunk a piece
+    for choice in whole["choices"]:
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == choice["index"])
+        assert text == choice["text"] and text
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["length"] * 2
+
+
 def test_a_local_stream_cut_by_the_graceful_timeout_ends_in_whole_frames(server_factory, slow_model):
     """The engine is writing the pieces when the graceful timeout runs out: the worker takes the
     connection back, then says why the answer stops, and no frame is cut, mixed with another or sent

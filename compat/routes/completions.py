@@ -5,14 +5,16 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 
 from flask import Blueprint, Response, jsonify
 
-from backends.base import Event
+from backends.base import ClientStream, Event
+from compat import sse
 from compat.generation import Answer, most_tokens, start
 from compat.json_body import read_json
 from compat.requests import parse_completion
-from compat.responses import Completion, fold_text_completion, text_completion_chunks
+from compat.responses import Completion, fold_text_completion, text_completion_chunk, text_completion_chunks
 from compat.sse_writer import SSE_HEADERS, sse_stream
 from serving import context, state
 
@@ -29,7 +31,11 @@ def create_completion():
     route, first = start(ctx, call.requests[0], call.stream,
                          reserve=lambda route: sum(most_tokens(route, r) for r in call.requests))
     log_prompts = state().settings.log_prompts
+    completion = Completion(route.model_id, id="cmpl-" + secrets.token_hex(12))
     running = [first]
+
+    def offer_client(index: int) -> ClientStream | None:  # to a backend that writes the text pieces itself
+        return first.client.stream(sse.piece_frame(sse.encode(text_completion_chunk(completion, sse.PIECE, index))))
 
     def answers() -> Iterator[tuple[str, Iterator[Event]]]:
         for i, request in enumerate(call.requests):
@@ -38,6 +44,8 @@ def create_completion():
                                                  log_prompts, first.client)
             if i:
                 running.append(answer)
+            if call.stream:  # its pieces are choice i
+                ctx.offer_client = partial(offer_client, i)
             yield (request.prompt or "") if call.echo else "", answer.events
             answer.close()
 
@@ -45,7 +53,6 @@ def create_completion():
         for answer in running:
             answer.close()
 
-    completion = Completion(route.model_id, id="cmpl-" + secrets.token_hex(12))
     if not call.stream:
         try:
             return jsonify(fold_text_completion(completion, answers()))
