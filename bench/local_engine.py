@@ -1,18 +1,24 @@
-"""Benchmark 1: the local model through aigate against the engine itself and chatglm.cpp's own
+"""Benchmark 1: the local model through aigate against the raw engine and chatglm.cpp's own
 OpenAI server, on the same model file, alternated in one run.
 
-Every long prompt starts with the run's number, so that no contender (aigate's engine keeps
-what its KV cache holds) starts a "long" run from a cache. Then "turn 2": the long prompt, the
-answer aigate gave to it and a short question, which aigate answers from its cache (prefix
-reuse) and the engine, which has no such cache, evaluates whole.
+Every long prompt starts with the run's number, so that no contender starts a "long" run from a
+cache. Then "turn 2": the long prompt, the answer aigate gave to it and a short question. aigate's
+engine and the raw engine (and the loop server) answer it from what their KV caches hold (prefix
+reuse); the raw engine then answers it once more with the whole prompt evaluated, what every turn
+cost before prefix reuse.
 
-    .venv/bin/python bench/local_engine.py [--runs 5] [--tokens 128] [--family glm4]
+    .venv/bin/python bench/local_engine.py [--runs 24] [--tokens 384] [--family glm4]
+
+384 new tokens because this host's speed wanders: the raw engine alone, measured over 90 s, ran
+adjacent 2-second stretches within 96.7-103.9% of each other (quartiles) and 4-second ones within
+97.8-101.4%, so an answer of ~5 s makes each run's ratio steadier than one of 128 tokens (~1.7 s).
 
 ``--family glm4``: the same on a GLM-4-shaped model (bench/common.py), engine and aigate only
 (results in local_engine_glm4.md).
 
 Contenders, each asked for the same greedy answer:
-  engine   chatglm_cpp.Pipeline's token loop in this process (the limit: no server at all)
+  engine   the raw engine (bench/raw_engine.py): chatglm.cpp's model stepped token by token in this
+           process, reusing its cache as aigate does (the limit: no server at all)
   loop     the same loop in a process of its own, writing each chunk to the client's socket itself
            (bench/model_loop_server.py: what any server pays for a client in another process)
   aigate   gunicorn -k gevent, one worker, streaming
@@ -30,40 +36,36 @@ import statistics
 import time
 
 from common import BIN, RESULTS, Timing, bench_model, free_port, median, start, start_aigate, stream_chat
+from raw_engine import RawEngine
 
 SHORT = "Tell me about the river and the old town."
+WHOLE = "engine, whole prompt"  # turn 2 evaluated from nothing
 LONG = "The river runs through the old town, past the market and the bridge. " * 64  # ~1,000 tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=384)
     parser.add_argument("--family", default="chatglm3", choices=("chatglm3", "glm4"))
     args = parser.parse_args()
 
-    import chatglm_cpp
-
     model = bench_model(args.family)
-    pipeline = chatglm_cpp.Pipeline(str(model))
-    tokenizer = pipeline.tokenizer
+    raw = RawEngine(str(model))
+    tokenizer = raw.tokenizer
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, 1 << 30)) - 2
 
     def prompt_ids(chat: str | list[dict[str, str]]) -> list[int]:
-        messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
-        return list(tokenizer.apply_chat_template([chatglm_cpp.ChatMessage(role=m["role"], content=m["content"])
-                                                   for m in messages], 1 << 30))
+        return raw.prompt_ids([{"role": "user", "content": chat}] if isinstance(chat, str) else chat)
 
-    def engine(text: str | list[dict[str, str]]) -> Timing:
+    def engine(text: str | list[dict[str, str]], reuse: bool = True) -> Timing:
         ids = prompt_ids(text)
-        config = chatglm_cpp._C.GenerationConfig(max_length=2048, max_new_tokens=args.tokens,
-                                                 max_context_length=2048, do_sample=False)
         started = time.perf_counter()
         first = None
         out = []
-        for token in pipeline._stream_generate_ids(ids, None, config):
+        for token in raw.tokens(ids, args.tokens, reuse):
             first = first or time.perf_counter() - started
             out.append(token)
         return Timing(first or 0.0, time.perf_counter() - started, tokenizer.decode(out))
@@ -116,13 +118,15 @@ def main() -> None:
                     t = contenders[name](text)
                     answers[name] = t.text
                     note(prompt_name, name, t)
-            # Turn 2 after aigate's own turn 1 on the same prompt (its cache holds that turn), who goes
-            # first alternating as above.
+            # Turn 2 after each one's turn 1 on the same prompt (their caches hold that turn), who goes
+            # first rotating as above; the raw engine's whole-prompt answer right after its own.
             turn2 = [{"role": "user", "content": long}, {"role": "assistant", "content": answers["aigate"]},
                      {"role": "user", "content": "And the bakery?"}]
             turn2_tokens = len(prompt_ids(turn2))
-            for name in ("aigate", "engine") if i % 2 == 0 else ("engine", "aigate"):
-                note("turn 2", name, aigate_run(turn2) if name == "aigate" else engine(turn2))
+            for name in (n for n in order if n != "chatglm"):  # it keeps no cache, and only 512 prompt tokens
+                note("turn 2", name, contenders[name](turn2))
+                if name == "engine":
+                    note("turn 2", WHOLE, engine(turn2, reuse=False))
     finally:
         aigate.terminate()
         for server in (loop, chatglm):
@@ -136,7 +140,7 @@ def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int
     for prompt_name, tokens in (("short", short_tokens), ("long", long_tokens), ("turn 2", turn2_tokens)):
         base_rate = median([r[1] for r in results[(prompt_name, "engine")]])
         engine_runs = results[(prompt_name, "engine")]
-        for name in ("engine", "loop", "aigate", "chatglm"):
+        for name in ("engine", WHOLE, "loop", "aigate", "chatglm"):
             if (prompt_name, name) not in results:
                 continue
             runs = results[(prompt_name, name)]
@@ -166,9 +170,9 @@ def report(results, args, short_tokens: int, long_tokens: int, turn2_tokens: int
             "client's socket (bench/model_loop_server.py): what any server pays for a client in another process. "
             "chatglm.cpp's server keeps only the last 512 prompt tokens, so its long-prompt TTFT "
             "covers a shorter prompt than the others'. ")
-    lines += ["", note + "On turn 2 aigate's engine takes the history from its KV cache and evaluates only the "
-                         "answer and the question; the engine row evaluates the whole prompt (what every turn cost "
-                         "before prefix reuse)."]
+    lines += ["", note + "On turn 2 aigate's engine, the raw engine and the loop server take the history from "
+                         "their KV caches and evaluate only the answer and the question; the whole-prompt row is the "
+                         "raw engine evaluating all of it (what every turn cost before prefix reuse)."]
     name = "local_engine_glm4" if glm4 else "local_engine"
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(rows, name)
@@ -182,7 +186,7 @@ def plot(rows, name: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = [n for n in ("engine", "loop", "aigate", "chatglm") if any(r[2] == n for r in rows)]
+    names = [n for n in ("engine", WHOLE, "loop", "aigate", "chatglm") if any(r[2] == n for r in rows)]
     width = 0.27
     for ax, (title, index) in zip(axes, (("time to first token (ms)", 3), ("decode tokens/s", 5))):
         for offset, prompt_name in enumerate(("short", "long", "turn 2")):

@@ -1,7 +1,7 @@
-"""The leanest server we could write, for benchmark 1: chatglm_cpp.Pipeline's token loop in one
-process, writing each token's SSE chunk straight to the client socket (no workers, no engine
-socket, one connection at a time, no checks). What any server whose client is in another process
-pays at least.
+"""The leanest server we could write, for benchmark 1: the raw engine's token loop (raw_engine.py)
+in one process, writing each token's SSE chunk straight to the client socket (no workers, no
+engine socket, one connection at a time, no checks). What any server whose client is in another
+process pays at least.
 
     python bench/model_loop_server.py PORT MODEL
 """
@@ -12,21 +12,22 @@ import json
 import socket
 import sys
 
-import chatglm_cpp
+from raw_engine import RawEngine
+
+from backends.engine.model import Detokenizer
 
 
 def main() -> None:
-    pipeline = chatglm_cpp.Pipeline(sys.argv[2])
-    tokenizer = pipeline.tokenizer
+    engine = RawEngine(sys.argv[2])
     with socket.create_server(("127.0.0.1", int(sys.argv[1]))) as listener:
         while True:
             conn, _ = listener.accept()
             with conn:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                serve(conn, pipeline, tokenizer)
+                serve(conn, engine)
 
 
-def serve(conn: socket.socket, pipeline, tokenizer) -> None:
+def serve(conn: socket.socket, engine: RawEngine) -> None:
     data = b""
     while b"\r\n\r\n" not in data:
         data += conn.recv(65536)
@@ -38,19 +39,15 @@ def serve(conn: socket.socket, pipeline, tokenizer) -> None:
     while len(body) < length:
         body += conn.recv(65536)
     request = json.loads(body)
-    ids = tokenizer.apply_chat_template([chatglm_cpp.ChatMessage(role=m["role"], content=m["content"])
-                                         for m in request["messages"]], 1 << 30)
-    config = chatglm_cpp._C.GenerationConfig(max_length=2048, max_new_tokens=request["max_tokens"],
-                                             max_context_length=2048, do_sample=False)
+    prompt = engine.prompt_ids(request["messages"])
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
-    out: list[int] = []
-    said = ""
-    for token in pipeline._stream_generate_ids(list(ids), None, config):
-        out.append(token)
-        text = tokenizer.decode(out)
-        conn.sendall(b'data: {"choices":[{"delta":{"content":%b}}]}\n\n' % json.dumps(text[len(said):]).encode())
-        said = text
-    conn.sendall(b"data: [DONE]\n\n")
+    detokenizer = Detokenizer(engine.tokenizer.decode)
+    for token in engine.tokens(prompt, request["max_tokens"]):
+        text = detokenizer.add(token)
+        if text:
+            conn.sendall(b'data: {"choices":[{"delta":{"content":%b}}]}\n\n' % json.dumps(text).encode())
+    conn.sendall(b'data: {"choices":[{"delta":{"content":%b}}]}\n\ndata: [DONE]\n\n'
+                 % json.dumps(detokenizer.flush()).encode())
 
 
 if __name__ == "__main__":
