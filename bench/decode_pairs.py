@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -77,26 +76,15 @@ def main() -> None:
 def started(max_tokens: int) -> Iterator[tuple[dict[str, Callable[[str], Timing]], Callable[[Timing], float],
                                                 Callable[[str], int]]]:
     """Fresh contenders: the raw engine in this process, the loop server and aigate; with the decode
-    rate of an answer (tokens after the first by re-encoding its text, over the time after the first)
-    and the number of tokens of a prompt."""
+    rate of an answer and the number of tokens of a prompt."""
     model = bench_model()
     raw = RawEngine(str(model))
-    tokenizer = raw.tokenizer
-
-    def count(text: str) -> int:
-        return len(tokenizer.encode(text, 1 << 30)) - 2
 
     def prompt(text: str) -> list[int]:
         return raw.prompt_ids([{"role": "user", "content": text}])
 
     def engine(text: str) -> Timing:
-        ids = prompt(text)  # before the clock: the leanest baseline has its prompt's ids ready
-        out, started = [], time.perf_counter()
-        first = 0.0
-        for token in raw.tokens(ids, max_tokens):
-            first = first or time.perf_counter()
-            out.append(token)
-        return Timing(first - started, time.perf_counter() - started, tokenizer.decode(out))
+        return raw.timed(prompt(text), max_tokens)
 
     def served(port: int) -> Callable[[str], Timing]:
         return lambda text: stream_chat(f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -109,7 +97,7 @@ def started(max_tokens: int) -> Iterator[tuple[dict[str, Callable[[str], Timing]
                  f"http://127.0.0.1:{loop_port}/")
     try:
         yield ({"engine": engine, "loop": served(loop_port), "aigate": served(aigate_port)},
-               lambda t: (count(t.text) - 1) / (t.total - t.ttft), lambda text: len(prompt(text)))
+               raw.decode_rate, lambda text: len(prompt(text)))
     finally:
         aigate.terminate()
         loop.terminate()

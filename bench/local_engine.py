@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from common import BIN, RESULTS, Timing, bench_model, free_port, median, start, start_aigate, stream_chat
 from raw_engine import RawEngine
@@ -52,23 +51,12 @@ def main() -> None:
 
     model = bench_model(args.family)
     raw = RawEngine(str(model))
-    tokenizer = raw.tokenizer
-
-    def count(text: str) -> int:
-        return len(tokenizer.encode(text, 1 << 30)) - 2
 
     def prompt_ids(chat: str | list[dict[str, str]]) -> list[int]:
         return raw.prompt_ids([{"role": "user", "content": chat}] if isinstance(chat, str) else chat)
 
     def engine(text: str | list[dict[str, str]], reuse: bool = True) -> Timing:
-        ids = prompt_ids(text)
-        started = time.perf_counter()
-        first = None
-        out = []
-        for token in raw.tokens(ids, args.tokens, reuse):
-            first = first or time.perf_counter() - started
-            out.append(token)
-        return Timing(first or 0.0, time.perf_counter() - started, tokenizer.decode(out))
+        return raw.timed(prompt_ids(text), args.tokens, reuse)
 
     aigate_port, chatglm_port, loop_port = free_port(), free_port(), free_port()
     aigate = start_aigate(aigate_port, CHATGLM_MODEL=str(model), CHATGLM_MODEL_ID="bench")
@@ -100,9 +88,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
     def note(prompt_name: str, name: str, t: Timing) -> None:
-        tokens = count(t.text)
-        rate = (tokens - 1) / (t.total - t.ttft) if t.total > t.ttft else 0.0
-        results.setdefault((prompt_name, name), []).append((t.ttft, rate))
+        results.setdefault((prompt_name, name), []).append((t.ttft, raw.decode_rate(t)))
 
     turn2_tokens = 0
     try:

@@ -7,12 +7,13 @@ aigate's, so that the comparison is like for like on every prompt, turn 2 includ
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import chatglm_cpp
 
-import common  # noqa: F401  (puts the project's root on sys.path)
+from common import Timing  # first: common also puts the project's root on sys.path, for backends
 from backends.engine.model import PATCHED, common_prefix
 
 
@@ -31,6 +32,24 @@ class RawEngine:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(
             [chatglm_cpp.ChatMessage(role=m["role"], content=m["content"]) for m in messages], 1 << 30))
+
+    def count(self, text: str) -> int:
+        """The tokens of ``text`` (encode adds [gMASK] sop in front)."""
+        return len(self.tokenizer.encode(text, 1 << 30)) - 2
+
+    def decode_rate(self, answer: Timing) -> float:
+        """Tokens after the first over the time after the first, the tokens counted by re-encoding the
+        answer's text: the same count for every contender, whatever pieces it sent."""
+        return (self.count(answer.text) - 1) / (answer.total - answer.ttft) if answer.total > answer.ttft else 0.0
+
+    def timed(self, prompt: list[int], max_new: int, reuse: bool = True) -> Timing:
+        """An answer to ``prompt`` timed as a client would: from the first step (the ids are ready:
+        the leanest baseline) to the first token and to the last."""
+        started, first, out = time.perf_counter(), 0.0, []
+        for token in self.tokens(prompt, max_new, reuse):
+            first = first or time.perf_counter() - started
+            out.append(token)
+        return Timing(first, time.perf_counter() - started, self.tokenizer.decode(out))
 
     def tokens(self, prompt: list[int], max_new: int, reuse: bool = True) -> Iterator[int]:
         """Greedy tokens for ``prompt``, at most as many as the context has room for (aigate's rule);
