@@ -24,11 +24,26 @@ class APIError(Exception):
     code: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A message or param may quote the client's input, which may hold a lone UTF-16 surrogate
+        # ("\\ud800" in its JSON): written as that escape, the error can be encoded wherever it goes.
+        self.message = printable(self.message)
+        self.param = None if self.param is None else printable(self.param)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def __str__(self) -> str:
         return self.message
+
+
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate written as its escape (\\ud800), so that it encodes as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def error_response(err: APIError) -> Response:

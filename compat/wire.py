@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from compat.errors import APIError, invalid
+from compat.errors import APIError, invalid, printable
 
 T = TypeVar("T")
 
@@ -339,6 +339,49 @@ def read(body: Any, declaration: type[T]) -> T:
         return msgspec.convert(body, declaration, strict=True, dec_hook=_decode)
     except msgspec.ValidationError as err:
         raise fault(str(err), body, EXCEPTIONS.get(declaration, _COMMON)) from None
+    except UnicodeEncodeError:  # a lone surrogate ("\\ud800") where msgspec reads a name or value as UTF-8
+        raise _surrogate_fault(body, declaration) from None
+
+
+def _surrogate_fault(body: Any, declaration: type) -> APIError:
+    """The 400 for a body holding a lone UTF-16 surrogate where it cannot be: the field at fault as it would
+    be with the surrogate written as its escape (a role, a number, an enum...), else the key holding one."""
+    escaped = _escaped(body)
+    try:
+        msgspec.convert(escaped, declaration, strict=True, dec_hook=_decode)
+    except msgspec.ValidationError as err:
+        return fault(str(err), escaped, EXCEPTIONS.get(declaration, _COMMON))
+    except UnicodeEncodeError:
+        pass
+    where = _surrogate_key(body)
+    if where is None:  # not met: msgspec encodes keys and the values it checks, both escaped above
+        return invalid("The request body holds a lone UTF-16 surrogate, which is not valid Unicode.",
+                       code="invalid_value")
+    return invalid(f"Invalid key '{where}': a lone UTF-16 surrogate is not valid Unicode.", where, "invalid_value")
+
+
+def _escaped(value: Any) -> Any:
+    """``value`` with every string (and key) written with its lone surrogates escaped."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    if isinstance(value, dict):
+        return {printable(k): _escaped(v) for k, v in value.items()}
+    return value
+
+
+def _surrogate_key(value: Any, path: str = "") -> str | None:
+    """The path of the first key that holds a lone surrogate (the key itself last, escaped)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        if isinstance(key, str) and printable(key) != key:
+            return printable(here)
+        found = _surrogate_key(child, here)
+        if found is not None:
+            return found
+    return None
 
 
 # Where the answers clients had before the declarations differ from the generic ones (a missing field:

@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from compat.errors import APIError, internal_error, invalid
+from compat.errors import APIError, internal_error, invalid, printable
 from compat.generation import start
 from compat.json_body import read_json
 from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
@@ -42,6 +42,9 @@ def create_response():
     if previous is not None:
         if not isinstance(previous, str) or not previous:
             raise invalid("previous_response_id must be a string.", "previous_response_id", "invalid_type")
+        if printable(previous) != previous:  # a lone surrogate: no id has one (and SQLite cannot take it)
+            raise invalid("previous_response_id is not a response id: it holds a lone UTF-16 surrogate.",
+                          "previous_response_id", "invalid_value")
         stored = _store().get(previous, _owner(ctx))
         if stored is None:
             raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
