@@ -22,6 +22,7 @@ import serving
 from backends.base import Backend, BackendError
 from backends.ggml_file import ModelFileError, read_model_file
 from backends.registry import Registry
+from compat.auth import KeyCheck
 from compat.body import BodyReader
 from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
@@ -90,8 +91,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, ops.bp, openapi.bp, playground.bp):
         app.register_blueprint(bp)
-    # The body read whole, bounded in size and time, before anything else looks at the request.
+    # The body read whole, bounded in size and time, before anything else looks at the request...
     app.wsgi_app = BodyReader(app.wsgi_app, settings.max_body_bytes, settings.body_timeout)  # type: ignore[method-assign]
+    # ...but only once the key is checked, from the headers: a request without one is answered unread.
+    app.wsgi_app = KeyCheck(app.wsgi_app, settings.api_keys)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]

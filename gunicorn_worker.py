@@ -89,6 +89,7 @@ class Worker(GeventWorker):
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         if isinstance(sock, _Connection):
             sock.request_read()
+        _close_after_an_unread_body(req)
         try:
             return super().handle_request(listener_name, req, sock, addr)
         finally:
@@ -106,3 +107,11 @@ class Worker(GeventWorker):
                                       f"the request headers did not arrive within {limit:g} seconds (HEADER_TIMEOUT)")
         except OSError:
             pass
+
+
+def _close_after_an_unread_body(req: Any) -> None:
+    """A body the app left unread or could not read (compat/body.py marks gunicorn's reader failed: a
+    request refused for its key, its size or its time) ends the connection, as gunicorn does; the answer
+    says so (Connection: close), so that a client does not send its next request on it meanwhile."""
+    keeps_alive = req.should_close
+    req.should_close = lambda: getattr(req.body, "failed", False) is True or keeps_alive()

@@ -1,7 +1,8 @@
 """The request log, a Flask extension: every request gets its context (serving.RequestContext: an
-id, a RequestRecord, the bearer key checked) before anything else looks at it, and one log line,
-plus its metrics, written when the response is closed (for a stream, when its last byte is sent
-or the client went away). Never the prompt, the answer or a key, unless LOG_PROMPTS is set."""
+id, a RequestRecord, the bearer key compat.auth.KeyCheck found, or its 401) before anything else looks
+at it, and one log line, plus its metrics, written when the response is closed (for a stream, when its
+last byte is sent or the client went away). Never the prompt, the answer or a key, unless LOG_PROMPTS
+is set."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from flask import Flask, Response, request
 import metrics
 import serving
 from backends.base import Event, Finish, Message, TextDelta, Written
-from compat.auth import authenticate
+from compat.auth import key_of
 
 log = logging.getLogger("aigate.requests")
 
@@ -123,7 +124,6 @@ def init_app(app: Flask) -> RequestLog:
     settings = serving.state(app).settings
     found = app.extensions.get(metrics.EXTENSION)
     requests_log = app.extensions[EXTENSION] = RequestLog(settings.log_prompts, found.count if found else None)
-    keys = settings.api_keys
 
     @app.before_request
     def open_request() -> Response | None:
@@ -136,7 +136,7 @@ def init_app(app: Flask) -> RequestLog:
         if request.method == "OPTIONS":  # a CORS preflight, without auth (flask-cors adds its headers)
             return Response(status=204)
         if request.path.startswith("/v1/"):
-            ctx.key = authenticate(request.headers.get("Authorization"), keys)
+            ctx.key = key_of(request.environ)  # checked before the body was read (compat.auth.KeyCheck), or its 401
             ctx.record.key = ctx.key.name if ctx.key else "-"
         return None
 

@@ -116,6 +116,18 @@ def _content_length(environ: dict[str, Any]) -> int | None:
         return None
 
 
+def drop_body(environ: dict[str, Any]) -> None:
+    """The request goes on without its body, unread (compat/auth.py: a request that may not send one):
+    the app sees an empty body, and a connection that had one is closed after the answer."""
+    if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower() and not _content_length(environ):
+        return  # none was sent
+    _do_not_reuse(environ)
+    environ["wsgi.input"] = io.BytesIO(b"")
+    environ["CONTENT_LENGTH"] = "0"
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+    environ["wsgi.input_terminated"] = False
+
+
 def _do_not_reuse(environ: dict[str, Any]) -> None:
     """The rest of the body was not read, so where a next request would begin is unknown: gunicorn
     closes a connection whose body read failed rather than drain it (without a time limit)."""
