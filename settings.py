@@ -250,7 +250,8 @@ class Settings:
         minimum=0.1)
     header_timeout: float = setting(
         "HEADER_TIMEOUT", 30.0, "seconds a client has to send a request's headers from their first byte (408 "
-        "after); a new connection that sends nothing for this long is closed", minimum=0.1)
+        "after); a new connection that sends nothing for this long is closed (after 1 s when the worker's "
+        "connections run short)", minimum=0.1)
     max_messages: int = setting("MAX_MESSAGES", 2048, "most messages in one request", minimum=1)
     max_input_chars: int = setting(
         "MAX_INPUT_CHARS", 1_000_000, "most characters of content in one request (messages with their tool-call "
@@ -291,7 +292,8 @@ class Settings:
                            minimum=1)
     graceful_timeout: int = setting("GRACEFUL_TIMEOUT", 60, "seconds running streams get to finish when a "
                                     "worker stops", minimum=0)
-    keepalive: int = setting("KEEPALIVE", 75, "seconds an idle keep-alive connection stays open", minimum=0)
+    keepalive: int = setting("KEEPALIVE", 75, "seconds an idle keep-alive connection stays open (closed sooner, "
+                             "the longest idle first, when the worker's connections run short)", minimum=0)
     log_level: str = setting("LOG_LEVEL", "info", "`debug`, `info`, `warning`...", parse=lambda raw, r: raw.lower())
     demo_model_path: Path = setting("DEMO_MODEL_PATH", DEFAULT_DEMO_MODEL, "where the demo model is written",
                                     shown="`.cache/demo-chatglm3.bin` in the project")

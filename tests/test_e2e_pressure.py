@@ -1,9 +1,10 @@
 """What a client without a key can cost a worker (issue 23), against a real gunicorn: request bodies it
-is never asked for (item 9)."""
+is never asked for (items 9), and idle connections that would fill WORKER_CONNECTIONS (item 5)."""
 
 from __future__ import annotations
 
 import re
+import select
 import socket
 import threading
 import time
@@ -99,3 +100,58 @@ def test_a_401_that_leaves_a_body_unread_says_the_connection_closes(keyed_server
                      json={"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
                      timeout=30)
     assert r.status_code == 200, r.text  # with the key, the body is read as before
+
+
+# -- item 5: idle connections give way when the worker's connections run short --------------------------
+
+@pytest.fixture(scope="module")
+def small_pool_server(server_factory, demo_model):
+    # KEEPALIVE and HEADER_TIMEOUT as shipped (75 s, 30 s): what the idle connections would otherwise hold.
+    return server_factory(CHATGLM_MODEL=str(demo_model), API_KEYS=KEY, WORKER_CONNECTIONS="20")
+
+
+def idle_keep_alive(server) -> socket.socket:
+    """A connection that asks for something without a key (a 401 it reads whole), then stays open."""
+    conn = socket.create_connection(address(server), timeout=5)
+    conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + int(
+            re.search(rb"Content-Length: (\d+)", answer).group(1)):
+        chunk = conn.recv(65536)  # a timeout here: the worker took no more connections
+        assert chunk, "closed before its answer"
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401") and b"Connection: keep-alive" in answer
+    return conn
+
+
+def test_idle_keep_alives_give_way_to_a_new_client(small_pool_server):
+    """30 keep-alive connections, each idle after a 401, in a worker of 20 connections: each new one is
+    served (the longest idle ones are closed to make room), and then a new client is served at once.
+    Without that, the 21st waited for KEEPALIVE (75 s) before anything was accepted."""
+    idle = []
+    try:
+        for _ in range(30):
+            idle.append(idle_keep_alive(small_pool_server))
+        started = time.monotonic()
+        assert requests.get(small_pool_server.base_url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 2
+        ended = select.select(idle, [], [], 1)[0]  # their ends were sent before /health was answered
+        assert all(conn.recv(1) == b"" for conn in ended)  # closed cleanly, without a word
+        assert 10 <= len(ended) <= 20, len(ended)  # some gave way, and not more than made room
+    finally:
+        for conn in idle:
+            conn.close()
+
+
+def test_new_connections_that_say_nothing_give_way_after_a_grace(small_pool_server):
+    """20 connections that send nothing fill the worker: past a second's grace (not HEADER_TIMEOUT's
+    30 s), enough of them are closed that a new client is served."""
+    silent = [socket.create_connection(address(small_pool_server), timeout=5) for _ in range(20)]
+    try:
+        started = time.monotonic()
+        assert requests.get(small_pool_server.base_url + "/health", timeout=10).status_code == 200
+        waited = time.monotonic() - started
+        assert waited < 5, f"{waited:.1f} s"
+    finally:
+        for conn in silent:
+            conn.close()
