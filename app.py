@@ -203,6 +203,12 @@ def check_config(settings: Settings) -> LocalModel | None:
     as checked. Its file is read, unless it is the demo model and not written yet (ensure_demo_model
     writes it at start): then the demo model's own context stands for it."""
     local = check_local_model(settings) if settings.model_path is not None else None
+    if local is not None:
+        from backends.engine.address import problem
+
+        unsafe = problem(settings.engine_address)
+        if unsafe:
+            raise ConfigError(f"ENGINE_SOCKET: {unsafe}")
     known = {local.id} if local else set()
     discovering = settings.uses_cloudflare and settings.cloudflare_models == ("auto",)
     if settings.uses_cloudflare:

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import sys
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -237,8 +236,10 @@ class Settings:
         "CLIENT_WRITE_TIMEOUT", 30.0, "seconds a streaming client may leave its answer unread before its "
         "generation stops and the connection closes", minimum=0.1)
     engine_socket: str = setting(  # empty: derived (engine_address)
-        "ENGINE_SOCKET", "", "where the engine listens: `@name` for a Linux abstract socket, or a path",
-        shown="a name of this server's own")
+        "ENGINE_SOCKET", "", "where the engine listens: a path in a directory only aigate's user may enter (mode "
+        "700, made if missing), or `@name`, a Linux abstract socket (any local user may take its name while the "
+        "engine is down: not for shared machines)", shown="`$XDG_RUNTIME_DIR/aigate/` or `$TMPDIR/aigate-<uid>/`, "
+        "a file of this server's own")
     engine_idle_timeout: float = setting(
         "ENGINE_IDLE_TIMEOUT", 600.0, "without a gunicorn master (Passenger), seconds without requests before the "
         "engine exits", minimum=0.0)
@@ -313,15 +314,19 @@ class Settings:
 
     @property
     def engine_address(self) -> str:
-        """Where the local engine listens: ENGINE_SOCKET, or a name of this server's own (its model,
-        engine settings, address and directory), so two servers on one machine keep apart."""
+        """Where the local engine listens: ENGINE_SOCKET, or a path of this server's own (its model,
+        engine settings, address and directory), so two servers on one machine keep apart, in a
+        directory only this user may enter (backends/engine/address.py makes and checks it):
+        $XDG_RUNTIME_DIR/aigate, else aigate-<uid> in the temporary directory."""
         if self.engine_socket:
             return self.engine_socket
         path = self.model_path.resolve() if self.model_path else None
         key = (f"{path}|{self.chatglm_max_length}|{self.generation_slots}|{self.max_queue}|{self.queue_timeout}|"
                f"{self.host}:{self.port}|{PROJECT_DIR}")
-        name = f"aigate-engine-{os.getuid()}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-        return "@" + name if sys.platform.startswith("linux") else str(Path(tempfile.gettempdir()) / f"{name}.sock")
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+        directory = (Path(runtime) / "aigate" if runtime and os.path.isdir(runtime)
+                     else Path(tempfile.gettempdir()) / f"aigate-{os.getuid()}")
+        return str(directory / f"engine-{hashlib.sha256(key.encode()).hexdigest()[:12]}.sock")
 
 
 # Variables read before settings are (documented in the same table).

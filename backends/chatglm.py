@@ -44,6 +44,8 @@ class ChatGLMBackend:
     def readiness(self) -> str | None:
         status = self.engine.status()
         if status is None:
+            if self.engine.foreign is not None:  # not ours: nothing is sent to it (the log says who)
+                return "the local engine is not running: another user's process holds its address"
             return "the local engine is not running (it is being started)"
         if not status["loaded"]:
             return status["error"] or f"model {self._info.id} is loading"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,8 +25,10 @@ GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 # writes end-of-text, so max_tokens decides every length.
 SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, ffn_size=2816, eos_every=0)
 # Every server and app of this run gets an engine address of its own (ENGINE_SOCKET), under one
-# prefix, so that the engines left by in-process apps are found and stopped at the end.
-ENGINE_PREFIX = f"@aigate-test-{os.getpid()}-"
+# prefix, so that the engines left by in-process apps are found and stopped at the end: a path, as by
+# default, in a directory of this run's own (the first engine makes it, 0700).
+ENGINE_DIR = Path(tempfile.gettempdir()) / f"aigate-test-{os.getpid()}"
+ENGINE_PREFIX = f"{ENGINE_DIR}/engine-"
 
 
 def engine_socket() -> str:
@@ -36,6 +40,7 @@ def engine_socket() -> str:
 def stop_test_engines() -> Iterator[None]:
     yield
     subprocess.run(["pkill", "-f", "--", f"--address {ENGINE_PREFIX}"], check=False)
+    shutil.rmtree(ENGINE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from backends.base import (ChatRequest, ClientGone, ClientStream, Finish, Messag
                            TextDelta, Written)
 from backends.demo_model import write_demo_model
 from backends.engine import protocol
-from backends.engine.client import EngineClient
+from backends.engine.client import EngineClient, connect
 from backends.engine.line import Line
 from backends.engine.model import PATCHED
 from tests.conftest import ROOT, engine_socket, unchunked
@@ -314,8 +314,7 @@ def test_a_worker_takes_the_connection_back_and_nothing_is_written_after(endless
     """The worker's side of a graceful stop, spoken by hand: it shuts down its sending side while the
     engine writes; the engine stops, says what it wrote and closes, and writes no byte after that."""
     request = ChatRequest(model="endless", messages=(Message("user", "go"),), temperature=0, max_tokens=900)
-    with tcp_connection() as (server_end, client), socket.socket(socket.AF_UNIX) as sock:
-        sock.connect("\0" + endless.address[1:])
+    with tcp_connection() as (server_end, client), connect(endless.address) as sock:
         sock.sendall(protocol.encode(protocol.generate_request(request, handover=True)))
         lines = sock.makefile("rb")
         assert protocol.decode(lines.readline())["handover"] is True

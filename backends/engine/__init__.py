@@ -7,5 +7,7 @@ chatglm.cpp costs only the generations in flight, and every worker shares the sa
   model.py      one Pipeline and its cache: chat template, token loop, prefix reuse
   line.py       the first-come-first-served line for the slots
   server.py     the engine process: ``python -m backends.engine.server``
-  launcher.py   where the engine listens, starting it, keeping it running
+  launcher.py   starting the engine, keeping it running
+  address.py    where the engine listens (a directory of aigate's user's own) and who may be at either end
+  pace.py       how far a reader (a worker, a client handed over) may fall behind the model
 """

@@ -1,10 +1,15 @@
 """A worker's side of the engine socket. Under gunicorn's gevent workers the socket module is
 patched, so waiting for the engine (its line, a long prompt evaluation) yields to the other
-requests of the worker; elsewhere it simply blocks, one request per process."""
+requests of the worker; elsewhere it simply blocks, one request per process.
+
+Nothing is sent on a connection before the kernel has said that the process at the other end is
+this user's (address.check_peer): another user's process that took the engine's address gets no
+request, and never the client's socket."""
 
 from __future__ import annotations
 
 import array
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -12,17 +17,32 @@ from typing import Any
 
 from backends.base import ChatRequest, ClientGone, ClientStream, Event, Finish, Unavailable
 from backends.engine import protocol
+from backends.engine.address import ForeignPeer, check_peer, sockaddr
+
+log = logging.getLogger("aigate")
 
 _RETRY_SECONDS = 0.05
 _TAKE_BACK_SECONDS = 2.0  # an engine notices within CANCEL_CHECK_SECONDS and a decode step
 
 
+_BUSY = {"loaded": True, "error": None, "running": 1, "waiting": 0, "pid": None}  # answering, but not now
+_told: set[int] = set()  # the foreign processes this process has logged
+
+
 def connect(address: str, timeout: float | None = None) -> socket.socket:
-    """Raises OSError (ConnectionRefusedError, FileNotFoundError) when no engine listens there."""
+    """A connection to the engine. Raises OSError (ConnectionRefusedError, FileNotFoundError) when no
+    engine listens there, ForeignPeer when another user's process does."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect("\0" + address[1:] if address.startswith("@") else address)
+        sock.connect(sockaddr(address))
+        check_peer(sock, address)
+    except ForeignPeer as exc:
+        sock.close()
+        if exc.pid not in _told:  # once per process, not once per probe
+            _told.add(exc.pid)
+            log.error("%s", exc)
+        raise
     except BaseException:
         sock.close()
         raise
@@ -34,21 +54,29 @@ class EngineClient:
         self.address = address
         self._start = start  # how to start an engine when none listens; None: a keeper restarts it
         self.wait_seconds = wait_seconds  # how long a request waits for an engine that is (re)starting
+        self.foreign: ForeignPeer | None = None  # another user's process holds the address (at the last look)
 
     def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
-        """The engine's state, or None when no engine listens."""
+        """The engine's state, or None when no engine of this user listens (``foreign`` says whether
+        another user's process does)."""
         try:
             sock = connect(self.address, timeout)
-        except OSError:
+        except ForeignPeer as exc:
+            self.foreign = exc
             return None
+        except OSError:
+            self.foreign = None
+            return None
+        self.foreign = None
         try:
             with sock:
-                sock.sendall(protocol.encode({"op": "status"}))
-                return protocol.decode(sock.makefile("rb").readline(protocol.MAX_LINE))
+                _send(sock, protocol.encode({"op": "status"}))
+                status = protocol.decode(sock.makefile("rb").readline(protocol.MAX_LINE))
         except TimeoutError:  # a stock chatglm-cpp holds the GIL through a prompt evaluation: busy, not gone
-            return {"loaded": True, "error": None, "running": 1, "waiting": 0, "pid": None}
+            return dict(_BUSY)
         except (OSError, ValueError):
             return None
+        return status if "loaded" in status else dict(_BUSY)  # else: refused, every connection in use
 
     def ensure_started(self) -> None:
         if self._start is not None and self.status() is None:
@@ -62,7 +90,7 @@ class EngineClient:
         sock = self._connect_waiting()
         handed = False  # the engine is writing to the client
         try:
-            sock.sendall(protocol.encode(protocol.generate_request(request, handover=stream is not None)))
+            _send(sock, protocol.encode(protocol.generate_request(request, handover=stream is not None)))
             lines = sock.makefile("rb")
             while True:
                 try:
@@ -103,14 +131,24 @@ class EngineClient:
         while True:
             try:
                 return connect(self.address)
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() >= deadline:
-                    raise Unavailable("the local engine is not running; it is being started, retry",
-                                      retry_after=2) from None
+                    why = ("its address is held by another user's process" if isinstance(exc, ForeignPeer)
+                           else "it is being started")
+                    raise Unavailable(f"the local engine is not running; {why}, retry", retry_after=2) from None
             if not started and self._start is not None:
                 self._start()
                 started = True
             time.sleep(_RETRY_SECONDS)  # cooperative under gevent
+
+
+def _send(sock: socket.socket, line: bytes) -> None:
+    """Send a request line. An engine with every connection in use answers at once and closes without
+    reading it: its answer is read next, as any other."""
+    try:
+        sock.sendall(line)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
 
 
 def _take_back(sock: socket.socket) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from backends.engine.pace import Pace
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -38,20 +40,29 @@ def peer_closed(sock: socket.socket) -> bool:
 
 class ClientWriter:
     def __init__(self, fd: int, frame: dict[str, Any]) -> None:
-        self._sock = socket.socket(fileno=fd)
-        # A timeout keeps the descriptor non-blocking, which the worker's gevent socket (the same
-        # open connection) relies on; it also bounds a client that stops reading.
-        self._sock.settimeout(float(frame["write_timeout"]))
+        """Takes ``fd`` only if it returns (a bad frame raises first, the descriptor still the caller's)."""
+        self._timeout = float(frame["write_timeout"])
         self._prefix = str(frame["prefix"]).encode()
         self._suffix = str(frame["suffix"]).encode()
         self._number: int | None = frame["number"]  # the Responses API's sequence_number, one up a piece
+        if self._number is not None and not isinstance(self._number, int):
+            raise TypeError("number")
         self._after_number = str(frame["after_number"]).encode()
         self._chunked = bool(frame["chunked"])
         self.pieces: list[str] = []
         self.failed: str | None = None  # client_gone or client_too_slow, once a write failed
+        self._sock = socket.socket(fileno=fd)  # ENOTSOCK for anything else, the descriptor not taken
+        # A timeout keeps the descriptor non-blocking, which the worker's gevent socket (the same
+        # open connection) relies on; it also bounds a client that stops reading.
+        try:
+            self._sock.settimeout(self._timeout)
+        except BaseException:
+            self._sock.detach()
+            raise
 
-    def write(self, text: str) -> bool:
-        """Write one piece's frame; False (and ``failed`` says why) when the client is not taking it."""
+    def write(self, text: str, pace: Pace) -> bool:
+        """Write one piece's frame; False (and ``failed`` says why) when the client is not taking it,
+        or takes it so slowly that it is ``pace``'s allowance behind the model."""
         if not text:
             return True
         if self._number is None:
@@ -59,6 +70,7 @@ class ClientWriter:
         else:
             body = b"%b%d%b%b%b" % (self._prefix, self._number + len(self.pieces), self._after_number, piece(text),
                                     self._suffix)
+        pace.wait()
         try:
             self._sock.sendall(b"%X\r\n%b\r\n" % (len(body), body) if self._chunked else body)
         except TimeoutError:
@@ -68,6 +80,10 @@ class ClientWriter:
             self.failed = "client_gone"
             return False
         self.pieces.append(text)
+        if not pace.waited():
+            self.failed = "client_too_slow"
+            return False
+        pace.retime(self._sock, self._timeout)
         return True
 
     def client_gone(self) -> bool:

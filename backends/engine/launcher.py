@@ -6,6 +6,11 @@ chatglm.cpp costs only the generations in flight. With no master (Passenger, mod
 server) the first worker that finds no engine starts one (``start_detached``), which exits after
 ENGINE_IDLE_TIMEOUT without requests. Either way the engine's address is the lock: however many
 processes start one at once, one binds it and the others exit.
+
+The keeper knows the pid it started. Its probe, like every worker's connection, believes only a
+process of aigate's own user (address.py): an engine of the same user that it did not start is one
+of a previous master on its way out, and waited for; another user's process holding an abstract
+address is named in the log, and the engine is tried again until the address is free.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 import threading
 import time
 
+from backends.engine.address import ADDRESS_TAKEN
 from backends.engine.client import EngineClient
 from settings import PROJECT_DIR, Settings
 
@@ -85,7 +91,7 @@ class Keeper:
         command = engine_command(self.settings, parent=os.getpid())
         pause = 0.2
         while not self._stopping.is_set():
-            if probe.status() is not None:  # an engine of a previous master, on its way out
+            if probe.status() is not None:  # an engine of this user, not ours: a previous master's, on its way out
                 self._stopping.wait(1.0)
                 continue
             started = time.monotonic()
@@ -96,7 +102,10 @@ class Keeper:
             if self._stopping.is_set():
                 break
             lived = time.monotonic() - started
-            log.error("the local engine (pid %d) exited after %.1fs (status %s); starting it again",
-                      self.process.pid, lived, code)
+            if code == ADDRESS_TAKEN and probe.status() is None and probe.foreign is not None:
+                log.error("the local engine (pid %d) cannot listen: %s; trying again", self.process.pid, probe.foreign)
+            else:
+                log.error("the local engine (pid %d) exited after %.1fs (status %s); starting it again",
+                          self.process.pid, lived, code)
             pause = 0.2 if lived > 30 else min(pause * 2, 10.0)  # a crash loop backs off
             self._stopping.wait(pause)

@@ -17,18 +17,20 @@ engine writes shuts down its sending side and waits for the engine to close the 
 from __future__ import annotations
 
 import json
+import socket
+import time
 from dataclasses import asdict
 from typing import Any
 
 import msgspec
 
-from backends.base import (BackendError, ChatRequest, ClientStream, ContextLengthExceeded, Event, Finish, ImageInput,
-                           ImageTooLarge, InvalidImage, InvalidRequest, JsonFormat, Message, NotSupportedByModel,
-                           QueueFull, QueueTimeout, TextDelta, TooManyImages, Tool, ToolCall, ToolsNotSupported,
-                           Unavailable, UnsupportedContent, Usage, Written)
+from backends.base import (BackendError, ChatRequest, ClientStream, ContextLengthExceeded, Event, Finish, ImageTooLarge,
+                           InvalidImage, InvalidRequest, NotSupportedByModel, QueueFull, QueueTimeout, TextDelta,
+                           TooManyImages, ToolCall, ToolsNotSupported, Unavailable, UnsupportedContent, Usage, Written)
 
 MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this (an image goes as the
 # model's own image_size squared x 3 bytes of pixels in base64: 5 MB for GLM-4V's 1120 px)
+MAX_FRAME = 64 * 1024  # a handover frame: a text piece's frame split around its text (a few hundred bytes)
 ACK = b"\x06"  # the client's answer to each event but the last: passed on, send the next
 HANDOVER = b"\x0e"  # instead of ACK, with the HTTP client's socket: write the text pieces to it yourself
 
@@ -60,6 +62,48 @@ def decode(line: bytes) -> dict[str, Any]:
     return obj
 
 
+class BadMessage(ValueError):
+    """A line that is not what the protocol says (too long, not JSON, not the fields it needs)."""
+
+
+def read_line(sock: socket.socket, limit: int, seconds: float) -> bytes:
+    """One line from ``sock``, whole within ``seconds`` and at most ``limit`` bytes (b"" if the peer
+    closes before sending anything). Raises BadMessage, TimeoutError or OSError. Nothing may follow
+    the line: the peer waits for an answer. Leaves ``sock``'s timeout changed."""
+    deadline = time.monotonic() + seconds
+    line = bytearray()
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        block = sock.recv(min(256 * 1024, limit + 1 - len(line)))
+        if not block:
+            if line:
+                raise BadMessage(f"the peer closed after {len(line)} bytes of a line")
+            return b""
+        end = block.find(b"\n")
+        line += block
+        if end >= 0:
+            if end != len(block) - 1:
+                raise BadMessage("bytes after a line, before any answer")
+            return bytes(line)
+        if len(line) > limit:
+            raise BadMessage(f"a line longer than {limit} bytes")
+
+
+def parse_request(line: bytes) -> tuple[str, ChatRequest | None, bool]:
+    """A request line: its op ("status" or "generate"), the request to generate and whether it may be
+    handed over. Raises BadMessage."""
+    try:
+        message = decode(line)
+        op = message.get("op")
+        if op == "status":
+            return op, None, False
+        if op == "generate":
+            return op, chat_request(message["request"]), bool(message.get("handover"))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, msgspec.ValidationError) as exc:
+        raise BadMessage(f"a malformed request ({type(exc).__name__}: {str(exc)[:200]})") from None
+    raise BadMessage(f"an unknown op {str(op)[:100]!r}")
+
+
 def generate_request(request: ChatRequest, handover: bool = False) -> dict[str, Any]:
     return {"op": "generate", "request": asdict(request), "handover": handover}
 
@@ -76,13 +120,9 @@ def written(message: dict[str, Any]) -> Written:
 
 
 def chat_request(fields: dict[str, Any]) -> ChatRequest:
-    messages = tuple(Message(**{**m, "tool_calls": tuple(ToolCall(**c) for c in m["tool_calls"]),
-                                "images": tuple(ImageInput(**i) for i in m.get("images", ()))})
-                     for m in fields["messages"])
-    response_format = fields.get("response_format")
-    return ChatRequest(**{**fields, "messages": messages, "tools": tuple(Tool(**t) for t in fields["tools"]),
-                          "stop": tuple(fields["stop"]),
-                          "response_format": None if response_format is None else JsonFormat(**response_format)})
+    """The request a generate line carries, every field of the type it is declared with (a field of
+    another type raises msgspec.ValidationError, not a failure deep in the model's code)."""
+    return msgspec.convert(fields, ChatRequest)
 
 
 def event_message(event: Event) -> dict[str, Any]:
