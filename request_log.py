@@ -136,7 +136,7 @@ def init_app(app: Flask) -> RequestLog:
         if request.method == "OPTIONS":  # a CORS preflight, without auth (flask-cors adds its headers)
             return Response(status=204)
         if request.path.startswith("/v1/"):
-            ctx.key = authenticate(request.headers.get("Authorization"), keys)
+            ctx.key = authenticate(request.headers.get("Authorization"), keys, request.headers.get("x-api-key"))
             ctx.record.key = ctx.key.name if ctx.key else "-"
         return None
 
