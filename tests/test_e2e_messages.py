@@ -4,10 +4,14 @@ fake Cloudflare on loopback), both behind API keys from a keys file."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
+import openai
 import pytest
 import requests
+from PIL import Image
 
 from backends.engine.client import EngineClient
 from tests.fake_cloudflare import cloudflare_env
@@ -243,3 +247,21 @@ def test_the_key_from_x_api_key_or_a_bearer_token(server):
     r = requests.post(server.base_url + "/messages", json={"model": CF, "messages": [{"role": "user", "content": "hi"}]},
                       headers={"x-api-key": KEY}, timeout=30)  # no /v1, no anthropic-version, no max_tokens
     assert r.status_code == 200 and r.json()["content"][0]["text"] == "You said: hi"
+
+
+def test_an_image_block_reaches_a_model_that_reads_images_as_chat_s_image_part_does(server_factory, glm4v_model):
+    """GLM-4V (a small generated one): the same picture and words, greedy, answer the same through both APIs."""
+    vision = server_factory(CHATGLM_MODEL=str(glm4v_model))
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(picture, "PNG")
+    data = base64.b64encode(picture.getvalue()).decode()
+    chat = openai.OpenAI(base_url=vision.v1, api_key="unused", max_retries=0).chat.completions.create(
+        model="glm4v", temperature=0, max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is in the picture?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}}]}])
+    message = anthropic.Anthropic(base_url=vision.base_url, api_key="unused", max_retries=0).messages.create(
+        model="glm4v", max_tokens=8, extra_body=GREEDY, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is in the picture?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}]}])
+    assert message.content[0].text == chat.choices[0].message.content
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == chat.usage.prompt_tokens
