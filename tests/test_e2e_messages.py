@@ -1,6 +1,7 @@
 """End to end: the official `anthropic` SDK's Messages API (create, stream, count_tokens, tools, errors)
-against one gunicorn serving the local demo model (chatglm.cpp, through the engine) and Workers AI (the
-fake Cloudflare on loopback), both behind API keys from a keys file."""
+against one gunicorn serving the local demo model (chatglm.cpp, through the engine), Workers AI (the
+fake Cloudflare on loopback) and an OpenAI-compatible upstream (the fake upstream), behind API keys from
+a keys file."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from PIL import Image
 
 from backends.engine.client import EngineClient
 from tests.fake_cloudflare import cloudflare_env
+from tests.fake_upstream import FakeUpstream
 
 anthropic = pytest.importorskip("anthropic", reason="the anthropic SDK is not installed (requirements-dev.txt)")
 
 LOCAL, CF, CF_TOOLS, CF_DROP = "chatglm3-demo", "@cf/fake/chat", "@cf/fake/tools", "@cf/fake/drop"
+UP, UP_TOOLS = "fake-ok", "fake-tools"  # the fake upstream's
+MODELS = [LOCAL, CF, UP]
 KEY, LIMITED = "sk-messages", "sk-limited"
 KEYS_FILE = f"""
 [keys.main]
@@ -36,12 +40,22 @@ STREAM_ORDER = ["message_start", "content_block_start", "ping", "content_block_d
 
 
 @pytest.fixture(scope="module")
-def server(server_factory, fake, demo_model, tmp_path_factory):
-    keys = tmp_path_factory.mktemp("keys") / "keys.toml"
-    keys.write_text(KEYS_FILE)
-    keys.chmod(0o600)
-    return server_factory(CHATGLM_MODEL=str(demo_model), CHATGLM_MODEL_ID=LOCAL, API_KEYS_FILE=str(keys),
-                          CLOUDFLARE_RETRIES="0", **cloudflare_env(fake, CLOUDFLARE_MODELS=f"{CF},{CF_TOOLS},{CF_DROP}"))
+def upstream():
+    fake = FakeUpstream(models=[UP, UP_TOOLS]).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, fake, upstream, demo_model, tmp_path_factory):
+    files = tmp_path_factory.mktemp("files")
+    (files / "keys.toml").write_text(KEYS_FILE)
+    (files / "keys.toml").chmod(0o600)
+    (files / "upstreams.toml").write_text(f'[upstreams.up]\nbase_url = "{upstream.base}"\nmodels = ["{UP}", '
+                                          f'"{UP_TOOLS}"]\n')
+    return server_factory(CHATGLM_MODEL=str(demo_model), CHATGLM_MODEL_ID=LOCAL, API_KEYS_FILE=str(files / "keys.toml"),
+                          UPSTREAMS_FILE=str(files / "upstreams.toml"), CLOUDFLARE_RETRIES="0",
+                          **cloudflare_env(fake, CLOUDFLARE_MODELS=f"{CF},{CF_TOOLS},{CF_DROP}"))
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +90,8 @@ def raw_events(server, body: dict) -> list[tuple[str, dict]]:
     return events
 
 
-@pytest.mark.parametrize("model", [LOCAL, CF])
-def test_create_with_a_system_prompt_and_earlier_turns(server, client, fake, model):
+@pytest.mark.parametrize("model", MODELS)
+def test_create_with_a_system_prompt_and_earlier_turns(server, client, fake, upstream, model):
     message = client.messages.with_raw_response.create(
         model=model, max_tokens=12, system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
         messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi!"},
@@ -92,18 +106,20 @@ def test_create_with_a_system_prompt_and_earlier_turns(server, client, fake, mod
     usage = message.usage
     assert usage.output_tokens <= 12 and usage.cache_creation_input_tokens == 0
     line = logged(server, request_id)  # the same log line and counts as chat's
-    assert f"path=/v1/messages status=200 client=127.0.0.1 key=main model={model} " in line
+    assert f"path=/v1/messages status=200 client=127.0.0.1 key=main model={model} backend=" in line
     assert f"prompt_tokens={usage.input_tokens + usage.cache_read_input_tokens} " in line
     assert f"completion_tokens={usage.output_tokens} " in line
-    if model == CF:
+    sent = fake.runs(CF)[-1].body if model == CF else upstream.requests[-1]["body"] if model == UP else None
+    if sent is not None:
         assert block.text == "You said: hello there" and message.stop_reason == "end_turn"
-        assert fake.runs(CF)[-1].body["messages"] == [
+        assert sent["messages"] == [
             {"role": "system", "content": "Be brief.\n\nBe kind."}, {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "hello there"}]
-        assert fake.runs(CF)[-1].body["temperature"] == 0
+        assert sent["temperature"] == 0 and sent["max_tokens"] == 12
+        assert not {"system", "extra_body"} & set(sent)  # Anthropic's fields are not passed on to an upstream
 
 
-@pytest.mark.parametrize("model", [LOCAL, CF])
+@pytest.mark.parametrize("model", MODELS)
 def test_a_stream_is_anthropics_event_order_and_the_same_message(server, client, model):
     """On the local model the engine writes the text deltas itself (the handover), in the same frames."""
     ask = dict(model=model, max_tokens=10, messages=[{"role": "user", "content": "hello there"}], extra_body=GREEDY)
@@ -129,7 +145,7 @@ def test_a_stream_is_anthropics_event_order_and_the_same_message(server, client,
     assert final.content[0].text == whole.content[0].text and final.usage.output_tokens == whole.usage.output_tokens
 
 
-@pytest.mark.parametrize("model", [LOCAL, CF])
+@pytest.mark.parametrize("model", MODELS)
 def test_count_tokens_is_the_prompt_a_message_reports(client, model):
     ask = dict(model=model, system="Answer with the weather.", tools=[WEATHER],
                messages=[{"role": "user", "content": "Weather in Paris?"}])
@@ -164,6 +180,20 @@ def test_a_tool_call_and_its_result_round_trip(client, fake, stream):
     assert sent[-1] == {"role": "tool", "content": "18C and sunny", "tool_call_id": call.id, "name": "get_weather"}
 
 
+def test_an_upstream_s_tool_call_streams_as_input_json_and_its_result_goes_back(client, upstream):
+    with client.messages.stream(model=UP_TOOLS, max_tokens=64, tools=[WEATHER],
+                                messages=[{"role": "user", "content": "Weather?"}]) as stream:
+        first = stream.get_final_message()
+    [call] = first.content
+    assert (first.stop_reason, call.name, call.input) == ("tool_use", "get_weather", {"city": "Paris"})
+    client.messages.create(model=UP_TOOLS, max_tokens=64, tools=[WEATHER], stream=True, messages=[
+        {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": first.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18C"}]}]).close()
+    sent = upstream.requests[-1]["body"]
+    assert sent["messages"][-1] == {"role": "tool", "content": "18C", "tool_call_id": call.id, "name": "get_weather"}
+    assert sent["tools"][0]["function"]["name"] == "get_weather" and sent["tool_choice"] == "auto"
+
+
 def test_the_local_model_takes_tools_and_a_tool_result(client):
     """ChatGLM3's own tool format: the definitions, the earlier call and its result all reach its prompt."""
     call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
@@ -176,7 +206,7 @@ def test_the_local_model_takes_tools_and_a_tool_result(client):
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens > without + 10
 
 
-@pytest.mark.parametrize("model", [LOCAL, CF])
+@pytest.mark.parametrize("model", MODELS)
 def test_stop_sequences_and_max_tokens_say_why_the_answer_ended(client, model):
     ask = dict(model=model, messages=[{"role": "user", "content": "hello there"}], extra_body=GREEDY)
     text = client.messages.create(max_tokens=12, **ask).content[0].text
@@ -190,7 +220,8 @@ def test_stop_sequences_and_max_tokens_say_why_the_answer_ended(client, model):
             message = client.messages.create(max_tokens=12, stop_sequences=["never said", stop], **ask)
         assert (message.content[0].text, message.stop_reason, message.stop_sequence) == (text[:at], "stop_sequence",
                                                                                           stop)
-    short = client.messages.create(max_tokens=1, **ask)
+    with client.messages.stream(max_tokens=1, **ask) as s:  # streamed: the fake upstream's whole answers say "stop"
+        short = s.get_final_message()
     assert (short.stop_reason, short.usage.output_tokens) == ("max_tokens", 1)
 
 
