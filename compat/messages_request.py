@@ -127,8 +127,7 @@ def _user(blocks: list[mw.ContentBlock], where: str, names: dict[str, str], imag
         at = f"{where}[{j}]"
         if isinstance(block, mw.AnthropicToolResultBlock):
             content = block.content
-            text = content if isinstance(content, str) else "" if content is None else _texts(content, f"{at}.content",
-                                                                                               "tool_result")
+            text = _texts(content, f"{at}.content", "tool_result") if isinstance(content, list) else content or ""
             results.append(Message("tool", text, tool_call_id=block.tool_use_id, name=names.get(block.tool_use_id)))
         elif isinstance(block, mw.AnthropicTextBlock):
             texts.append(block.text)
