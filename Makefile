@@ -47,16 +47,16 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt $(VENV)/.installed
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The real clients of tests/test_clients.py that come from npm (Codex CLI, Vercel's AI SDK), pinned by
-# tests/clients/package-lock.json; without npm or its registry those tests are skipped and say so.
+# The real clients of tests/test_clients.py that come from npm (Codex CLI, Claude Code, Vercel's AI SDK),
+# pinned by tests/clients/package-lock.json; without npm or its registry those tests are skipped and say so.
 install-clients: $(NODE_DIR)/.installed
 
 $(NODE_DIR)/.installed: tests/clients/package.json tests/clients/package-lock.json
 	@if command -v npm >/dev/null; then \
 	  mkdir -p $(NODE_DIR) && cp tests/clients/package.json tests/clients/package-lock.json $(NODE_DIR)/ && \
 	  (cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error) && touch $@ \
-	  || echo "npm ci failed: the Codex CLI and AI SDK tests will be skipped"; \
-	else echo "no npm: the Codex CLI and AI SDK tests will be skipped"; fi
+	  || echo "npm ci failed: the Codex CLI, Claude Code and AI SDK tests will be skipped"; \
+	else echo "no npm: the Codex CLI, Claude Code and AI SDK tests will be skipped"; fi
 
 # The deployment tests run the real nginx and Apache and check the systemd unit, and the playground
 # test drives Debian's Chromium (through Playwright's Python package, which downloads no browser): install them from

@@ -26,11 +26,13 @@ from compat.auth import KeyCheck
 from compat.body import BodyReader
 from compat.client_socket import ClientGone
 from compat.errors import APIError, error_response, from_backend, internal_error
+from compat.messages_errors import AnthropicErrors
 from compat.requests import Limits
 from compat.routes import (
     chat,
     completions,
     embeddings,
+    messages,
     models,
     openapi,
     ops,
@@ -50,7 +52,7 @@ DEMO_MODEL_ID = "chatglm3-demo"
 EXPOSED_HEADERS = ["x-request-id", "Retry-After", "retry-after-ms", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                    "X-RateLimit-Reset", "X-RateLimit-Retry-After"]
 # The API's paths without /v1 (a base URL without it), as LiteLLM and Ollama also serve them.
-UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses)(/.*)?")
+UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses|messages)(/.*)?")
 
 
 @dataclass
@@ -89,7 +91,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
-    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, ops.bp, openapi.bp, playground.bp):
+    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, messages.bp, ops.bp, openapi.bp,
+               playground.bp):
         app.register_blueprint(bp)
     # The body read whole, bounded in size and time, before anything else looks at the request...
     app.wsgi_app = BodyReader(app.wsgi_app, settings.max_body_bytes, settings.body_timeout)  # type: ignore[method-assign]
@@ -98,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
         n = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
+    app.wsgi_app = AnthropicErrors(app.wsgi_app)  # type: ignore[method-assign]  # the Messages API's errors
     app.wsgi_app = api_paths(app.wsgi_app)  # type: ignore[method-assign]
     # The serving layer's extensions, in the order their hooks must run.
     metrics.init_app(app)  # what counts each request (the request log calls it with the request's line)

@@ -123,6 +123,7 @@ class TextDelta:
 class Finish:
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # the request's stop string that ended the answer, where aigate saw it
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ class StopMatcher:
 
     Text that could be the start of a stop string is held back until the next piece proves it
     is not (a stop string may arrive split across tokens). Once a stop string is complete,
-    ``stopped`` is true and nothing from the stop string on is ever emitted.
+    ``stopped`` is true, ``matched`` says which one it was, and nothing from the stop string on is
+    ever emitted.
     """
 
     def __init__(self, stops: tuple[str, ...] | list[str]) -> None:
@@ -16,6 +17,7 @@ class StopMatcher:
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text (the Anthropic API reports it)
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -28,7 +30,7 @@ class StopMatcher:
         # however the text was split into pieces).
         undecided = self._undecided_start(buf, before=len(buf) if cut < 0 else cut)
         if undecided is None and cut >= 0:
-            self.stopped = True
+            self._stop(buf, cut)
             self._pending = ""
             return buf[:cut]
         keep_from = len(buf) if undecided is None else undecided
@@ -42,9 +44,13 @@ class StopMatcher:
             return ""
         cut = self._first_stop(rest)
         if cut >= 0:
-            self.stopped = True
+            self._stop(rest, cut)
             return rest[:cut]
         return rest
+
+    def _stop(self, buf: str, cut: int) -> None:
+        self.stopped = True
+        self.matched = next(s for s in self.stops if buf.find(s) == cut)
 
     def _first_stop(self, buf: str) -> int:
         return min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)

@@ -1,5 +1,5 @@
-"""Bearer-key checks: the API keys of the /v1 routes (a step of its own, before the body is read), and
-the /metrics token."""
+"""Bearer-key checks: the API keys of the /v1 routes (from `Authorization: Bearer`, or `x-api-key` as
+Anthropic's clients send them; a step of its own, before the body is read), and the /metrics token."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class KeyCheck:
             drop_body(environ)  # nothing else takes a body (a preflight, /health, /metrics, the playground...)
             return self.app(environ, start_response)
         try:
-            environ[KEY] = authenticate(environ.get("HTTP_AUTHORIZATION"), self.keys)
+            environ[KEY] = authenticate(environ.get("HTTP_AUTHORIZATION"), self.keys, environ.get("HTTP_X_API_KEY"))
         except APIError as refused:
             environ[REFUSED] = refused
             drop_body(environ)
@@ -58,11 +58,19 @@ def key_of(environ: dict[str, Any]) -> ApiKey | None:
     return environ[KEY]
 
 
-def authenticate(authorization: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | None:
-    """The key the header carries (a 401 if none matches); None when no keys are configured."""
+def authenticate(authorization: str | None, keys: tuple[ApiKey, ...], api_key: str | None = None) -> ApiKey | None:
+    """The key the request carries (a 401 if none matches); None when no keys are configured. A bearer
+    Authorization header is read first, else the ``api_key`` header (x-api-key: what the Anthropic SDKs
+    and Claude Code send)."""
     if not keys:
         return None
+    if api_key and not _is_bearer(authorization):
+        authorization = "Bearer " + api_key
     return keys[_match(authorization, tuple(k.secret for k in keys))]
+
+
+def _is_bearer(authorization: str | None) -> bool:
+    return (authorization or "").partition(" ")[0].lower() == "bearer"
 
 
 def allowed(key: ApiKey | None, *names: str) -> bool:
@@ -81,7 +89,8 @@ def _match(authorization: str | None, secrets: tuple[str, ...]) -> int:
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise APIError(401, "You didn't provide an API key. Send it in an Authorization header: "
-                            "'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key")
+                            "'Authorization: Bearer YOUR_KEY' (or an 'x-api-key: YOUR_KEY' header).",
+                       code="invalid_api_key")
     given = token.strip().encode()
     found = -1
     for i, secret in enumerate(secrets):

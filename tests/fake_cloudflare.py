@@ -3,12 +3,16 @@ sections 1-5): the v4 envelope, SSE frames with the random "p" padding, the usag
 chunked transfer, and the error bodies and codes.
 
 The model name picks the behaviour: `@cf/fake/<mode>` (see MODES). Every request is recorded.
+`@cf/fake/scripted` is a model the prompt scripts: a line `CALL <tool> <JSON arguments>` in the last
+user message makes it call that tool (a real client's own tools, e.g. Claude Code's), and a tool result
+makes it say what the tool said.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -34,7 +38,8 @@ ERRORS: dict[str, tuple[int, dict[str, Any], dict[str, str]]] = {
     "5007": (400, {"errors": [{"code": 5007, "message": "No such model @cf/fake/5007 or task"}], "success": False}, {}),
     "3006": (413, {"errors": [{"code": 3006, "message": "Request is too large"}], "success": False}, {}),
 }
-MODES = ["chat", "slow", "long", "openai", "json", "jsonobj", "tools", "toolsflat", "bge", "split", "drop", "stall",
+MODES = ["chat", "slow", "long", "openai", "json", "jsonobj", "tools", "toolsflat", "scripted", "bge", "split", "drop",
+         "stall",
          "malformed", "nodone", "flaky", "500", "cut429", "cut400", "stall500", "deep", "jsonfail",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
@@ -202,6 +207,8 @@ class _Handler(WireHandler):
             data = [fake_embedding(t) for t in texts]
             self.send_json(200, self.envelope({"shape": [len(data), 8], "data": data}))
             return
+        if mode == "scripted" and self.answer_scripted(body):
+            return
         calls_tool = mode in ("tools", "toolsflat") and body.get("tools")
         if body.get("response_format") is not None and not (calls_tool and body["messages"][-1].get("role") != "tool"):
             self.answer_json_mode(mode, body)  # a tool-calling model calls its tool first, then answers in JSON
@@ -363,6 +370,34 @@ class _Handler(WireHandler):
             self.frame({"response": "", "usage": usage})
             self.frame(b"[DONE]")
             self.end_chunks()
+
+    def answer_scripted(self, body: dict[str, Any]) -> bool:
+        """The scripted model's tool call or its reading of a tool result (streamed as OpenAI's pieces
+        when asked to stream); False when the prompt scripts neither (it then answers as `chat`)."""
+        messages = body.get("messages") or []
+        last = messages[-1] if messages else {}
+        if last.get("role") == "tool":
+            self.send_json(200, self.envelope({"response": "The tool said: " + str(last.get("content")),
+                                               "usage": usage_for(body, 9)}))
+            return True
+        asked = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        script = re.search(r"^CALL (\S+) (\{.*\})$", str(asked.get("content", "")), re.M)
+        if script is None:
+            return False
+        name, arguments = script.groups()
+        if not body.get("stream"):
+            self.send_json(200, self.envelope({"response": None, "usage": usage_for(body, 9), "tool_calls": [
+                {"name": name, "arguments": json.loads(arguments)}]}))
+            return True
+        self.start_sse()
+        self.frame({"tool_calls": [{"id": "call_scripted", "type": "function", "index": 0,
+                                    "function": {"name": name, "arguments": arguments[:5]}}]})
+        self.frame({"tool_calls": [{"index": 0, "function": {"arguments": arguments[5:]}}]})
+        self.frame({"finish_reason": "tool_calls"})
+        self.frame({"response": "", "usage": usage_for(body, 9)})
+        self.frame(b"[DONE]")
+        self.end_chunks()
+        return True
 
     def record(self, body: Any) -> None:
         self.state.requests.append(Recorded(self.command, self.path, dict(self.headers), body))

@@ -1,6 +1,7 @@
 """Real clients against aigate on a Workers AI model (the fake Cloudflare on loopback): Codex CLI,
-the OpenAI Agents SDK, LangChain's with_structured_output and Vercel's AI SDK. Each is skipped, with
-the reason, where it is not installed (`make test` installs them: pip for Python, npm into .cache/node)."""
+Claude Code, the OpenAI Agents SDK, LangChain's with_structured_output and Vercel's AI SDK. Each is
+skipped, with the reason, where it is not installed (`make test` installs them: pip for Python, npm into
+.cache/node)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class Weather(BaseModel):
 @pytest.fixture(scope="module")
 def server(server_factory, fake):
     return server_factory(API_KEYS=KEY, **cloudflare_env(
-        fake, CLOUDFLARE_MODELS="@cf/fake/chat,@cf/fake/tools", CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools",
+        fake, CLOUDFLARE_MODELS="@cf/fake/chat,@cf/fake/tools,@cf/fake/scripted",
+        CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools",
         MODEL_ALIASES="forecaster=@cf/fake/tools"))
 
 
@@ -79,6 +81,37 @@ wire_api = "responses"
         assert "The tool said:" in run.stdout
         call, result = sent[-1]["messages"][-2:]
         assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
+
+
+def test_claude_code_print_runs_its_own_tool_and_answers(server, fake, tmp_path):
+    """Claude Code (`claude -p`) on the Messages API with ANTHROPIC_BASE_URL, its key as x-api-key, no
+    login, nothing sent elsewhere. Its prompt (~20,000 tokens of instructions and tool definitions) is
+    larger than the demo model's context, so the scripted fake model answers: it calls Claude Code's own
+    Read tool on a file, Claude Code reads it and sends the result back, and the model's answer says
+    what the file holds, which Claude Code prints."""
+    node_package("@anthropic-ai/claude-code")
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()
+    notes = work / "notes.txt"
+    notes.write_text("the secret word is pelican\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": server.base_url,
+           "ANTHROPIC_API_KEY": KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
+           "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1"}
+    prompt = f"Read my notes.\nCALL Read {json.dumps({'file_path': str(notes)})}"
+    run = subprocess.run([str(NODE_DIR / "node_modules" / ".bin" / "claude"), "-p", prompt, "--model",
+                          "@cf/fake/scripted"], cwd=work, env=env, capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "The tool said:" in run.stdout and "the secret word is pelican" in run.stdout
+    first, second = [r.body for r in fake.runs("@cf/fake/scripted")][-2:]
+    assert first["stream"] is True and len(first["tools"]) > 5  # Claude Code's own tools, as OpenAI tools
+    call, result = second["messages"][-2:]
+    assert call["tool_calls"][0]["function"]["name"] == "Read" and result["role"] == "tool"
+    assert result["tool_call_id"] == call["tool_calls"][0]["id"] and "pelican" in result["content"]
+    with server.changed:
+        assert server.changed.wait_for(lambda: sum("path=/v1/messages " in line and "status=200" in line
+                                                   for line in server.log) >= 2, timeout=10)
 
 
 @pytest.mark.parametrize("stream", [False, True])

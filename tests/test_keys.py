@@ -13,6 +13,8 @@ import pytest
 
 
 from app import check_config, create_app, load_backends
+from compat.auth import authenticate
+from compat.errors import APIError
 from settings import ApiKey, ConfigError, key_name, load_settings
 from tests.conftest import engine_socket
 
@@ -106,6 +108,20 @@ def chat(client, secret: str, model: str = "demo", max_tokens: int = 4):
         "temperature": 0})
     r.close()  # the tokens are charged when the answer is closed
     return r
+
+
+def test_the_key_is_read_from_a_bearer_header_or_else_x_api_key():
+    """Anthropic's SDKs and Claude Code send `x-api-key`; a bearer Authorization header wins over it."""
+    keys = (ApiKey("alice", "sk-alice"), ApiKey("bob", "sk-bob"))
+    assert authenticate("Bearer sk-alice", keys).name == "alice"
+    assert authenticate(None, keys, "sk-bob").name == "bob"
+    assert authenticate("Bearer sk-alice", keys, "sk-bob").name == "alice"
+    assert authenticate("Basic dXNlcg==", keys, "sk-bob").name == "bob"  # a proxy's own header is not the key
+    for header, api_key in (("Bearer sk-wrong", "sk-bob"), (None, "sk-wrong"), (None, None), (None, "")):
+        with pytest.raises(APIError) as refused:
+            authenticate(header, keys, api_key)
+        assert refused.value.status == 401
+    assert authenticate(None, (), "anything") is None  # no keys configured: nothing to check
 
 
 def test_a_key_sees_and_uses_only_its_models(tmp_path, demo_model):

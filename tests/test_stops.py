@@ -33,9 +33,13 @@ def test_held_text_is_flushed_at_the_end():
     assert run(["END"], ["abc", "EN"]) == ("abcEN", False)
 
 
-def test_earliest_of_several_stops_wins():
+def test_earliest_of_several_stops_wins_and_is_named():
     assert run(["yz", "b"], ["xyzab"]) == ("x", True)
     assert run(["\n\n", "。"], ["你好", "。再见"]) == ("你好", True)
+    m = StopMatcher(["b", "yz"])
+    assert m.feed("xyzab") == "x" and m.matched == "yz"
+    m = StopMatcher(["END"])
+    assert m.feed("abc") == "abc" and m.flush() == "" and m.matched is None
 
 
 def test_a_stop_that_began_earlier_wins_however_the_text_was_split():
@@ -56,4 +60,7 @@ def test_any_split_equals_cutting_the_whole_text(text, stops, data):
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     expected = (text[:min(found)], True) if found else (text, False)
-    assert run(stops, pieces) == expected
+    m = StopMatcher(stops)
+    assert ("".join(m.feed(p) for p in pieces) + m.flush(), m.stopped) == expected
+    # The stop string named is one that starts where the text was cut.
+    assert m.matched is None if not found else text.find(m.matched) == min(found)

@@ -67,6 +67,17 @@ def test_stop_sequences_hold_even_where_the_upstream_ignores_them():
     events = list(Normaliser(request, "chat", "up").stream(frames(chunk(content="one E"), chunk(content="ND two"),
                                                                   b"[DONE]")))
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "one " and events[-1].reason == "stop"
+    assert events[-1].stop_sequence == "END"
+
+
+def test_the_stop_string_an_upstream_says_ended_it_is_kept():
+    """vLLM cuts the stop string itself and names it in `stop_reason` (null for an end of text)."""
+    request = ChatRequest(model="m", messages=REQUEST.messages, stop=("END", "STOP"))
+    for said, kept in (("STOP", "STOP"), (None, None), ("never asked for", None)):
+        events = list(Normaliser(request, "chat", "up").stream(frames(
+            chunk(content="one"), {"choices": [{"delta": {}, "finish_reason": "stop", "stop_reason": said}]},
+            b"[DONE]")))
+        assert events[-1].reason == "stop" and events[-1].stop_sequence == kept
 
 
 def test_a_whole_answer_with_chatglm_cpp_s_tool_calls_and_legacy_text():

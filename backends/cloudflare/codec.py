@@ -99,7 +99,8 @@ def stream_events(datas: Iterable[str], request: ChatRequest, max_tokens: int, s
     if tail:
         yield TextDelta(tail)
     yield from calls.events()
-    yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens, bool(calls)), _usage(usage, request, parts))
+    yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens, bool(calls)), _usage(usage, request, parts),
+                 stop.matched)
 
 
 def whole_events(result: dict[str, Any], request: ChatRequest, max_tokens: int) -> Iterator[Event]:
@@ -114,7 +115,7 @@ def whole_events(result: dict[str, Any], request: ChatRequest, max_tokens: int) 
     yield from calls.events()
     usage = result.get("usage") or {}
     yield Finish(_finish_reason(finish, stop.stopped, usage, max_tokens, bool(calls)),
-                 _usage(usage, request, estimate_tokens(len(text))))
+                 _usage(usage, request, estimate_tokens(len(text))), stop.matched)
 
 
 def embeddings_of(result: dict[str, Any], count: int, model: str) -> list[list[float]]:

@@ -312,7 +312,7 @@ class Slot:
         if call is not None:
             yield call
             reason = "tool_calls"
-        yield Finish(reason, Usage(len(prompt) + extra, generated, cached_tokens=reuse))
+        yield Finish(reason, Usage(len(prompt) + extra, generated, cached_tokens=reuse), stop.matched)
 
     def _prefill(self, prompt: list[int], reuse: int, config: Any, image: Any = None) -> int:
         """Evaluate what the cache lacks of ``prompt``; the first new token."""

@@ -131,7 +131,7 @@ def event_message(event: Event) -> dict[str, Any]:
     if isinstance(event, ToolCall):
         return {"tool_call": asdict(event)}
     if isinstance(event, Finish):
-        return {"finish": event.reason, "usage": asdict(event.usage)}
+        return {"finish": event.reason, "usage": asdict(event.usage), "stop_sequence": event.stop_sequence}
     raise TypeError(f"the engine does not send {type(event).__name__} events")
 
 
@@ -147,7 +147,7 @@ def event(message: dict[str, Any]) -> Event:
     if "tool_call" in message:
         return ToolCall(**message["tool_call"])
     if "finish" in message:
-        return Finish(message["finish"], Usage(**message["usage"]))
+        return Finish(message["finish"], Usage(**message["usage"]), message.get("stop_sequence"))
     if "error" in message:
         cls = ERRORS.get(message["error"], BackendError)
         raise cls(message["message"], param=message.get("param"), retry_after=message.get("retry_after"))

@@ -39,6 +39,7 @@ class Normaliser:
         self.calls: dict[int, dict[str, str]] = {}
         self.usage: dict[str, Any] = {}
         self.finish: str | None = None
+        self.stopped_by: str | None = None  # the stop string the upstream says ended it (vLLM's stop_reason)
         self.chars = 0
         self.estimated = False
 
@@ -53,6 +54,7 @@ class Normaliser:
             if choice is None:  # a usage-only chunk (include_usage), or a keep-alive
                 continue
             self.finish = _str(choice.get("finish_reason")) or self.finish
+            self._stopped_by(choice)
             part = choice.get("delta") if self.kind == "chat" else choice
             part = part if isinstance(part, dict) else {}
             self._tool_pieces(part.get("tool_calls"))
@@ -74,6 +76,7 @@ class Normaliser:
         if choice is None:
             raise UpstreamError(f"upstream {self.upstream} answered without a choice")
         self.finish = _str(choice.get("finish_reason"))
+        self._stopped_by(choice)
         part = choice.get("message") if self.kind == "chat" else choice
         part = part if isinstance(part, dict) else {}
         self._tool_pieces(part.get("tool_calls"))
@@ -94,6 +97,11 @@ class Normaliser:
         usage = frame.get("usage")
         if isinstance(usage, dict) and (usage.get("prompt_tokens") or usage.get("completion_tokens")):
             self.usage = usage  # the last one wins: servers that send it in every chunk count up to it
+
+    def _stopped_by(self, choice: dict[str, Any]) -> None:
+        said = choice.get("stop_reason")
+        if isinstance(said, str) and said in self.request.stop:
+            self.stopped_by = said
 
     def _text(self, text: str) -> str:
         self.chars += len(text)
@@ -126,7 +134,7 @@ class Normaliser:
                  for _, c in sorted(self.calls.items()) if c["name"]]
         yield from calls
         usage = self._final_usage()
-        yield Finish(self._reason(bool(calls), usage), usage)
+        yield Finish(self._reason(bool(calls), usage), usage, self.stop.matched or self.stopped_by)
 
     def _final_usage(self) -> Usage:
         prompt, completion = _int(self.usage.get("prompt_tokens")), _int(self.usage.get("completion_tokens"))

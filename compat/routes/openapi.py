@@ -1,8 +1,9 @@
 """GET /openapi.json: the API as implemented, for SDK generators and API tools.
 
 openapi.yaml holds the paths and the schemas not declared in code; the request bodies' schemas
-come from their declarations (compat/wire.py), so what is validated and what is described cannot
-drift apart, and the answers' from theirs (compat/answers.py), which the builders are tested against. The document is built once, at import: a broken description stops
+come from their declarations (compat/wire.py, compat/messages_wire.py), so what is validated and what is
+described cannot drift apart, and the answers' from theirs (compat/answers.py, compat/messages_answers.py),
+which the builders are tested against. The document is built once, at import: a broken description stops
 the server at start (the gunicorn master imports the app) instead of failing the first request.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 from flask import Blueprint, Response
 
-from compat import answers, wire
+from compat import answers, messages_answers, messages_wire, wire
 
 SPEC = Path(__file__).resolve().parent.parent.parent / "openapi.yaml"
 
@@ -23,11 +24,13 @@ SPEC = Path(__file__).resolve().parent.parent.parent / "openapi.yaml"
 def document() -> dict[str, Any]:
     """openapi.yaml with the declared schemas added; a name in both is a mistake, refused."""
     doc = yaml.safe_load(SPEC.read_text(encoding="utf-8"))
-    written, declared = doc["components"]["schemas"], {**wire.schemas(), **answers.schemas()}
-    both = sorted(set(written) & set(declared) | set(wire.schemas()) & set(answers.schemas()))
+    written = doc["components"]["schemas"]
+    both: set[str] = set()
+    for declared in (wire.schemas(), answers.schemas(), messages_wire.schemas(), messages_answers.schemas()):
+        both |= set(written) & set(declared)
+        written.update(declared)
     if both:
-        raise ValueError(f"schemas written or declared twice: {', '.join(both)}")
-    written.update(declared)
+        raise ValueError(f"schemas written or declared twice: {', '.join(sorted(both))}")
     return doc
 
 
