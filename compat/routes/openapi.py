@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from flask import Blueprint, Response
 
-from compat import answers, wire
+from compat import answers, media_answers, media_wire, wire
 
 SPEC = Path(__file__).resolve().parent.parent.parent / "openapi.yaml"
 
@@ -23,8 +23,10 @@ SPEC = Path(__file__).resolve().parent.parent.parent / "openapi.yaml"
 def document() -> dict[str, Any]:
     """openapi.yaml with the declared schemas added; a name in both is a mistake, refused."""
     doc = yaml.safe_load(SPEC.read_text(encoding="utf-8"))
-    written, declared = doc["components"]["schemas"], {**wire.schemas(), **answers.schemas()}
-    both = sorted(set(written) & set(declared) | set(wire.schemas()) & set(answers.schemas()))
+    parts = (wire.schemas(), answers.schemas(), media_wire.schemas(), media_answers.schemas())
+    written, declared = doc["components"]["schemas"], {name: s for part in parts for name, s in part.items()}
+    both = sorted(set(written) & set(declared) | {name for i, part in enumerate(parts) for other in parts[i + 1:]
+                                                  for name in set(part) & set(other)})
     if both:
         raise ValueError(f"schemas written or declared twice: {', '.join(both)}")
     written.update(declared)
