@@ -193,7 +193,7 @@ def upstream_serves(path: str) -> bool:
 
 def answer_upstream(handler: Any, mode: str | None) -> None:
     """One call of an OpenAI-compatible server (``handler.record`` keeps what it was sent); a model
-    `fake-500` (or the fake's ``mode``) fails, `fake-400` refuses."""
+    `fake-500` (or the fake's ``mode``) fails, `fake-400` refuses, `fake-404` has no such endpoint."""
     raw = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
     if handler.path.endswith("/audio/transcriptions"):
         from werkzeug.formparser import parse_form_data
@@ -213,6 +213,8 @@ def answer_upstream(handler: Any, mode: str | None) -> None:
         return handler.send_json(500, {"error": {"message": "the GPU fell over", "type": "server_error"}})
     if mode == "400":
         return handler.send_json(400, {"error": {"message": "this model takes no such input", "type": "invalid"}})
+    if mode == "404":  # a server without the endpoint (FastAPI's answer, as vLLM's)
+        return handler.send_json(404, {"detail": "Not Found"})
     if handler.path.endswith("/rerank"):
         scored = [{"index": i, "relevance_score": score(body["query"], d)} for i, d in enumerate(body["documents"])]
         return handler.send_json(200, {"model": model, "results": scored, "usage": {"total_tokens": 42}})

@@ -32,7 +32,7 @@ key = "{NARROW}"
 models = ["{RERANKER}"]
 requests_per_minute = 3
 """
-UP_MODELS = ["up-rerank", "up-whisper", "up-tts", "up-image", "fake-500", "fake-400"]
+UP_MODELS = ["up-rerank", "up-whisper", "up-tts", "up-image", "fake-500", "fake-400", "fake-404"]
 MAX_UPLOAD = 200_000
 DOCUMENTS = ["Paris is the capital of France.", "The cat sat on the mat.", "France exports wine and cheese.",
              "Bananas are yellow."]
@@ -148,6 +148,14 @@ def test_rerank_errors(server, body, status, code, param):
     if code == "model_not_supported":
         assert f"does not support reranking (POST /v1/rerank); models that do: {RERANKER}, @cf/fake/500" in \
             error["message"]
+
+
+def test_an_upstream_without_the_endpoint_is_a_400_not_a_failing_upstream(server):
+    errors = requests.get(server.base_url + "/ready", timeout=10).json()["upstreams"]["up"]["errors"]
+    r = rerank(server, {"model": "fake-404", "query": "q", "documents": ["d"]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "model_not_supported" and "does not serve this endpoint" in r.text
+    assert requests.get(server.base_url + "/ready", timeout=10).json()["upstreams"]["up"]["errors"] == errors
 
 
 def test_rerank_takes_the_keys_their_models_and_their_request_limits(server):

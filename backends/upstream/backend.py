@@ -25,9 +25,11 @@ from backends.base import (
     Finish,
     ModelInfo,
     ModelNotFound,
+    NotSupportedByModel,
     RateLimited,
     Unavailable,
     UpstreamError,
+    UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamTimeout,
     estimate_tokens,
@@ -256,13 +258,18 @@ class UpstreamBackend:
     def _exchange(self, model: str, caller: Caller | None,
                   send: Callable[[UpstreamConfig], requests.Response]) -> tuple[Member, requests.Response]:
         """The first upstream of the pool to answer a 2xx, its body unread (the caller ends the member's
-        request when it has read it); a failure moves to the next, as chat's does."""
+        request when it has read it); a failure moves to the next, as chat's does. A 404 says the server has
+        no such endpoint (a chat model's server asked to rerank): the request's fault, not the upstream's."""
         failures: list[BackendError] = []
         for member in order(self._pool(model)):
             member.begin()
             started = time.monotonic()
             try:
                 response = send(member.config)
+            except UpstreamNotFound as exc:
+                member.end()
+                member.refused()
+                raise NotSupportedByModel(f"{model} does not serve this endpoint ({exc})", param="model") from None
             except FAIL_OVER_ON as exc:
                 member.end()
                 member.failed(exc)
