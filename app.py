@@ -29,14 +29,17 @@ from compat.errors import APIError, error_response, from_backend, internal_error
 from compat.messages_errors import AnthropicErrors
 from compat.requests import Limits
 from compat.routes import (
+    audio,
     chat,
     completions,
     embeddings,
     messages,
+    images,
     models,
     openapi,
     ops,
     playground,
+    rerank,
     responses,
 )
 from policy import LocalModel, Policy
@@ -52,7 +55,8 @@ DEMO_MODEL_ID = "chatglm3-demo"
 EXPOSED_HEADERS = ["x-request-id", "Retry-After", "retry-after-ms", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                    "X-RateLimit-Reset", "X-RateLimit-Retry-After"]
 # The API's paths without /v1 (a base URL without it), as LiteLLM and Ollama also serve them.
-UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses|messages)(/.*)?")
+UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses|messages|rerank|reranking|audio|images)"
+                         r"(/.*)?")
 
 
 @dataclass
@@ -91,11 +95,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
-    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, messages.bp, ops.bp, openapi.bp,
-               playground.bp):
+    for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, messages.bp, rerank.bp, audio.bp,
+               images.bp, ops.bp, openapi.bp, playground.bp):
         app.register_blueprint(bp)
-    # The body read whole, bounded in size and time, before anything else looks at the request...
-    app.wsgi_app = BodyReader(app.wsgi_app, settings.max_body_bytes, settings.body_timeout)  # type: ignore[method-assign]
+    # The body read whole, bounded in size and time, before anything else looks at the request (an upload
+    # to its own bound, spooled to disk)...
+    app.wsgi_app = BodyReader(app.wsgi_app, settings.max_body_bytes, settings.body_timeout,  # type: ignore[method-assign]
+                              audio.UPLOAD_PATHS, settings.max_upload_bytes)
     # ...but only once the key is checked, from the headers: a request without one is answered unread.
     app.wsgi_app = KeyCheck(app.wsgi_app, settings.api_keys)  # type: ignore[method-assign]
     if settings.trusted_proxies:  # the client address and scheme as the proxies saw them
@@ -182,7 +188,8 @@ def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
         # Served elsewhere, so a discovered upstream model of the same name is left out (a listed one is refused).
         taken = {local.id} if local else set()
         if settings.uses_cloudflare:
-            taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models}
+            taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models,
+                      *(model for model, _ in settings.cloudflare_media_models)}
         taken |= {alias for alias, _ in settings.model_aliases}
         backends.append(UpstreamBackend(settings.upstreams, taken, settings.worker_connections))
     return Registry(backends, dict(settings.model_aliases))
@@ -198,7 +205,7 @@ def cloudflare_config(settings: Settings):
         discover=discover, max_tokens=settings.cloudflare_max_tokens, connect_timeout=settings.cloudflare_timeout[0],
         read_timeout=settings.cloudflare_timeout[1], retries=settings.cloudflare_retries,
         pool_size=settings.worker_connections, embedding_models=settings.cloudflare_embedding_models,
-        json_mode_models=settings.cloudflare_json_models)
+        json_mode_models=settings.cloudflare_json_models, media_models=settings.cloudflare_media_models)
 
 
 def check_config(settings: Settings) -> LocalModel | None:
@@ -216,7 +223,7 @@ def check_config(settings: Settings) -> LocalModel | None:
     known = {local.id} if local else set()
     discovering = settings.uses_cloudflare and settings.cloudflare_models == ("auto",)
     if settings.uses_cloudflare:
-        known.update(settings.cloudflare_embedding_models)
+        known.update(settings.cloudflare_embedding_models, (model for model, _ in settings.cloudflare_media_models))
     if settings.uses_cloudflare and not discovering:
         known.update(settings.cloudflare_models)
     known |= check_upstream_models(settings, known)

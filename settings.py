@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from backends.base import Task
 from backends.upstream.config import (
     UpstreamConfig,
     UpstreamsFileError,
@@ -45,6 +46,11 @@ DEFAULT_CLOUDFLARE_JSON_MODELS = (
     "@hf/nousresearch/hermes-2-pro-mistral-7b", "@hf/thebloke/deepseek-coder-6.7b-instruct-awq",
     "@cf/deepseek-ai/deepseek-r1-distill-qwen-32b")
 DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
+# The Workers AI models of /v1/rerank, /v1/audio/transcriptions, /v1/audio/speech and /v1/images/generations.
+DEFAULT_CLOUDFLARE_RERANK_MODELS = ("@cf/baai/bge-reranker-base",)
+DEFAULT_CLOUDFLARE_TRANSCRIPTION_MODELS = ("@cf/openai/whisper", "@cf/openai/whisper-large-v3-turbo")
+DEFAULT_CLOUDFLARE_SPEECH_MODELS = ("@cf/myshell-ai/melotts", "@cf/deepgram/aura-1")
+DEFAULT_CLOUDFLARE_IMAGE_MODELS = ("@cf/black-forest-labs/flux-1-schnell", "@cf/stabilityai/stable-diffusion-xl-base-1.0")
 
 log = logging.getLogger("aigate")
 
@@ -209,6 +215,19 @@ class Settings:
         "CLOUDFLARE_JSON_MODELS", DEFAULT_CLOUDFLARE_JSON_MODELS,
         "the Workers AI models that take `response_format` (JSON mode)",
         shown="those Cloudflare's JSON-mode page lists (`settings.DEFAULT_CLOUDFLARE_JSON_MODELS`)")
+    cloudflare_rerank_models: tuple[str, ...] = setting(
+        "CLOUDFLARE_RERANK_MODELS", DEFAULT_CLOUDFLARE_RERANK_MODELS, "reranking models to serve on `/v1/rerank`")
+    cloudflare_transcription_models: tuple[str, ...] = setting(
+        "CLOUDFLARE_TRANSCRIPTION_MODELS", DEFAULT_CLOUDFLARE_TRANSCRIPTION_MODELS,
+        "speech recognition models to serve on `/v1/audio/transcriptions`",
+        shown="`@cf/openai/whisper`, `@cf/openai/whisper-large-v3-turbo`")
+    cloudflare_speech_models: tuple[str, ...] = setting(
+        "CLOUDFLARE_SPEECH_MODELS", DEFAULT_CLOUDFLARE_SPEECH_MODELS, "text-to-speech models to serve on "
+        "`/v1/audio/speech` (MeloTTS, Aura)", shown="`@cf/myshell-ai/melotts`, `@cf/deepgram/aura-1`")
+    cloudflare_image_models: tuple[str, ...] = setting(
+        "CLOUDFLARE_IMAGE_MODELS", DEFAULT_CLOUDFLARE_IMAGE_MODELS, "text-to-image models to serve on "
+        "`/v1/images/generations`",
+        shown="`@cf/black-forest-labs/flux-1-schnell`, `@cf/stabilityai/stable-diffusion-xl-base-1.0`")
     cloudflare_api_base: str = setting("CLOUDFLARE_API_BASE", "https://api.cloudflare.com/client/v4",
                                        "the REST base URL")
     cloudflare_max_tokens: int = setting(
@@ -246,6 +265,10 @@ class Settings:
     # What one request may be
     max_body_bytes: int = setting("MAX_BODY_BYTES", 4 * 1024 * 1024, "largest request body (413 above it)",
                                   minimum=1024)
+    max_upload_bytes: int = setting(
+        "MAX_UPLOAD_BYTES", 25 * 1024 * 1024, "largest upload body (`/v1/audio/transcriptions`, multipart; 413 "
+        "above it): read to disk past 1 MB, never held whole in memory", shown="`26214400` (25 MB, OpenAI's)",
+        minimum=1024)
     body_timeout: float = setting(
         "BODY_TIMEOUT", 30.0, "seconds a client has to send a request's body once its headers are in (408 after)",
         minimum=0.1)
@@ -302,6 +325,14 @@ class Settings:
     @property
     def uses_cloudflare(self) -> bool:
         return bool(self.cloudflare_account_id)
+
+    @property
+    def cloudflare_media_models(self) -> tuple[tuple[str, Task], ...]:
+        """Each Workers AI model of a task besides chat and embeddings, with its task."""
+        tasks: tuple[tuple[tuple[str, ...], Task], ...] = (
+            (self.cloudflare_rerank_models, "rerank"), (self.cloudflare_transcription_models, "transcription"),
+            (self.cloudflare_speech_models, "speech"), (self.cloudflare_image_models, "image_generation"))
+        return tuple((model, task) for models, task in tasks for model in models)
 
     @property
     def uses_demo_model(self) -> bool:

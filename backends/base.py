@@ -178,6 +178,11 @@ class Embeddings:
     prompt_tokens: int
 
 
+# What a model serves: chat (chat, completions, responses), embeddings, or one of backends/media.py's tasks.
+Task = Literal["chat", "embeddings", "rerank", "transcription", "speech", "image_generation"]
+CHAT: frozenset[Task] = frozenset({"chat"})
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
@@ -185,9 +190,13 @@ class ModelInfo:
     created: int = 0
     structured_outputs: bool = False  # can honour a JSON schema (response_format / text.format)
     images: bool = False  # reads image content parts (GLM-4V)
+    tasks: frozenset[Task] | None = CHAT  # None: not known (an upstream's model serves what its server does)
 
 
 class Backend(Protocol):
+    """A backend that also reranks, transcribes, speaks or draws has the method of that task's protocol
+    (backends/media.py), and says which of its models serve it (ModelInfo.tasks)."""
+
     name: str  # for logs, metrics and /ready
 
     def models(self) -> list[ModelInfo]: ...

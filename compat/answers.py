@@ -193,6 +193,10 @@ class Capabilities(_Answer):
                                                          "honoured; refused if not.")]
     images: Annotated[bool, Meta(description="Whether image content parts (`image_url`, `input_image`) are read "
                                              "(GLM-4V); refused if not.")]
+    tasks: Annotated[list[Literal["chat", "embeddings", "rerank", "transcription", "speech", "image_generation"]],
+                     Meta(description="What the model serves: `chat` (chat completions, completions, responses), "
+                                      "`embeddings`, `rerank`, `transcription`, `speech`, `image_generation`; null "
+                                      "when not known (an upstream's model: its server decides).")] | None
 
 
 class Model(_Answer):

@@ -4,7 +4,9 @@ Every route reads its JSON body whole anyway; reading it here first means a chun
 MAX_BODY_BYTES is a 413 (werkzeug would cut it at the limit and hand on the first part), broken
 chunked framing is a 400 (gunicorn raises it from inside the app's read), and a client that sends
 its body slowly is a 408 after BODY_TIMEOUT seconds instead of holding a connection for ever.
-A Content-Length over the limit is a 413 before any of it is read.
+A Content-Length over the limit is a 413 before any of it is read. An upload (a path of
+``upload_paths``: multipart audio) has its own, larger bound, and its body is spooled to a temporary
+file past SPOOL_BYTES instead of held in memory.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import io
 import json
 import logging
 import secrets
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger("aigate")
 
 READ_STEP = 64 * 1024
+SPOOL_BYTES = 1024 * 1024  # an upload's body past this goes to a temporary file
 TOO_LARGE = ("413 Request Entity Too Large", "request_too_large", "The request body is too large (MAX_BODY_BYTES).")
+UPLOAD_TOO_LARGE = ("413 Request Entity Too Large", "request_too_large",
+                    "The upload is too large (MAX_UPLOAD_BYTES).")
 
 
 class BodyRefused(Exception):
@@ -30,39 +36,46 @@ class BodyRefused(Exception):
 
 
 class BodyReader:
-    def __init__(self, app: Callable, max_bytes: int, timeout: float) -> None:
+    def __init__(self, app: Callable, max_bytes: int, timeout: float, upload_paths: frozenset[str] = frozenset(),
+                 max_upload_bytes: int = 0) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.upload_paths, self.max_upload_bytes = upload_paths, max_upload_bytes
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         length = _content_length(environ)
         if not chunked and not length:
             return self.app(environ, start_response)
+        upload = environ.get("PATH_INFO", "") in self.upload_paths
+        limit, too_large = (self.max_upload_bytes, UPLOAD_TOO_LARGE) if upload else (self.max_bytes, TOO_LARGE)
         try:
-            if not chunked and length is not None and length > self.max_bytes:  # refused unread
-                raise BodyRefused(*TOO_LARGE)
-            body = self._read(environ, None if chunked else length)
+            if not chunked and length is not None and length > limit:  # refused unread
+                raise BodyRefused(*too_large)
+            sink: IO[bytes] = tempfile.SpooledTemporaryFile(SPOOL_BYTES) if upload else io.BytesIO()
+            size = self._read(environ, None if chunked else length, limit, too_large, sink)
         except BodyRefused as refused:
             _do_not_reuse(environ)
             return _refuse(refused, start_response)
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
+        sink.seek(0)
+        environ["wsgi.input"] = sink
+        environ["CONTENT_LENGTH"] = str(size)
         environ.pop("HTTP_TRANSFER_ENCODING", None)  # werkzeug would read no body for a chunked one
         environ["wsgi.input_terminated"] = False
         return self.app(environ, start_response)
 
-    def _read(self, environ: dict[str, Any], length: int | None) -> bytes:
-        """The whole body: ``length`` bytes, or a chunked body to its end (at most max_bytes)."""
+    def _read(self, environ: dict[str, Any], length: int | None, limit: int, too_large: tuple[str, str, str],
+              sink: IO[bytes]) -> int:
+        """The whole body into ``sink``: ``length`` bytes, or a chunked body to its end (at most ``limit``)."""
         stream = environ["wsgi.input"]
-        wanted = self.max_bytes + 1 if length is None else length
-        parts, received = [], 0
+        wanted = limit + 1 if length is None else length
+        received = 0
         try:
             with _deadline(environ, self.timeout):
                 while received < wanted:
                     data = stream.read(min(READ_STEP, wanted - received))
                     if not data:
                         break
-                    parts.append(data)
+                    sink.write(data)
                     received += len(data)
         except (_TimedOut, TimeoutError):
             raise BodyRefused("408 Request Timeout", "request_timeout",
@@ -73,11 +86,11 @@ class BodyReader:
             log.info("malformed request body refused: %s", type(exc).__name__)
             raise BodyRefused("400 Bad Request", "malformed_body",
                               "The request body's chunked transfer encoding is malformed.") from None
-        if length is None and received > self.max_bytes:
-            raise BodyRefused(*TOO_LARGE)
+        if length is None and received > limit:
+            raise BodyRefused(*too_large)
         if length is not None and received < length:
             raise BodyRefused("400 Bad Request", "incomplete_body", "The request body was cut short.")
-        return b"".join(parts)
+        return received
 
 
 class _TimedOut(BaseException):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests import fake_media
 from tests.fake_http import FakeServer, WireHandler
 
 ACCOUNT = "0123456789abcdef0123456789abcdef"
@@ -147,6 +148,9 @@ class _Handler(WireHandler):
             body = None
         self.record(body)
         if not self.authorized():
+            return
+        if self.path.split("/ai/run/")[-1] in fake_media.MODELS:  # reranking, speech, images: tests/fake_media.py
+            fake_media.answer_workers_ai(self, self.path.split("/ai/run/")[-1], raw)
             return
         if self.path.endswith("/ai/v1/chat/completions") and isinstance(body, dict):
             self.answer_openai(body)

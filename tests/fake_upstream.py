@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests import fake_media
 from tests.fake_cloudflare import fake_embedding, reply_words
 from tests.fake_http import FakeServer, WireHandler
 
@@ -72,6 +73,8 @@ class _Handler(WireHandler):
             self.send_json(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
+        if fake_media.upstream_serves(self.path):  # reranking, speech, images: tests/fake_media.py
+            return fake_media.answer_upstream(self, self.state.mode)
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         self.record(body)
         model = body.get("model", "")

@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
+from settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS, load_settings
 from tests.fake_cloudflare import cloudflare_env as shared_env
 from tests.fake_cloudflare import ACCOUNT, MODES, TEXT_MODELS, TOKEN, FakeCloudflare, reply_words, usage_for
 
@@ -234,7 +234,8 @@ def test_models_auto_discovery_and_local_beside_cloudflare(server_factory, fake,
     server = server_factory(**cloudflare_env(fake, CLOUDFLARE_MODELS="auto", CHATGLM_MODEL=str(demo_model),
                                              MODEL_ALIASES="gpt-4o=@cf/fake/openai"))
     models = {m["id"]: m["owned_by"] for m in requests.get(server.v1 + "/models", timeout=30).json()["data"]}
-    embedding = DEFAULT_CLOUDFLARE_EMBEDDING_MODELS
+    media = (m for m, _ in load_settings({}, None).cloudflare_media_models)  # reranking, audio, images
+    embedding = (*DEFAULT_CLOUDFLARE_EMBEDDING_MODELS, *media)
     assert models == {"demo": "local", **{m: "cloudflare" for m in (*TEXT_MODELS, *embedding)}, "gpt-4o": "cloudflare"}
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     assert client.chat.completions.create(model="gpt-4o", messages=HELLO).choices[0].message.content.startswith("You")

@@ -1,7 +1,7 @@
 """The API against its own description: schemathesis sends generated requests (valid and invalid)
 to every operation of a live gunicorn and checks each answer against the document /openapi.json
-serves (openapi.yaml with the request schemas of compat/wire.py's declarations). Embeddings go
-through the fake Cloudflare, the only embedding models."""
+serves (openapi.yaml with the request schemas of compat/wire.py's declarations). Embeddings, reranking,
+speech recognition, speech and images go through the fake Cloudflare (tests/fake_media.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT_MODEL, EMBEDDING_MODEL = "chatglm3-demo", "@cf/baai/bge-small-en-v1.5"  # as named in the examples
 # Responses go to the fake Workers AI model: the same road and codec, without a generation's CPU for each case.
 SERVED = {"/v1/chat/completions": CHAT_MODEL, "/v1/completions": CHAT_MODEL, "/v1/embeddings": EMBEDDING_MODEL,
-          "/v1/responses": "@cf/fake/chat", "/v1/messages": "@cf/fake/chat", "/v1/messages/count_tokens": "@cf/fake/chat"}
+          "/v1/responses": "@cf/fake/chat", "/v1/messages": "@cf/fake/chat", "/v1/messages/count_tokens": "@cf/fake/chat",
+          "/v1/rerank": "@cf/baai/bge-reranker-base",
+          "/v1/audio/transcriptions": "@cf/openai/whisper", "/v1/audio/speech": "@cf/deepgram/aura-1",
+          "/v1/images/generations": "@cf/stabilityai/stable-diffusion-xl-base-1.0"}
 SHORT = 16  # the most tokens a valid case asks for
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]

@@ -5,6 +5,7 @@ into a BackendError that never carries the account id or the token."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -12,11 +13,14 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import (BackendError, Caller, ChatRequest, Embeddings, Event, ModelInfo, UpstreamBrokenAnswer,
-                           UpstreamError, UpstreamOverCapacity, UpstreamTimeout, estimate_tokens)
-from backends.cloudflare import codec
-from backends.cloudflare.transport import (ConnectFailed, ConnectTimedOut, NoAnswer, ReadBroken, Response, Transport,
-                                           TransportError)
+from backends.base import (BackendError, Caller, ChatRequest, ContextLengthExceeded, Embeddings, Event, ModelInfo,
+                           NotSupportedByModel, Task, UpstreamBrokenAnswer, UpstreamError, UpstreamOverCapacity,
+                           UpstreamRefused, UpstreamTimeout, estimate_tokens)
+from backends.cloudflare import codec, media
+from backends.cloudflare.transport import (ConnectFailed, ConnectTimedOut, NoAnswer, Payload, ReadBroken, Response,
+                                           Transport, TransportError)
+from backends.media import (ImageRequest, Images, RawAnswer, Ranking, RerankRequest, SpeechRequest, Transcript,
+                            TranscriptionRequest)
 from backends.sse_reader import sse_data
 
 log = logging.getLogger("backends.cloudflare")
@@ -25,6 +29,7 @@ MAX_RETRY_WAIT = 2.0  # an upstream Retry-After longer than this goes back to th
 EMBED_BATCH = 100  # Workers AI's limit of texts per embedding call
 DISCOVERY_RETRY = 5.0  # seconds between catalogue attempts while none has succeeded (/ready says not ready)
 DISCOVERY_RETRY_LATER = 60.0  # after a failure once a list is known (it keeps serving)
+MAX_FILE_BYTES = 32 * 1024 * 1024  # the largest image Workers AI's answer may hold
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class CloudflareConfig:
     pool_size: int = 100
     embedding_models: tuple[str, ...] = ()
     json_mode_models: tuple[str, ...] = ()  # those that take response_format (Workers AI's JSON mode)
+    media_models: tuple[tuple[str, Task], ...] = ()  # rerank, speech recognition, speech, image models
 
 
 class CloudflareBackend:
@@ -52,7 +58,9 @@ class CloudflareBackend:
         self.transport = Transport(f"{config.api_base.rstrip('/')}/accounts/{config.account_id}", config.api_token,
                                    config.connect_timeout, config.read_timeout, config.pool_size)
         self._models = [self._info(m, "cloudflare") for m in config.models]
-        self._embedding_models = [ModelInfo(m, "cloudflare") for m in config.embedding_models]
+        self._embedding_models = [ModelInfo(m, "cloudflare", tasks=frozenset({"embeddings"}))
+                                  for m in config.embedding_models]
+        self._media_models = [ModelInfo(m, "cloudflare", tasks=frozenset({task})) for m, task in config.media_models]
         self._discovery = threading.Lock()  # one catalogue read at a time
         self._refresh_at = 0.0 if config.discover else float("inf")
         self._discovered = False  # with discovery on: has the catalogue been read at least once?
@@ -78,7 +86,7 @@ class CloudflareBackend:
     def models(self) -> list[ModelInfo]:
         """The list as last read; a stale one is refreshed in the background, never in the request."""
         self._refresh_when_due()
-        return self._models + self._embedding_models
+        return self._models + self._embedding_models + self._media_models
 
     def _refresh_when_due(self) -> None:
         if time.monotonic() >= self._refresh_at and not self._discovery.locked():
@@ -137,6 +145,89 @@ class CloudflareBackend:
             vectors += codec.embeddings_of(result, len(batch), model)
         return Embeddings(vectors, sum(estimate_tokens(len(text)) for text in inputs))
 
+    # -- reranking, speech recognition, speech, images (backends/media.py) -----------------------
+
+    def rerank(self, request: RerankRequest, caller: Caller | None = None) -> Ranking:
+        """Workers AI counts no tokens here either: usage is a chars/4 estimate of each (query, document)
+        pair the model reads."""
+        result = self._run(request.model, media.rerank_body(request), "documents")
+        return Ranking(media.ranked(result, request),
+                       sum(estimate_tokens(len(request.query) + len(d)) for d in request.documents))
+
+    def transcribe(self, request: TranscriptionRequest, caller: Caller | None = None) -> Transcript:
+        if request.stream:
+            raise NotSupportedByModel(f"{request.model} cannot stream its transcription; leave stream out.",
+                                      param="stream")
+        return media.transcript(self._run(request.model, media.transcription_payload(request), "file"),
+                                request.model)
+
+    def speak(self, request: SpeechRequest, caller: Caller | None = None) -> RawAnswer:
+        """MeloTTS answers JSON (base64 MP3), Aura the audio itself, passed on as it arrives."""
+        if request.sse:
+            raise NotSupportedByModel(f"{request.model} cannot stream its audio as events; leave stream_format "
+                                      "out (or ask for audio).", param="stream_format")
+        response = self._post_media(request.model, media.speech_body(request), "input")
+        content_type = media.CONTENT_TYPES[request.response_format]
+        if "application/json" in response.content_type:
+            try:
+                audio = self._result(response).get("audio")
+            finally:
+                response.close()
+            if not isinstance(audio, str) or not audio:
+                raise UpstreamError(f"Cloudflare's answer for {request.model} holds no audio (is it a speech model?)")
+            return RawAnswer(content_type, _once(base64.b64decode(audio)))
+        return RawAnswer(content_type, self._streamed(response))
+
+    def generate_image(self, request: ImageRequest, caller: Caller | None = None) -> Images:
+        """One call an image: FLUX.1 schnell answers JSON (base64), Stable Diffusion XL the PNG itself."""
+        body = media.image_body(request.model, request.prompt, request.width, request.height,
+                                request.negative_prompt, request.seed)
+        images = []
+        for _ in range(request.n):
+            response = self._post_media(request.model, body, "prompt")
+            try:
+                if "application/json" in response.content_type:
+                    images.append(media.image_of(self._result(response), request.model))
+                else:
+                    images.append(base64.b64encode(self._file(response, request.model)).decode("ascii"))
+            finally:
+                response.close()
+        return Images(images)
+
+    def _run(self, model: str, body: dict | Payload, param: str) -> dict:
+        """A task's JSON result."""
+        response = self._post_media(model, body, param)
+        try:
+            return self._result(response)
+        finally:
+            response.close()
+
+    def _post_media(self, model: str, body: dict | Payload, param: str) -> Response:
+        """_post, with Workers AI's "too large" said of the client's field rather than of chat messages."""
+        try:
+            return self._post(model, body)
+        except ContextLengthExceeded as exc:
+            raise UpstreamRefused(exc.message, param=param) from None
+
+    def _file(self, response: Response, model: str) -> bytes:
+        data = bytearray()
+        try:
+            for piece in response.chunks():
+                data += piece
+                if len(data) > MAX_FILE_BYTES:
+                    raise UpstreamError(f"Cloudflare's answer for {model} is over {MAX_FILE_BYTES} bytes")
+        except ReadBroken as exc:
+            raise _broken_read(exc, "mid-answer") from None
+        return bytes(data)
+
+    def _streamed(self, response: Response) -> Generator[bytes, None, None]:
+        try:
+            yield from response.chunks()
+        except ReadBroken as exc:
+            raise _broken_read(exc, "mid-answer") from None
+        finally:
+            response.close()
+
     # -- chat -------------------------------------------------------------------------------------
 
     def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
@@ -154,7 +245,7 @@ class CloudflareBackend:
         finally:
             response.close()  # a client that went away closes the upstream connection with it
 
-    def _post(self, model: str, body: dict[str, Any]) -> Response:
+    def _post(self, model: str, body: dict[str, Any] | Payload) -> Response:
         """POST with bounded retries of what is safe to resend: connection failures, capacity 429s
         and 5xx, all before anything reached our client."""
         path = f"/ai/run/{model}"
@@ -211,6 +302,10 @@ class CloudflareBackend:
             if secret:
                 text = text.replace(secret, "***")
         return text
+
+
+def _once(data: bytes) -> Generator[bytes, None, None]:
+    yield data
 
 
 def _broken_read(exc: ReadBroken, where: str, broken: type[UpstreamError] = UpstreamError) -> UpstreamError:

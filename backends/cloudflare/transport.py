@@ -11,7 +11,8 @@ import json
 import os
 import re
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -43,6 +44,16 @@ class ReadBroken(TransportError):
     def __init__(self, reason: str, timed_out: bool) -> None:
         super().__init__(reason)
         self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A body that is not a JSON object held in memory (an audio file, or JSON around one), sent as it is
+    read: ``chunks()`` starts it again for each attempt, ``length`` bytes in all."""
+
+    content_type: str
+    length: int
+    chunks: Callable[[], Iterable[bytes]]
 
 
 class Response:
@@ -94,20 +105,25 @@ class Transport:
         self._pool = None if proxy else self._manager.connection_from_url(self.base_url)
         self._path = urlsplit(self.base_url).path
 
-    def post(self, path: str, body: dict[str, Any]) -> Response:
+    def post(self, path: str, body: dict[str, Any] | Payload) -> Response:
+        if isinstance(body, Payload):  # sent with its length, not chunked: as it is read
+            return self._request("POST", path, body.chunks(), {"Content-Type": body.content_type,
+                                                                "Content-Length": str(body.length)})
         data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         return self._request("POST", path, data)
 
     def get(self, path: str, params: dict[str, str]) -> Response:
         return self._request("GET", f"{path}?{urlencode(params)}", None)
 
-    def _request(self, method: str, path: str, body: bytes | None) -> Response:
+    def _request(self, method: str, path: str, body: bytes | Iterable[bytes] | None,
+                 headers: dict[str, str] | None = None) -> Response:
+        sent = {**self._headers, **headers} if headers else self._headers
         try:
             if self._pool is not None:
-                raw = self._pool.urlopen(method, self._path + path, body=body, headers=self._headers,
+                raw = self._pool.urlopen(method, self._path + path, body=body, headers=sent,
                                          preload_content=False, redirect=False, retries=False)
             else:
-                raw = self._manager.urlopen(method, self.base_url + path, body=body, headers=self._headers,
+                raw = self._manager.urlopen(method, self.base_url + path, body=body, headers=sent,
                                             preload_content=False, redirect=False, retries=False)
         except NewConnectionError as exc:  # before ConnectTimeoutError: urllib3 makes it a subclass
             raise ConnectFailed(_reason(exc)) from None

@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import requests
@@ -25,14 +25,19 @@ from backends.base import (
     Finish,
     ModelInfo,
     ModelNotFound,
+    NotSupportedByModel,
     RateLimited,
     Unavailable,
     UpstreamError,
+    UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamTimeout,
     estimate_tokens,
 )
 from backends.chat_messages import message_json
+from backends.media import (ImageRequest, RawAnswer, Ranking, RerankRequest, SpeechRequest, TranscriptionRequest,
+                            Upload)
+from backends.upstream import media
 from backends.upstream.config import UpstreamConfig
 from backends.upstream.normalise import Kind, Normaliser
 from backends.upstream.pool import Member, order
@@ -111,7 +116,8 @@ class UpstreamBackend:
                 pools.setdefault(model, []).append(member)
                 created[model] = max(created.get(model, 0), when)
         self._infos = [ModelInfo(model, members[0].name, created[model],
-                                 structured_outputs=all(m.config.structured_outputs for m in members))
+                                 structured_outputs=all(m.config.structured_outputs for m in members),
+                                 tasks=None)  # whatever its server serves
                        for model, members in pools.items()]
         self._pools = pools  # swapped whole: requests read one list or the other, never half of one
 
@@ -207,6 +213,79 @@ class UpstreamBackend:
                 caller.served_by(f"upstream/{member.name}")
             vectors, tokens = result
             return Embeddings(vectors, tokens or sum(estimate_tokens(len(text)) for text in inputs))
+        raise _gave_up(model, failures)
+
+    # -- reranking, transcription, speech, images (backends/media.py): passed on ------------------------
+
+    def rerank(self, request: RerankRequest, caller: Caller | None = None) -> Ranking:
+        body = media.rerank_body(request, caller)
+        member, response = self._exchange(request.model, caller,
+                                          lambda up: media.post(self.transport.session, up, "/rerank", json_body=body))
+        try:
+            results, tokens = media.ranking(member.config, response, request)
+        finally:
+            response.close()
+            member.end()
+        return Ranking(results, tokens or sum(estimate_tokens(len(request.query) + len(d)) for d in request.documents))
+
+    def transcribe(self, request: TranscriptionRequest, caller: Caller | None = None) -> RawAnswer:
+        fields = media.form_fields(caller, request.model)
+        return self._passed_on(request.model, caller, "/audio/transcriptions", upload=(fields, request.audio))
+
+    def speak(self, request: SpeechRequest, caller: Caller | None = None) -> RawAnswer:
+        return self._passed_on(request.model, caller, "/audio/speech", media.passed_body(caller, request.model))
+
+    def generate_image(self, request: ImageRequest, caller: Caller | None = None) -> RawAnswer:
+        return self._passed_on(request.model, caller, "/images/generations", media.passed_body(caller, request.model))
+
+    def _passed_on(self, model: str, caller: Caller | None, path: str, body: dict[str, Any] | None = None,
+                   upload: tuple[list[tuple[str, str]], Upload] | None = None) -> RawAnswer:
+        """The upstream's answer as it made it, streamed to the client."""
+        def send(up: UpstreamConfig) -> requests.Response:
+            data = media.MultipartBody(upload[0], "file", upload[1]) if upload else None  # afresh for each try
+            return media.post(self.transport.session, up, path, json_body=body, data=data)
+
+        member, response = self._exchange(model, caller, send)
+
+        def chunks() -> Generator[bytes, None, None]:
+            try:
+                yield from media.pieces(member.config, response)
+            finally:
+                response.close()
+                member.end()
+        return RawAnswer(media.content_type(response), chunks())
+
+    def _exchange(self, model: str, caller: Caller | None,
+                  send: Callable[[UpstreamConfig], requests.Response]) -> tuple[Member, requests.Response]:
+        """The first upstream of the pool to answer a 2xx, its body unread (the caller ends the member's
+        request when it has read it); a failure moves to the next, as chat's does. A 404 says the server has
+        no such endpoint (a chat model's server asked to rerank): the request's fault, not the upstream's."""
+        failures: list[BackendError] = []
+        for member in order(self._pool(model)):
+            member.begin()
+            started = time.monotonic()
+            try:
+                response = send(member.config)
+            except UpstreamNotFound as exc:
+                member.end()
+                member.refused()
+                raise NotSupportedByModel(f"{model} does not serve this endpoint ({exc})", param="model") from None
+            except FAIL_OVER_ON as exc:
+                member.end()
+                member.failed(exc)
+                failures.append(exc)
+                continue
+            except BackendError:
+                member.end()
+                member.refused()
+                raise
+            except BaseException:
+                member.end()
+                raise
+            member.answered(time.monotonic() - started)
+            if caller is not None:
+                caller.served_by(f"upstream/{member.name}")
+            return member, response
         raise _gave_up(model, failures)
 
     def _pool(self, model: str) -> list[Member]:

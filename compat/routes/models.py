@@ -28,9 +28,10 @@ def retrieve_model(model_id: str):
 
 def _object(m: ModelInfo) -> dict:
     # An extra field: whether response_format / text.format (a JSON schema) is honoured, or refused,
-    # and whether image content parts are read (GLM-4V) or refused.
+    # whether image content parts are read (GLM-4V) or refused, and which endpoints' tasks it serves.
     return {**model_object(m.id, m.owned_by, m.created),
-            "capabilities": {"structured_outputs": m.structured_outputs, "images": m.images}}
+            "capabilities": {"structured_outputs": m.structured_outputs, "images": m.images,
+                             "tasks": None if m.tasks is None else sorted(m.tasks)}}
 
 
 def _visible() -> list[ModelInfo]:
