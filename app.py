@@ -124,7 +124,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def response_store(settings: Settings) -> ResponseStore:
     try:
-        return ResponseStore(settings.state_dir, settings.responses_ttl, settings.responses_max_mb * 1024 * 1024)
+        # Each key's share of RESPONSES_MAX_MB is its own; a conversation continues for at most as many
+        # responses as one request may hold messages.
+        return ResponseStore(settings.state_dir, settings.responses_ttl, settings.responses_max_mb * 1024 * 1024,
+                             owners=len(settings.api_keys), max_links=settings.max_messages)
     except StoreError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -302,10 +302,11 @@ class Settings:
     state_dir: Path = setting(  # stored responses (SQLite)
         "STATE_DIR", PROJECT_DIR / ".state", "where stored responses are kept (`responses.sqlite3`); must be "
         "writable and the same for every worker", shown="`.state` in the project")
-    responses_ttl: int = setting("RESPONSES_TTL", 30 * 86400, "seconds a stored response is kept",
-                                 shown="`2592000` (30 days)", minimum=60)
+    responses_ttl: int = setting("RESPONSES_TTL", 30 * 86400, "seconds a stored response is kept after the last "
+                                 "response of its conversation", shown="`2592000` (30 days)", minimum=60)
     responses_max_mb: int = setting(
-        "RESPONSES_MAX_MB", 256, "the most stored responses may take; past it the oldest go first", minimum=1)
+        "RESPONSES_MAX_MB", 256, "the most stored responses may take, an even share per key; past its share a "
+        "key's own conversations go, the one continued longest ago first", minimum=1)
     log_prompts: bool = setting("LOG_PROMPTS", False, "`1` also logs each prompt and answer (debugging only)")
     # gunicorn
     host: str = setting("HOST", "127.0.0.1", "where gunicorn listens: the address")

@@ -1,5 +1,6 @@
 """Write a small random-weight GGML model of any family aigate serves (ChatGLM3 by default:
-aigate's embedded default and test model; ChatGLM2, GLM-4 and GLM-4V for their tests and benches).
+aigate's embedded default and test model; ChatGLM2, GLM-4 and GLM-4V for their tests and benches),
+laid out as chatglm.cpp's convert.py writes a real one (its order, each tensor its checkpoint's shape).
 
 Real weights cannot ship with aigate, but the whole server path (tokenizer, chat template,
 chatglm.cpp's forward pass, sampling, the GGML loader) can still run for real on a model made
@@ -184,12 +185,16 @@ def make_weights(c: ModelConfig, tok: Tokenizer, specials: tuple[str, ...], *, e
     out *= 0.08
 
     weights: dict[str, np.ndarray] = {}
-    for name, (shape, _type) in expected_tensors(c, vision).items():
+    tensors = expected_tensors(c, vision)
+    # Drawn text first, then the vision tower (the order these weights were first drawn in), though
+    # the file holds them in convert.py's order.
+    for name in sorted(tensors, key=lambda n: n.startswith("transformer.vision.")):
+        shape = tensors[name][0]
         if name.endswith("word_embeddings.weight"):
             weights[name] = emb
         elif name.endswith("output_layer.weight"):
             weights[name] = out
-        elif len(shape) == 1:
+        elif all(d == 1 for d in shape[:-1]):  # a vector, though the checkpoint's may be [1, n] or [1, 1, n]
             norm = ("layernorm" in name or "norm1" in name) and name.endswith("weight")
             weights[name] = np.full(shape, 1.0 if norm else 0.0, np.float32)
         else:

@@ -44,6 +44,7 @@ GGML_TYPES: dict[int, tuple[int, int]] = {
     8: (32, 34),   # Q8_0
 }
 F32, F16 = 0, 1
+PREFIX = "past_key_values"  # the one tensor chatglm.cpp reads by its shape; the weights it copies by byte size
 
 # Config records after the version field (chatglm.h): V1GQA and V2.
 CONFIG_V1 = struct.Struct("<12i")  # dtype vocab hidden heads layers ffn max_len bos eos pad sep kv_heads
@@ -108,13 +109,18 @@ class ModelFile:
 
 
 def expected_tensors(c: ModelConfig, vision: VisionConfig | None = None) -> dict[str, tuple[tuple[int, ...], int]]:
-    """name -> (shape in torch order, ggml type) of every tensor a ChatGLM2/3 or GLM-4(V) model has
-    (one architecture; GLM-4V adds its vision tower)."""
+    """name -> (shape in torch order, ggml type) of every tensor of a ChatGLM2/3 or GLM-4(V) model (one
+    architecture; GLM-4V adds its vision tower), as chatglm.cpp 0.4.2's convert.py writes them: in its
+    order, each with its checkpoint's shape."""
     head_dim = c.hidden_size // c.num_attention_heads
     qkv_rows = c.hidden_size + 2 * c.num_key_value_heads * head_dim
     h, ffn, t = c.hidden_size, c.intermediate_size, c.dtype
-    tensors: dict[str, tuple[tuple[int, ...], int]] = {
-        "transformer.embedding.word_embeddings.weight": ((c.vocab_size, h), t)}
+    tensors: dict[str, tuple[tuple[int, ...], int]] = {}
+    if c.num_virtual_tokens > 0:  # a P-tuning v2 prefix: [layers * 2, kv heads, virtual tokens, head size]
+        tensors[PREFIX] = ((2 * c.num_hidden_layers, c.num_key_value_heads, c.num_virtual_tokens, head_dim), F16)
+    if vision is not None:
+        tensors.update(vision_tensors(c, vision))
+    tensors["transformer.embedding.word_embeddings.weight"] = ((c.vocab_size, h), t)
     for i in range(c.num_hidden_layers):
         p = f"transformer.encoder.layers.{i}."
         tensors.update({
@@ -128,17 +134,16 @@ def expected_tensors(c: ModelConfig, vision: VisionConfig | None = None) -> dict
         })
     tensors["transformer.encoder.final_layernorm.weight"] = ((h,), F32)
     tensors["transformer.output_layer.weight"] = ((c.vocab_size, h), t)
-    if vision is not None:
-        tensors.update(vision_tensors(c, vision))
     return tensors
 
 
 def vision_tensors(c: ModelConfig, v: VisionConfig) -> dict[str, tuple[tuple[int, ...], int]]:
-    """GLM-4V's vision tower (chatglm.cpp's ChatGLM4VConverter)."""
+    """GLM-4V's vision tower (chatglm.cpp's ChatGLM4VConverter), with its checkpoint's shapes: the class
+    embedding is [1, hidden], boi and eoi [1, 1, hidden] (chatglm.cpp's own tensors are 1-d)."""
     vh, vt, h = v.hidden_size, v.dtype, c.hidden_size
     p = "transformer.vision."
     tensors: dict[str, tuple[tuple[int, ...], int]] = {
-        p + "patch_embedding.cls_embedding": ((vh,), F16),
+        p + "patch_embedding.cls_embedding": ((1, vh), F16),
         p + "patch_embedding.proj.weight": ((vh, v.in_channels, v.patch_size, v.patch_size), F16),
         p + "patch_embedding.proj.bias": ((vh,), F32),
         p + "patch_embedding.position_embedding.weight": ((v.num_positions, vh), F32)}
@@ -159,7 +164,7 @@ def vision_tensors(c: ModelConfig, v: VisionConfig) -> dict[str, tuple[tuple[int
         p + "linear_proj.gate_proj.weight": ((c.intermediate_size, h), vt),
         p + "linear_proj.dense_h_to_4h.weight": ((c.intermediate_size, h), vt),
         p + "linear_proj.dense_4h_to_h.weight": ((h, c.intermediate_size), vt),
-        p + "boi": ((h,), F16), p + "eoi": ((h,), F16)})
+        p + "boi": ((1, 1, h), F16), p + "eoi": ((1, 1, h), F16)})
     return tensors
 
 
@@ -330,26 +335,27 @@ def _check_tensors(r: _Reader, config: ModelConfig, vision: VisionConfig | None)
             raise ModelFileError(f"tensor {name} has {ndim} dimensions")
         shape = tuple(r.int32("tensor table") for _ in range(ndim))
         ggml_type = r.int32("tensor table")
-        if name == "past_key_values" and config.num_virtual_tokens > 0:
-            want_type = F16
-        elif name not in expected:
+        if name not in expected:
             raise ModelFileError(f"unexpected tensor {name!r} (not a weight of this model family, or a corrupt name)")
-        else:
-            want_shape, want_type = expected[name]
-            if shape != want_shape:
-                raise ModelFileError(f"tensor {name} has shape {list(shape)}, the config implies {list(want_shape)}")
+        want_shape, want_type = expected[name]
         if ggml_type != want_type:
             raise ModelFileError(f"tensor {name} has type {ggml_type}, expected {want_type}")
         if name in seen:
             raise ModelFileError(f"tensor {name} appears twice")
         if any(d <= 0 for d in shape):
             raise ModelFileError(f"tensor {name} has an empty dimension")
+        # chatglm.cpp copies a weight by its byte size whatever its shape (convert.py writes the checkpoint's,
+        # GLM-4V's [1, hidden] class embedding for chatglm.cpp's [hidden]); it views the prefix by its shape.
+        if name == PREFIX:
+            if shape != want_shape:
+                raise ModelFileError(f"tensor {name} has shape {list(shape)}, the config implies {list(want_shape)}")
+        elif tensor_nbytes(shape, ggml_type) != tensor_nbytes(want_shape, want_type):
+            raise ModelFileError(f"tensor {name} has shape {list(shape)} ({tensor_nbytes(shape, ggml_type)} bytes), "
+                                 f"the config implies {list(want_shape)} ({tensor_nbytes(want_shape, want_type)} bytes)")
         seen.add(name)
         start = (r.pos + ALIGN - 1) // ALIGN * ALIGN
         r.pos = start
         r.take(tensor_nbytes(shape, ggml_type), f"data of tensor {name}")
     missing = [n for n in expected if n not in seen]
-    if config.num_virtual_tokens > 0 and "past_key_values" not in seen:
-        missing.append("past_key_values")
     if missing:
         raise ModelFileError(f"{len(missing)} tensors are missing, first {missing[0]} (truncated file?)")

@@ -215,6 +215,8 @@ class ModelList(_Answer):
 class Readiness(_Answer):
     status: Literal["ready", "not ready"]
     backends: Annotated[dict[str, str], Meta(description="Each backend's name and `ready`, or why it is not.")]
+    responses: Annotated[str, Meta(description="Why responses cannot be stored now (present only then; answers "
+                                               "say `store: false` meanwhile).")] | UnsetType = UNSET
 
 
 # -- the Responses API ------------------------------------------------------------------------------------

@@ -43,11 +43,13 @@ class ResponsesCall:
     store: bool
     input_items: tuple[dict[str, Any], ...]  # what the model is given: earlier turns, then this input (with ids)
     echo: dict[str, Any] = field(default_factory=dict)  # request fields the response object repeats
+    history: int = 0  # how many of input_items are previous_response_id's (the rest are this request's)
 
 
 def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str, Any]] | None = None
                     ) -> ResponsesCall:
-    """A /v1/responses body; `history` is the input and output of `previous_response_id`, if any."""
+    """A /v1/responses body; `history` is the input and output of `previous_response_id`, if any,
+    checked again as this request's input would be (the model may not be the one that answered it)."""
     request = wire.read(body, wire.ResponseRequest)
     model = request.model
     one_choice(request.n, "n")
@@ -58,7 +60,8 @@ def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str
             raise invalid(f"{name} is not supported by this server: send the input (or previous_response_id).",
                           name, "unsupported_parameter")
     images = limits if model in limits.image_models else None
-    items = [*(history or []), *input_items(request.input, images=images)]
+    earlier = input_items(history, "previous_response_id", images) if history else []
+    items = [*earlier, *input_items(request.input, images=images)]
     messages = [*instruction_messages(request.instructions), *to_messages(items)]
     if not messages:
         raise invalid("input must hold at least one message.", "input", "empty_array")
@@ -87,7 +90,7 @@ def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str
         "tool_choice": request.tool_choice or "auto", "tools": echoed_tools, "top_p": request.top_p,
         "user": request.user, "store": True if request.store is None else request.store,
     }
-    return ResponsesCall(chat, stream, echo["store"] is True, tuple(items), echo)
+    return ResponsesCall(chat, stream, echo["store"] is True, tuple(items), echo, len(earlier))
 
 
 def instruction_messages(raw: Any) -> list[Message]:

@@ -5,6 +5,11 @@ structured outputs and the small compatibility fixes, against one gunicorn servi
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -28,9 +33,15 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(server_factory, fake, slow_model):
+def state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("responses") / "state"
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, fake, slow_model, state_dir):
     models = ",".join(f"@cf/fake/{m}" for m in ("chat", "tools", "jsonfail", "drop", "429", "bge"))
     return server_factory(CHATGLM_MODEL=str(slow_model), API_KEYS=KEYS, CLOUDFLARE_RETRIES="0",
+                          STATE_DIR=str(state_dir), RESPONSES_MAX_MB="2",  # 1 MB a key
                           **cloudflare_env(fake, CLOUDFLARE_MODELS=models, CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge",
                                            CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools,@cf/fake/jsonfail"))
 
@@ -269,3 +280,101 @@ def test_embedding_dimensions_and_token_ids(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model="@cf/fake/bge", input=[[1, 2, 3]])
     assert "check_embedding_ctx_length=False" in err.value.message
+
+
+def test_a_deleted_response_in_the_middle_leaves_the_conversation_whole(client, fake, state_dir):
+    first = client.responses.create(model=CF, input="one")
+    second = client.responses.create(model=CF, input="two", previous_response_id=first.id)
+    third = client.responses.create(model=CF, input="three", previous_response_id=second.id)
+    with sqlite3.connect(state_dir / "responses.sqlite3") as db:  # a link and its own input, not the history
+        row = db.execute("SELECT previous, input_items FROM responses WHERE id = ?", (third.id,)).fetchone()
+    assert row[0] == second.id and [i["content"][0]["text"] for i in json.loads(row[1])] == ["three"]
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.responses.create(model=CF, input="more", previous_response_id=second.id)
+    assert err.value.code == "previous_response_not_found"
+    client.responses.create(model=CF, input="four", previous_response_id=third.id)
+    assert [m["content"] for m in fake.runs(CF)[-1].body["messages"]] == [
+        "one", "You said: one", "two", "You said: two", "three", "You said: three", "four"]
+    listed = client.responses.input_items.list(third.id, order="asc")
+    assert [i.content[0].text for i in listed.data] == ["one", "You said: one", "two", "You said: two", "three"]
+
+
+def test_one_key_cannot_push_out_anothers_responses(client, bob):
+    """Issue 23, 3: one key's large responses pushed every other key's out of the store."""
+    kept = bob.responses.create(model=CF, input="mine")
+    big = " ".join(["word"] * 20_000)  # 100 KB a response: 24 of them take more than the whole store (2 MB)
+    ids = [client.responses.create(model=CF, input=big).id for _ in range(24)]
+    assert bob.responses.retrieve(kept.id).output_text == "You said: mine"
+    gone = []
+    for response_id in ids:
+        try:
+            client.responses.retrieve(response_id)
+        except openai.NotFoundError:
+            gone.append(response_id)
+    assert gone == ids[:len(gone)] and 13 <= len(gone) <= 16  # alice's own oldest went: 1 MB is her share
+
+
+def test_state_dir_removed_while_running(client, server, state_dir):
+    """Issue 23, 8: responses silently not stored while answers said store: true, 500s, /ready ready."""
+    before = client.responses.create(model=CF, input="before")
+    shutil.rmtree(state_dir)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(before.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=CF, input="more", previous_response_id=before.id)
+    after = client.responses.create(model=CF, input="after")  # the store made again
+    assert after.store is True and client.responses.retrieve(after.id).output_text == "You said: after"
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state_dir / "responses.sqlite3").stat().st_mode) == 0o600
+    assert requests.get(server.base_url + "/ready", timeout=10).status_code == 200
+    auth = {"Authorization": "Bearer sk-alice"}
+    shutil.rmtree(state_dir)
+    state_dir.write_text("in the way")  # cannot be made again
+    try:
+        unstored = client.responses.create(model=CF, input="lost")
+        assert unstored.store is False
+        events = list(client.responses.create(model=CF, input="lost", stream=True))
+        assert events[-1].type == "response.completed" and events[-1].response.store is False
+        for method, path, body in (("GET", f"/responses/{after.id}", None), ("DELETE", f"/responses/{after.id}", None),
+                                   ("GET", f"/responses/{after.id}/input_items", None),
+                                   ("POST", "/responses", {"model": CF, "input": "x", "previous_response_id": after.id})):
+            r = requests.request(method, server.v1 + path, json=body, headers=auth, timeout=10)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", (path, r.text)
+        r = requests.get(server.base_url + "/ready", timeout=10)
+        assert r.status_code == 503 and "responses cannot be stored" in r.json()["responses"]
+    finally:
+        state_dir.unlink()
+    assert requests.get(server.base_url + "/ready", timeout=10).status_code == 200
+    assert client.responses.create(model=CF, input="again").store is True
+
+
+def test_storing_responses_does_not_hold_up_the_event_loop(server, fake, state_dir):
+    """Issue 23, 10: SQLite ran on the event loop (200 parallel stored responses made /health take
+    seconds): a write waiting for the file's lock, held here as another worker's write would, held
+    up every request of the worker."""
+    auth = {"Authorization": "Bearer sk-alice"}
+    db = sqlite3.connect(state_dir / "responses.sqlite3", isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")  # each store waits for it (SQLite's busy timeout: 5 s)
+    sent = len(fake.runs(CF))
+
+    def store(n: int) -> dict:
+        r = requests.post(server.v1 + "/responses", json={"model": CF, "input": f"number {n}"}, headers=auth,
+                          timeout=60)
+        return r.json()
+
+    try:
+        with ThreadPoolExecutor(200) as pool:
+            answers = pool.map(store, range(200))
+            fake.wait_for(lambda: len(fake.runs(CF)) >= sent + 20)  # answered, so storing
+            latencies = []
+            for _ in range(5):
+                start = time.monotonic()
+                assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
+                latencies.append(time.monotonic() - start)
+            db.execute("ROLLBACK")
+            stored = [answer["store"] for answer in answers]
+    finally:
+        db.close()
+    assert max(latencies) < 2, latencies  # while 200 requests arrive at once; the lock alone held it for seconds
+    assert stored == [True] * 200  # once the lock was free

@@ -11,7 +11,11 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.fake_cloudflare import cloudflare_env
+from tests.test_ggml_file import tensor_table
+
 MAX_IMAGE_BYTES = 20_000
+TEXT_ONLY = "@cf/fake/chat"
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:
@@ -30,14 +34,19 @@ def ask(url: str, text: str = "What is in the picture?") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def server(server_factory, glm4v_model):
+def server(server_factory, glm4v_model, fake):
+    # Beside the local GLM-4V (a file laid out as chatglm.cpp's convert.py writes one), a model without vision.
     return server_factory(CHATGLM_MODEL=str(glm4v_model), MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
-                          MODEL_ALIASES="gpt-4o=glm4v")
+                          MODEL_ALIASES="gpt-4o=glm4v", **cloudflare_env(fake, CLOUDFLARE_MODELS=TEXT_ONLY))
 
 
-def test_the_model_says_it_reads_images(server, client):
+def test_the_model_says_it_reads_images(server, client, glm4v_model):
     assert client.models.retrieve("glm4v").model_extra["capabilities"]["images"] is True
     assert client.models.retrieve("gpt-4o").model_extra["capabilities"]["images"] is True
+    # the server started on a file with convert.py's shapes (issue 23, 11: it refused them)
+    shapes = {name: shape for name, shape, *_ in tensor_table(glm4v_model.read_bytes(), vision=True)[1]}
+    assert shapes["transformer.vision.patch_embedding.cls_embedding"] == (1, 64)
+    assert shapes["transformer.vision.boi"] == (1, 1, 128)
 
 
 def test_a_base64_png_is_answered(client):
@@ -105,3 +114,24 @@ def test_the_responses_api_takes_input_image(client):
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.create(model="glm4v", input=content(url), max_output_tokens=3)
         assert err.value.code == code
+
+
+def test_a_conversation_with_an_image_is_refused_by_a_model_without_vision(client, fake):
+    """Issue 23, 10: continued with previous_response_id on a text model, the image was silently dropped."""
+    def content(text: str) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "input_text", "text": text},
+                                             {"type": "input_image", "image_url": RED}]}]
+
+    r = client.responses.create(model="glm4v", input=content("What is in the picture?"), max_output_tokens=3)
+    with pytest.raises(openai.BadRequestError) as first:
+        client.responses.create(model=TEXT_ONLY, input=content("What is in the picture?"))
+    sent = len(fake.runs(TEXT_ONLY))
+    with pytest.raises(openai.BadRequestError) as later:
+        client.responses.create(model=TEXT_ONLY, previous_response_id=r.id, input="And the colour?")
+    assert later.value.code == first.value.code == "unsupported_content"
+    assert later.value.message == first.value.message.replace("input[0]", "previous_response_id[0]")
+    assert later.value.param == "previous_response_id[0].content[1].type"
+    assert len(fake.runs(TEXT_ONLY)) == sent  # nothing reached the model
+    again = client.responses.create(model="glm4v", previous_response_id=r.id, input="And the colour?",
+                                    max_output_tokens=3)
+    assert again.usage.input_tokens > r.usage.input_tokens  # on the vision model the conversation goes on

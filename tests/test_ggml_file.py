@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from backends.ggml_file import CONFIG_V2, ModelFileError, read_model_file
+from backends.ggml_file import ALIGN, CONFIG_V2, F16, VISION_CONFIG, ModelFileError, read_model_file, tensor_nbytes
 
 HEADER = 4 + 4 + 4  # magic, model type, config version
 
@@ -96,3 +96,89 @@ def test_a_truncated_file_really_would_abort_chatglm(tmp_path, demo_model):
     out = subprocess.run([sys.executable, "-c", f"import chatglm_cpp; chatglm_cpp.Pipeline({str(path)!r})"],
                          capture_output=True, timeout=60)
     assert out.returncode < 0  # killed by a signal (SIGABRT)
+
+
+# -- files as chatglm.cpp's convert.py writes them (issue 23, 11) -----------------------------------------------
+
+def tensor_table(data: bytes, vision: bool) -> tuple[bytes, list[tuple[str, tuple[int, ...], int, bytes]]]:
+    """The bytes before the tensors, and each tensor's name, shape, type and data, in file order."""
+    at = HEADER + CONFIG_V2.size + (VISION_CONFIG.size if vision else 0)
+    at += 4 + struct.unpack_from("<i", data, at)[0]  # the tokenizer
+    head, tensors = data[:at], []
+    while at < len(data):
+        (n,), at = struct.unpack_from("<i", data, at), at + 4
+        name, at = data[at:at + n].decode(), at + n
+        (ndim,), at = struct.unpack_from("<i", data, at), at + 4
+        *shape, kind = struct.unpack_from(f"<{ndim + 1}i", data, at)
+        at = (at + 4 * (ndim + 1) + ALIGN - 1) // ALIGN * ALIGN
+        size = tensor_nbytes(tuple(shape), kind)
+        tensors.append((name, tuple(shape), kind, data[at:at + size]))
+        at += size
+    return head, tensors
+
+
+def write_table(path, head: bytes, tensors: list[tuple[str, tuple[int, ...], int, bytes]]) -> None:
+    out = bytearray(head)
+    for name, shape, kind, blob in tensors:
+        out += struct.pack(f"<i{len(name)}si", len(name), name.encode(), len(shape))
+        out += struct.pack(f"<{len(shape) + 1}i", *shape, kind)
+        out += b"\0" * (-len(out) % ALIGN) + blob
+    path.write_bytes(bytes(out))
+
+
+def loads_in_chatglm_cpp(path) -> bool:
+    code = f"import chatglm_cpp; chatglm_cpp.Pipeline({str(path)!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
+
+
+def test_the_glm4v_demo_is_laid_out_as_convert_py_writes_it(glm4v_model):
+    _head, tensors = tensor_table(glm4v_model.read_bytes(), vision=True)
+    shapes = {name: shape for name, shape, _kind, _blob in tensors}
+    assert shapes["transformer.vision.patch_embedding.cls_embedding"] == (1, 64)  # the checkpoint's [1, hidden]
+    assert shapes["transformer.vision.boi"] == shapes["transformer.vision.eoi"] == (1, 1, 128)
+    assert tensors[0][0] == "transformer.vision.patch_embedding.cls_embedding"  # vision first, as convert.py
+    assert tensors[-1][0] == "transformer.output_layer.weight"
+    assert read_model_file(glm4v_model).vision is not None and loads_in_chatglm_cpp(glm4v_model)
+
+
+VISION_VECTORS = ("transformer.vision.patch_embedding.cls_embedding", "transformer.vision.boi", "transformer.vision.eoi")
+
+
+@pytest.mark.parametrize("layout", ["chatglm.cpp's own 1-d", "same bytes, odd shape"])
+def test_every_shape_chatglm_cpp_loads_passes(tmp_path, glm4v_model, layout):
+    """chatglm.cpp copies each weight by its byte size: any shape of the right size loads."""
+    head, tensors = tensor_table(glm4v_model.read_bytes(), vision=True)
+    reshape = {"chatglm.cpp's own 1-d": lambda s: (s[-1],), "same bytes, odd shape": lambda s: (2, s[-1] // 2)}[layout]
+    path = tmp_path / "m.bin"
+    write_table(path, head, [(n, reshape(s) if n in VISION_VECTORS else s, k, b) for n, s, k, b in tensors])
+    assert read_model_file(path).vision is not None and loads_in_chatglm_cpp(path)
+
+
+def test_a_weight_of_the_wrong_size_is_refused_as_chatglm_cpp_would(tmp_path, glm4v_model):
+    head, tensors = tensor_table(glm4v_model.read_bytes(), vision=True)
+    grown = [(n, (1, 1, 130), k, b + b"\0" * 4) if n == "transformer.vision.boi" else (n, s, k, b)
+             for n, s, k, b in tensors]
+    path = tmp_path / "m.bin"
+    write_table(path, head, grown)
+    with pytest.raises(ModelFileError, match=r"transformer.vision.boi has shape \[1, 1, 130\] \(260 bytes\)"):
+        read_model_file(path)
+    assert not loads_in_chatglm_cpp(path)
+
+
+def test_a_p_tuning_prefix_must_have_the_shape_chatglm_cpp_views(tmp_path, demo_model):
+    """past_key_values is read through views of its own shape: the one tensor whose shape must match."""
+    data = demo_model.read_bytes()
+    config = list(CONFIG_V2.unpack_from(data, HEADER))
+    config[8] = 2  # num_virtual_tokens
+    head, tensors = tensor_table(data, vision=False)
+    head = head[:HEADER] + CONFIG_V2.pack(*config) + head[HEADER + CONFIG_V2.size:]
+    layers, kv, head_size = config[5], config[4], config[2] // config[3]
+    shape = (2 * layers, kv, 2, head_size)
+    prefix = ("past_key_values", shape, F16, b"\0" * tensor_nbytes(shape, F16))
+    path = tmp_path / "m.bin"
+    write_table(path, head, [prefix, *tensors])
+    assert read_model_file(path).config.num_virtual_tokens == 2
+    flat = (kv, 2, head_size, 2 * layers)  # the same bytes, another shape
+    write_table(path, head, [("past_key_values", flat, F16, prefix[3]), *tensors])
+    with pytest.raises(ModelFileError, match="past_key_values has shape"):
+        read_model_file(path)

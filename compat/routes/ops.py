@@ -27,7 +27,8 @@ def ready():
     backends = state().registry.backends
     reasons = {b.name: b.readiness() for b in backends}
     broken_metrics = metrics.readiness()
-    ok = all(reason is None for reason in reasons.values()) and broken_metrics is None
+    broken_store = state().responses.readiness()  # STATE_DIR gone and not made again, a read-only disk...
+    ok = all(reason is None for reason in reasons.values()) and broken_metrics is None and broken_store is None
     body: dict = {"status": "ready" if ok else "not ready",
                   "backends": {name: reason or "ready" for name, reason in reasons.items()}}
     upstreams = {name: state for b in backends for name, state in getattr(b, "report", dict)().items()}
@@ -35,6 +36,8 @@ def ready():
         body["upstreams"] = upstreams
     if broken_metrics:  # the requests are served meanwhile, but nothing counts them
         body["metrics"] = broken_metrics
+    if broken_store:  # answers are given meanwhile, with store: false
+        body["responses"] = broken_store
     response = jsonify(body)
     response.status_code = 200 if ok else 503
     return response

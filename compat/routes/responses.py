@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -14,11 +16,12 @@ from compat.generation import start
 from compat.json_body import read_json
 from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
 from compat.sse_writer import SSE_HEADERS, sse_stream
-from response_store import ResponseStore
+from response_store import ConversationTooLong, ResponseStore, StoreUnavailable
 from serving import RequestContext, context, state
 
 bp = Blueprint("responses", __name__)
 log = logging.getLogger(__name__)
+FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")  # each carries the whole response
 
 
 def _store() -> ResponseStore:
@@ -38,6 +41,7 @@ def create_response():
     ctx = context()
     body = read_json(ctx, pass_on=False)  # its fields are the Responses API's, not an upstream's
     previous = body.get("previous_response_id") if isinstance(body, dict) else None
+    owner, store = _owner(ctx), _store()
     history = None
     if previous is not None:
         if not isinstance(previous, str) or not previous:
@@ -45,16 +49,16 @@ def create_response():
         if printable(previous) != previous:  # a lone surrogate: no id has one (and SQLite cannot take it)
             raise invalid("previous_response_id is not a response id: it holds a lone UTF-16 surrogate.",
                           "previous_response_id", "invalid_value")
-        stored = _store().get(previous, _owner(ctx))
-        if stored is None:
+        with _store_errors("previous_response_id"):
+            earlier = store.conversation(previous, owner)
+        if earlier is None:
             raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
                            code="previous_response_not_found")
-        history = stored.input_items + stored.response.get("output", [])
+        history = earlier.input_items + earlier.response.get("output", [])
     app_state = state()
     call = parse_responses(body, app_state.limits, history)
     route, answer = start(ctx, call.request, call.stream)
     codec = ResponseStream(route.model_id, call.echo, call.echo["parallel_tool_calls"])
-    owner, store = _owner(ctx), _store()
     if not call.stream:
         try:
             for _ in codec.events(answer.events):
@@ -67,13 +71,16 @@ def create_response():
         _keep(store, call, final, owner)
         return jsonify({**final, "output_text": output_text(final)})
 
-    def finished() -> None:
-        if codec.final is not None:
-            _keep(store, call, codec.final, owner)
+    def kept(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The stream's events, the response stored before its last event (which says whether it was)."""
+        for event in events:
+            if event["type"] in FINAL_EVENTS:
+                _keep(store, call, event["response"], owner)
+            yield event
 
     ctx.offer_client = lambda: answer.client.stream(codec.piece_frame(_frame))  # to a backend that writes text itself
-    body = sse_stream(codec.events(answer.events), answer.close, ctx.record, answer.client, frame=_frame,
-                      failed=codec.failed, done=None, finished=finished)
+    body = sse_stream(kept(codec.events(answer.events)), answer.close, ctx.record, answer.client, frame=_frame,
+                      failed=lambda error: kept(codec.failed(error)), done=None)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -83,32 +90,54 @@ def _frame(event: dict[str, Any]) -> bytes:
 
 
 def _keep(store: ResponseStore, call: ResponsesCall, response: dict[str, Any], owner: str) -> None:
+    """Store the response if it asked to be, and say in it whether it was: the answer is given either way."""
     if not call.store:
         return
     try:
-        store.put(owner, response, list(call.input_items))
-    except Exception:  # the answer was given; a full disk must not turn it into an error
+        stored = store.put(owner, response, list(call.input_items), call.echo["previous_response_id"], call.history)
+    except StoreUnavailable:  # logged by the store; /ready says so
+        stored = False
+    except Exception:  # a failure of its own must not turn the answer into an error
         log.exception("could not store response %s", response.get("id"))
+        stored = False
+    response["store"] = stored
+
+
+@contextmanager
+def _store_errors(param: str | None = None) -> Iterator[None]:
+    """The store's failures as answers: never a 500."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise APIError(503, "Stored responses are unavailable right now (the server cannot use its state "
+                            "directory); see the server log.", type="server_error", code="store_unavailable") from None
+    except ConversationTooLong as exc:
+        raise invalid(f"This conversation cannot be read back: {exc}. Start a new one (send the input without "
+                      "previous_response_id).", param, "conversation_too_long") from None
 
 
 @bp.get("/v1/responses/<response_id>")
 def retrieve_response(response_id: str):
-    stored = _store().get(response_id, _owner(context()))
+    with _store_errors():
+        stored = _store().get(response_id, _owner(context()))
     if stored is None:
         raise not_found(response_id)
-    return jsonify({**stored.response, "output_text": output_text(stored.response)})
+    return jsonify({**stored, "output_text": output_text(stored)})
 
 
 @bp.delete("/v1/responses/<response_id>")
 def delete_response(response_id: str):
-    if not _store().delete(response_id, _owner(context())):
+    with _store_errors():
+        deleted = _store().delete(response_id, _owner(context()))
+    if not deleted:
         raise not_found(response_id)
     return jsonify({"id": response_id, "object": "response", "deleted": True})
 
 
 @bp.get("/v1/responses/<response_id>/input_items")
 def list_input_items(response_id: str):
-    stored = _store().get(response_id, _owner(context()))
+    with _store_errors():
+        stored = _store().conversation(response_id, _owner(context()))
     if stored is None:
         raise not_found(response_id)
     order = request.args.get("order", "desc")
