@@ -132,10 +132,6 @@ def surrogate_cases(seeds_by_path: dict[str, list[dict[str, Any]]], declared_fie
                     ) -> Iterator[tuple[str, Any]]:
     """A lone surrogate in every string and key name of every seed, and (``declared_fields``) in every
     top-level field the request declarations name (those the seeds leave out too)."""
-    from compat import wire
-
-    declared = {"/v1/chat/completions": wire.ChatCompletionRequest, "/v1/completions": wire.CompletionRequest,
-                "/v1/embeddings": wire.EmbeddingRequest, "/v1/responses": wire.ResponseRequest}
     for path, seeds in seeds_by_path.items():
         for seed in seeds:
             for where, kind in spots(seed):
@@ -146,9 +142,17 @@ def surrogate_cases(seeds_by_path: dict[str, list[dict[str, Any]]], declared_fie
                 elif kind == "key":
                     yield path, changed(seed, where, "key", SURROGATES[1])
                     yield path, changed(seed, where, "beside", where[-1] + SURROGATES[0])
-        for field in declared[path].__struct_fields__ if declared_fields else ():
+        for field in declared(path).__struct_fields__ if declared_fields else ():
             yield path, {**seeds[0], field: SURROGATES[0]}
             yield path, {**seeds[0], field: [SURROGATES[0]]}
+
+
+def declared(path: str) -> type:
+    """The declaration of the path's request body (compat/wire.py)."""
+    from compat import wire
+
+    return {"/v1/chat/completions": wire.ChatCompletionRequest, "/v1/completions": wire.CompletionRequest,
+            "/v1/embeddings": wire.EmbeddingRequest, "/v1/responses": wire.ResponseRequest}[path]
 
 
 def _at(value: Any, path: tuple) -> Any:
@@ -265,6 +269,8 @@ def test_an_error_quoting_a_lone_surrogate_encodes_as_utf8():
 def test_anything_anywhere_in_a_body_is_never_a_500(client, stored, data, stream):
     path = data.draw(st.sampled_from(sorted(SEEDS)))
     body = with_stored(data.draw(st.sampled_from(SEEDS[path])), stored)
+    fields = st.sampled_from(sorted(declared(path).__struct_fields__))  # those the seed leaves out too
+    body.update(data.draw(st.dictionaries(fields, JSON | st.sampled_from(ODD_VALUES), max_size=2)))
     for _ in range(data.draw(st.integers(1, 3))):
         where, kind = data.draw(st.sampled_from(list(spots(body))))
         if kind == "key":
