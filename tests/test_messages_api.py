@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from backends.base import Finish, ImageInput, Message, TextDelta, Tool, ToolCall, Usage, Written
 from compat import messages_answers as answers
@@ -225,3 +226,47 @@ def test_the_routes_answer_and_fail_in_anthropic_s_shape(tmp_path):
     assert failures[3][0].headers["Retry-After"] == "2"  # the headers of the error are kept
     assert client.post("/v1/chat/completions", json={"model": "nope", **hello}).json["error"]["code"] == (
         "model_not_found")  # OpenAI's shape on OpenAI's paths
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                max_size=4), max_leaves=12)
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+BLOCKS = [{"type": "text", "text": "hi"}, IMAGE, {"type": "image", "source": {"type": "url", "url": "https://x"}},
+          {"type": "document", "source": {"type": "text", "data": "a note"}},
+          {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "a"}, IMAGE]}},
+          {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
+          {"type": "tool_result", "tool_use_id": "t1", "content": "18C"},
+          {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "18C"}, IMAGE]},
+          {"type": "thinking", "thinking": "hmm"}, {"type": "redacted_thinking", "data": "x"},
+          {"type": "server_tool_use", "id": "s1"}]
+# Valid blocks, in any role, each perhaps with one field changed to anything.
+BLOCK = st.builds(lambda block, changes: {**block, **changes}, st.sampled_from(BLOCKS), st.dictionaries(
+    st.sampled_from(["type", "text", "source", "id", "name", "input", "tool_use_id", "content", "data"]), JSON,
+    max_size=1))
+TURN = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]),
+                              "content": st.text(max_size=10) | st.lists(BLOCK, max_size=3)})
+TOOL_CHOICES = st.sampled_from([{"type": t} for t in ("auto", "any", "none")] + [{"type": "tool", "name": "get_weather"}])
+EXTRAS = {"system": st.text(max_size=5) | st.lists(BLOCK, max_size=2), "tools": st.just([WEATHER]),
+          "tool_choice": TOOL_CHOICES, "stream": st.booleans(), "stop_sequences": st.just(["aid"])}
+ANY_FIELD = st.sampled_from(["model", "messages", "system", "tools", "tool_choice", "max_tokens", "stop_sequences",
+                             "stream", "temperature", "top_p"])
+
+
+@pytest.fixture(scope="module")
+def fake_client(tmp_path_factory):
+    return fake_app(tmp_path_factory.mktemp("fuzz"))[0].test_client()
+
+
+@settings(max_examples=100, deadline=None)
+@given(path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]), turns=st.lists(TURN, min_size=1, max_size=3),
+       extras=st.fixed_dictionaries({}, optional=EXTRAS), garbage=st.dictionaries(ANY_FIELD, JSON, max_size=1))
+def test_mutated_bodies_never_get_a_500_and_errors_keep_anthropic_s_shape(fake_client, path, turns, extras, garbage):
+    """Valid blocks in any role and order, each perhaps with a field changed to anything, and at most one
+    top-level field changed to anything."""
+    r = fake_client.post(path, data=json.dumps({**body(model="fake-echo", max_tokens=4, messages=turns), **extras,
+                                                **garbage}))
+    assert r.status_code < 500, r.data
+    if r.status_code >= 400:
+        holds(r.json, answers.AnthropicErrorResponse)
+    r.close()
