@@ -38,7 +38,8 @@ def read_transcription(ctx: RequestContext) -> TranscriptionCall:
                       "with the audio in `file`.", code="invalid_request")
     request.max_content_length = state().settings.max_upload_bytes  # compat/body.py has bounded it already
     form, files = request.form, request.files
-    fields: dict[str, Any] = {key: form.getlist(key) if key.endswith("[]") else form[key] for key in form}
+    # A part whose name werkzeug cannot read comes out named None: no field of ours, so it is left out.
+    fields: dict[str, Any] = {key: form.getlist(key) if key.endswith("[]") else form[key] for key in form if key}
     ctx.body = fields
     upload = files.get("file")
     read = {key.removesuffix("[]"): value for key, value in fields.items() if key != "file"}
