@@ -20,7 +20,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The README's configuration table, rewritten from the settings' declarations (settings.py);
+# The README's configuration table, rewritten from the settings' declarations (config/settings.py);
 # tests/test_settings.py fails while the two differ.
 settings-table: $(VENV)/.installed
 	$(BIN)/python scripts/settings_table.py --write

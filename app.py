@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import cast
 
 from flask import Flask, request
@@ -15,26 +13,27 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-import metrics
-import rate_limits
-import request_log
-import serving
 from backends.base import Backend, BackendError
-from backends.ggml_file import ModelFileError, read_model_file
+from backends.chatglm.ggml_file import ModelFileError, read_model_file
 from backends.registry import Registry
-from compat.auth import KeyCheck
-from compat.body import BodyReader
-from compat.client_socket import ClientGone
-from compat.errors import APIError, error_response, from_backend, internal_error
-from compat.messages_errors import AnthropicErrors
-from compat.requests import Limits
-from compat.routes import (
+from compat.errors import APIError, from_backend, internal_error
+from config.policy import LocalModel, Policy
+from config.settings import ConfigError, Settings, load_settings
+from store.response_store import ResponseStore, StoreError
+from web import metrics, rate_limits, request_log
+from web.auth import KeyCheck
+from web.body import BodyReader
+from web.client_socket import ClientGone
+from web.context import EXTENSION, AppState, context, state
+from web.errors import error_response
+from web.messages_errors import AnthropicErrors
+from web.routes import (
     audio,
     chat,
     completions,
     embeddings,
-    messages,
     images,
+    messages,
     models,
     openapi,
     ops,
@@ -42,10 +41,6 @@ from compat.routes import (
     rerank,
     responses,
 )
-from policy import LocalModel, Policy
-from response_store import ResponseStore, StoreError
-from settings import ConfigError, Settings, load_settings
-from streams import RunningStreams
 
 log = logging.getLogger("aigate")
 
@@ -59,30 +54,6 @@ UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|resp
                          r"(/.*)?")
 
 
-@dataclass
-class AppState:
-    settings: Settings
-    registry: Registry
-    responses: ResponseStore
-    policy: Policy  # what the settings decide about each request (policy.py)
-    streams: RunningStreams = field(default_factory=RunningStreams)  # ended by the worker's graceful timeout
-    budgets: rate_limits.TokenBudgets | None = None  # the keys' tokens per minute (set once the hooks are in)
-
-    @property
-    def limits(self) -> Limits:
-        return self.policy.limits
-
-    @property
-    def fallbacks(self) -> Mapping[str, tuple[str, ...]]:
-        """model -> the models to try, in order, when it fails before answering."""
-        return self.policy.fallbacks
-
-    @property
-    def open_ended(self) -> Mapping[str, int]:
-        """backend name -> the most tokens an answer without max_tokens can take."""
-        return self.policy.open_ended
-
-
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask(__name__, static_folder=None)  # the playground is served by its route, with its headers
@@ -90,7 +61,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     cast(DefaultJSONProvider, app.json).sort_keys = False  # keys in the order the wire types declare them
     ensure_demo_model(settings)  # starting writes the demo model if it stands in; checking never writes
     local = check_config(settings)
-    app.extensions[serving.EXTENSION] = AppState(settings, build_registry(settings, local), response_store(settings),
+    app.extensions[EXTENSION] = AppState(settings, build_registry(settings, local), response_store(settings),
                                                  Policy.derive(settings, local))
     if not settings.api_keys:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
@@ -148,7 +119,7 @@ def api_paths(wsgi_app):
 
 def load_backends(app: Flask) -> None:
     """Load models (the slow part of start-up); /ready answers 200 once this is done."""
-    registry = serving.state(app).registry
+    registry = state(app).registry
     failed = []
     for backend in registry.backends:
         try:
@@ -171,12 +142,12 @@ def start_loading(app: Flask) -> None:
 def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
     backends: list[Backend] = []
     if local is not None:
-        from backends.chatglm import ChatGLMBackend
-        from backends.engine import launcher
+        from backends.chatglm.backend import ChatGLMBackend
+        from backends.chatglm.engine import launcher
 
         if local.file is None:
             raise ConfigError(f"CHATGLM_MODEL: {settings.model_path} is not written yet (app.ensure_demo_model)")
-        backends.append(ChatGLMBackend(local.file, model_id=local.id, engine=launcher.client(settings),
+        backends.append(ChatGLMBackend(local.file, model_id=local.id, engine=launcher.client(settings.engine()),
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local",
                                        max_image_pixels=settings.max_image_pixels))
     if settings.uses_cloudflare:
@@ -194,7 +165,7 @@ def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
             taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models,
                       *(model for model, _ in settings.cloudflare_media_models)}
         taken |= {alias for alias, _ in settings.model_aliases}
-        backends.append(UpstreamBackend(settings.upstreams, taken, settings.worker_connections))
+        backends.append(UpstreamBackend(settings.upstreams, taken, settings.worker_connections, metrics.safely))
     return Registry(backends, dict(settings.model_aliases))
 
 
@@ -218,7 +189,7 @@ def check_config(settings: Settings) -> LocalModel | None:
     writes it at start): then the demo model's own context stands for it."""
     local = check_local_model(settings) if settings.model_path is not None else None
     if local is not None:
-        from backends.engine.address import problem
+        from backends.chatglm.engine.address import problem
 
         unsafe = problem(settings.engine_address)
         if unsafe:
@@ -278,7 +249,7 @@ def check_local_model(settings: Settings) -> LocalModel:
     if path is None:
         raise ConfigError("CHATGLM_MODEL: no local model is configured")
     if settings.uses_demo_model and not path.is_file():
-        from backends.demo_model import DEMO_MAX_LENGTH
+        from backends.chatglm.demo_model import DEMO_MAX_LENGTH
 
         model, context, images = None, DEMO_MAX_LENGTH, False
     else:
@@ -302,7 +273,7 @@ def ensure_demo_model(settings: Settings) -> None:
     (gunicorn.conf.py's master, create_app), never of checking the configuration."""
     if not settings.uses_demo_model or settings.demo_model_path.is_file():
         return
-    from backends.demo_model import write_demo_model
+    from backends.chatglm.demo_model import write_demo_model
 
     log.warning("no CHATGLM_MODEL set: writing the random-weight demo model to %s. It answers with "
                 "nonsense; set CHATGLM_MODEL=/path/to/chatglm3-ggml.bin to serve a real model.",
@@ -326,7 +297,7 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(ClientGone)
     def client_gone(err: ClientGone):
         # Nobody reads this: the client left before its whole answer was ready (nginx's 499).
-        serving.context().record.error = "client_gone"
+        context().record.error = "client_gone"
         return error_response(APIError(499, "The client closed the connection.", code="client_gone"))
 
     @app.errorhandler(HTTPException)

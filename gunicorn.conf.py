@@ -2,7 +2,7 @@
 
 No preload: each worker imports the app after gevent has patched it. The model runs in the local
 engine, one process that the master starts before the first worker and starts again if it dies
-(backends/engine/); workers only do I/O. The configuration is checked here first, in the master,
+(backends/chatglm/engine/); workers only do I/O. The configuration is checked here first, in the master,
 so a bad setting or model file stops the server with one clear line instead of a crash loop of
 workers; on a reload (SIGHUP), a bad one is logged and the previous configuration stays in service.
 """
@@ -29,7 +29,7 @@ def _metrics_directory() -> tuple[str, bool]:
     start), else a private one made at start and removed at exit. Returns it and whether it is ours."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if _reloading and path:
-        os.makedirs(path, mode=0o700, exist_ok=True)  # in case a cleaner took it: metrics.py copes either way
+        os.makedirs(path, mode=0o700, exist_ok=True)  # in case a cleaner took it: web/metrics.py copes either way
         return path, os.environ.get("AIGATE_METRICS_TEMPORARY") == path
     if path and os.environ.get("AIGATE_METRICS_TEMPORARY") != path:  # the operator's: counts start at zero
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -45,9 +45,9 @@ def _metrics_directory() -> tuple[str, bool]:
 _metrics_dir, _metrics_temporary = _metrics_directory()
 
 import app as _app  # noqa: E402
-import settings as _config  # noqa: E402
+import config.settings as _config  # noqa: E402
 from compat.errors import APIError  # noqa: E402
-from settings import ConfigError, load_settings  # noqa: E402
+from config.settings import ConfigError, load_settings  # noqa: E402
 
 try:
     _settings = load_settings()
@@ -73,7 +73,7 @@ else:
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
-worker_class = "gunicorn_worker.Worker"  # gevent, with a time bound on request headers
+worker_class = "web.gunicorn_worker.Worker"  # gevent, with a time bound on request headers
 worker_connections = _settings.worker_connections
 timeout = _settings.timeout  # a worker that misses its heartbeat this long is restarted
 graceful_timeout = _settings.graceful_timeout  # SIGTERM: running streams get this long to finish
@@ -85,7 +85,7 @@ worker_tmp_dir = _shm if os.path.isdir(_shm) and os.access(_shm, os.W_OK) else N
 preload_app = False
 loglevel = _settings.log_level
 errorlog = "-"
-accesslog = None  # aigate logs one richer line per request itself (request_log.py)
+accesslog = None  # aigate logs one richer line per request itself (web/request_log.py)
 # gunicorn 27's control socket defaults to one path per user: two servers would fight over it.
 control_socket_disable = True
 
@@ -114,8 +114,8 @@ gunicorn.util.write_error = _write_error  # the workers fork from here, patched
 logconfig_dict = {
     "root": {"level": loglevel.upper(), "handlers": ["error_console"]},
     # gunicorn logs a malformed header line whole, which may be "Authorization Bearer sk-..."
-    "filters": {"header_lines": {"()": "request_log.HideHeaderLines"},
-                "write_timeouts": {"()": "request_log.QuietWriteTimeouts"}},
+    "filters": {"header_lines": {"()": "web.request_log.HideHeaderLines"},
+                "write_timeouts": {"()": "web.request_log.QuietWriteTimeouts"}},
     "loggers": {
         "gunicorn.error": {"level": loglevel.upper(), "handlers": ["error_console"], "propagate": False,
                            "qualname": "gunicorn.error", "filters": ["header_lines", "write_timeouts"]},
@@ -129,9 +129,9 @@ def when_ready(server):
     """The master keeps the local engine running (before the first worker, and after any crash).
     The keeper hangs off the arbiter, which outlives the reloads that re-read this file."""
     if _settings.model_path is not None and getattr(server, "aigate_keeper", None) is None:
-        from backends.engine.launcher import Keeper
+        from backends.chatglm.engine.launcher import Keeper
 
-        server.aigate_keeper = Keeper(_settings)
+        server.aigate_keeper = Keeper(_settings.engine())
         server.aigate_keeper.start()
 
 
@@ -142,16 +142,16 @@ def pre_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """Streams still running when a stopping worker's graceful timeout ends are told so (streams.py)."""
-    from serving import state
-    from streams import end_streams_before_the_kill
+    """Streams still running when a stopping worker's graceful timeout ends are told so (web/streams.py)."""
+    from web.context import state
+    from web.streams import end_streams_before_the_kill
 
     end_streams_before_the_kill(worker, state(worker.wsgi).streams, graceful_timeout)
 
 
 def child_exit(server, worker):
     """A dead worker's live gauges (active streams) must stop counting, under any of the file names
-    it used (metrics.py renames them after a fault)."""
+    it used (web/metrics.py renames them after a fault)."""
     from prometheus_client import multiprocess
 
     for pid in (worker.pid, f"{worker.pid}g*"):

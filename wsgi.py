@@ -1,7 +1,7 @@
 """The WSGI entry point: gunicorn wsgi:application, mod_wsgi, Passenger."""
 
 from app import create_app, start_loading
-from settings import checked
+from config.settings import checked
 
 # Under gunicorn, the settings its master checked (see settings.checked); elsewhere, read them now.
 application = create_app(checked())

@@ -1,4 +1,6 @@
-"""Backends. Each turns a validated ChatRequest into events (backends/base.py) and reports failures as
-BackendError classes; none knows aigate's HTTP side or OpenAI's wire shapes (compat/ maps the
-events to chunks and the error classes to statuses and codes). A backend may speak its own
-upstream's wire format (cloudflare/codec.py)."""
+"""Backends, the bottom layer: each turns a validated ChatRequest into events (base.py) and reports
+failures as BackendError classes: the local model (chatglm/), Workers AI (cloudflare/) and
+OpenAI-compatible upstreams (upstream/), side by side (none imports another), with what they share:
+base.py, media.py (rerank, audio, images), registry.py (model id -> backend), stops.py, sse_reader.py,
+chat_messages.py. None knows aigate's HTTP side or the wire shapes it serves, and none imports a
+layer above (the settings and metrics they need are passed in; tests/test_layers.py)."""

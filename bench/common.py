@@ -35,7 +35,7 @@ BENCH_GLM4_MODEL = dict(family="glm4", hidden_size=1024, num_layers=8, num_heads
 
 
 def bench_model(family: str = "chatglm3") -> Path:
-    from backends.demo_model import write_demo_model
+    from backends.chatglm.demo_model import write_demo_model
 
     path = CACHE / f"bench-{family}.bin"
     if not path.exists():

@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import requests
-
 from common import BIN, CACHE, RESULTS, ROOT, bench_model, free_port, median
 
 LONG = "The river runs through the old town, past the market and the bridge. " * 64
@@ -178,7 +177,7 @@ def model_holder(process: subprocess.Popen, now: bool) -> int:
     """The engine (now), or the worker that serves the model (before)."""
     tasks = Path(f"/proc/{process.pid}/task").iterdir()  # the engine is a child of a master thread
     kids = [int(p) for task in tasks for p in (task / "children").read_text().split()]
-    engines = [p for p in kids if b"backends.engine.server" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    engines = [p for p in kids if b"backends.chatglm.engine.server" in Path(f"/proc/{p}/cmdline").read_bytes()]
     return engines[0] if now else next(p for p in kids if p not in engines)
 
 

@@ -18,7 +18,6 @@ import threading
 import time
 
 import requests
-
 from common import RESULTS, bench_model, free_port, start_aigate
 
 

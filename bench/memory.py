@@ -18,7 +18,6 @@ import threading
 from pathlib import Path
 
 import requests
-
 from common import BIN, RESULTS, ROOT, bench_model, free_port
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
@@ -35,7 +34,7 @@ def children(pid: int) -> list[int]:
 
 
 def is_engine(pid: int) -> bool:
-    return b"backends.engine.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b"backends.chatglm.engine.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def measure(workers: int, model) -> tuple[int, list[int]]:

@@ -14,7 +14,7 @@ import sys
 
 from raw_engine import RawEngine
 
-from backends.engine.model import Detokenizer
+from backends.chatglm.engine.model import Detokenizer
 
 
 def main() -> None:

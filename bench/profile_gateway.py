@@ -36,12 +36,12 @@ PARTS = {
     "the upstream call (requests, or the urllib3 transport)": [("sessions.py", "post"), ("transport.py", "post")],
     "Flask-Limiter's hooks": [("_extension.py", "_check_request_limit"), ("_extension.py", "_inject_headers")],
     "CORS headers (flask-cors; before, two header sets inside the after-request hook)": [("extension.py", "cors_after_request")],
-    "the request line and metrics (RequestLog.write; before, RequestRecord.close)": [("request_log.py", "close"),
-                                                                              ("request_log.py", "write")],
+    "the request line and metrics (RequestLog.write; before, RequestRecord.close)": [("web/request_log.py", "close"),
+                                                                              ("web/request_log.py", "write")],
     "the body read and parsed (BodyReader, read_json, parse_chat)": [("body.py", "_read"), ("json_body.py", "read_json"),
                                                                       ("requests.py", "parse_chat")],
     "the answer built (fold, jsonify)": [("responses.py", "fold"), ("__init__.py", "jsonify")],
-    "request id, record and key (open_request; before, identify)": [("app.py", "identify"), ("request_log.py", "open_request")],
+    "request id, record and key (open_request; before, identify)": [("app.py", "identify"), ("web/request_log.py", "open_request")],
     "Flask's request context push and pop": [("app.py", "request_context"), ("ctx.py", "pop")],
 }
 

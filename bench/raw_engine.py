@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import chatglm_cpp
-
 from common import Timing  # first: common also puts the project's root on sys.path, for backends
-from backends.engine.model import PATCHED, common_prefix
+
+from backends.chatglm.engine.model import PATCHED, common_prefix
 
 
 class RawEngine:

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compat import sse  # noqa: E402
+from compat.completion_objects import Completion, chunk  # noqa: E402
 from compat.requests import parse_chat  # noqa: E402
-from compat.responses import Completion, chunk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "wire_parse.md"

@@ -1,4 +1,7 @@
-"""The OpenAI wire protocol: the wire types declared (wire.py, answers.py), parsing requests, building
-responses, SSE, errors, the routes. It speaks to backends only through backends/base.py (ChatRequest
-in, events and BackendErrors out, each error class mapped to an OpenAI error in errors.py); no module
-here knows a particular backend."""
+"""The wire formats, OpenAI's and Anthropic's: their bodies declared (wire.py, messages_wire.py,
+media_wire.py) and read into backends' requests (requests.py, responses_api.py, messages_request.py,
+rerank.py, audio.py, images.py), events turned into their answers and stream events
+(completion_objects.py, responses_api.py, messages_codec.py, sse.py), the declared answers for
+/openapi.json (answers.py, messages_answers.py, media_answers.py), and errors (errors.py: every
+BackendError class -> status, type and code). No HTTP (Flask stays in web/) and no backend's name:
+it speaks to backends only through backends/base.py and backends/media.py (tests/test_layers.py)."""

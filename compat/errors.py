@@ -6,13 +6,32 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Response, jsonify
-
-from backends.base import (BackendError, ContextLengthExceeded, ImageTooLarge, InvalidImage, InvalidRequest,
-                           ModelNotFound, NotSupportedByModel, QueueFull, QueueTimeout, RateLimited, SchemaNotMet,
-                           TooManyImages, ToolsNotSupported, Unavailable, UnsupportedContent, UpstreamAuthFailed,
-                           UpstreamBrokenAnswer, UpstreamError, UpstreamNotFound, UpstreamOverCapacity,
-                           UpstreamQuotaExceeded, UpstreamRateLimited, UpstreamRefused, UpstreamTimeout)
+from backends.base import (
+    BackendError,
+    ContextLengthExceeded,
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    ModelNotFound,
+    NotSupportedByModel,
+    QueueFull,
+    QueueTimeout,
+    RateLimited,
+    SchemaNotMet,
+    ToolsNotSupported,
+    TooManyImages,
+    Unavailable,
+    UnsupportedContent,
+    UpstreamAuthFailed,
+    UpstreamBrokenAnswer,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamOverCapacity,
+    UpstreamQuotaExceeded,
+    UpstreamRateLimited,
+    UpstreamRefused,
+    UpstreamTimeout,
+)
 
 
 @dataclass
@@ -44,13 +63,6 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
-
-
-def error_response(err: APIError) -> Response:
-    response = jsonify(err.body())
-    response.status_code = err.status
-    response.headers.update(err.headers)
-    return response
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:

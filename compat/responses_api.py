@@ -17,10 +17,22 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import (ChatRequest, Event, Finish, ImageInput, Message, PieceFrame, Role, TextDelta, Tool, ToolCall,
-                           Usage, Written)
-from compat.errors import APIError, invalid
+from backends.base import (
+    ChatRequest,
+    Event,
+    Finish,
+    ImageInput,
+    Message,
+    PieceFrame,
+    Role,
+    TextDelta,
+    Tool,
+    ToolCall,
+    Usage,
+    Written,
+)
 from compat import sse, wire
+from compat.errors import APIError, invalid
 from compat.requests import DATA_URL, TOOL_NAME, Limits, _bounded_max_tokens, check_chars, image_input, one_choice
 from compat.structured import text_format
 

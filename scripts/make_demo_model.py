@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.demo_model import DEFAULT_EOS_EVERY, FAMILY_IDS, write_demo_model  # noqa: E402
+from backends.chatglm.demo_model import DEFAULT_EOS_EVERY, FAMILY_IDS, write_demo_model  # noqa: E402
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from settings import configuration_table  # noqa: E402
+from config.settings import configuration_table  # noqa: E402
 
 README = ROOT / "README.md"
-BEGIN = "<!-- settings table: written by `make settings-table` from settings.py; edit the declarations, not this -->\n"
+BEGIN = "<!-- settings table: written by `make settings-table` from config/settings.py; edit the declarations, not this -->\n"
 END = "<!-- end of settings table -->\n"
 
 

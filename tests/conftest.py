@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.demo_model import write_demo_model
+from backends.chatglm.demo_model import write_demo_model
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))

@@ -14,10 +14,21 @@ from pathlib import Path
 
 from flask import Flask
 
-from backends.base import (Caller, ChatRequest, Embeddings, Event, Finish, ModelInfo, QueueFull, TextDelta,
-                           UpstreamError, Usage, estimate_tokens)
+from backends.base import (
+    Caller,
+    ChatRequest,
+    Embeddings,
+    Event,
+    Finish,
+    ModelInfo,
+    QueueFull,
+    TextDelta,
+    UpstreamError,
+    Usage,
+    estimate_tokens,
+)
 from backends.registry import Registry
-from serving import state
+from web.context import state
 
 MODELS = ("fake-echo", "fake-busy", "fake-broken")
 
@@ -71,7 +82,7 @@ class FakeBackend:
 def fake_app(tmp_path: Path, **changes: object) -> tuple[Flask, FakeBackend]:
     """The real app (settings, blueprints, hooks, limits, errors) serving the fake backend."""
     from app import create_app
-    from settings import load_settings
+    from config.settings import load_settings
 
     # Workers AI settings naming the fake's models (so that no local model is set up and the checks of
     # keys, aliases and ceilings know them); its backend is then replaced before any request.

@@ -21,7 +21,7 @@ from compat.responses_api import parse_responses
 try:
     from compat.requests import parse_embeddings
 except ImportError:  # before the declarations, the route held it
-    from compat.routes.embeddings import parse_embeddings  # type: ignore[attr-defined,no-redef]
+    from web.routes.embeddings import parse_embeddings  # type: ignore[attr-defined,no-redef]
 
 OUT = Path(__file__).resolve().parent / "data" / "wire_cases.json"
 GONE = "<removed>"

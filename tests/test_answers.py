@@ -11,12 +11,18 @@ from typing import Any
 import msgspec
 import pytest
 
-from backends.base import Finish, QueueFull, TextDelta, ToolCall, Usage, UpstreamAuthFailed
+from backends.base import Finish, QueueFull, TextDelta, ToolCall, UpstreamAuthFailed, Usage
 from compat import answers
+from compat.completion_objects import (
+    Completion,
+    fold,
+    fold_text_completion,
+    legacy_function_call,
+    stream_chunks,
+    text_completion_chunks,
+)
 from compat.errors import from_backend, invalid, model_not_found
 from compat.responses_api import ResponseStream, parse_responses
-from compat.responses import (Completion, fold, fold_text_completion, legacy_function_call, stream_chunks,
-                              text_completion_chunks)
 from tests.fake_backend import fake_app
 
 USAGE = Usage(5, 3, cached_tokens=2)

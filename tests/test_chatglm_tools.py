@@ -7,9 +7,9 @@ import json
 import pytest
 
 from backends.base import Message, Tool, ToolCall
-from backends.chatglm_tools import ReplySplitter, parse_call, render_call, tools_system_prompt
-from backends.engine.model import Model
-from backends.ggml_file import read_model_file
+from backends.chatglm.chatglm3_tools import ReplySplitter, parse_call, render_call, tools_system_prompt
+from backends.chatglm.engine.model import Model
+from backends.chatglm.ggml_file import read_model_file
 
 
 @pytest.fixture(scope="module")

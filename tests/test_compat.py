@@ -3,13 +3,14 @@
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backends.base import Finish, Message, TextDelta, Usage
 from compat import sse
+from compat.completion_objects import Completion, fold, stream_chunks
 from compat.errors import APIError
 from compat.requests import parse_chat
-from compat.responses import Completion, fold, stream_chunks
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -147,8 +148,8 @@ def test_sse_event_is_one_line_of_json_for_any_text(text):
 
 def test_failure_after_the_first_byte_goes_in_band():
     from backends.base import QueueTimeout
-    from compat.client_socket import ClientSocket
-    from compat.sse_writer import sse_stream
+    from web.client_socket import ClientSocket
+    from web.sse_writer import sse_stream
 
     closed = []
 
@@ -159,7 +160,7 @@ def test_failure_after_the_first_byte_goes_in_band():
         finally:
             closed.append(True)
 
-    from request_log import RequestRecord
+    from web.record import RequestRecord
 
     events = backend_events()
     record = RequestRecord("req_1", "POST", "/v1/chat/completions", "127.0.0.1")
@@ -172,8 +173,8 @@ def test_failure_after_the_first_byte_goes_in_band():
 
 
 def test_closing_the_stream_closes_the_backend():
-    from compat.client_socket import ClientSocket
-    from compat.sse_writer import sse_stream
+    from web.client_socket import ClientSocket
+    from web.sse_writer import sse_stream
 
     closed = []
 
@@ -184,7 +185,7 @@ def test_closing_the_stream_closes_the_backend():
         finally:
             closed.append(True)
 
-    from request_log import RequestRecord
+    from web.record import RequestRecord
 
     events = backend_events()
     body = sse_stream(stream_chunks(Completion("m"), events, False), events.close,

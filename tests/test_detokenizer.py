@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from backends.engine.model import Detokenizer
+from backends.chatglm.engine.model import Detokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ PIECES = 1000  # the demo tokenizer's size (checked below): ids 3.. are bytes an
 
 
 def test_pieces(tokenizer, demo_model):
-    from backends.ggml_file import read_model_file
+    from backends.chatglm.ggml_file import read_model_file
 
     assert read_model_file(demo_model).tokenizer_pieces == PIECES
 

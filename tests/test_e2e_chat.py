@@ -203,7 +203,7 @@ def test_models_answer_while_a_long_generation_runs(server, client):
 def test_waiting_requests_do_not_block_the_worker(server, client):
     """While one request generates and another waits for the slot in the same worker, that
     worker still answers other requests."""
-    from backends.engine.client import EngineClient
+    from backends.chatglm.engine.client import EngineClient
 
     engine = EngineClient(server.engine_socket, None, 0)
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import openai
 import pytest
 import requests
 
-from settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS, load_settings
-from tests.fake_cloudflare import cloudflare_env as shared_env
+from config.settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS, load_settings
 from tests.fake_cloudflare import ACCOUNT, MODES, TEXT_MODELS, TOKEN, FakeCloudflare, reply_words, usage_for
+from tests.fake_cloudflare import cloudflare_env as shared_env
 
 HELLO = [{"role": "user", "content": "hello there friend"}]
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import requests
 
-from backends.engine.client import EngineClient
+from backends.chatglm.engine.client import EngineClient
 from tests.conftest import unchunked
 from tests.fake_cloudflare import FakeCloudflare, cloudflare_env
 

@@ -9,7 +9,7 @@ import chatglm_cpp
 import openai
 import pytest
 
-from backends.demo_model import write_demo_model
+from backends.chatglm.demo_model import write_demo_model
 
 USER = [{"role": "user", "content": "Tell me about the river and the old town. 你好"}]
 WEATHER = {"type": "function", "function": {

@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from backends.engine.client import EngineClient
+from backends.chatglm.engine.client import EngineClient
 from tests.fake_cloudflare import cloudflare_env
 from tests.fake_upstream import FakeUpstream
 

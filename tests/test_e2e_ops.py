@@ -10,11 +10,10 @@ import signal
 
 import openai
 import pytest
-
 import requests
 
 from app import create_app, load_backends
-from settings import load_settings
+from config.settings import load_settings
 from tests.conftest import engine_socket
 
 USER = [{"role": "user", "content": "SECRET-PROMPT-TEXT about the river"}]

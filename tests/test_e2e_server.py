@@ -168,7 +168,7 @@ def test_bad_alias_stops_startup(tmp_path, demo_model):
 def test_a_padding_token_ends_the_text_instead_of_crashing(server_factory, models_dir):
     """The model below ends its answers with a padding id: decoding one crashes sentencepiece
     (SIGSEGV), so the server must take it as the end of the text."""
-    from backends.demo_model import write_demo_model
+    from backends.chatglm.demo_model import write_demo_model
 
     model = write_demo_model(models_dir / "pads.bin", end_with_padding=True)
     server = server_factory(CHATGLM_MODEL=str(model))

@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from backends.demo_model import write_demo_model
+from backends.chatglm.demo_model import write_demo_model
 from tests.fake_cloudflare import cloudflare_env
 
 WEATHER = {"type": "function", "function": {

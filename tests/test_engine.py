@@ -16,19 +16,29 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import (ChatRequest, ClientGone, ClientStream, Finish, Message, PieceFrame, QueueFull, QueueTimeout,
-                           TextDelta, Written)
-from backends.demo_model import write_demo_model
-from backends.engine import protocol
-from backends.engine.client import EngineClient, connect
-from backends.engine.line import Line
-from backends.engine.model import PATCHED
+from backends.base import (
+    ChatRequest,
+    ClientGone,
+    ClientStream,
+    Finish,
+    Message,
+    PieceFrame,
+    QueueFull,
+    QueueTimeout,
+    TextDelta,
+    Written,
+)
+from backends.chatglm.demo_model import write_demo_model
+from backends.chatglm.engine import protocol
+from backends.chatglm.engine.client import EngineClient, connect
+from backends.chatglm.engine.line import Line
+from backends.chatglm.engine.model import PATCHED
 from tests.conftest import ROOT, engine_socket, unchunked
 
 
 def start_engine(model: Path, *args: str) -> tuple[subprocess.Popen, EngineClient]:
     address = engine_socket()
-    process = subprocess.Popen([sys.executable, "-m", "backends.engine.server", "--address", address,
+    process = subprocess.Popen([sys.executable, "-m", "backends.chatglm.engine.server", "--address", address,
                                 "--model", str(model), *args], cwd=ROOT)
     client = EngineClient(address, None, wait_seconds=30)
     deadline = time.monotonic() + 60
@@ -86,7 +96,7 @@ def test_a_lone_surrogate_is_replaced_not_a_crash(engine):
 def test_one_engine_per_address(demo_model):
     process, client = start_engine(demo_model)
     try:
-        second = subprocess.run([sys.executable, "-m", "backends.engine.server", "--address", client.address,
+        second = subprocess.run([sys.executable, "-m", "backends.chatglm.engine.server", "--address", client.address,
                                  "--model", str(demo_model)], cwd=ROOT, timeout=60)
         assert second.returncode == 3  # the address is taken: it exits at once, the first goes on
         assert client.status()["pid"] == process.pid
@@ -168,8 +178,8 @@ def test_the_line_gives_the_slot_with_the_longest_cached_prefix():
 def test_on_a_stock_build_the_rest_goes_in_one_token_a_step_and_answers_the_same(demo_model, monkeypatch):
     """Stock chatglm-cpp evaluates one token a call once its cache holds anything: reuse still
     gives the greedy answer a cold prompt gives, and is taken only where it is cheaper."""
-    from backends.engine import model as engine_model
-    from backends.ggml_file import read_model_file
+    from backends.chatglm.engine import model as engine_model
+    from backends.chatglm.ggml_file import read_model_file
 
     monkeypatch.setattr(engine_model, "PATCHED", False)
     loaded = engine_model.Model(read_model_file(demo_model), 1024, slots=2)
@@ -194,7 +204,7 @@ def test_a_fork_in_the_master_waits_for_the_engine_start_in_flight():
     """gunicorn's master forks workers while its keeper thread may be starting the engine: a worker
     forked during that Popen would inherit the pipe the Popen waits on and hold the keeper for its
     whole life (the engine then never came back after a crash). Forks wait for the Popen instead."""
-    from backends.engine import launcher
+    from backends.chatglm.engine import launcher
 
     forked = threading.Event()
 
@@ -214,7 +224,7 @@ def test_a_fork_in_the_master_waits_for_the_engine_start_in_flight():
 
 
 def test_between_tokens_the_worker_socket_is_looked_at_only_every_so_often():
-    from backends.engine.server import at_most_every
+    from backends.chatglm.engine.server import at_most_every
 
     looks = []
     check = at_most_every(0.05, lambda: looks.append(time.monotonic()) or True)

@@ -30,10 +30,10 @@ import pytest
 import requests
 
 from backends.base import ChatRequest, Message
-from backends.demo_model import write_demo_model
-from backends.engine import protocol
-from backends.engine.address import UnsafeAddress, private_directory, problem
-from backends.engine.client import EngineClient, connect
+from backends.chatglm.demo_model import write_demo_model
+from backends.chatglm.engine import protocol
+from backends.chatglm.engine.address import UnsafeAddress, private_directory, problem
+from backends.chatglm.engine.client import EngineClient, connect
 from tests.conftest import ROOT, engine_socket
 
 STRANGER = "aigate-stranger"
@@ -333,7 +333,7 @@ def bare_engine(model: Path, *args: str, files: int = 0) -> Iterator[tuple[subpr
     """An engine process on its own, its log lines collected."""
     address = engine_socket()
     limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))) if files else None
-    process = subprocess.Popen([sys.executable, "-m", "backends.engine.server", "--address", address, "--model",
+    process = subprocess.Popen([sys.executable, "-m", "backends.chatglm.engine.server", "--address", address, "--model",
                                 str(model), *args], cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
     log: list[str] = []
     assert process.stderr is not None

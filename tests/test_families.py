@@ -9,10 +9,10 @@ import chatglm_cpp
 import pytest
 
 from backends.base import InvalidRequest, Message, Tool, ToolCall
-from backends.chatglm_tools import ReplySplitter
-from backends.engine.model import ByteDetokenizer, Model
-from backends.ggml_file import read_model_file, read_tokenizer_vocab
-from backends.glm4_tools import parse_call, render_call, tools_system_prompt
+from backends.chatglm.chatglm3_tools import ReplySplitter
+from backends.chatglm.engine.model import ByteDetokenizer, Model
+from backends.chatglm.ggml_file import read_model_file, read_tokenizer_vocab
+from backends.chatglm.glm4_tools import parse_call, render_call, tools_system_prompt
 
 HISTORY = (Message("system", "Be brief."), Message("user", "你好 hello"), Message("assistant", "Hi there."),
            Message("tool", '{"temp": 21}'), Message("user", "and tomorrow?  Ünïcødé 🚀\n\nok"))
@@ -107,7 +107,7 @@ def test_glm4_parse_call():
 
 
 def test_the_file_check_knows_each_family(tmp_path, glm4_model, glm4v_model, chatglm2_model):
-    from backends.ggml_file import ModelFileError
+    from backends.chatglm.ggml_file import ModelFileError
 
     assert [read_model_file(p).family_name for p in (glm4_model, glm4v_model, chatglm2_model)] == [
         "GLM-4", "GLM-4V", "ChatGLM2-6B"]

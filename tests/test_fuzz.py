@@ -16,9 +16,10 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from settings import ApiKey
+from config.settings import ApiKey
 from tests.fake_backend import fake_app
 
 KEY = "sk-fuzz-test"

@@ -12,7 +12,15 @@ import sys
 
 import pytest
 
-from backends.ggml_file import ALIGN, CONFIG_V2, F16, VISION_CONFIG, ModelFileError, read_model_file, tensor_nbytes
+from backends.chatglm.ggml_file import (
+    ALIGN,
+    CONFIG_V2,
+    F16,
+    VISION_CONFIG,
+    ModelFileError,
+    read_model_file,
+    tensor_nbytes,
+)
 
 HEADER = 4 + 4 + 4  # magic, model type, config version
 

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
-
 from app import check_config, create_app, load_backends
-from compat.auth import authenticate
 from compat.errors import APIError
-from settings import ApiKey, ConfigError, key_name, load_settings
+from config.settings import ApiKey, ConfigError, key_name, load_settings
 from tests.conftest import engine_socket
+from web.auth import authenticate
 
 KEYS_FILE = """
 [keys.alice]
@@ -203,7 +202,7 @@ def test_settling_a_reservation_never_refunds_into_a_new_minute():
     from limits import RateLimitItemPerMinute
     from limits.storage import MemoryStorage
 
-    from rate_limits import TokenBudget
+    from web.rate_limits import TokenBudget
 
     storage, item = MemoryStorage(), RateLimitItemPerMinute(100)
     budget, key = TokenBudget(storage), item.key_for("tokens", "k")

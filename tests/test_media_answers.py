@@ -11,13 +11,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from flask import Flask
 from werkzeug.formparser import parse_form_data
 
 from backends.media import Images, Ranked, Ranking, RerankRequest, Segment, Transcript, Upload, Word
 from backends.upstream.media import MultipartBody
 from compat import media_answers
-from compat.audio import transcription_response, verbose
+from compat.audio import transcription_body, verbose
 from compat.images import images_answer
 from compat.rerank import RerankCall, rerank_answer
 
@@ -42,14 +41,13 @@ def test_rerank_answers(documents):
 def test_transcription_answers(words):
     holds(verbose(TRANSCRIPT, words), media_answers.TranscriptionVerbose)
     holds(verbose(Transcript("", ()), words), media_answers.TranscriptionVerbose)
-    with Flask(__name__).app_context():
-        holds(json.loads(transcription_response(TRANSCRIPT, "json", False).get_data()), media_answers.Transcription)
+    body, content_type = transcription_body(TRANSCRIPT, "json", False)
+    assert content_type == "application/json"
+    holds(json.loads(body), media_answers.Transcription)
 
 
 def test_subtitles_time_their_cues():
-    with Flask(__name__).app_context():
-        srt = transcription_response(TRANSCRIPT, "srt", False).get_data(as_text=True)
-        vtt = transcription_response(TRANSCRIPT, "vtt", False).get_data(as_text=True)
+    srt, vtt = transcription_body(TRANSCRIPT, "srt", False)[0], transcription_body(TRANSCRIPT, "vtt", False)[0]
     assert srt == ("1\n00:00:00,000 --> 00:00:01,250\nHello there.\n\n"
                    "2\n01:00:01,500 --> 01:00:03,000\nGeneral Kenobi.\n\n")
     assert vtt == ("WEBVTT\n\n00:00:00.000 --> 00:00:01.250\nHello there.\n\n"

@@ -10,7 +10,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backends.base import Finish, ImageInput, Message, TextDelta, Tool, ToolCall, Usage, Written
 from compat import messages_answers as answers

@@ -10,12 +10,16 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                               response_headers_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
-from compat.routes.openapi import document
 from tests.fake_cloudflare import cloudflare_env
+from web.routes.openapi import document
 
 API_KEY = "sk-openapi-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -1,7 +1,7 @@
-"""The policy the settings decide (policy.py), derived without a registry, a backend or a model file."""
+"""The policy the settings decide (config/policy.py), derived without a registry, a backend or a model file."""
 
-from policy import LocalModel, Policy
-from settings import load_settings
+from config.policy import LocalModel, Policy
+from config.settings import load_settings
 
 
 def derive(env: dict[str, str], local: LocalModel | None = None) -> Policy:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from response_store import ConversationTooLong, ResponseStore, StoreError
+from store.response_store import ConversationTooLong, ResponseStore, StoreError
 
 
 def response(n: int | str, text: str = "x") -> dict:

@@ -84,7 +84,7 @@ def test_bad_input_names_the_field(client):
 
 
 def test_models_keys_and_cors(tmp_path):
-    from settings import ApiKey
+    from config.settings import ApiKey
 
     app, _ = fake_app(tmp_path, api_keys=(ApiKey("alice", "sk-fast-test", models=("fake-echo",)),))
     client = app.test_client()

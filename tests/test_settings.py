@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from settings import ELSEWHERE, ConfigError, Settings, configuration_table, load_settings
-from settings_fields import declarations
+from config.fields import declarations
+from config.settings import ELSEWHERE, ConfigError, Settings, configuration_table, load_settings
 from tests.conftest import ROOT
 
 

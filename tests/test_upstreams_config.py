@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app import check_config
-from settings import ConfigError, load_settings
+from config.settings import ConfigError, load_settings
 
 GOOD = '[upstreams.gpu-box]\nbase_url = "http://10.0.0.5:8000/v1"\nmodels = ["qwen"]\n'
 

@@ -34,7 +34,7 @@ def test_the_document_carries_the_declarations_and_is_valid_openapi():
     import schemathesis
 
     from compat import answers, wire
-    from compat.routes.openapi import document
+    from web.routes.openapi import document
 
     doc = document()
     schemas = doc["components"]["schemas"]
@@ -46,7 +46,7 @@ def test_the_document_carries_the_declarations_and_is_valid_openapi():
 
 
 def test_a_schema_both_written_and_declared_is_refused(monkeypatch, tmp_path):
-    from compat.routes import openapi
+    from web.routes import openapi
 
     spec = tmp_path / "openapi.yaml"
     spec.write_text(openapi.SPEC.read_text(encoding="utf-8").replace(

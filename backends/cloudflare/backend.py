@@ -13,14 +13,44 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from backends.base import (BackendError, Caller, ChatRequest, ContextLengthExceeded, Embeddings, Event, ModelInfo,
-                           NotSupportedByModel, Task, UpstreamBrokenAnswer, UpstreamError, UpstreamOverCapacity,
-                           UpstreamRefused, UpstreamTimeout, estimate_tokens)
+from backends.base import (
+    BackendError,
+    Caller,
+    ChatRequest,
+    ContextLengthExceeded,
+    Embeddings,
+    Event,
+    ModelInfo,
+    NotSupportedByModel,
+    Task,
+    UpstreamBrokenAnswer,
+    UpstreamError,
+    UpstreamOverCapacity,
+    UpstreamRefused,
+    UpstreamTimeout,
+    estimate_tokens,
+)
 from backends.cloudflare import codec, media
-from backends.cloudflare.transport import (ConnectFailed, ConnectTimedOut, NoAnswer, Payload, ReadBroken, Response,
-                                           Transport, TransportError)
-from backends.media import (ImageRequest, Images, RawAnswer, Ranking, RerankRequest, SpeechRequest, Transcript,
-                            TranscriptionRequest)
+from backends.cloudflare.transport import (
+    ConnectFailed,
+    ConnectTimedOut,
+    NoAnswer,
+    Payload,
+    ReadBroken,
+    Response,
+    Transport,
+    TransportError,
+)
+from backends.media import (
+    ImageRequest,
+    Images,
+    Ranking,
+    RawAnswer,
+    RerankRequest,
+    SpeechRequest,
+    Transcript,
+    TranscriptionRequest,
+)
 from backends.sse_reader import sse_data
 
 log = logging.getLogger("backends.cloudflare")

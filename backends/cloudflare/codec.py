@@ -10,10 +10,27 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from backends.base import (BackendError, ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason,
-                           InvalidRequest, ModelNotFound, SchemaNotMet, TextDelta, ToolCall,
-                           UpstreamAuthFailed, UpstreamError, UpstreamOverCapacity, UpstreamQuotaExceeded,
-                           UpstreamRefused, UpstreamTimeout, Usage, estimate_tokens)
+from backends.base import (
+    BackendError,
+    ChatRequest,
+    ContextLengthExceeded,
+    Event,
+    Finish,
+    FinishReason,
+    InvalidRequest,
+    ModelNotFound,
+    SchemaNotMet,
+    TextDelta,
+    ToolCall,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamOverCapacity,
+    UpstreamQuotaExceeded,
+    UpstreamRefused,
+    UpstreamTimeout,
+    Usage,
+    estimate_tokens,
+)
 from backends.chat_messages import message_json
 from backends.sse_reader import JsonFrames
 from backends.stops import StopMatcher

@@ -10,8 +10,7 @@ from typing import Any
 
 from backends.base import NotSupportedByModel, UpstreamError
 from backends.cloudflare.transport import Payload
-from backends.media import (Ranked, RerankRequest, Segment, SpeechRequest, Transcript, TranscriptionRequest,
-                            Upload, Word)
+from backends.media import Ranked, RerankRequest, Segment, SpeechRequest, Transcript, TranscriptionRequest, Upload, Word
 
 # -- reranking: {query, contexts: [{text}], top_k} -> {response: [{id, score}]} ------------------------
 

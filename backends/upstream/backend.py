@@ -35,12 +35,11 @@ from backends.base import (
     estimate_tokens,
 )
 from backends.chat_messages import message_json
-from backends.media import (ImageRequest, RawAnswer, Ranking, RerankRequest, SpeechRequest, TranscriptionRequest,
-                            Upload)
+from backends.media import ImageRequest, Ranking, RawAnswer, RerankRequest, SpeechRequest, TranscriptionRequest, Upload
 from backends.upstream import media
 from backends.upstream.config import UpstreamConfig
 from backends.upstream.normalise import Kind, Normaliser
-from backends.upstream.pool import Member, order
+from backends.upstream.pool import Member, MetricsGuard, order, run
 from backends.upstream.transport import Transport, broken_read
 
 log = logging.getLogger("aigate")
@@ -58,8 +57,9 @@ DISCOVERY_RETRY = 5.0  # seconds between reads of a model list never read yet
 class UpstreamBackend:
     name = "upstream"
 
-    def __init__(self, upstreams: tuple[UpstreamConfig, ...], taken: set[str], pool_size: int) -> None:
-        self.members = [Member(u) for u in upstreams]
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...], taken: set[str], pool_size: int,
+                 count: MetricsGuard = run) -> None:
+        self.members = [Member(u, count=count) for u in upstreams]
         self.transport = Transport(upstreams, pool_size)
         self.taken = taken  # ids a local or Workers AI model (or an alias) has: a discovered one is left out
         self._pools: dict[str, list[Member]] = {}

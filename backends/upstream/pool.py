@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
-import metrics
 from backends.base import BackendError, RateLimited
 from backends.upstream.config import UpstreamConfig
 
@@ -31,6 +31,13 @@ UP = Gauge("aigate_upstream_up", "1 while an upstream is in service, 0 while it 
 IN_FLIGHT = Gauge("aigate_upstream_in_flight", "Requests running on each upstream", ["upstream"],
                   multiprocess_mode="livesum")
 MAX_BACKOFF = 8  # a cool-down doubles while an upstream keeps failing, up to this many times its own
+# How a metrics update runs: the server passes its guard (web.metrics.safely: a metrics fault is logged,
+# never raised into a request); plain calls by default.
+MetricsGuard = Callable[[Callable[[], None]], None]
+
+
+def run(update: Callable[[], None]) -> None:
+    update()
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Member:
     last_error: str = ""
     discovered: list[tuple[str, int]] | None = None  # GET /models, last read that worked
     _started: float = field(default=0.0, repr=False)
+    count: MetricsGuard = field(default=run, repr=False)
 
     @property
     def name(self) -> str:
@@ -75,11 +83,11 @@ class Member:
             UP.labels(self.name).set(1)
             FIRST_BYTE.labels(self.name).observe(seconds)
             REQUESTS.labels(self.name, "ok").inc()
-        metrics.safely(count)
+        self.count(count)
 
     def refused(self) -> None:
         """It refused the request as given (a 400): the request's fault, not the upstream's."""
-        metrics.safely(lambda: REQUESTS.labels(self.name, "refused").inc())
+        self.count(lambda: REQUESTS.labels(self.name, "refused").inc())
 
     def failed(self, error: BackendError, *, answering: bool = False) -> None:
         self.errors += 1
@@ -95,7 +103,7 @@ class Member:
         def count() -> None:
             UP.labels(self.name).set(0)
             REQUESTS.labels(self.name, "error").inc()
-        metrics.safely(count)
+        self.count(count)
 
     def state(self, now: float) -> str:
         return "cooling down" if self.cooling(now) else "up" if self.failures == 0 else "retrying"
@@ -107,7 +115,7 @@ class Member:
                 **({"last_error": self.last_error} if self.last_error else {})}
 
     def _gauge(self) -> None:
-        metrics.safely(lambda: IN_FLIGHT.labels(self.name).set(self.in_flight))
+        self.count(lambda: IN_FLIGHT.labels(self.name).set(self.in_flight))
 
 
 def order(members: list[Member]) -> list[Member]:

@@ -1,0 +1,79 @@
+"""chatglm.cpp through the local engine (backends/chatglm/engine/): this process never calls into the model.
+The engine runs the chat template, the token loop and the line; this backend forwards each request
+over the engine's socket and passes its events on."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import replace
+
+from backends.base import Caller, ChatRequest, Embeddings, Event, ModelInfo, NotSupportedByModel, UnsupportedContent
+from backends.chatglm.engine.client import EngineClient
+from backends.chatglm.ggml_file import ModelFile
+from backends.chatglm.images import decode_image
+
+log = logging.getLogger(__name__)
+
+_LOAD_POLL_SECONDS = 0.1
+
+
+class ChatGLMBackend:
+    name = "chatglm"
+
+    def __init__(self, model: ModelFile, *, model_id: str, owned_by: str, engine: EngineClient,
+                 max_image_pixels: int = 16_000_000) -> None:
+        self.engine = engine
+        self._vision = model.vision
+        self._max_image_pixels = max_image_pixels
+        self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime), images=model.vision is not None)
+
+    def load(self) -> None:
+        """Wait until the engine has loaded the model (starting it, where that is this process's job)."""
+        self.engine.ensure_started()
+        while True:
+            status = self.engine.status()
+            if status and status["error"]:
+                raise RuntimeError(status["error"])
+            if status and status["loaded"]:
+                log.info("the local engine (pid %s) serves %s", status["pid"], self._info.id)
+                return
+            time.sleep(_LOAD_POLL_SECONDS)  # cooperative under gevent
+
+    def readiness(self) -> str | None:
+        status = self.engine.status()
+        if status is None:
+            if self.engine.foreign is not None:  # not ours: nothing is sent to it (the log says who)
+                return "the local engine is not running: another user's process holds its address"
+            return "the local engine is not running (it is being started)"
+        if not status["loaded"]:
+            return status["error"] or f"model {self._info.id} is loading"
+        return None
+
+    def stats(self) -> dict[str, float]:
+        status = self.engine.status() or {}
+        return {"generations_running": status.get("running", 0), "requests_waiting": status.get("waiting", 0)}
+
+    def models(self) -> list[ModelInfo]:
+        return [self._info]
+
+    def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
+        raise NotSupportedByModel(f"{model} is a chat model and makes no embeddings; use an embedding model "
+                             "(Cloudflare's @cf/baai/bge-*).", param="model")
+
+    def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
+        if any(m.images for m in request.messages):
+            request = self._decoded_images(request)
+        yield from self.engine.generate(request, None if caller is None else caller.client_stream)
+
+    def _decoded_images(self, request: ChatRequest) -> ChatRequest:
+        """Each image as the pixels the engine takes (checked here: a bad image must not reach it)."""
+        if self._vision is None:
+            raise UnsupportedContent(f"{self._info.id} takes text only; send the request without images.",
+                                 param="messages")
+        size = self._vision.image_size
+        messages = tuple(replace(m, images=tuple(decode_image(im, size, self._max_image_pixels, f"messages[{i}]")
+                                                 for im in m.images)) if m.images else m
+                         for i, m in enumerate(request.messages))
+        return replace(request, messages=messages)

@@ -1,0 +1,8 @@
+"""The HTTP runtime, the top layer: the routes (routes/, thin), each request's context (context.py), keys
+checked before the body is read (auth.py), the body read and bounded (body.py, json_body.py), the
+rate limits, the request log and its record, the metrics, how a generation starts and a stream is
+written (generation.py, sse_writer.py, client_socket.py), the streams a stopping worker ends
+(streams.py), and gunicorn's worker (gunicorn_worker.py).
+
+May import config/, store/, compat/ and backends/; nothing below imports this (tests/test_layers.py).
+"""

@@ -1,0 +1,40 @@
+"""GET /v1/models and GET /v1/models/<id> (ids may contain '/', e.g. Cloudflare's @cf/...)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from backends.base import ModelInfo
+from compat.completion_objects import model_object
+from compat.errors import model_not_found
+from web.auth import allowed
+from web.context import context, state
+
+bp = Blueprint("models", __name__)
+
+
+@bp.get("/v1/models")
+def list_models():
+    return jsonify({"object": "list", "data": [_object(m) for m in _visible()]})
+
+
+@bp.get("/v1/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    info = next((m for m in _visible() if m.id == model_id), None)
+    if info is None:
+        raise model_not_found(model_id)
+    return jsonify(_object(info))
+
+
+def _object(m: ModelInfo) -> dict:
+    # An extra field: whether response_format / text.format (a JSON schema) is honoured, or refused,
+    # whether image content parts are read (GLM-4V) or refused, and which endpoints' tasks it serves.
+    return {**model_object(m.id, m.owned_by, m.created),
+            "capabilities": {"structured_outputs": m.structured_outputs, "images": m.images,
+                             "tasks": None if m.tasks is None else sorted(m.tasks)}}
+
+
+def _visible() -> list[ModelInfo]:
+    """The models (and aliases) the request's key may use."""
+    registry, key = state().registry, context().key
+    return [m for m in registry.models() if allowed(key, m.id, registry.aliases.get(m.id, m.id))]
