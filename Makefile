@@ -7,7 +7,7 @@ NODE_DIR := .cache/node
 # chatglm-cpp 0.4.2 builds from source; CMake 4 rejects its bundled cmake_minimum_required.
 export CMAKE_ARGS ?= -DCMAKE_POLICY_VERSION_MINIMUM=3.5
 
-.PHONY: run test lint audit settings-table install install-dev install-clients test-servers clean
+.PHONY: run test test-fast lint audit settings-table install install-dev install-clients test-servers clean
 
 run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:application
@@ -15,13 +15,18 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev test-servers install-clients lint
 	$(BIN)/python -m pytest
 
+# The unit tests alone (tests/unit/: no server, no engine, no subprocess; seconds): run them on every change.
+# The rest of tests/ starts real gunicorn, engines, fakes and clients: `make test` runs everything.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests/unit -q
+
 # ruff (bugs, not style) and mypy over the project, as pyproject.toml configures them; before the tests.
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 # The README's configuration table, rewritten from the settings' declarations (config/settings.py);
-# tests/test_settings.py fails while the two differ.
+# tests/unit/test_settings.py fails while the two differ.
 settings-table: $(VENV)/.installed
 	$(BIN)/python scripts/settings_table.py --write
 

@@ -4,4 +4,4 @@ rerank.py, audio.py, images.py), events turned into their answers and stream eve
 (completion_objects.py, responses_api.py, messages_codec.py, sse.py), the declared answers for
 /openapi.json (answers.py, messages_answers.py, media_answers.py), and errors (errors.py: every
 BackendError class -> status, type and code). No HTTP (Flask stays in web/) and no backend's name:
-it speaks to backends only through backends/base.py and backends/media.py (tests/test_layers.py)."""
+it speaks to backends only through backends/base.py and backends/media.py (tests/unit/test_layers.py)."""

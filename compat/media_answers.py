@@ -1,5 +1,5 @@
 """The objects /v1/rerank, /v1/audio/transcriptions and /v1/images/generations answer with, declared
-as compat/answers.py declares the others (the OpenAPI document's schemas; tests/test_media_answers.py
+as compat/answers.py declares the others (the OpenAPI document's schemas; tests/unit/test_media_answers.py
 holds what the builders make to them). Speech answers with the audio file itself, and an
 OpenAI-compatible upstream's transcription or images are passed on as it made them."""
 

@@ -1,6 +1,6 @@
 """What the Anthropic Messages API routes answer with (the message, its stream events, the token count,
 errors), declared once as compat/answers.py declares OpenAI's: the OpenAPI document's schemas come from
-here, and tests/test_messages_api.py holds what compat/messages_codec.py builds to these declarations
+here, and tests/unit/test_messages_api.py holds what compat/messages_codec.py builds to these declarations
 (every Struct refuses unknown fields). Shapes: the `anthropic` SDK's types."""
 
 from __future__ import annotations

@@ -388,7 +388,7 @@ def _surrogate_key(value: Any, path: str = "") -> str | None:
 # missing_required_parameter; a wrong JSON type: invalid_type; a wrong value: invalid_value; an empty
 # array: empty_array): for each declaration, the field (its indices written []) and the kind of fault
 # -> the code, and the field named if it is not the one at fault. One table, so that clients keep the
-# param and code they were given (tests/test_wire.py holds every recorded case to it).
+# param and code they were given (tests/unit/test_wire.py holds every recorded case to it).
 Rows = dict[tuple[str, str], tuple[str, str | None]]
 _ALL = ("missing", "type", "value", "empty")
 _TOO_LATE = "tools[].function"

@@ -163,7 +163,7 @@ def _storage_uri(raw: str, r: Reading) -> str:
 @dataclass(frozen=True)
 class Settings:
     """Every setting, declared once: its variable, default, bound and the README's line about it
-    (`make settings-table` writes the README's table from these; tests/test_settings.py checks it)."""
+    (`make settings-table` writes the README's table from these; tests/unit/test_settings.py checks it)."""
 
     # Keys and limits
     api_keys: tuple[ApiKey, ...] = setting(

@@ -1,6 +1,6 @@
 """Writes tests/data/wire_cases.json: what the request parsers answer to bodies with one field broken,
 recorded from the hand-written parsers before the wire types were declared (commit fe2a595), so that
-tests/test_wire.py can hold the declared ones to the same `param` and `code` for every case.
+tests/unit/test_wire.py can hold the declared ones to the same `param` and `code` for every case.
 
 Each base body is valid; each case sets one path (every field of the base, and the optional fields
 the base leaves out) to one probe value, or removes it. Run from the repository root:

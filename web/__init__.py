@@ -4,5 +4,5 @@ rate limits, the request log and its record, the metrics, how a generation start
 written (generation.py, sse_writer.py, client_socket.py), the streams a stopping worker ends
 (streams.py), and gunicorn's worker (gunicorn_worker.py).
 
-May import config/, store/, compat/ and backends/; nothing below imports this (tests/test_layers.py).
+May import config/, store/, compat/ and backends/; nothing below imports this (tests/unit/test_layers.py).
 """

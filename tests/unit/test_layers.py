@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ("app", "wsgi", "gunicorn.conf", "passenger_wsgi")
 LAYERS = ["web", "config", "store", "compat", "backends"]  # top to bottom
 BACKENDS = ("backends.chatglm", "backends.cloudflare", "backends.upstream")  # side by side: none imports another
