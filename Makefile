@@ -25,7 +25,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The README's configuration table, rewritten from the settings' declarations (config/settings.py);
+# docs/configuration.md's settings table, rewritten from the settings' declarations (config/settings.py);
 # tests/unit/test_settings.py fails while the two differ.
 settings-table: $(VENV)/.installed
 	$(BIN)/python scripts/settings_table.py --write

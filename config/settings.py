@@ -1,7 +1,7 @@
 """Settings: one frozen object read from the environment, or a .env file in the working directory.
 
 Each setting is declared once, as a field of Settings (settings_fields.setting: its variable,
-default, bound, one line of doc); the reader and the README's configuration table both come from
+default, bound, one line of doc); the reader and docs/configuration.md's settings table both come from
 those declarations. Every problem is reported as a ConfigError naming the variable and the fix, so
 the server can stop at start with one clear line instead of failing on the first request. Reading
 settings has no side effect; what they decide about requests is derived in config/policy.py.
@@ -162,8 +162,8 @@ def _storage_uri(raw: str, r: Reading) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, declared once: its variable, default, bound and the README's line about it
-    (`make settings-table` writes the README's table from these; tests/unit/test_settings.py checks it)."""
+    """Every setting, declared once: its variable, default, bound and its line in docs/configuration.md's table
+    (`make settings-table` writes that table from these; tests/unit/test_settings.py checks it)."""
 
     # Keys and limits
     api_keys: tuple[ApiKey, ...] = setting(
@@ -380,7 +380,7 @@ ELSEWHERE = (
 
 
 def configuration_table() -> str:
-    """The README's configuration table, from the declarations."""
+    """docs/configuration.md's settings table, from the declarations."""
     return "\n".join(table_rows(Settings, ELSEWHERE)) + "\n"
 
 

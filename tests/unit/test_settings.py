@@ -113,8 +113,8 @@ def test_flags_take_yes_and_no_only():
 
 def test_readme_table_is_written_from_the_declarations():
     script = _load_script("settings_table")
-    table = script.readme_table((ROOT / "README.md").read_text())
-    assert table == configuration_table(), "README.md's configuration table is stale: run `make settings-table`"
+    table = script.written_table((ROOT / "docs" / "configuration.md").read_text())
+    assert table == configuration_table(), "docs/configuration.md's settings table is stale: run `make settings-table`"
     assert "| `MAX_QUEUE` | requests waiting for a slot before new ones get 429 | `8` | `0` |" in table
 
 
