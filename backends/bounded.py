@@ -23,7 +23,10 @@ class AnswerBounds:
 
     event: int  # one SSE line, or one event's data
     body: int  # a JSON answer read whole (a chat answer, embeddings, a ranking, a model list)
-    media: int  # audio or an image, passed on as it arrives or held to be encoded
+    # Audio or an image, passed on as it arrives or held to be encoded. Larger than a JSON answer: speech of
+    # OpenAI's longest input (4,096 characters, ~5 minutes) is ~14 MB as WAV, and an answer of several large
+    # images in base64 holds tens of MB; 32 MiB by default, as Workers AI's images were bounded before.
+    media: int
 
 
 def read_whole(chunks: Iterable[bytes], limit: int, who: str, setting: str) -> bytearray:

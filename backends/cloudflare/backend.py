@@ -212,11 +212,11 @@ class CloudflareBackend:
         except ContextLengthExceeded as exc:
             raise UpstreamRefused(exc.message, param=param) from None
 
-    def _file(self, response: Response) -> bytes:
+    def _file(self, response: Response) -> bytearray:
         """An image's bytes, held to be encoded: at most UPSTREAM_MAX_MEDIA_BYTES."""
         try:
-            return bytes(read_whole(response.chunks(), self.config.bounds.media, "Cloudflare Workers AI",
-                                    "UPSTREAM_MAX_MEDIA_BYTES"))
+            return read_whole(response.chunks(), self.config.bounds.media, "Cloudflare Workers AI",
+                              "UPSTREAM_MAX_MEDIA_BYTES")
         except ReadBroken as exc:
             raise _broken_read(exc, "mid-answer") from None
 

@@ -73,10 +73,8 @@ class Transport:
         with response:
             if not succeeded(response):
                 raise error(up, response)
-            try:
-                data = read_json(up, response, self.bounds.body).get("data")
-            except (AttributeError, UpstreamError):
-                data = None
+            body = read_json(up, response, self.bounds.body)  # not JSON, too large, broken: said as it is
+            data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise UpstreamError(f"upstream {up.name} answered GET /models without a list of models")
         return [(m["id"], m["created"] if isinstance(m.get("created"), int) else 0)
