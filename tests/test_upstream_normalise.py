@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -11,6 +12,7 @@ from backends.base import (
     Finish,
     Message,
     TextDelta,
+    Tool,
     ToolCall,
     UpstreamError,
 )
@@ -47,6 +49,20 @@ def test_no_usage_is_estimated_and_said_so():
     reader = Normaliser(REQUEST, "chat", "up", EVENT)
     events = list(reader.stream(frames(chunk(content="abcdefgh"), {"choices": [{"delta": {}, "finish_reason": "stop"}]})))
     assert isinstance(events[-1], Finish) and events[-1].usage.completion_tokens == 2 and reader.estimated
+    # "hello there": 3 tokens of text, 4 of its message's framing and role, 3 priming the reply
+    assert events[-1].usage.prompt_tokens == 10
+
+
+def test_the_prompt_estimate_counts_what_a_chat_template_adds():
+    tool = Tool("weather", "The weather", {"type": "object"})
+    call = ToolCall("call_1", "weather", '{"city": "Paris"}')  # 7 + 17 characters: 6 tokens
+    chat = ChatRequest(model="m", messages=(
+        Message("system", "Be brief."), Message("user", "hello there"), Message("assistant", "", (call,)),
+        Message("tool", "18C", tool_call_id="call_1", name="weather")))
+    # The tool's definition as sent: {"name":"weather","description":"The weather","parameters":{"type":"object"}}
+    assert chat.estimated_prompt_tokens == 3 + (4 + 3) + (4 + 3) + (4 + 6) + (4 + 1 + 1 + 2)
+    assert replace(chat, tools=(tool,)).estimated_prompt_tokens == chat.estimated_prompt_tokens + 20
+    assert ChatRequest(model="m", messages=(), prompt="once upon a time").estimated_prompt_tokens == 4  # no template
 
 
 def test_a_stream_that_stops_without_finish_or_done_is_truncated_but_done_alone_is_enough():
