@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from backends.base import Backend, BackendError
+from backends.bounded import AnswerBounds
 from backends.chatglm.ggml_file import ModelFileError, read_model_file
 from backends.registry import Registry
 from compat.errors import APIError, from_backend, internal_error
@@ -165,7 +166,8 @@ def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
             taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models,
                       *(model for model, _ in settings.cloudflare_media_models)}
         taken |= {alias for alias, _ in settings.model_aliases}
-        backends.append(UpstreamBackend(settings.upstreams, taken, settings.worker_connections, metrics.safely))
+        backends.append(UpstreamBackend(settings.upstreams, taken, settings.worker_connections,
+                                        answer_bounds(settings), metrics.safely))
     return Registry(backends, dict(settings.model_aliases))
 
 
@@ -176,10 +178,16 @@ def cloudflare_config(settings: Settings):
     return CloudflareConfig(
         account_id=settings.cloudflare_account_id, api_token=settings.cloudflare_api_token,
         api_base=settings.cloudflare_api_base, models=() if discover else settings.cloudflare_models,
-        discover=discover, max_tokens=settings.cloudflare_max_tokens, connect_timeout=settings.cloudflare_timeout[0],
-        read_timeout=settings.cloudflare_timeout[1], retries=settings.cloudflare_retries,
+        discover=discover, bounds=answer_bounds(settings), max_tokens=settings.cloudflare_max_tokens,
+        connect_timeout=settings.cloudflare_timeout[0], read_timeout=settings.cloudflare_timeout[1], retries=settings.cloudflare_retries,
         pool_size=settings.worker_connections, embedding_models=settings.cloudflare_embedding_models,
         json_mode_models=settings.cloudflare_json_models, media_models=settings.cloudflare_media_models)
+
+
+def answer_bounds(settings: Settings) -> AnswerBounds:
+    """How much of an upstream's answer is read (UPSTREAM_MAX_*_BYTES), for Workers AI and the upstreams alike."""
+    return AnswerBounds(event=settings.upstream_max_event_bytes, body=settings.upstream_max_body_bytes,
+                        media=settings.upstream_max_media_bytes)
 
 
 def check_config(settings: Settings) -> LocalModel | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
@@ -95,7 +96,33 @@ class ChatRequest:
 
     @property
     def estimated_prompt_tokens(self) -> int:
-        return estimate_tokens(len(self.prompt or "") + sum(len(m.content) for m in self.messages))
+        """The prompt's tokens where no tokenizer counts them (an upstream or Workers AI that sends no usage,
+        the tokens a key's budget reserves): its text at about 4 characters a token and, for chat, what
+        the chat template adds (each message's framing and role, the reply's priming, the tools'
+        definitions), as OpenAI's counting guidance has it for its own models."""
+        if self.prompt is not None:  # raw text: no template around it
+            return estimate_tokens(len(self.prompt))
+        return (REPLY_TOKENS + sum(_message_tokens(m) for m in self.messages)
+                + sum(estimate_tokens(len(_tool_json(t))) for t in self.tools))
+
+
+# A chat template's own tokens, as OpenAI's counting guidance for chat models has them: each message is framed by
+# 3 and its role is 1 more (a name: 1 more than its own tokens), and the reply is primed with 3. Other templates
+# differ by a token or so a message: this is an estimate, not a count.
+MESSAGE_TOKENS = 4
+NAME_TOKENS = 1
+REPLY_TOKENS = 3
+
+
+def _message_tokens(m: Message) -> int:
+    chars = len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+    return MESSAGE_TOKENS + estimate_tokens(chars) + (NAME_TOKENS + estimate_tokens(len(m.name)) if m.name else 0)
+
+
+def _tool_json(t: Tool) -> str:
+    """A tool's definition as the upstream is sent it (its ``function``), which a template writes into the prompt."""
+    return json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
+                      ensure_ascii=False, separators=(",", ":"))
 
 
 def estimate_tokens(chars: int) -> int:

@@ -2,7 +2,9 @@
 OpenAI-compatible servers): each event's data, and the JSON objects those carry.
 
 Network chunks split events anywhere, even inside a JSON payload or a CRLF pair, so bytes are
-buffered until a line is complete and a blank line completes an event.
+buffered until a line is complete and a blank line completes an event. Neither may grow past
+UPSTREAM_MAX_EVENT_BYTES: a server that sends an endless line is refused at that bound, not read
+to the end.
 """
 
 from __future__ import annotations
@@ -12,31 +14,52 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from backends.base import UpstreamError
+from backends.bounded import too_large
+
+EVENT_SETTING = "UPSTREAM_MAX_EVENT_BYTES"
 
 
-def sse_data(chunks: Iterable[bytes]) -> Iterator[str]:
+def sse_data(chunks: Iterable[bytes], max_event: int, who: str) -> Iterator[str]:
     """Yield the data of each event (multi-line data joined with "\\n"); comments and other
     fields are skipped. An event cut off by the end of the input is yielded too: the caller
-    decides whether a stream that ends without its terminator is complete."""
-    buffer = b""
+    decides whether a stream that ends without its terminator is complete. A line, or an event's
+    data, longer than ``max_event`` bytes is an UpstreamError naming ``who``."""
+    line = bytearray()  # the line being received: only it is searched for its end, never what came before
     data: list[bytes] = []
+    size = 0  # of data
     for chunk in chunks:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            line = raw.rstrip(b"\r")
-            if not line:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            line += chunk[start:end]
+            start = end + 1
+            if len(line) > max_event:
+                raise too_large(who, max_event, EVENT_SETTING, "a line")
+            if line.endswith(b"\r"):
+                del line[-1]
+            if not line:  # a blank line ends the event
                 if data:
                     yield b"\n".join(data).decode("utf-8", "replace")
-                    data = []
+                    data, size = [], 0
             elif line.startswith(b"data:"):
-                value = line[5:]
-                data.append(value[1:] if value.startswith(b" ") else value)
-    line = buffer.rstrip(b"\r")
+                data.append(_value(line))
+                size += len(data[-1]) + 1
+                if size > max_event:
+                    raise too_large(who, max_event, EVENT_SETTING, "an event")
+            line.clear()
+        line += chunk[start:]
+        if len(line) > max_event:
+            raise too_large(who, max_event, EVENT_SETTING, "a line")
+    if line.endswith(b"\r"):
+        del line[-1]
     if line.startswith(b"data:"):
-        data.append(line[5:].lstrip(b" "))
+        data.append(_value(line))
     if data:
         yield b"\n".join(data).decode("utf-8", "replace")
+
+
+def _value(line: bytearray) -> bytes:
+    """A data line's value: after "data:" and the one space that may follow it."""
+    return bytes(line[6:] if line.startswith(b"data: ") else line[5:])
 
 
 class JsonFrames:

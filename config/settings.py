@@ -244,6 +244,19 @@ class Settings:
         "UPSTREAMS_FILE", (), "a TOML file of OpenAI-compatible servers to serve models from (vLLM, SGLang, "
         "llama.cpp, Ollama, a hosted API...), pooled by model id with failover (see \"Put other servers behind "
         "aigate\")", shown="unset: none", parse=_upstreams)
+    # What is read of an upstream's answer (an OpenAI-compatible server's or Workers AI's)
+    upstream_max_event_bytes: int = setting(
+        "UPSTREAM_MAX_EVENT_BYTES", 4 * 1024 * 1024, "the longest line or event read of a stream from an "
+        "upstream or Workers AI; past it the answer fails (502, or an error event once it has begun)", shown="`4194304` (4 MiB)",
+        minimum=1024)
+    upstream_max_body_bytes: int = setting(
+        "UPSTREAM_MAX_BODY_BYTES", 16 * 1024 * 1024, "the largest JSON answer of an upstream read whole (a chat "
+        "answer, embeddings, a ranking, a model list); past it the answer fails with a 502",
+        shown="`16777216` (16 MiB)", minimum=1024)
+    upstream_max_media_bytes: int = setting(
+        "UPSTREAM_MAX_MEDIA_BYTES", 32 * 1024 * 1024, "the largest audio or image answer of an upstream (about 5 "
+        "minutes of WAV, or a few large images in base64); past it the answer fails", shown="`33554432` (32 MiB)",
+        minimum=1024)
     # The local engine
     generation_slots: int = setting(
         "GENERATION_SLOTS", 1, "generations at once on this machine, across all workers (each slot is a KV cache "

@@ -44,6 +44,9 @@ MODES = ["chat", "slow", "long", "openai", "json", "jsonobj", "tools", "toolsfla
          "malformed", "nodone", "flaky", "500", "cut429", "cut400", "stall500", "deep", "jsonfail",
          "unauthorized", *ERRORS]
 TEXT_MODELS = [f"@cf/fake/{m}" for m in ("chat", "slow", "openai")]
+# Past what aigate reads, kept out of MODES (which other tests send every one of): 301 and 307 redirect to
+# ``redirect_to``; hugeline streams two words, then a line of 100 MB in one HTTP chunk; hugebody answers 100 MB.
+BOUND_MODES = ["301", "307", "hugeline", "hugebody"]
 
 
 @dataclass
@@ -65,6 +68,7 @@ class FakeCloudflare(FakeServer):
     changed: threading.Condition = field(default_factory=threading.Condition)
     counters: dict[str, int] = field(default_factory=dict)
     catalogue_down: bool = False  # the models search API answers 500 while set
+    redirect_to: str = "http://127.0.0.1:9"  # where the 3xx modes send a client (scheme, host and port)
 
     def start(self) -> FakeCloudflare:
         self.serve(_Handler)
@@ -168,6 +172,18 @@ class _Handler(WireHandler):
             state.note(state.aborted, model)
 
     def answer(self, model: str, mode: str, body: dict[str, Any], state: FakeCloudflare) -> None:
+        if mode in ("301", "307"):
+            self.redirect(int(mode), state.redirect_to + self.path)
+            return
+        if mode == "hugebody":
+            self.huge_body(200, b'{"success": true, "result": {"response": "', b'"}}')
+            return
+        if mode == "hugeline" and body.get("stream"):
+            self.start_sse()
+            for word in reply_words(body)[:2]:
+                self.frame({"response": word})
+            self.huge_chunk(b'data: {"response": "')
+            return
         if mode == "flaky":
             state.counters[model] = state.counters.get(model, 0) + 1
             if state.counters[model] % 2:

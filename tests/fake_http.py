@@ -10,6 +10,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+MB = 1024 * 1024
+HUGE = 100 * MB  # what the "huge" modes of the fakes send: far past every bound aigate reads to
+
 
 class QuietServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -74,3 +77,33 @@ class WireHandler(BaseHTTPRequestHandler):
 
     def end_chunks(self) -> None:
         self.chunk(b"")
+
+    def redirect(self, status: int, location: str) -> None:
+        """A 3xx to ``location`` (a client that follows it sends its request there)."""
+        self.send_response(status)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def huge_chunk(self, head: bytes, size: int = HUGE) -> None:
+        """One HTTP chunk of ``size`` bytes, ``head`` then "x" (one SSE line without end, say), written a
+        megabyte at a time: a reader that stops at its bound closes the connection long before the end."""
+        self.wfile.write(b"%x\r\n" % size + head)
+        self.fill(size - len(head))
+        self.wfile.write(b"\r\n")
+
+    def huge_body(self, status: int, head: bytes, tail: bytes, size: int = HUGE) -> None:
+        """A JSON body of ``size`` bytes: ``head``, "x" to fill it, ``tail``."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        self.wfile.write(head)
+        self.fill(size - len(head) - len(tail))
+        self.wfile.write(tail)
+
+    def fill(self, size: int) -> None:
+        piece = b"x" * MB
+        while size > 0:
+            self.wfile.write(piece[:size])
+            size -= MB

@@ -193,7 +193,8 @@ def upstream_serves(path: str) -> bool:
 
 def answer_upstream(handler: Any, mode: str | None) -> None:
     """One call of an OpenAI-compatible server (``handler.record`` keeps what it was sent); a model
-    `fake-500` (or the fake's ``mode``) fails, `fake-400` refuses, `fake-404` has no such endpoint."""
+    `fake-500` (or the fake's ``mode``) fails, `fake-400` refuses, `fake-404` has no such endpoint, `fake-307`
+    redirects, `fake-huge` answers 100 MB."""
     raw = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
     if handler.path.endswith("/audio/transcriptions"):
         from werkzeug.formparser import parse_form_data
@@ -215,6 +216,10 @@ def answer_upstream(handler: Any, mode: str | None) -> None:
         return handler.send_json(400, {"error": {"message": "this model takes no such input", "type": "invalid"}})
     if mode == "404":  # a server without the endpoint (FastAPI's answer, as vLLM's)
         return handler.send_json(404, {"detail": "Not Found"})
+    if mode == "307":  # moved: to ``redirect_to``, which a client that follows it would send the request to
+        return handler.redirect(307, handler.state.redirect_to + handler.path)
+    if mode == "huge":  # an answer of 100 MB
+        return handler.huge_body(200, b"", b"")
     if handler.path.endswith("/rerank"):
         scored = [{"index": i, "relevance_score": score(body["query"], d)} for i, d in enumerate(body["documents"])]
         return handler.send_json(200, {"model": model, "results": scored, "usage": {"total_tokens": 42}})

@@ -8,6 +8,7 @@ which then holds for every model (a pool member told to fail). Every request is 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -21,8 +22,12 @@ from tests.fake_http import FakeServer, WireHandler
 KEY = "sk-upstream-SECRET-5f4e3d"
 # ok: a model server by the book. quirks: what real ones get wrong (no id/created, `default-model`,
 # usage in every chunk, nulls, reasoning_content, no [DONE]). json: a JSON body to a stream
-# request. tools: a tool call in pieces. The rest are faults.
-MODES = ["ok", "quirks", "json", "tools", "stall", "drop", "429", "500", "malformed", "truncated", "slow"]
+# request. tools: a tool call in pieces. bare: a stream by the book but without usage, asked for or not (as
+# chatglm.cpp's server). The rest are faults: 301 and 307 redirect to ``redirect_to``; hugeline sends two words,
+# then a line of 100 MB; hugebody a JSON answer of 100 MB, hugeerror a 500 whose body is as large.
+MODES = ["ok", "quirks", "json", "tools", "bare", "stall", "drop", "429", "500", "malformed", "truncated", "slow",
+         "301", "307", "hugeline", "hugebody", "hugeerror"]
+REDIRECTS = {"301", "307"}
 
 
 @dataclass
@@ -32,6 +37,8 @@ class FakeUpstream(FakeServer):
     models: list[str] = field(default_factory=lambda: [f"fake-{m}" for m in MODES])
     mode: str | None = None  # set: every request behaves so, whatever its model
     models_down: bool = False  # GET /models answers 503 while set
+    models_moved: bool = False  # GET /models answers 307 to redirect_to while set
+    redirect_to: str = "http://127.0.0.1:9"  # where the 3xx modes send a client (scheme, host and port)
     requests: list[dict[str, Any]] = field(default_factory=list)  # {"path", "headers", "body"}
     changed: threading.Condition = field(default_factory=threading.Condition)
 
@@ -48,9 +55,25 @@ class FakeUpstream(FakeServer):
 
 
 def usage(body: dict[str, Any], completion: int) -> dict[str, Any]:
-    prompt = 7 + len(json.dumps(body.get("messages") or body.get("prompt") or body.get("input"))) // 10
+    prompt = chat_prompt_tokens(body) if body.get("messages") else 7 + len(json.dumps(body.get("prompt") or
+                                                                                      body.get("input"))) // 10
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": 3}}
+
+
+def chat_prompt_tokens(body: dict[str, Any]) -> int:
+    """What a server counts for a chat prompt: its template's tokens as OpenAI's counting guidance has them (3 a
+    message, 1 for the role, 1 more for a name, 3 priming the reply; the tools' definitions as JSON), its
+    tokenizer's at 4 characters a token."""
+    def tokens(text: str) -> int:
+        return math.ceil(len(text) / 4)
+
+    count = 3
+    for m in body["messages"]:
+        calls = "".join(c["function"]["name"] + c["function"]["arguments"] for c in m.get("tool_calls") or [])
+        count += 3 + 1 + tokens((m.get("content") or "") + calls) + (1 + tokens(m["name"]) if m.get("name") else 0)
+    return count + sum(tokens(json.dumps(t["function"], ensure_ascii=False, separators=(",", ":")))
+                       for t in body.get("tools") or [])
 
 
 class _Handler(WireHandler):
@@ -64,7 +87,9 @@ class _Handler(WireHandler):
     def do_GET(self) -> None:
         self.record(None)
         if self.path.rstrip("/").endswith("/models"):
-            if self.state.models_down:
+            if self.state.models_moved:
+                self.redirect(307, self.state.redirect_to + self.path)
+            elif self.state.models_down:
                 self.send_json(503, {"error": {"message": "loading", "type": "server_error"}})
             else:
                 self.send_json(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 1700000000,
@@ -73,12 +98,22 @@ class _Handler(WireHandler):
             self.send_json(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
+        if self.state.mode in REDIRECTS:
+            self.record(None)
+            return self.redirect(int(self.state.mode), self.state.redirect_to + self.path)
         if fake_media.upstream_serves(self.path):  # reranking, speech, images: tests/fake_media.py
             return fake_media.answer_upstream(self, self.state.mode)
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         self.record(body)
         model = body.get("model", "")
         mode = self.state.mode or model.removeprefix("fake-")
+        if mode in REDIRECTS:
+            return self.redirect(int(mode), self.state.redirect_to + self.path)
+        if mode == "hugeerror":
+            return self.huge_body(500, b'{"error": {"message": "', b'"}}')
+        if mode == "hugebody":
+            return self.huge_body(200, b'{"choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "',
+                                  b'"}}]}')
         if mode == "stall":  # holds the connection, says nothing
             time.sleep(30)
             return
@@ -106,13 +141,15 @@ class _Handler(WireHandler):
                 return
             if mode == "slow":
                 time.sleep(0.2)
+            if mode == "hugeline" and i == 2:
+                return self.huge_chunk(b'data: {"choices": [{"index": 0, "delta": {"content": "')
             self.frame(self.piece(body, word, chat, mode, i))
         if mode == "truncated":  # ends cleanly, but without a finish_reason or [DONE]
             return self.chunk(b"")
         last = self.piece(body, "", chat, mode, len(words) - 1)  # its running usage: every word
         last["choices"][0]["finish_reason"] = "length" if len(words) >= body.get("max_tokens", 1 << 30) else "stop"
         self.frame(last)
-        if (body.get("stream_options") or {}).get("include_usage") and mode != "quirks":
+        if (body.get("stream_options") or {}).get("include_usage") and mode not in ("quirks", "bare"):
             self.frame({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model,
                         "choices": [], "usage": usage(body, len(words))})
         if mode != "quirks":

@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import openai
 import pytest
 import requests
 
 from config.settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS, load_settings
-from tests.fake_cloudflare import ACCOUNT, MODES, TEXT_MODELS, TOKEN, FakeCloudflare, reply_words, usage_for
+from tests.fake_cloudflare import (
+    ACCOUNT,
+    BOUND_MODES,
+    MODES,
+    TEXT_MODELS,
+    TOKEN,
+    FakeCloudflare,
+    reply_words,
+    usage_for,
+)
 from tests.fake_cloudflare import cloudflare_env as shared_env
+from tests.fake_http import MB
 
 HELLO = [{"role": "user", "content": "hello there friend"}]
 
 
 def cloudflare_env(fake: FakeCloudflare, **extra: str) -> dict[str, str]:
-    defaults = {"CLOUDFLARE_MODELS": ",".join(f"@cf/fake/{m}" for m in MODES), "CLOUDFLARE_TIMEOUT": "2,1",
+    defaults = {"CLOUDFLARE_MODELS": ",".join(f"@cf/fake/{m}" for m in MODES + BOUND_MODES),
+                "CLOUDFLARE_TIMEOUT": "2,1",
                 "CLOUDFLARE_RETRIES": "1"}
     return shared_env(fake, **{**defaults, **extra})
 
@@ -178,6 +191,54 @@ def test_failures_of_a_non_stream_request_are_statuses(server, mode, status):
     r = requests.post(server.v1 + "/chat/completions", timeout=30,
                       json={"model": f"@cf/fake/{mode}", "messages": HELLO})
     assert r.status_code == status and r.json()["error"]["type"] == "server_error"
+
+
+def peak_rise(server, action) -> int:
+    """How far the worker's peak resident memory went above where it was, during ``action`` (bytes)."""
+    pid = re.findall(r"Booting worker with pid: (\d+)", "".join(server.log))[-1]
+
+    def status(field: str) -> int:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) * 1024
+
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the kernel's peak (VmHWM) starts again from here
+    before = status("VmRSS")
+    action()
+    return status("VmHWM") - before
+
+
+def test_an_endless_line_or_body_fails_and_memory_stays_bounded(server):
+    events: list[bytes] = []
+    rise = peak_rise(server, lambda: events.extend(requests.post(
+        server.v1 + "/chat/completions", timeout=30, stream=True,
+        json={"model": "@cf/fake/hugeline", "messages": HELLO, "stream": True}).iter_lines()))
+    events = [e for e in events if e]
+    chunks = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")) == "You said:"
+    assert "(UPSTREAM_MAX_EVENT_BYTES: 4194304 bytes)" in chunks[-1]["error"]["message"] and events[-1] == b"data: [DONE]"
+    assert rise < 40 * MB, f"the worker's memory rose {rise / MB:.0f} MB"
+
+    answers: list[requests.Response] = []
+    rise = peak_rise(server, lambda: answers.append(requests.post(
+        server.v1 + "/chat/completions", timeout=30, json={"model": "@cf/fake/hugebody", "messages": HELLO})))
+    assert answers[0].status_code == 502
+    assert "(UPSTREAM_MAX_BODY_BYTES: 16777216 bytes)" in answers[0].json()["error"]["message"]
+    assert rise < 40 * MB, f"the worker's memory rose {rise / MB:.0f} MB"
+
+
+@pytest.mark.parametrize("status", [301, 307])
+def test_a_redirect_is_an_upstream_error_never_followed(server, fake, status):
+    elsewhere = FakeCloudflare().start()
+    fake.redirect_to = f"http://127.0.0.1:{elsewhere.port}"
+    try:
+        for stream in (False, True):
+            r = requests.post(server.v1 + "/chat/completions", timeout=30,
+                              json={"model": f"@cf/fake/{status}", "messages": HELLO, "stream": stream})
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+            assert f"Cloudflare Workers AI answered with a redirect (HTTP {status})" in r.json()["error"]["message"]
+        assert len(fake.runs(f"@cf/fake/{status}")) == 2  # not retried either
+        assert elsewhere.requests == []
+    finally:
+        elsewhere.stop()
 
 
 def test_client_disconnect_closes_the_upstream(server, fake):

@@ -32,8 +32,10 @@ key = "{NARROW}"
 models = ["{RERANKER}"]
 requests_per_minute = 3
 """
-UP_MODELS = ["up-rerank", "up-whisper", "up-tts", "up-image", "fake-500", "fake-400", "fake-404"]
+UP_MODELS = ["up-rerank", "up-whisper", "up-tts", "up-image", "fake-500", "fake-400", "fake-404", "fake-307",
+             "fake-huge"]
 MAX_UPLOAD = 200_000
+MB = 1024 * 1024
 DOCUMENTS = ["Paris is the capital of France.", "The cat sat on the mat.", "France exports wine and cheese.",
              "Bananas are yellow."]
 
@@ -270,6 +272,30 @@ def test_speech_on_an_upstream_is_passed_on(client, upstream):
     audio = client.audio.speech.create(model="up-tts", voice="alloy", input="Hello", speed=1.5)
     assert audio.content == MP3_HEAD + b"upstream alloy: Hello"
     assert upstream.posts()[-1]["body"] == {"model": "up-tts", "voice": "alloy", "input": "Hello", "speed": 1.5}
+
+
+def test_an_upstream_s_audio_is_cut_at_the_media_bound(server):
+    """100 MB of "speech": passed on as it comes, up to UPSTREAM_MAX_MEDIA_BYTES (32 MiB), then the connection ends."""
+    received = 0
+    with requests.post(server.v1 + "/audio/speech", headers={"Authorization": f"Bearer {ALL}"}, stream=True,
+                       timeout=60, json={"model": "fake-huge", "voice": "alloy", "input": "Hello"}) as r:
+        assert r.status_code == 200  # its first piece had come: the failure is past the headers
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for piece in r.iter_content(1 << 20):
+                received += len(piece)
+    assert 30 * MB < received <= 32 * MB
+
+
+def test_a_redirect_of_an_upstream_s_media_endpoint_is_not_followed(server, upstream):
+    elsewhere = FakeUpstream(models=[]).start()
+    upstream.redirect_to = f"http://127.0.0.1:{elsewhere.port}"
+    try:
+        r = requests.post(server.v1 + "/rerank", headers={"Authorization": f"Bearer {ALL}"}, timeout=30,
+                          json={"model": "fake-307", "query": "q", "documents": DOCUMENTS})
+        assert r.status_code == 502 and "upstream up answered with a redirect (HTTP 307)" in r.json()["error"]["message"]
+        assert elsewhere.requests == []
+    finally:
+        elsewhere.stop()
 
 
 @pytest.mark.parametrize(("kwargs", "status", "code", "param"), [

@@ -7,13 +7,16 @@ import json
 import re
 import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import openai
 import pytest
 import requests
 
 from tests.conftest import start_server
-from tests.fake_upstream import KEY, FakeUpstream
+from tests.fake_http import MB
+from tests.fake_upstream import KEY, FakeUpstream, chat_prompt_tokens
 
 USER = [{"role": "user", "content": "hello there"}]
 ALL = {"Authorization": "Bearer sk-all"}
@@ -63,6 +66,14 @@ def fakes():
     yield made
     for fake in made.values():
         fake.stop()
+
+
+@pytest.fixture(scope="module")
+def elsewhere():
+    """Where the redirecting fakes point: it should never hear from aigate."""
+    fake = FakeUpstream(models=[]).start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +205,93 @@ def test_a_stream_broken_mid_answer_ends_with_an_error_event(server, model):
     said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices"))
     assert said.startswith("You said:")  # the start of the answer, then its failure
     assert events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+
+
+def worker_pid(server) -> int:
+    """The serving worker (the last one booted)."""
+    return int(re.findall(r"Booting worker with pid: (\d+)", "".join(server.log))[-1])
+
+
+def memory_rise(pid: int, action: Callable[[], None]) -> int:
+    """How far above its resident memory before ``action`` the worker's peak went during it (bytes)."""
+    def status(field: str) -> int:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) * 1024
+
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the kernel's peak (VmHWM) starts again from here
+    before = status("VmRSS")
+    action()
+    return status("VmHWM") - before
+
+
+def test_an_endless_line_ends_the_stream_with_an_error_and_memory_stays_bounded(server):
+    """Two words, then one line of 100 MB in one HTTP chunk: the client has the words, then the error event;
+    the worker read 4 MiB of it at most."""
+    events: list = []
+    rise = memory_rise(worker_pid(server), lambda: events.extend(
+        sse(post(server, {"model": "fake-hugeline", "messages": USER, "stream": True}, stream=True))))
+    said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices"))
+    assert said == "You said:"
+    assert events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+    assert "larger than aigate reads (UPSTREAM_MAX_EVENT_BYTES: 4194304 bytes)" in events[-2]["error"]["message"]
+    assert rise < 40 * MB, f"the worker's memory rose {rise / MB:.0f} MB"
+
+
+@pytest.mark.parametrize("model, said", [("fake-hugebody", "(UPSTREAM_MAX_BODY_BYTES: 16777216 bytes)"),
+                                         ("fake-hugeerror", "failed (HTTP 500)")])
+def test_a_huge_answer_or_error_is_a_502_and_memory_stays_bounded(server, model, said):
+    answers: list = []
+    rise = memory_rise(worker_pid(server), lambda: answers.append(post(server, {"model": model, "messages": USER})))
+    assert answers[0].status_code == 502 and answers[0].json()["error"]["code"] == "upstream_error"
+    assert said in answers[0].json()["error"]["message"]
+    assert rise < 40 * MB, f"the worker's memory rose {rise / MB:.0f} MB"
+
+
+@pytest.mark.parametrize("status", [301, 307])
+def test_a_redirect_is_an_upstream_error_never_followed(server, fakes, elsewhere, status):
+    fakes["faults"].redirect_to = f"http://127.0.0.1:{elsewhere.port}"
+    for stream in (False, True):
+        r = post(server, {"model": f"fake-{status}", "messages": USER, "stream": stream})
+        assert r.status_code == 502, r.text
+        assert f"upstream faults answered with a redirect (HTTP {status})" in r.json()["error"]["message"]
+    embeddings = requests.post(server.v1 + "/embeddings", json={"model": f"fake-{status}", "input": "hi"},
+                               headers=ALL, timeout=10)
+    assert embeddings.status_code == 502 and f"HTTP {status}" in embeddings.json()["error"]["message"]
+    assert elsewhere.requests == []  # the prompt went nowhere else
+
+
+def test_a_model_list_that_redirects_is_not_followed(server, fakes, elsewhere):
+    found = fakes["found"]
+    found.redirect_to = f"http://127.0.0.1:{elsewhere.port}"
+    seen = len(found.requests)
+    found.models_moved = True
+    try:
+        with found.changed:  # asked twice more, in the background
+            assert found.changed.wait_for(lambda: len(found.requests) > seen + 1, 10)
+    finally:
+        found.models_moved = False
+    server.wait_for_log("cannot read the models of upstream found (upstream found answered with a redirect (HTTP 307)")
+    assert elsewhere.requests == []
+    ids = {m["id"] for m in requests.get(server.v1 + "/models", headers=ALL, timeout=10).json()["data"]}
+    assert "found-1" in ids  # its last list keeps serving
+
+
+def test_usage_estimated_for_a_stream_without_any_counts_the_chat_template(server, fakes):
+    """fake-bare streams without usage (as chatglm.cpp's server does): aigate's estimate comes within a token of
+    what the server counts for the same request answered whole, template and tools included."""
+    tools = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": "18C and sunny"},
+                {"role": "user", "content": "hello there"}]
+    whole = post(server, {"model": "fake-bare", "messages": messages, "tools": tools}).json()["usage"]["prompt_tokens"]
+    assert whole == chat_prompt_tokens(fakes["faults"].posts()[-1]["body"])  # the server's own count
+    chunks = sse(post(server, {"model": "fake-bare", "messages": messages, "tools": tools, "stream": True,
+                               "stream_options": {"include_usage": True}}, stream=True))
+    estimated = chunks[-2]["usage"]["prompt_tokens"]
+    assert abs(estimated - whole) <= 1, (estimated, whole)
+    server.wait_for_log("usage estimated (upstream faults sent none)")
 
 
 def test_the_pool_spreads_and_fails_over(server, fakes):

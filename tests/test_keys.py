@@ -25,7 +25,7 @@ requests_per_minute = 3
 
 [keys.bob]
 key = "sk-bob-secret"
-tokens_per_minute = 5
+tokens_per_minute = 12
 """
 
 
@@ -41,7 +41,7 @@ def test_the_keys_file_and_api_keys_are_read_with_default_limits(tmp_path):
     plain, alice, bob = s.api_keys
     assert plain == ApiKey(key_name("sk-plain"), "sk-plain", (), 7, 900)
     assert alice == ApiKey("alice", "sk-alice-secret", ("demo",), 3, 900)  # its own rpm, the default tpm
-    assert bob == ApiKey("bob", "sk-bob-secret", (), 7, 5)
+    assert bob == ApiKey("bob", "sk-bob-secret", (), 7, 12)
     assert "secret" not in repr(s) and "sk-plain" not in repr(s)  # a logged settings object gives nothing away
     assert key_name("sk-plain").startswith("key-") and "sk-plain" not in key_name("sk-plain")
 
@@ -156,8 +156,10 @@ def test_requests_per_minute_answer_429_with_retry_after(tmp_path, demo_model):
 
 def test_tokens_per_minute_are_charged_after_the_answer(tmp_path, demo_model):
     client = make_client(tmp_path, demo_model)
-    first = chat(client, "sk-bob-secret")  # reserves its prompt and max_tokens: 5, all of bob's budget
-    assert first.status_code == 200 and first.json["usage"]["total_tokens"] > 5  # one answer spends the budget
+    # It reserves its prompt as estimated ("hi": 1 token, and 7 of the chat template's) and max_tokens (4): 12, all
+    # of bob's budget. It spends 10 (6 of prompt on the demo model), and what is left holds no second reservation.
+    first = chat(client, "sk-bob-secret")
+    assert first.status_code == 200 and 0 < 12 - first.json["usage"]["total_tokens"] < 12
     refused = chat(client, "sk-bob-secret")
     assert refused.status_code == 429, refused.json
     assert refused.json["error"]["type"] == "tokens" and refused.json["error"]["code"] == "rate_limit_exceeded"
@@ -179,11 +181,12 @@ def open_stream(tmp_path: Path, slow_model: Path, tokens_per_minute: int, max_to
 
 
 def test_a_stream_cut_short_is_charged_for_what_it_sent(tmp_path, slow_model):
-    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=510, max_tokens=500)
+    client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=517, max_tokens=500)
     sent = [next(chunks) for _ in range(6)]  # the role, then five pieces of text
     assert all(c.startswith(b"data: {") for c in sent)
     stream.close()  # the client leaves long before the end: no usage ever comes
-    # What it sent still counts (at least 5 tokens), so 506 more do not fit in the 510.
+    # What it sent still counts (at least 5 tokens), so 513 more (a prompt of 8 as estimated, and 505) do not fit in
+    # the 517, which they would alone.
     refused = chat(client, "sk-t", model="endless", max_tokens=505)
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
 
@@ -191,7 +194,8 @@ def test_a_stream_cut_short_is_charged_for_what_it_sent(tmp_path, slow_model):
 def test_a_running_answer_holds_its_max_tokens_until_it_ends(tmp_path, slow_model):
     client, stream, chunks = open_stream(tmp_path, slow_model, tokens_per_minute=220, max_tokens=200)
     assert next(chunks).startswith(b"data: {")
-    # 201 tokens are spoken for while it runs: a second answer of 30 does not fit in what is left...
+    # 208 tokens (8 of prompt as estimated, 200) are spoken for while it runs: a second answer of 30 does not fit
+    # in what is left...
     refused = chat(client, "sk-t", model="endless", max_tokens=30)
     assert refused.status_code == 429 and refused.json["error"]["type"] == "tokens"
     stream.close()  # ...until it ends early: then only what it used counts, and there is room again

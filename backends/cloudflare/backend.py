@@ -6,6 +6,7 @@ into a BackendError that never carries the account id or the token."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from backends.base import (
     UpstreamTimeout,
     estimate_tokens,
 )
+from backends.bounded import AnswerBounds, capped, read_whole
 from backends.cloudflare import codec, media
 from backends.cloudflare.transport import (
     ConnectFailed,
@@ -59,7 +61,6 @@ MAX_RETRY_WAIT = 2.0  # an upstream Retry-After longer than this goes back to th
 EMBED_BATCH = 100  # Workers AI's limit of texts per embedding call
 DISCOVERY_RETRY = 5.0  # seconds between catalogue attempts while none has succeeded (/ready says not ready)
 DISCOVERY_RETRY_LATER = 60.0  # after a failure once a list is known (it keeps serving)
-MAX_FILE_BYTES = 32 * 1024 * 1024  # the largest image Workers AI's answer may hold
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class CloudflareConfig:
     api_token: str
     api_base: str
     models: tuple[str, ...]  # () with discover=True: found through the models search API
+    bounds: AnswerBounds  # how much of an answer is read
     discover: bool = False
     max_tokens: int = 2048  # sent when the client sets none: Cloudflare's own default (256) cuts answers short
     connect_timeout: float = 10.0
@@ -131,7 +133,8 @@ class CloudflareBackend:
             self._models = self._read_catalogue()
             self._discovered = True
             self._refresh_at = time.monotonic() + self.config.models_ttl
-        except (TransportError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except (TransportError, UpstreamError, ValueError, KeyError, TypeError, AttributeError,
+                RecursionError) as exc:
             # Never read yet, nothing is served: try again soon; later, the list we have still serves.
             retry = DISCOVERY_RETRY_LATER if self._discovered else DISCOVERY_RETRY
             log.warning("Cloudflare model discovery failed (%s); retrying in %.0f s", self._scrub(str(exc)), retry)
@@ -147,7 +150,7 @@ class CloudflareBackend:
             try:
                 if not response.ok:
                     raise ValueError(f"HTTP {response.status} from the models search API")
-                items = response.json().get("result") or []
+                items = response.json(self.config.bounds.body).get("result") or []
             finally:
                 response.close()
             found += [self._info(i["name"], "cloudflare" if i.get("source", 1) == 1 else "huggingface",
@@ -200,7 +203,7 @@ class CloudflareBackend:
         content_type = media.CONTENT_TYPES[request.response_format]
         if "application/json" in response.content_type:
             try:
-                audio = self._result(response).get("audio")
+                audio = self._result(response, media=True).get("audio")
             finally:
                 response.close()
             if not isinstance(audio, str) or not audio:
@@ -217,9 +220,9 @@ class CloudflareBackend:
             response = self._post_media(request.model, body, "prompt")
             try:
                 if "application/json" in response.content_type:
-                    images.append(media.image_of(self._result(response), request.model))
+                    images.append(media.image_of(self._result(response, media=True), request.model))
                 else:
-                    images.append(base64.b64encode(self._file(response, request.model)).decode("ascii"))
+                    images.append(base64.b64encode(self._file(response)).decode("ascii"))
             finally:
                 response.close()
         return Images(images)
@@ -239,20 +242,20 @@ class CloudflareBackend:
         except ContextLengthExceeded as exc:
             raise UpstreamRefused(exc.message, param=param) from None
 
-    def _file(self, response: Response, model: str) -> bytes:
-        data = bytearray()
+    def _file(self, response: Response) -> bytearray:
+        """An image's bytes, held to be encoded: at most UPSTREAM_MAX_MEDIA_BYTES."""
         try:
-            for piece in response.chunks():
-                data += piece
-                if len(data) > MAX_FILE_BYTES:
-                    raise UpstreamError(f"Cloudflare's answer for {model} is over {MAX_FILE_BYTES} bytes")
+            return read_whole(response.chunks(), self.config.bounds.media, "Cloudflare Workers AI",
+                              "UPSTREAM_MAX_MEDIA_BYTES")
         except ReadBroken as exc:
             raise _broken_read(exc, "mid-answer") from None
-        return bytes(data)
 
     def _streamed(self, response: Response) -> Generator[bytes, None, None]:
+        """Audio passed on as it arrives: held by no one, but bounded all the same (UPSTREAM_MAX_MEDIA_BYTES),
+        or an answer without end would hold the worker's connection and the client's for good."""
         try:
-            yield from response.chunks()
+            yield from capped(response.chunks(), self.config.bounds.media, "Cloudflare Workers AI",
+                              "UPSTREAM_MAX_MEDIA_BYTES")
         except ReadBroken as exc:
             raise _broken_read(exc, "mid-answer") from None
         finally:
@@ -266,8 +269,8 @@ class CloudflareBackend:
         try:
             if "text/event-stream" in response.content_type:
                 try:
-                    yield from codec.stream_events(sse_data(response.chunks()), request, body["max_tokens"],
-                                                   self._scrub)
+                    datas = sse_data(response.chunks(), self.config.bounds.event, "Cloudflare Workers AI")
+                    yield from codec.stream_events(datas, request, body["max_tokens"], self._scrub)
                 except ReadBroken as exc:
                     raise _broken_read(exc, "mid-stream") from None
             else:  # some models answer a stream request with plain JSON
@@ -307,9 +310,13 @@ class CloudflareBackend:
             time.sleep(0.25 * 2 ** attempt)
         raise AssertionError("unreachable")
 
-    def _result(self, response: Response) -> dict[str, Any]:
+    def _result(self, response: Response, media: bool = False) -> dict[str, Any]:
+        """The JSON answer's result, read to UPSTREAM_MAX_BODY_BYTES (UPSTREAM_MAX_MEDIA_BYTES where it
+        holds a file: MeloTTS's audio, FLUX's image, in base64)."""
+        bounds = self.config.bounds
         try:
-            body = response.json()
+            body = (response.json(bounds.media, "UPSTREAM_MAX_MEDIA_BYTES") if media else
+                    response.json(bounds.body))
         except (ValueError, RecursionError):  # includes a body cut short, and one nested absurdly deep
             raise UpstreamError("Cloudflare answered with something that is not JSON") from None
         except ReadBroken as exc:
@@ -317,10 +324,10 @@ class CloudflareBackend:
         return codec.result_of(body, self._scrub)
 
     def _error(self, response: Response) -> BackendError:
-        """The BackendError for a non-2xx answer."""
+        """The BackendError for a non-2xx answer, of which the first ERROR_BODY_BYTES are read."""
         try:
-            body = response.json()
-        except (ValueError, RecursionError):  # not JSON, or nested past what the parser can follow
+            body = json.loads(response.head())
+        except (ValueError, RecursionError):  # not JSON (or cut at its bound), or nested past what the parser can follow
             body = {}
         except ReadBroken as exc:  # the error body was cut short or stalled: a 502/504
             return _broken_read(exc, f"while sending an HTTP {response.status} error", UpstreamBrokenAnswer)

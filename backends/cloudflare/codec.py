@@ -250,6 +250,9 @@ def first_message(body: Any) -> str:
 
 def error_for(status: int, body: Any, retry_after: float | None, scrub: Scrub) -> BackendError:
     """The BackendError for a non-2xx answer: by Cloudflare's error codes first, then the status."""
+    if 300 <= status < 400:  # never followed: a redirect would send the request wherever its Location says
+        return UpstreamError(f"Cloudflare Workers AI answered with a redirect (HTTP {status}), which aigate does not "
+                             "follow: check CLOUDFLARE_API_BASE")
     errors = body.get("errors") if isinstance(body, dict) else None
     codes = {e.get("code") for e in errors or [] if isinstance(e, dict)}
     message = scrub(first_message(body) or f"HTTP {status}")

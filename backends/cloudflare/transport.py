@@ -21,6 +21,8 @@ import urllib3
 from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
+from backends.bounded import READ_SIZE, read_head, read_whole
+
 
 class TransportError(Exception):
     """The HTTP exchange failed; str() names the OS error, never a URL (it holds the account id)."""
@@ -67,18 +69,23 @@ class Response:
 
     @property
     def ok(self) -> bool:
-        return self.status < 400
+        """A 2xx. A 3xx is not followed (redirect=False), and no answer either."""
+        return 200 <= self.status < 300
 
-    def json(self) -> Any:
-        """The whole body as JSON: ValueError (or RecursionError) if it is not, ReadBroken if it broke off."""
-        with _reading():
-            data = self._raw.data
-        return json.loads(data)
+    def json(self, limit: int, setting: str = "UPSTREAM_MAX_BODY_BYTES") -> Any:
+        """The whole body as JSON: ValueError (or RecursionError) if it is not, ReadBroken if it broke off, an
+        UpstreamError the moment it passes ``limit`` bytes (``setting`` says which bound)."""
+        return json.loads(read_whole(self.chunks(), limit, "Cloudflare Workers AI", setting))
+
+    def head(self) -> bytes:
+        """The start of the body (an error's: what it says comes first), the rest left unread."""
+        return read_head(self.chunks())
 
     def chunks(self) -> Iterator[bytes]:
-        """The body, each piece as soon as it arrives (chunked transfer: one chunk at a time)."""
+        """The body, each piece as soon as it arrives, at most READ_SIZE bytes (an HTTP chunk is not read
+        whole: a server may make one as large as it likes)."""
         with _reading():
-            yield from self._raw.stream(None)
+            yield from self._raw.stream(READ_SIZE)
 
     def close(self) -> None:
         """A body read whole gives its connection back to the pool; one left half read closes it

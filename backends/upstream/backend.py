@@ -34,13 +34,14 @@ from backends.base import (
     UpstreamTimeout,
     estimate_tokens,
 )
+from backends.bounded import READ_SIZE, AnswerBounds
 from backends.chat_messages import message_json
 from backends.media import ImageRequest, Ranking, RawAnswer, RerankRequest, SpeechRequest, TranscriptionRequest, Upload
 from backends.upstream import media
 from backends.upstream.config import UpstreamConfig
 from backends.upstream.normalise import Kind, Normaliser
 from backends.upstream.pool import Member, MetricsGuard, order, run
-from backends.upstream.transport import Transport, broken_read
+from backends.upstream.transport import Transport, broken_read, read_json
 
 log = logging.getLogger("aigate")
 
@@ -58,9 +59,10 @@ class UpstreamBackend:
     name = "upstream"
 
     def __init__(self, upstreams: tuple[UpstreamConfig, ...], taken: set[str], pool_size: int,
-                 count: MetricsGuard = run) -> None:
+                 bounds: AnswerBounds, count: MetricsGuard = run) -> None:
         self.members = [Member(u, count=count) for u in upstreams]
-        self.transport = Transport(upstreams, pool_size)
+        self.bounds = bounds
+        self.transport = Transport(upstreams, pool_size, bounds)
         self.taken = taken  # ids a local or Workers AI model (or an alias) has: a discovered one is left out
         self._pools: dict[str, list[Member]] = {}
         self._infos: list[ModelInfo] = []
@@ -152,9 +154,9 @@ class UpstreamBackend:
             started = time.monotonic()
             response: requests.Response | None = None
             try:
-                response = self.transport.post(member.config, path, body, stream=request.incremental)
-                reader = Normaliser(request, kind, member.name)
-                events = _read(reader, member.config, response)
+                response = self.transport.post(member.config, path, body)
+                reader = Normaliser(request, kind, member.name, self.bounds.event)
+                events = _read(reader, member.config, response, self.bounds.body)
                 first = next(events)  # a failure up to here moves to the next upstream: the client saw nothing
             except FAIL_OVER_ON as exc:
                 _close(response)
@@ -196,9 +198,9 @@ class UpstreamBackend:
             member.begin()
             started = time.monotonic()
             try:
-                response = self.transport.post(member.config, "/embeddings", body, stream=False)
+                response = self.transport.post(member.config, "/embeddings", body)
                 with response:
-                    result = _embeddings(member.config, response, len(inputs))
+                    result = _embeddings(member.config, response, len(inputs), self.bounds.body)
             except FAIL_OVER_ON as exc:
                 member.failed(exc)
                 failures.append(exc)
@@ -222,7 +224,7 @@ class UpstreamBackend:
         member, response = self._exchange(request.model, caller,
                                           lambda up: media.post(self.transport.session, up, "/rerank", json_body=body))
         try:
-            results, tokens = media.ranking(member.config, response, request)
+            results, tokens = media.ranking(member.config, response, request, self.bounds.body)
         finally:
             response.close()
             member.end()
@@ -249,7 +251,7 @@ class UpstreamBackend:
 
         def chunks() -> Generator[bytes, None, None]:
             try:
-                yield from media.pieces(member.config, response)
+                yield from media.pieces(member.config, response, self.bounds.media)
             finally:
                 response.close()
                 member.end()
@@ -295,31 +297,24 @@ class UpstreamBackend:
         return members
 
 
-def _read(reader: Normaliser, up: UpstreamConfig, response: requests.Response) -> Iterator[Event]:
+def _read(reader: Normaliser, up: UpstreamConfig, response: requests.Response, max_body: int) -> Iterator[Event]:
     """The answer's events: a stream, or (also to a stream request, as some servers do) one JSON body."""
     if "text/event-stream" in response.headers.get("Content-Type", ""):
         return reader.stream(_chunks(up, response))
-    return reader.whole(_json(up, response))
-
-
-def _json(up: UpstreamConfig, response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except (ValueError, RecursionError):
-        raise UpstreamError(f"upstream {up.name} answered with something that is not JSON") from None
-    except requests.RequestException as exc:
-        raise broken_read(up, exc, "mid-answer") from None
+    return reader.whole(read_json(up, response, max_body))
 
 
 def _chunks(up: UpstreamConfig, response: requests.Response) -> Iterator[bytes]:
+    """The stream as it arrives, in pieces of at most READ_SIZE (an HTTP chunk is not read whole)."""
     try:
-        yield from response.iter_content(chunk_size=None)
+        yield from response.iter_content(chunk_size=READ_SIZE)
     except requests.RequestException as exc:
         raise broken_read(up, exc, "mid-stream") from None
 
 
-def _embeddings(up: UpstreamConfig, response: requests.Response, count: int) -> tuple[list[list[float]], int]:
-    body = _json(up, response)
+def _embeddings(up: UpstreamConfig, response: requests.Response, count: int,
+                max_body: int) -> tuple[list[list[float]], int]:
+    body = read_json(up, response, max_body)
     data = body.get("data") if isinstance(body, dict) else None
     items = sorted((d for d in data if isinstance(d, dict)), key=lambda d: d.get("index", 0)) if isinstance(
         data, list) else []

@@ -6,7 +6,6 @@ answers; sorted best first; cut at top_n)."""
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Generator, Iterator, Mapping
 from typing import Any
@@ -14,12 +13,10 @@ from typing import Any
 import requests
 
 from backends.base import Caller, UpstreamError, UpstreamTimeout
+from backends.bounded import READ_SIZE, capped
 from backends.media import Ranked, RerankRequest, Upload
 from backends.upstream.config import UpstreamConfig
-from backends.upstream.transport import broken_read, error, reason
-
-MAX_JSON_ANSWER = 16 * 1024 * 1024  # the most of a reranking answer read
-READ_SIZE = 64 * 1024
+from backends.upstream.transport import broken_read, error, read_json, reason, succeeded
 
 
 def post(session: requests.Session, up: UpstreamConfig, path: str, *, json_body: dict[str, Any] | None = None,
@@ -38,7 +35,7 @@ def post(session: requests.Session, up: UpstreamConfig, path: str, *, json_body:
         raise UpstreamTimeout(f"upstream {up.name} did not answer in time") from None
     except requests.RequestException as exc:
         raise UpstreamError(f"cannot reach upstream {up.name}: {reason(exc)}") from None
-    if 200 <= response.status_code < 300:
+    if succeeded(response):
         return response
     try:
         raise error(up, response)
@@ -59,9 +56,10 @@ def rerank_body(request: RerankRequest, caller: Caller | None) -> dict[str, Any]
             **({"top_n": request.top_n} if request.top_n is not None else {})}
 
 
-def ranking(up: UpstreamConfig, response: requests.Response, request: RerankRequest) -> tuple[list[Ranked], int]:
+def ranking(up: UpstreamConfig, response: requests.Response, request: RerankRequest,
+            max_body: int) -> tuple[list[Ranked], int]:
     """The scores, best first and at most top_n, and the tokens the upstream counted (0: none)."""
-    body = _json(up, response)
+    body = read_json(up, response, max_body)
     items = body.get("results", body.get("data")) if isinstance(body, dict) else body
     if not isinstance(items, list):
         raise UpstreamError(f"upstream {up.name}'s answer holds no reranking results (is it a reranking model?)")
@@ -80,21 +78,6 @@ def _ranked(up: UpstreamConfig, item: Any, count: int) -> Ranked:
                 and not isinstance(score, bool):
             return Ranked(index, float(score))
     raise UpstreamError(f"upstream {up.name}'s reranking answer is not one aigate can read")
-
-
-def _json(up: UpstreamConfig, response: requests.Response) -> Any:
-    data = bytearray()
-    try:
-        for piece in response.iter_content(READ_SIZE):
-            data += piece
-            if len(data) > MAX_JSON_ANSWER:
-                raise UpstreamError(f"upstream {up.name}'s answer is over {MAX_JSON_ANSWER} bytes")
-    except requests.RequestException as exc:
-        raise broken_read(up, exc, "mid-answer") from None
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        raise UpstreamError(f"upstream {up.name} answered with something that is not JSON") from None
 
 
 # -- transcription: the client's form, sent on as multipart -------------------------------------------
@@ -146,10 +129,11 @@ def _quoted(text: str) -> str:
 
 # -- answers passed on ---------------------------------------------------------------------------------
 
-def pieces(up: UpstreamConfig, response: requests.Response) -> Generator[bytes, None, None]:
-    """The answer's body as it arrives."""
+def pieces(up: UpstreamConfig, response: requests.Response, limit: int) -> Generator[bytes, None, None]:
+    """The answer's body as it arrives, at most ``limit`` bytes (UPSTREAM_MAX_MEDIA_BYTES): held by no one,
+    but an answer without end would keep the worker's connection and the client's for good."""
     try:
-        yield from response.iter_content(READ_SIZE)
+        yield from capped(response.iter_content(READ_SIZE), limit, f"upstream {up.name}", "UPSTREAM_MAX_MEDIA_BYTES")
     except requests.RequestException as exc:
         raise broken_read(up, exc, "mid-answer") from None
 

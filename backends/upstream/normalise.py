@@ -33,8 +33,9 @@ Kind = Literal["chat", "text"]  # /chat/completions or the legacy /completions
 class Normaliser:
     """One answer's reading. ``estimated`` says, once the Finish is out, that usage was guessed."""
 
-    def __init__(self, request: ChatRequest, kind: Kind, upstream: str) -> None:
+    def __init__(self, request: ChatRequest, kind: Kind, upstream: str, max_event: int) -> None:
         self.request, self.kind, self.upstream = request, kind, upstream
+        self.max_event = max_event  # UPSTREAM_MAX_EVENT_BYTES: the longest line or event read
         self.stop = StopMatcher(request.stop)
         self.calls: dict[int, dict[str, str]] = {}
         self.usage: dict[str, Any] = {}
@@ -46,7 +47,8 @@ class Normaliser:
     # -- the two shapes of an answer -----------------------------------------------------------
 
     def stream(self, chunks: Iterable[bytes]) -> Iterator[Event]:
-        frames = JsonFrames(sse_data(chunks), f"upstream {self.upstream} sent a malformed stream chunk")
+        frames = JsonFrames(sse_data(chunks, self.max_event, f"upstream {self.upstream}"),
+                            f"upstream {self.upstream} sent a malformed stream chunk")
         for frame in frames:
             self._failure(frame)
             self._usage(frame)

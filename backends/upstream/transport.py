@@ -1,5 +1,7 @@
 """HTTP to OpenAI-compatible upstreams over one `requests` session: every failure becomes a
-BackendError whose text never holds an upstream's key or address."""
+BackendError whose text never holds an upstream's key or address. Bodies are always streamed and read
+here within their bounds (backends/bounded.py), never by requests whole; redirects are never followed
+(a 307 would send the prompt wherever its Location says): a 3xx is an upstream failure."""
 
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ from backends.base import (
     UpstreamRefused,
     UpstreamTimeout,
 )
+from backends.bounded import READ_SIZE, AnswerBounds, read_head, read_whole
 from backends.upstream.config import UpstreamConfig
 
 MAX_ERROR_TEXT = 300  # an upstream's error message, as much as a client needs of it
 
 
 class Transport:
-    def __init__(self, upstreams: tuple[UpstreamConfig, ...], pool_size: int) -> None:
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...], pool_size: int, bounds: AnswerBounds) -> None:
+        self.bounds = bounds
         self.session = requests.Session()
         # One connection pool per upstream host, each as large as the worker's connections (gevent).
         adapter = HTTPAdapter(pool_connections=max(4, len(upstreams)), pool_maxsize=pool_size, max_retries=0)
@@ -39,18 +43,19 @@ class Transport:
         self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._proxies = {u.name: requests.utils.get_environ_proxies(u.base_url) for u in upstreams}
 
-    def post(self, up: UpstreamConfig, path: str, body: dict[str, Any], stream: bool) -> requests.Response:
+    def post(self, up: UpstreamConfig, path: str, body: dict[str, Any]) -> requests.Response:
         """The upstream's 2xx answer, its headers read and its body not yet; anything else raised."""
         try:
-            response = self.session.post(up.base_url + path, json=body, stream=stream, headers=_headers(up),
-                                         timeout=(up.connect_timeout, up.timeout), proxies=self._proxies[up.name])
+            response = self.session.post(up.base_url + path, json=body, stream=True, headers=_headers(up),
+                                         timeout=(up.connect_timeout, up.timeout), proxies=self._proxies[up.name],
+                                         allow_redirects=False)
         except requests.ConnectTimeout:
             raise UpstreamTimeout(f"upstream {up.name} did not accept a connection in time") from None
         except requests.Timeout:
             raise UpstreamTimeout(f"upstream {up.name} did not answer in time") from None
         except requests.RequestException as exc:
             raise UpstreamError(f"cannot reach upstream {up.name}: {reason(exc)}") from None
-        if response.ok:
+        if succeeded(response):
             return response
         try:
             raise error(up, response)
@@ -60,18 +65,16 @@ class Transport:
     def models(self, up: UpstreamConfig) -> list[tuple[str, int]]:
         """GET {base_url}/models: (id, created) of each model the upstream lists."""
         try:
-            response = self.session.get(up.base_url + "/models", headers=_headers(up),
+            response = self.session.get(up.base_url + "/models", headers=_headers(up), stream=True,
                                         timeout=(up.connect_timeout, min(up.timeout, 30.0)),
-                                        proxies=self._proxies[up.name])
+                                        proxies=self._proxies[up.name], allow_redirects=False)
         except requests.RequestException as exc:
             raise UpstreamError(f"cannot reach upstream {up.name}: {reason(exc)}") from None
         with response:
-            if not response.ok:
+            if not succeeded(response):
                 raise error(up, response)
-            try:
-                data = response.json().get("data")
-            except (ValueError, AttributeError, RecursionError, requests.RequestException):
-                data = None
+            body = read_json(up, response, self.bounds.body)  # not JSON, too large, broken: said as it is
+            data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise UpstreamError(f"upstream {up.name} answered GET /models without a list of models")
         return [(m["id"], m["created"] if isinstance(m.get("created"), int) else 0)
@@ -82,11 +85,32 @@ def _headers(up: UpstreamConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
 
 
-def error(up: UpstreamConfig, response: requests.Response) -> BackendError:
-    """The BackendError for an upstream's non-2xx answer (OpenAI's error shape, FastAPI's `detail`, or text)."""
-    status = response.status_code
+def succeeded(response: requests.Response) -> bool:
+    """A 2xx: requests' own ``ok`` holds a 3xx too, which aigate does not follow."""
+    return 200 <= response.status_code < 300
+
+
+def read_json(up: UpstreamConfig, response: requests.Response, limit: int) -> Any:
+    """A streamed answer's body as JSON, read to at most ``limit`` bytes (UPSTREAM_MAX_BODY_BYTES)."""
     try:
-        text = response.text
+        data = read_whole(response.iter_content(READ_SIZE), limit, f"upstream {up.name}", "UPSTREAM_MAX_BODY_BYTES")
+    except requests.RequestException as exc:
+        raise broken_read(up, exc, "mid-answer") from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise UpstreamError(f"upstream {up.name} answered with something that is not JSON") from None
+
+
+def error(up: UpstreamConfig, response: requests.Response) -> BackendError:
+    """The BackendError for an upstream's non-2xx answer (OpenAI's error shape, FastAPI's `detail`, or text),
+    of which the first ERROR_BODY_BYTES are read."""
+    status = response.status_code
+    if 300 <= status < 400:  # its body and Location are not read: where it points is no business of ours
+        return UpstreamError(f"upstream {up.name} answered with a redirect (HTTP {status}), which aigate does not "
+                             "follow: check its base_url in UPSTREAMS_FILE")
+    try:
+        text = read_head(response.iter_content(READ_SIZE)).decode("utf-8", "replace")
     except requests.RequestException as exc:  # the error body stalled or broke
         return broken_read(up, exc, f"while sending an HTTP {status} error")
     message = scrub(up, error_message(text) or f"HTTP {status}")
