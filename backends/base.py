@@ -217,6 +217,11 @@ class ModelInfo:
     created: int = 0
     structured_outputs: bool = False  # can honour a JSON schema (response_format / text.format)
     images: bool = False  # reads image content parts (GLM-4V)
+    # What an answer without max_tokens may take (None: the backend sets no bound), and whether the prompt
+    # and the answer share that room (a local context) rather than the answer having it all to itself:
+    # token budgets reserve a request's most by these.
+    open_ended_tokens: int | None = None
+    shared_context: bool = False
     tasks: frozenset[Task] | None = CHAT  # None: not known (an upstream's model serves what its server does)
 
 

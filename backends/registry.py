@@ -11,6 +11,7 @@ from backends.base import Backend, ModelInfo
 class Route:
     backend: Backend
     model_id: str  # the backend's own id (an alias resolved)
+    info: ModelInfo  # what the model declares it can do
 
 
 class Registry:
@@ -29,6 +30,7 @@ class Registry:
     def resolve(self, name: str) -> Route | None:
         target = self.aliases.get(name, name)
         for backend in self.backends:
-            if any(m.id == target for m in backend.models()):
-                return Route(backend, target)
+            for info in backend.models():
+                if info.id == target:
+                    return Route(backend, target, info)
         return None

@@ -1,6 +1,6 @@
 """What the settings decide about each request, derived from them once at start (the settings
 layer's second half; config/settings.py reads them): the token ceilings by model with their aliases, the
-fallback chains, how many tokens an answer without max_tokens may take, which models read images,
+fallback chains, which models read images,
 and so the request limits the parsers check.
 
 Derived from the settings and, for the local model, from what the configuration check found in
@@ -37,9 +37,6 @@ class Policy:
     fallbacks: Mapping[str, tuple[str, ...]]  # model -> the models to try, in order, when it fails before answering
     ceilings: Mapping[str, int]  # MAX_TOKENS_CEILING by model or alias (an alias has its model's unless its own)
     max_tokens: int | None  # MAX_TOKENS_CEILING for every other model; None: the context decides
-    # backend name -> the most tokens an answer without max_tokens can take: a local model's whole
-    # context (the prompt counts within it), Workers AI's CLOUDFLARE_MAX_TOKENS (sent when none is asked).
-    open_ended: Mapping[str, int]
     image_models: frozenset[str]  # the local model and its aliases, if it reads images
     max_messages: int
     max_input_chars: int
@@ -49,7 +46,7 @@ class Policy:
     def derive(cls, settings: Settings, local: LocalModel | None = None) -> Policy:
         return cls(fallback_chains(settings.model_fallbacks),
                    ceilings_by_name(settings.max_tokens_by_model, settings.model_aliases),
-                   settings.max_tokens_ceiling, open_ended(settings, local), image_models(settings, local),
+                   settings.max_tokens_ceiling, image_models(settings, local),
                    settings.max_messages, settings.max_input_chars, settings.max_image_bytes)
 
     @cached_property
@@ -78,13 +75,6 @@ def ceilings_by_name(by_model: tuple[tuple[str, int], ...], aliases: tuple[tuple
         if alias not in ceilings and target in ceilings:
             ceilings[alias] = ceilings[target]
     return ceilings
-
-
-def open_ended(settings: Settings, local: LocalModel | None) -> dict[str, int]:
-    tokens = {"cloudflare": settings.cloudflare_max_tokens}
-    if local is not None:
-        tokens["chatglm"] = local.context
-    return tokens
 
 
 def image_models(settings: Settings, local: LocalModel | None) -> frozenset[str]:

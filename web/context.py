@@ -56,10 +56,6 @@ class AppState:
         """model -> the models to try, in order, when it fails before answering."""
         return self.policy.fallbacks
 
-    @property
-    def open_ended(self) -> Mapping[str, int]:
-        """backend name -> the most tokens an answer without max_tokens can take."""
-        return self.policy.open_ended
 
 
 

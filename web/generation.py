@@ -61,12 +61,10 @@ def most_tokens(route: Route, request: ChatRequest) -> int:
     prompt = request.estimated_prompt_tokens
     if request.max_tokens is not None:
         return prompt + request.max_tokens
-    open_ended = state().open_ended.get(route.backend.name)
-    if open_ended is None:
+    room = route.info.open_ended_tokens
+    if room is None:
         return prompt
-    if route.backend.name == "chatglm":  # a context holds the prompt and the answer together
-        return max(prompt, open_ended)
-    return prompt + open_ended
+    return max(prompt, room) if route.info.shared_context else prompt + room
 
 
 def within_ceiling(request: ChatRequest, ceiling: int | None) -> ChatRequest:

@@ -23,11 +23,12 @@ class ChatGLMBackend:
     name = "chatglm"
 
     def __init__(self, model: ModelFile, *, model_id: str, owned_by: str, engine: EngineClient,
-                 max_image_pixels: int = 16_000_000) -> None:
+                 context: int, max_image_pixels: int = 16_000_000) -> None:
         self.engine = engine
         self._vision = model.vision
         self._max_image_pixels = max_image_pixels
-        self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime), images=model.vision is not None)
+        self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime), images=model.vision is not None,
+                               open_ended_tokens=context, shared_context=True)  # prompt and answer share the context
 
     def load(self) -> None:
         """Wait until the engine has loaded the model (starting it, where that is this process's job)."""

@@ -160,7 +160,8 @@ class CloudflareBackend:
         return found
 
     def _info(self, model: str, owned_by: str, created: int = 0) -> ModelInfo:
-        return ModelInfo(model, owned_by, created, structured_outputs=model in self.config.json_mode_models)
+        return ModelInfo(model, owned_by, created, structured_outputs=model in self.config.json_mode_models,
+                         open_ended_tokens=self.config.max_tokens)
 
     # -- embeddings -------------------------------------------------------------------------------
 

@@ -25,12 +25,6 @@ def test_fallback_chains_keep_their_order():
     assert derive({}).fallbacks == {}
 
 
-def test_open_ended_answers_take_the_local_context_or_cloudflares_default():
-    assert derive({}).open_ended == {"cloudflare": 2048}
-    policy = derive({"CLOUDFLARE_MAX_TOKENS": "300"}, LocalModel("m", 512))
-    assert policy.open_ended == {"cloudflare": 300, "chatglm": 512}
-
-
 def test_only_a_local_model_that_reads_images_and_its_aliases_take_images():
     env = {"MODEL_ALIASES": "see=v,other=x"}
     assert derive(env, LocalModel("v", 2048, reads_images=True)).image_models == {"v", "see"}
