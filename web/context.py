@@ -81,8 +81,8 @@ class RequestContext:
     quota: Quota | None = None  # its rate limits (rate_limits.quota: worked out once, when first asked)
     quota_known: bool = False
     reserved_tokens: int = 0  # what its generations may cost, reserved from the key's tokens per minute
-    # How a streamed answer offers its connection to a backend that writes the text itself (set by the
-    # route once the answer has begun: the frames carry the model that answered, the message's id).
+    # How a streamed answer offers its connection to a backend that writes the text itself: set by
+    # generation.Answer.hand_over, the one place a client's socket is offered from.
     offer_client: Callable[[], ClientStream | None] | None = None
 
     def served_by(self, backend: str) -> None:

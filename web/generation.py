@@ -11,7 +11,16 @@ from dataclasses import replace
 
 from flask import request as flask_request
 
-from backends.base import ChatRequest, Event, QueueFull, QueueTimeout, RateLimited, Unavailable, UpstreamError
+from backends.base import (
+    ChatRequest,
+    Event,
+    PieceFrame,
+    QueueFull,
+    QueueTimeout,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+)
 from backends.registry import Route
 from compat import structured
 from compat.errors import model_not_found
@@ -100,6 +109,7 @@ class Answer:
                  client: ClientSocket) -> None:
         self.request = request  # as sent to the backend (a fallback's ceiling applied)
         self.client = client
+        self._ctx = ctx
         record = ctx.record
         if log_prompts:
             record.messages = request.messages
@@ -114,6 +124,13 @@ class Answer:
         for event in self._events:
             self.client.check()
             yield event
+
+    def hand_over(self, frame: Callable[[], PieceFrame | None]) -> None:
+        """Offer the client's connection to a backend that writes a stream's text pieces itself (the
+        local engine), each in ``frame()``: the wire's chunk around a text piece, made when the backend
+        asks (after the first event, so it carries the model that answered and the message's id; None:
+        not at this point of the answer, the backend writes through the road)."""
+        self._ctx.offer_client = lambda: self.client.stream(frame())
 
     def close(self) -> None:
         self._events.close()

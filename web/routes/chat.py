@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from backends.base import ClientStream
 from compat import sse
 from compat.completion_objects import Completion, content_chunk, fold, legacy_function_call, stream_chunks
 from compat.requests import parse_chat
@@ -29,10 +28,7 @@ def create_chat_completion():
         finally:
             answer.close()
 
-    def offer_client() -> ClientStream | None:  # to a backend that writes the text pieces itself (the local engine)
-        return answer.client.stream(sse.piece_frame(sse.encode(shape(content_chunk(completion, sse.PIECE)))))
-
-    ctx.offer_client = offer_client
+    answer.hand_over(lambda: sse.piece_frame(sse.encode(shape(content_chunk(completion, sse.PIECE)))))
     chunks = map(shape, stream_chunks(completion, answer.events, call.include_usage))
     body = sse_stream(chunks, answer.close, ctx.record, answer.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

@@ -9,7 +9,7 @@ from functools import partial
 
 from flask import Blueprint, Response, jsonify
 
-from backends.base import ClientStream, Event
+from backends.base import Event, PieceFrame
 from compat import sse
 from compat.completion_objects import Completion, fold_text_completion, text_completion_chunk, text_completion_chunks
 from compat.requests import parse_completion
@@ -34,8 +34,8 @@ def create_completion():
     completion = Completion(route.model_id, id="cmpl-" + secrets.token_hex(12))
     running = [first]
 
-    def offer_client(index: int) -> ClientStream | None:  # to a backend that writes the text pieces itself
-        return first.client.stream(sse.piece_frame(sse.encode(text_completion_chunk(completion, sse.PIECE, index))))
+    def piece(index: int) -> PieceFrame:  # prompt ``index``'s text pieces are choice ``index``
+        return sse.piece_frame(sse.encode(text_completion_chunk(completion, sse.PIECE, index)))
 
     def answers() -> Iterator[tuple[str, Iterator[Event]]]:
         for i, request in enumerate(call.requests):
@@ -44,8 +44,8 @@ def create_completion():
                                                  log_prompts, first.client)
             if i:
                 running.append(answer)
-            if call.stream:  # its pieces are choice i
-                ctx.offer_client = partial(offer_client, i)
+            if call.stream:
+                answer.hand_over(partial(piece, i))
             yield (request.prompt or "") if call.echo else "", answer.events
             answer.close()
 

@@ -33,7 +33,7 @@ def create_message():
         if codec.final is None:  # events() ends with a message or raises: never, but not silently
             raise internal_error()
         return jsonify(codec.final)
-    ctx.offer_client = lambda: answer.client.stream(codec.piece_frame())  # to a backend that writes text itself
+    answer.hand_over(codec.piece_frame)
     body = sse_stream(codec.events(answer.events), answer.close, ctx.record, answer.client, frame=frame,
                       failed=codec.failed, done=None)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

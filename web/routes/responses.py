@@ -78,7 +78,7 @@ def create_response():
                 _keep(store, call, event["response"], owner)
             yield event
 
-    ctx.offer_client = lambda: answer.client.stream(codec.piece_frame(_frame))  # to a backend that writes text itself
+    answer.hand_over(lambda: codec.piece_frame(_frame))
     body = sse_stream(kept(codec.events(answer.events)), answer.close, ctx.record, answer.client, frame=_frame,
                       failed=lambda error: kept(codec.failed(error)), done=None)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)
