@@ -25,7 +25,7 @@ class ToolCall:
 class Tool:
     name: str
     description: str = ""
-    parameters: dict = field(default_factory=dict)  # JSON Schema
+    parameters: dict[str, Any] = field(default_factory=dict)  # JSON Schema
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Message:
 class JsonFormat:
     """Structured output asked for: any JSON object (schema None) or one matching a JSON Schema."""
 
-    schema: dict | None = None
+    schema: dict[str, Any] | None = None
     name: str = "response"
     param: str = "response_format"  # where the client asked for it, for errors
 

@@ -59,7 +59,7 @@ def tool_input(arguments: str) -> dict[str, Any]:
 
 def frame(event: dict[str, Any]) -> bytes:
     """One server-sent event, named by its type, as Anthropic sends them."""
-    return b"event: " + event["type"].encode() + b"\n" + sse.encode(event)
+    return b"event: " + str(event["type"]).encode() + b"\n" + sse.encode(event)
 
 
 class MessageStream:

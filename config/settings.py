@@ -149,12 +149,10 @@ def _storage_uri(raw: str, r: Reading) -> str:
     if not raw.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
         raise ConfigError(f"RATELIMIT_STORAGE_URI={shown!r} is not memory:// or redis://host:port")
     if raw.startswith("redis"):
-        from redis.connection import (
-            parse_url,  # reads the address the way the client will, without connecting
-        )
+        from redis.connection import parse_url  # reads the address the way the client will, without connecting
 
         try:
-            parse_url(raw.replace("redis+unix://", "unix://", 1))
+            parse_url(raw.replace("redis+unix://", "unix://", 1))  # type: ignore[no-untyped-call]  # redis has no hints
         except ValueError as exc:
             raise ConfigError(f"RATELIMIT_STORAGE_URI=...{shown!r}: {exc}") from None
     return raw

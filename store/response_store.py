@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ class _OffLoop:
         if not monkey.is_module_patched("threading"):
             return call()
         if not write:
-            return get_hub().threadpool.apply(call)
+            return cast(T, get_hub().threadpool.apply(call))
         if self._writer is None or self._writer[0] != os.getpid():  # a pool is not inherited across fork
             self._writer = (os.getpid(), ThreadPool(1))
-        return self._writer[1].apply(call)
+        return cast(T, self._writer[1].apply(call))
 
 
 class _WriteConnection:

@@ -14,6 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sentencepiece
 
@@ -190,11 +191,11 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def unpack(self, fmt: struct.Struct, what: str) -> tuple:
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple[Any, ...]:
         return fmt.unpack(self.take(fmt.size, what))
 
     def int32(self, what: str) -> int:
-        return struct.unpack("<i", self.take(4, what))[0]
+        return int(struct.unpack("<i", self.take(4, what))[0])
 
 
 def read_model_file(path: str | os.PathLike[str]) -> ModelFile:

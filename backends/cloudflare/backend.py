@@ -228,7 +228,7 @@ class CloudflareBackend:
                 response.close()
         return Images(images)
 
-    def _run(self, model: str, body: dict | Payload, param: str) -> dict:
+    def _run(self, model: str, body: dict[str, Any] | Payload, param: str) -> dict[str, Any]:
         """A task's JSON result."""
         response = self._post_media(model, body, param)
         try:
@@ -236,7 +236,7 @@ class CloudflareBackend:
         finally:
             response.close()
 
-    def _post_media(self, model: str, body: dict | Payload, param: str) -> Response:
+    def _post_media(self, model: str, body: dict[str, Any] | Payload, param: str) -> Response:
         """_post, with Workers AI's "too large" said of the client's field rather than of chat messages."""
         try:
             return self._post(model, body)

@@ -85,7 +85,8 @@ def result_of(body: Any, scrub: Scrub) -> dict[str, Any]:
         if JSON_MODE_FAILED in message:
             raise json_mode_failed(message)
         raise UpstreamError(f"Cloudflare reported a failure: {message}")
-    return body["result"]
+    result: dict[str, Any] = body["result"]
+    return result
 
 
 def stream_events(datas: Iterable[str], request: ChatRequest, max_tokens: int, scrub: Scrub) -> Iterator[Event]:

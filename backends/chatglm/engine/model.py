@@ -336,4 +336,4 @@ class Slot:
                 token = model.generate_next_token(prompt[:i + 1], None, config, i, len(prompt))
                 self._cached = i + 1
         self._cached = len(prompt) if image is None else 0
-        return token
+        return int(token)
