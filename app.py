@@ -51,8 +51,8 @@ DEMO_MODEL_ID = "chatglm3-demo"
 EXPOSED_HEADERS = ["x-request-id", "Retry-After", "retry-after-ms", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                    "X-RateLimit-Reset", "X-RateLimit-Retry-After"]
 # The API's paths without /v1 (a base URL without it), as LiteLLM and Ollama also serve them.
-UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses|messages|rerank|reranking|audio|images)"
-                         r"(/.*)?")
+UNVERSIONED = re.compile(r"/(chat/completions|completions|embeddings|models|responses|messages|rerank|reranking|"
+                         r"audio|images)(/.*)?")
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -179,7 +179,8 @@ def cloudflare_config(settings: Settings):
         account_id=settings.cloudflare_account_id, api_token=settings.cloudflare_api_token,
         api_base=settings.cloudflare_api_base, models=() if discover else settings.cloudflare_models,
         discover=discover, bounds=answer_bounds(settings), max_tokens=settings.cloudflare_max_tokens,
-        connect_timeout=settings.cloudflare_timeout[0], read_timeout=settings.cloudflare_timeout[1], retries=settings.cloudflare_retries,
+        connect_timeout=settings.cloudflare_timeout[0], read_timeout=settings.cloudflare_timeout[1],
+        retries=settings.cloudflare_retries,
         pool_size=settings.worker_connections, embedding_models=settings.cloudflare_embedding_models,
         json_mode_models=settings.cloudflare_json_models, media_models=settings.cloudflare_media_models)
 

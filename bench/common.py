@@ -149,7 +149,8 @@ def load_report(name: str, intro: list[str], results: dict, ttft: dict[str, list
     def m(contender: str, c: int, key: str) -> float:
         return median([r[key] for r in results[(contender, c)]])
 
-    lines = [*intro, f"| contender | conc. | req/s | vs {baseline} | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
+    lines = [*intro,
+             f"| contender | conc. | req/s | vs {baseline} | p50 ms | p99 ms | p50 over upstream ms | non-2xx |",
              "|---|---|---|---|---|---|---|---|"]
     for c in (1, 10, 50):
         for contender in [n for n in names if (n, c) in results]:

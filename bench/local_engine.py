@@ -84,7 +84,8 @@ def main() -> None:
         return stream_chat(f"http://127.0.0.1:{loop_port}/v1/chat/completions",
                            {"model": "x", "messages": messages, "max_tokens": args.tokens})
 
-    contenders = {"engine": engine, "aigate": aigate_run, **({} if glm4 else {"loop": loop_run, "chatglm": chatglm_run})}
+    contenders = {"engine": engine, "aigate": aigate_run,
+                  **({} if glm4 else {"loop": loop_run, "chatglm": chatglm_run})}
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
     def note(prompt_name: str, name: str, t: Timing) -> None:

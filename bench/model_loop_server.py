@@ -35,7 +35,8 @@ def serve(conn: socket.socket, engine: RawEngine) -> None:
     if head.startswith(b"GET"):  # readiness
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         return
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(body) < length:
         body += conn.recv(65536)
     request = json.loads(body)

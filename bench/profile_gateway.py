@@ -6,8 +6,8 @@ against the fake Cloudflare, keys set and the multiprocess metrics on as under g
 
 Prints CPU microseconds per request for each app (alternated runs, the best of each) and
 cProfile's top functions for aigate by CPU time (own and cumulative; waits on sockets and the GIL
-do not count), which is what bench/results/gateway_profile.md quotes. The per-request times repeat within a few percent on an idle core; on a busy machine
-compare runs made in the same minute.
+do not count), which is what bench/results/gateway_profile.md quotes. The per-request times repeat
+within a few percent on an idle core; on a busy machine compare runs made in the same minute.
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ BODY = json.dumps({"model": "@cf/fake/chat", "messages": [{"role": "user", "cont
 PARTS = {
     "the upstream call (requests, or the urllib3 transport)": [("sessions.py", "post"), ("transport.py", "post")],
     "Flask-Limiter's hooks": [("_extension.py", "_check_request_limit"), ("_extension.py", "_inject_headers")],
-    "CORS headers (flask-cors; before, two header sets inside the after-request hook)": [("extension.py", "cors_after_request")],
+    "CORS headers (flask-cors; before, two header sets inside the after-request hook)": [("extension.py",
+                                                                                          "cors_after_request")],
     "the request line and metrics (RequestLog.write; before, RequestRecord.close)": [("web/request_log.py", "close"),
                                                                               ("web/request_log.py", "write")],
-    "the body read and parsed (BodyReader, read_json, parse_chat)": [("body.py", "_read"), ("json_body.py", "read_json"),
+    "the body read and parsed (BodyReader, read_json, parse_chat)": [("body.py", "_read"),
+                                                                      ("json_body.py", "read_json"),
                                                                       ("requests.py", "parse_chat")],
     "the answer built (fold, jsonify)": [("responses.py", "fold"), ("__init__.py", "jsonify")],
-    "request id, record and key (open_request; before, identify)": [("app.py", "identify"), ("web/request_log.py", "open_request")],
+    "request id, record and key (open_request; before, identify)": [("app.py", "identify"),
+                                                                     ("web/request_log.py", "open_request")],
     "Flask's request context push and pop": [("app.py", "request_context"), ("ctx.py", "pop")],
 }
 
@@ -96,7 +99,8 @@ def main() -> None:
     os.environ.update(UPSTREAM=f"{fake.base}/accounts/{ACCOUNT}/ai/run/@cf/fake/chat", TOKEN=TOKEN)
     import logging
 
-    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # the request line is formatted, as in gunicorn
+    # the request line is formatted, as in gunicorn
+    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))
     from app import create_app
 
     aigate = create_app()

@@ -18,7 +18,8 @@ from pathlib import Path
 from common import BIN, ROOT, free_port, start, start_aigate
 from gateway import AUTH, BODY, KEY, wrk
 
-OWN = ("app.py", "web/rate_limits.py", "web/request_log.py", "web/metrics.py", "web/streams.py", "/compat/", "/backends/")
+OWN = ("app.py", "web/rate_limits.py", "web/request_log.py", "web/metrics.py", "web/streams.py", "/compat/",
+       "/backends/")
 
 
 def worker_pid(master: int) -> int:

@@ -1,6 +1,6 @@
 """Structured outputs: `text.format` (Responses) read into a JsonFormat (chat's `response_format` is
-declared in compat/wire.py and read by compat/requests.py), and the rule that a schema is honoured or refused, never dropped: a model
-that cannot constrain its output gets a 400 naming the models here that can."""
+declared in compat/wire.py and read by compat/requests.py), and the rule that a schema is honoured or refused,
+never dropped: a model that cannot constrain its output gets a 400 naming the models here that can."""
 
 from __future__ import annotations
 

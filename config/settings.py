@@ -51,7 +51,8 @@ DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
 DEFAULT_CLOUDFLARE_RERANK_MODELS = ("@cf/baai/bge-reranker-base",)
 DEFAULT_CLOUDFLARE_TRANSCRIPTION_MODELS = ("@cf/openai/whisper", "@cf/openai/whisper-large-v3-turbo")
 DEFAULT_CLOUDFLARE_SPEECH_MODELS = ("@cf/myshell-ai/melotts", "@cf/deepgram/aura-1")
-DEFAULT_CLOUDFLARE_IMAGE_MODELS = ("@cf/black-forest-labs/flux-1-schnell", "@cf/stabilityai/stable-diffusion-xl-base-1.0")
+DEFAULT_CLOUDFLARE_IMAGE_MODELS = ("@cf/black-forest-labs/flux-1-schnell",
+                                   "@cf/stabilityai/stable-diffusion-xl-base-1.0")
 
 log = logging.getLogger("aigate")
 
@@ -245,8 +246,8 @@ class Settings:
     # What is read of an upstream's answer (an OpenAI-compatible server's or Workers AI's)
     upstream_max_event_bytes: int = setting(
         "UPSTREAM_MAX_EVENT_BYTES", 4 * 1024 * 1024, "the longest line or event read of a stream from an "
-        "upstream or Workers AI; past it the answer fails (502, or an error event once it has begun)", shown="`4194304` (4 MiB)",
-        minimum=1024)
+        "upstream or Workers AI; past it the answer fails (502, or an error event once it has begun)",
+        shown="`4194304` (4 MiB)", minimum=1024)
     upstream_max_body_bytes: int = setting(
         "UPSTREAM_MAX_BODY_BYTES", 16 * 1024 * 1024, "the largest JSON answer of an upstream read whole (a chat "
         "answer, embeddings, a ranking, a model list); past it the answer fails with a 502",

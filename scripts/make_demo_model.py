@@ -23,9 +23,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--endless", action="store_true", help="never write end-of-text")
     args = parser.parse_args()
-    path = write_demo_model(args.out, family=args.family, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                            num_kv_heads=args.kv_heads, ffn_size=args.ffn, max_length=args.max_length,
-                            eos_every=0 if args.endless else DEFAULT_EOS_EVERY)
+    path = write_demo_model(args.out, family=args.family, hidden_size=args.hidden, num_layers=args.layers,
+                            num_heads=args.heads, num_kv_heads=args.kv_heads, ffn_size=args.ffn,
+                            max_length=args.max_length, eos_every=0 if args.endless else DEFAULT_EOS_EVERY)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

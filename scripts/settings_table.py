@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT))
 from config.settings import configuration_table  # noqa: E402
 
 DOC = ROOT / "docs" / "configuration.md"
-BEGIN = "<!-- settings table: written by `make settings-table` from config/settings.py; edit the declarations, not this -->\n"
+BEGIN = ("<!-- settings table: written by `make settings-table` from config/settings.py; edit the declarations, "
+         "not this -->\n")
 END = "<!-- end of settings table -->\n"
 
 

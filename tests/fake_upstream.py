@@ -180,7 +180,8 @@ class _Handler(WireHandler):
         name = body["tools"][0]["function"]["name"]
         self.start_sse()
         pieces = [{"index": 0, "id": "call_up1", "type": "function", "function": {"name": name, "arguments": ""}},
-                  {"index": 0, "function": {"arguments": '{"city": '}}, {"index": 0, "function": {"arguments": '"Paris"}'}}]
+                  {"index": 0, "function": {"arguments": '{"city": '}},
+                  {"index": 0, "function": {"arguments": '"Paris"}'}}]
         for piece in pieces:
             self.frame({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
                         "choices": [{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}]})

@@ -214,7 +214,8 @@ def test_an_endless_line_or_body_fails_and_memory_stays_bounded(server):
     events = [e for e in events if e]
     chunks = [json.loads(e[6:]) for e in events if e.startswith(b"data: {")]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices")) == "You said:"
-    assert "(UPSTREAM_MAX_EVENT_BYTES: 4194304 bytes)" in chunks[-1]["error"]["message"] and events[-1] == b"data: [DONE]"
+    assert ("(UPSTREAM_MAX_EVENT_BYTES: 4194304 bytes)" in chunks[-1]["error"]["message"]
+            and events[-1] == b"data: [DONE]")
     assert rise < 40 * MB, f"the worker's memory rose {rise / MB:.0f} MB"
 
     answers: list[requests.Response] = []

@@ -48,7 +48,9 @@ def wait_until(predicate, timeout: float = 30, server=None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out" + (
-            "; the server said:\n" + "".join(line for line in server.log if "path=/ready" not in line and "path=/health" not in line) if server else "")
+            "; the server said:\n" + "".join(line for line in server.log
+                                             if "path=/ready" not in line and "path=/health" not in line)
+            if server else "")
         time.sleep(0.02)
 
 
@@ -240,7 +242,8 @@ def send_stream_request(server, version: str, body: dict, request_id: str = "raw
     host, port = server.base_url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=60)
     sock.sendall(b"POST %s %s\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-ID: %s\r\n"
-                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), version.encode(), request_id.encode(), len(data), data))
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), version.encode(),
+                                                                         request_id.encode(), len(data), data))
     return sock
 
 
@@ -269,7 +272,8 @@ def test_a_stream_written_by_the_engine_says_what_the_whole_answer_says(server, 
     assert engine_status(server)["handovers"] == handovers + 1  # the engine wrote the pieces after the first
     assert events[-2:] == [b"data: [DONE]", b""]
     chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
-    assert {(c["id"], c["model"], c["object"]) for c in chunks} == {(chunks[0]["id"], "endless", "chat.completion.chunk")}
+    assert ({(c["id"], c["model"], c["object"]) for c in chunks}
+            == {(chunks[0]["id"], "endless", "chat.completion.chunk")})
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert content == whole["choices"][0]["message"]["content"]
     assert chunks[-1]["usage"]["completion_tokens"] == 60 == whole["usage"]["completion_tokens"]

@@ -187,7 +187,8 @@ def test_a_chunked_body_over_the_limit_is_413_never_cut(body_server):
 
 @pytest.mark.parametrize("size_line", [b"zz", b"-1", b"+5"])
 def test_a_malformed_chunk_size_is_400(body_server, size_line):
-    answer, _ = raw_exchange(body_server, HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\n{}\r\n0\r\n\r\n")
+    answer, _ = raw_exchange(body_server,
+                             HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + size_line + b"\r\n{}\r\n0\r\n\r\n")
     assert status_of(answer) == 400, answer
     assert error_of(answer)["type"] == "invalid_request_error"
     assert "Traceback" not in "".join(body_server.log)

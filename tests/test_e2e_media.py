@@ -68,7 +68,8 @@ def server(tmp_path_factory, fake, upstream, demo_model):
     tmp = tmp_path_factory.mktemp("media")
     (tmp / "keys.toml").write_text(KEYS)
     (tmp / "keys.toml").chmod(0o600)
-    (tmp / "upstreams.toml").write_text(f'[upstreams.up]\nbase_url = "{upstream.base}"\nmodels = {json.dumps(UP_MODELS)}\n')
+    (tmp / "upstreams.toml").write_text(f'[upstreams.up]\nbase_url = "{upstream.base}"\n'
+                                        f'models = {json.dumps(UP_MODELS)}\n')
     server = start_server(tmp, {
         "CHATGLM_MODEL": str(demo_model), "CHATGLM_MODEL_ID": "local", **cloudflare_env(fake),
         "CLOUDFLARE_MODELS": "@cf/fake/chat", "CLOUDFLARE_RETRIES": "0",
@@ -292,7 +293,8 @@ def test_a_redirect_of_an_upstream_s_media_endpoint_is_not_followed(server, upst
     try:
         r = requests.post(server.v1 + "/rerank", headers={"Authorization": f"Bearer {ALL}"}, timeout=30,
                           json={"model": "fake-307", "query": "q", "documents": DOCUMENTS})
-        assert r.status_code == 502 and "upstream up answered with a redirect (HTTP 307)" in r.json()["error"]["message"]
+        assert (r.status_code == 502
+                and "upstream up answered with a redirect (HTTP 307)" in r.json()["error"]["message"])
         assert elsewhere.requests == []
     finally:
         elsewhere.stop()
@@ -353,7 +355,8 @@ def test_image_errors(client, kwargs, status, code, param):
 def test_models_say_what_each_serves(client):
     tasks = {m.id: (m.model_extra or {})["capabilities"]["tasks"] for m in client.models.list()}
     assert tasks["local"] == ["chat"] and tasks["@cf/fake/chat"] == ["chat"]
-    assert tasks[RERANKER] == ["rerank"] and tasks[WHISPER] == ["transcription"] and tasks["whisper-1"] == ["transcription"]
+    assert (tasks[RERANKER] == ["rerank"] and tasks[WHISPER] == ["transcription"]
+            and tasks["whisper-1"] == ["transcription"])
     assert tasks[MELOTTS] == ["speech"] and tasks[SDXL] == ["image_generation"]
     assert tasks["up-rerank"] is None  # an upstream's: its server decides
 

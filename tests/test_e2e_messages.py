@@ -93,7 +93,8 @@ def raw_events(server, body: dict) -> list[tuple[str, dict]]:
 @pytest.mark.parametrize("model", MODELS)
 def test_create_with_a_system_prompt_and_earlier_turns(server, client, fake, upstream, model):
     message = client.messages.with_raw_response.create(
-        model=model, max_tokens=12, system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
+        model=model, max_tokens=12, system=[{"type": "text", "text": "Be brief."},
+                                            {"type": "text", "text": "Be kind."}],
         messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi!"},
                   {"role": "user", "content": [{"type": "text", "text": "hello there"}]}], extra_body=GREEDY)
     request_id = message.headers["request-id"]
@@ -275,7 +276,8 @@ def test_the_key_from_x_api_key_or_a_bearer_token(server):
     for sdk in (anthropic.Anthropic(base_url=server.base_url, api_key=KEY, max_retries=0),
                 anthropic.Anthropic(base_url=server.base_url, auth_token=KEY, max_retries=0)):
         assert sdk.messages.create(model=CF, max_tokens=4, messages=[{"role": "user", "content": "hi"}]).content
-    r = requests.post(server.base_url + "/messages", json={"model": CF, "messages": [{"role": "user", "content": "hi"}]},
+    r = requests.post(server.base_url + "/messages",
+                      json={"model": CF, "messages": [{"role": "user", "content": "hi"}]},
                       headers={"x-api-key": KEY}, timeout=30)  # no /v1, no anthropic-version, no max_tokens
     assert r.status_code == 200 and r.json()["content"][0]["text"] == "You said: hi"
 

@@ -44,7 +44,8 @@ def models(server, key: str) -> int:
 
 def counted(server) -> float:
     text = requests.get(server.base_url + "/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(r'^aigate_requests_total\{[^}]*route="/v1/models"[^}]*\} (\S+)$', text, re.M))
+    return sum(float(v) for v in re.findall(r'^aigate_requests_total\{[^}]*route="/v1/models"[^}]*\} (\S+)$',
+                                            text, re.M))
 
 
 def test_a_reload_with_a_broken_keys_file_keeps_serving_and_keeps_the_counts(tmp_path, demo_model):
@@ -85,7 +86,8 @@ def test_a_reload_with_a_broken_keys_file_keeps_serving_and_keeps_the_counts(tmp
 @pytest.mark.parametrize("how", ["reload", "shutdown"])
 def test_a_stream_cut_by_the_graceful_timeout_says_so(tmp_path, fake, how):
     # A stream that outlasts GRACEFUL_TIMEOUT however fast the machine: 300 frames 100 ms apart.
-    server = start_server(tmp_path, {**cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/long"), "GRACEFUL_TIMEOUT": "8"})
+    server = start_server(tmp_path, {**cloudflare_env(fake, CLOUDFLARE_MODELS="@cf/fake/long"),
+                                     "GRACEFUL_TIMEOUT": "8"})
     try:
         with requests.post(server.v1 + "/chat/completions", stream=True, timeout=60, headers={"X-Request-ID": "cut-1"},
                            json={"model": "@cf/fake/long", "messages": USER, "stream": True, "max_tokens": 300}) as r:

@@ -338,7 +338,8 @@ def test_state_dir_removed_while_running(client, server, state_dir):
         assert events[-1].type == "response.completed" and events[-1].response.store is False
         for method, path, body in (("GET", f"/responses/{after.id}", None), ("DELETE", f"/responses/{after.id}", None),
                                    ("GET", f"/responses/{after.id}/input_items", None),
-                                   ("POST", "/responses", {"model": CF, "input": "x", "previous_response_id": after.id})):
+                                   ("POST", "/responses", {"model": CF, "input": "x",
+                                                           "previous_response_id": after.id})):
             r = requests.request(method, server.v1 + path, json=body, headers=auth, timeout=10)
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", (path, r.text)
         r = requests.get(server.base_url + "/ready", timeout=10)

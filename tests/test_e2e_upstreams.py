@@ -202,7 +202,8 @@ def test_neither_key_nor_address_leaks(server, fakes):
 @pytest.mark.parametrize("model", ["fake-drop", "fake-truncated"])
 def test_a_stream_broken_mid_answer_ends_with_an_error_event(server, model):
     events = sse(post(server, {"model": model, "messages": USER, "stream": True}, stream=True))
-    said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices"))
+    said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
     assert said.startswith("You said:")  # the start of the answer, then its failure
     assert events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
 
@@ -229,7 +230,8 @@ def test_an_endless_line_ends_the_stream_with_an_error_and_memory_stays_bounded(
     events: list = []
     rise = memory_rise(worker_pid(server), lambda: events.extend(
         sse(post(server, {"model": "fake-hugeline", "messages": USER, "stream": True}, stream=True))))
-    said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e.get("choices"))
+    said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
     assert said == "You said:"
     assert events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
     assert "larger than aigate reads (UPSTREAM_MAX_EVENT_BYTES: 4194304 bytes)" in events[-2]["error"]["message"]
@@ -279,10 +281,12 @@ def test_usage_estimated_for_a_stream_without_any_counts_the_chat_template(serve
     """fake-bare streams without usage (as chatglm.cpp's server does): aigate's estimate comes within a token of
     what the server counts for the same request answered whole, template and tools included."""
     tools = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is the weather?"},
                 {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": "18C and sunny"},
                 {"role": "user", "content": "hello there"}]
     whole = post(server, {"model": "fake-bare", "messages": messages, "tools": tools}).json()["usage"]["prompt_tokens"]
@@ -357,4 +361,5 @@ def test_discovered_models_are_kept_while_the_upstream_is_down_and_reload(server
             break
         time.sleep(0.3)
     else:
-        pytest.fail("the reloaded upstream never served:\n" + "".join(line for line in server.log if "request id" not in line))
+        pytest.fail("the reloaded upstream never served:\n"
+                    + "".join(line for line in server.log if "request id" not in line))

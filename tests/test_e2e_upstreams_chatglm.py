@@ -93,7 +93,8 @@ def test_two_chatglm_cpp_servers_make_one_model_that_survives_one_of_them(gatewa
 
     # chatglm.cpp's stream: chunks without id or created, and no [DONE]; aigate's has both.
     r = requests.post(gateway.v1 + "/chat/completions", json={"model": "chatglm3-6b", "messages": USER, "stream": True,
-                      "max_tokens": MAX_TOKENS, "temperature": GREEDY, "stream_options": {"include_usage": True}}, stream=True, timeout=60)
+                      "max_tokens": MAX_TOKENS, "temperature": GREEDY, "stream_options": {"include_usage": True}},
+                      stream=True, timeout=60)
     events = [line[6:].decode() for line in r.iter_lines() if line.startswith(b"data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -106,7 +107,8 @@ def test_two_chatglm_cpp_servers_make_one_model_that_survives_one_of_them(gatewa
     slowest = 0.0
     for _ in range(12):
         t0 = time.monotonic()
-        assert sdk.chat.completions.create(model="chatglm3-6b", messages=USER, max_tokens=MAX_TOKENS, temperature=GREEDY).choices
+        assert sdk.chat.completions.create(model="chatglm3-6b", messages=USER, max_tokens=MAX_TOKENS,
+                                           temperature=GREEDY).choices
         slowest = max(slowest, time.monotonic() - t0)
     after = served(gateway)
     assert {name: after[name] - before[name] for name in after} == {"glm-one": 6, "glm-two": 6}
@@ -114,7 +116,8 @@ def test_two_chatglm_cpp_servers_make_one_model_that_survives_one_of_them(gatewa
     glm_servers[0].kill()
     for _ in range(6):
         started = time.monotonic()
-        assert sdk.chat.completions.create(model="chatglm3-6b", messages=USER, max_tokens=MAX_TOKENS, temperature=GREEDY).choices
+        assert sdk.chat.completions.create(model="chatglm3-6b", messages=USER, max_tokens=MAX_TOKENS,
+                                           temperature=GREEDY).choices
         # Within a few seconds of what an answer took before (this shared machine makes that vary).
         assert time.monotonic() - started < 5 + slowest
 

@@ -293,7 +293,8 @@ def test_a_handed_over_stream_is_written_by_the_engine_in_the_workers_frames(end
 def test_a_client_that_leaves_while_the_engine_writes_ends_its_generation(endless):
     request = ChatRequest(model="endless", messages=(Message("user", "go"),), temperature=0, max_tokens=900)
     with tcp_connection() as (server_end, client):
-        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), PieceFrame(PREFIX, SUFFIX), True, 5.0))
+        events = endless.generate(request,
+                                  lambda: ClientStream(server_end.fileno(), PieceFrame(PREFIX, SUFFIX), True, 5.0))
         assert isinstance(next(events), TextDelta)
         reader = threading.Thread(target=lambda: (client.recv(1), client.close()))  # leaves after its first bytes
         reader.start()
@@ -311,7 +312,8 @@ def test_a_client_that_stops_reading_is_let_go_after_the_write_timeout(endless):
     padded = PREFIX + b" " * 2000  # a few frames fill the (small) buffers
     with tcp_connection(receive_buffer=4096) as (server_end, client):
         server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        events = endless.generate(request, lambda: ClientStream(server_end.fileno(), PieceFrame(padded, SUFFIX), True, 0.5))
+        events = endless.generate(request,
+                                  lambda: ClientStream(server_end.fileno(), PieceFrame(padded, SUFFIX), True, 0.5))
         assert isinstance(next(events), TextDelta)
         started = time.monotonic()
         with pytest.raises(ClientGone) as gone:

@@ -90,7 +90,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
 RAW_BODIES = [b"", b"{", b"[]", b"null", b'"\\ud800"', b"{\"model\": \"\\ud800\"", b"\xff\xfe{\x00}\x00",
               b"\xed\xa0\x80", b"{\"a\": NaN, \"b\": Infinity, \"c\": -Infinity}", b"{\"a\": 1e999}",
               b"{\"a\": " + b"9" * 5000 + b"}", b"[" * 100 + b"]" * 100, b"{\"a\":" * 70 + b"1" + b"}" * 70,
-              b"\xef\xbb\xbf{\"model\": \"fake-echo\"}", "{\"model\": \"fake-echo\", \"input\": \"é\"}".encode("utf-16"),
+              b"\xef\xbb\xbf{\"model\": \"fake-echo\"}",
+              "{\"model\": \"fake-echo\", \"input\": \"é\"}".encode("utf-16"),
               b"{\"model\": \"fake-echo\", \"model\": 1}", b"\x00" * 64, b"{}" * 1000]
 ODD_IDS = ["\ud800", "resp_\udfff", "%ED%A0%80", "%00", "%FF%FE", "a" * 2000, "..%2F..%2Fetc", "resp_" + "0" * 32,
            "' OR 1=1 --", "%F0%9F%99%82"]
@@ -374,7 +375,8 @@ def test_through_gunicorn_and_the_engine(server):
              b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), 400),
             # a request line that is not ASCII (gunicorn refuses it), a key that is not UTF-8
             (b"GET /v1/responses/\xed\xa0\x80 HTTP/1.1\r\nHost: x" + key + b"\r\nConnection: close\r\n\r\n", 400),
-            (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n", 401)):
+            (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+             b"Connection: close\r\n\r\n", 401)):
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(raw)
             answer = b""

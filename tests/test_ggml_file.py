@@ -149,7 +149,8 @@ def test_the_glm4v_demo_is_laid_out_as_convert_py_writes_it(glm4v_model):
     assert read_model_file(glm4v_model).vision is not None and loads_in_chatglm_cpp(glm4v_model)
 
 
-VISION_VECTORS = ("transformer.vision.patch_embedding.cls_embedding", "transformer.vision.boi", "transformer.vision.eoi")
+VISION_VECTORS = ("transformer.vision.patch_embedding.cls_embedding", "transformer.vision.boi",
+                  "transformer.vision.eoi")
 
 
 @pytest.mark.parametrize("layout", ["chatglm.cpp's own 1-d", "same bytes, odd shape"])

@@ -26,8 +26,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT_MODEL, EMBEDDING_MODEL = "chatglm3-demo", "@cf/baai/bge-small-en-v1.5"  # as named in the examples
 # Responses go to the fake Workers AI model: the same road and codec, without a generation's CPU for each case.
 SERVED = {"/v1/chat/completions": CHAT_MODEL, "/v1/completions": CHAT_MODEL, "/v1/embeddings": EMBEDDING_MODEL,
-          "/v1/responses": "@cf/fake/chat", "/v1/messages": "@cf/fake/chat", "/v1/messages/count_tokens": "@cf/fake/chat",
-          "/v1/rerank": "@cf/baai/bge-reranker-base",
+          "/v1/responses": "@cf/fake/chat", "/v1/messages": "@cf/fake/chat",
+          "/v1/messages/count_tokens": "@cf/fake/chat", "/v1/rerank": "@cf/baai/bge-reranker-base",
           "/v1/audio/transcriptions": "@cf/openai/whisper", "/v1/audio/speech": "@cf/deepgram/aura-1",
           "/v1/images/generations": "@cf/stabilityai/stable-diffusion-xl-base-1.0"}
 SHORT = 16  # the most tokens a valid case asks for

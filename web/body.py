@@ -79,7 +79,8 @@ class BodyReader:
                     received += len(data)
         except (_TimedOut, TimeoutError):
             raise BodyRefused("408 Request Timeout", "request_timeout",
-                              f"The request body did not arrive within {self.timeout:g} seconds (BODY_TIMEOUT).") from None
+                              f"The request body did not arrive within {self.timeout:g} seconds "
+                              "(BODY_TIMEOUT).") from None
         except OSError:  # the client went away mid-body: nobody will read the answer
             raise BodyRefused("400 Bad Request", "incomplete_body", "The request body was cut short.") from None
         except Exception as exc:  # gunicorn's framing errors: a bad chunk size, a missing CRLF...

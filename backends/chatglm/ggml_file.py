@@ -244,7 +244,8 @@ def _parse(p: Path, data: memoryview) -> ModelFile:
     size = r.int32("tokenizer")
     span = (r.pos, size)
     tokenizer = bytes(r.take(size, "tokenizer"))
-    pieces = len(read_tiktoken_vocab(tokenizer)) if model_type in (CHATGLM4, CHATGLM4V) else _sentencepiece_size(tokenizer)
+    pieces = (len(read_tiktoken_vocab(tokenizer)) if model_type in (CHATGLM4, CHATGLM4V)
+              else _sentencepiece_size(tokenizer))
     specials = len(FAMILY_SPECIAL_TOKENS[model_type])
     if vocab < pieces + specials:
         raise ModelFileError(f"vocab_size {vocab} is smaller than the tokenizer's {pieces} pieces "
@@ -352,7 +353,8 @@ def _check_tensors(r: _Reader, config: ModelConfig, vision: VisionConfig | None)
                 raise ModelFileError(f"tensor {name} has shape {list(shape)}, the config implies {list(want_shape)}")
         elif tensor_nbytes(shape, ggml_type) != tensor_nbytes(want_shape, want_type):
             raise ModelFileError(f"tensor {name} has shape {list(shape)} ({tensor_nbytes(shape, ggml_type)} bytes), "
-                                 f"the config implies {list(want_shape)} ({tensor_nbytes(want_shape, want_type)} bytes)")
+                                 f"the config implies {list(want_shape)} "
+                                 f"({tensor_nbytes(want_shape, want_type)} bytes)")
         seen.add(name)
         start = (r.pos + ALIGN - 1) // ALIGN * ALIGN
         r.pos = start

@@ -328,7 +328,8 @@ class CloudflareBackend:
         """The BackendError for a non-2xx answer, of which the first ERROR_BODY_BYTES are read."""
         try:
             body = json.loads(response.head())
-        except (ValueError, RecursionError):  # not JSON (or cut at its bound), or nested past what the parser can follow
+        except (ValueError, RecursionError):
+            # not JSON (or cut at its bound), or nested past what the parser can follow
             body = {}
         except ReadBroken as exc:  # the error body was cut short or stalled: a 502/504
             return _broken_read(exc, f"while sending an HTTP {response.status} error", UpstreamBrokenAnswer)

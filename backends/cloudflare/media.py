@@ -131,7 +131,8 @@ def speech_body(request: SpeechRequest) -> dict[str, Any]:
         return body
     if request.response_format != "mp3":  # MeloTTS makes MP3 only
         raise NotSupportedByModel(f"{request.model} speaks in mp3 only; ask for response_format mp3 (or use an "
-                                  "Aura model, which also makes opus, aac, flac, wav and pcm).", param="response_format")
+                                  "Aura model, which also makes opus, aac, flac, wav and pcm).",
+                                  param="response_format")
     body = {"prompt": request.input}
     if voice and voice.lower() in MELO_LANGUAGES:
         body["lang"] = voice.lower()

@@ -36,7 +36,8 @@ def holds(obj: dict[str, Any], declaration: Any) -> None:
     msgspec.convert(json.loads(json.dumps(obj)), declaration, strict=True)  # as a client reads it
 
 
-@pytest.mark.parametrize("events", [TEXT, CALLS, BOTH, [Finish("length", USAGE)]], ids=["text", "calls", "both", "empty"])
+@pytest.mark.parametrize("events", [TEXT, CALLS, BOTH, [Finish("length", USAGE)]],
+                         ids=["text", "calls", "both", "empty"])
 @pytest.mark.parametrize("legacy", [False, True], ids=["tools", "functions"])
 def test_chat_answers_and_chunks(events, legacy):
     shape = legacy_function_call if legacy else (lambda obj: obj)
@@ -73,7 +74,8 @@ def test_models_embeddings_and_readiness_from_the_routes(tmp_path):
     holds(client.get("/v1/models").json, answers.ModelList)
     holds(client.get("/v1/models/fake-echo").json, answers.Model)
     for encoding in ("float", "base64"):
-        r = client.post("/v1/embeddings", json={"model": "fake-echo", "input": ["a", "bc"], "encoding_format": encoding})
+        r = client.post("/v1/embeddings",
+                        json={"model": "fake-echo", "input": ["a", "bc"], "encoding_format": encoding})
         assert r.status_code == 200, r.json
         holds(r.json, answers.EmbeddingList)
     holds(client.get("/ready").json, answers.Readiness)
@@ -92,7 +94,8 @@ def test_a_field_the_declarations_lack_fails():
         holds(deeper, answers.ChatCompletionChunk)
 
 
-RESPONSE_BODY = {"model": "m", "instructions": "be brief", "input": "hi", "metadata": {"k": "v"}, "max_output_tokens": 9,
+RESPONSE_BODY = {"model": "m", "instructions": "be brief", "input": "hi", "metadata": {"k": "v"},
+                 "max_output_tokens": 9,
                  "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}},
                            {"type": "web_search"}],
                  "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}}}

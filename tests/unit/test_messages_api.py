@@ -167,7 +167,8 @@ def test_images_are_read_where_the_model_reads_them():
         (body(messages=[{"role": "user", "content": [{**image, "source": {"type": "url", "url": "https://x/y.png"}}]}]),
          sees, "image_url_not_supported"),
         (body(messages=[{"role": "user", "content": [image, image]}]), sees, "too_many_images"),
-        (body(messages=[{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [image]}]}]),
+        (body(messages=[{"role": "user",
+                         "content": [{"type": "tool_result", "tool_use_id": "t", "content": [image]}]}]),
          sees, "unsupported_content"),
         (body(messages=[{"role": "user", "content": [{**image, "source": {**image["source"], "data": "%%%"}}]}]), sees,
          "invalid_image"),
@@ -247,7 +248,8 @@ BLOCK = st.builds(lambda block, changes: {**block, **changes}, st.sampled_from(B
     max_size=1))
 TURN = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]),
                               "content": st.text(max_size=10) | st.lists(BLOCK, max_size=3)})
-TOOL_CHOICES = st.sampled_from([{"type": t} for t in ("auto", "any", "none")] + [{"type": "tool", "name": "get_weather"}])
+TOOL_CHOICES = st.sampled_from([{"type": t} for t in ("auto", "any", "none")]
+                               + [{"type": "tool", "name": "get_weather"}])
 EXTRAS = {"system": st.text(max_size=5) | st.lists(BLOCK, max_size=2), "tools": st.just([WEATHER]),
           "tool_choice": TOOL_CHOICES, "stream": st.booleans(), "stop_sequences": st.just(["aid"])}
 ANY_FIELD = st.sampled_from(["model", "messages", "system", "tools", "tool_choice", "max_tokens", "stop_sequences",
@@ -260,7 +262,8 @@ def fake_client(tmp_path_factory):
 
 
 @settings(max_examples=100, deadline=None)
-@given(path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]), turns=st.lists(TURN, min_size=1, max_size=3),
+@given(path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]),
+       turns=st.lists(TURN, min_size=1, max_size=3),
        extras=st.fixed_dictionaries({}, optional=EXTRAS), garbage=st.dictionaries(ANY_FIELD, JSON, max_size=1))
 def test_mutated_bodies_never_get_a_500_and_errors_keep_anthropic_s_shape(fake_client, path, turns, extras, garbage):
     """Valid blocks in any role and order, each perhaps with a field changed to anything, and at most one

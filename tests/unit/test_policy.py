@@ -11,7 +11,8 @@ def derive(env: dict[str, str], local: LocalModel | None = None) -> Policy:
 def test_an_alias_has_its_models_ceiling_unless_it_has_its_own():
     policy = derive({"MAX_TOKENS_CEILING": "1024,m=256,c=100", "MODEL_ALIASES": "a=m,b=x,c=m"})
     assert policy.ceilings == {"m": 256, "c": 100, "a": 256}
-    assert (policy.ceiling("a"), policy.ceiling("c"), policy.ceiling("b"), policy.ceiling("x")) == (256, 100, 1024, 1024)
+    assert (policy.ceiling("a"), policy.ceiling("c"), policy.ceiling("b"),
+            policy.ceiling("x")) == (256, 100, 1024, 1024)
     assert policy.limits.ceiling("a") == 256 and policy.limits.max_tokens == 1024
 
 

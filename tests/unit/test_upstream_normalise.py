@@ -47,7 +47,8 @@ def test_nulls_reasoning_and_running_usage_become_text_and_the_last_count():
 
 def test_no_usage_is_estimated_and_said_so():
     reader = Normaliser(REQUEST, "chat", "up", EVENT)
-    events = list(reader.stream(frames(chunk(content="abcdefgh"), {"choices": [{"delta": {}, "finish_reason": "stop"}]})))
+    events = list(reader.stream(frames(chunk(content="abcdefgh"),
+                                       {"choices": [{"delta": {}, "finish_reason": "stop"}]})))
     assert isinstance(events[-1], Finish) and events[-1].usage.completion_tokens == 2 and reader.estimated
     # "hello there": 3 tokens of text, 4 of its message's framing and role, 3 priming the reply
     assert events[-1].usage.prompt_tokens == 10
@@ -81,8 +82,8 @@ def test_an_error_frame_and_a_malformed_one_fail():
 
 def test_stop_sequences_hold_even_where_the_upstream_ignores_them():
     request = ChatRequest(model="m", messages=REQUEST.messages, stop=("END",))
-    events = list(Normaliser(request, "chat", "up", EVENT).stream(frames(chunk(content="one E"), chunk(content="ND two"),
-                                                                  b"[DONE]")))
+    events = list(Normaliser(request, "chat", "up", EVENT).stream(frames(chunk(content="one E"),
+                                                                         chunk(content="ND two"), b"[DONE]")))
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "one " and events[-1].reason == "stop"
     assert events[-1].stop_sequence == "END"
 
@@ -105,5 +106,6 @@ def test_a_whole_answer_with_chatglm_cpp_s_tool_calls_and_legacy_text():
     call = events[0]
     assert isinstance(call, ToolCall) and call.name == "weather" and json.loads(call.arguments) == {"city": "Paris"}
     assert call.id.startswith("call_") and events[-1].reason == "tool_calls"
-    text = list(Normaliser(REQUEST, "text", "up", EVENT).whole({"choices": [{"text": "once", "finish_reason": "length"}]}))
+    text = list(Normaliser(REQUEST, "text", "up", EVENT).whole({"choices": [{"text": "once",
+                                                                              "finish_reason": "length"}]}))
     assert text[0] == TextDelta("once") and text[-1].reason == "length"

@@ -1,6 +1,6 @@
 """The model side of the engine: chatglm.cpp Pipelines (one per slot, each with its own KV cache),
-the family's chat template (families.py: ChatGLM2, ChatGLM3, GLM-4, GLM-4V), and the token loop, which reuses the part of a prompt that a slot's
-cache already holds.
+the family's chat template (families.py: ChatGLM2, ChatGLM3, GLM-4, GLM-4V), and the token loop, which reuses
+the part of a prompt that a slot's cache already holds.
 
 Pipeline.generate() is broken in chatglm-cpp 0.4.2 and Pipeline.chat() truncates long prompts in
 silence, so the token loop is ours (``model.generate_next_token``): it counts tokens exactly,
