@@ -385,7 +385,7 @@ class Settings:
 ELSEWHERE = (
     Declaration("PROMETHEUS_MULTIPROC_DIR", "where the workers' metric files live (emptied at start, kept across "
                 "reloads; read by gunicorn.conf.py before anything imports prometheus_client); see "
-                "[docs/deploy.md](docs/deploy.md#observing-a-running-server)",
+                "[deploy.md](deploy.md#observing-a-running-server)",
                 shown="a private directory under `$TMPDIR`, removed at exit"),
 )
 
