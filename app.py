@@ -1,4 +1,6 @@
-"""create_app(settings) -> Flask: settings, backends, blueprints, error handlers."""
+"""create_app(settings) -> Flask, the composition root: settings, the checked model, policy, backends, stored
+responses, WSGI middleware, extensions, blueprints, error handlers; and check_config and ensure_demo_model,
+which the gunicorn master runs before any worker."""
 
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore[method-assign]
     app.wsgi_app = AnthropicErrors(app.wsgi_app)  # type: ignore[method-assign]  # the Messages API's errors
     app.wsgi_app = api_paths(app.wsgi_app)  # type: ignore[method-assign]
-    # The serving layer's extensions, in the order their hooks must run.
+    # web/'s extensions, in the order their hooks must run.
     metrics.init_app(app)  # what counts each request (the request log calls it with the request's line)
     request_log.init_app(app)  # first hook: the request's context (id, record, key); its line when closed
     # CORS on every response (errors too), the preflight's headers reflecting what was asked (the SDKs

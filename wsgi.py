@@ -1,8 +1,8 @@
-"""The WSGI entry point: gunicorn wsgi:application, mod_wsgi, Passenger."""
+"""The WSGI entry point: gunicorn wsgi:application, or mod_wsgi (Passenger has passenger_wsgi.py)."""
 
 from app import create_app, start_loading
 from config.settings import checked
 
-# Under gunicorn, the settings its master checked (see settings.checked); elsewhere, read them now.
+# Under gunicorn, the settings its master checked (see config.settings.checked); elsewhere, read them now.
 application = create_app(checked())
 start_loading(application)

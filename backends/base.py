@@ -60,7 +60,7 @@ class JsonFormat:
 
 class Caller(Protocol):
     """The request a backend serves, as much of it as a backend may know (aigate's
-    serving.RequestContext): its id, for a backend's log lines; the client's JSON body, whose fields
+    web.context.RequestContext): its id, for a backend's log lines; the client's JSON body, whose fields
     aigate does not read an OpenAI-compatible upstream passes on (None: nothing to pass on);
     ``served_by``, for a backend that says which of its servers answered; and ``client_stream()``, the
     connection of a streamed answer, for a backend that can write its text itself (None: it cannot be
@@ -205,7 +205,8 @@ class Embeddings:
     prompt_tokens: int
 
 
-# What a model serves: chat (chat, completions, responses), embeddings, or one of backends/media.py's tasks.
+# What a model serves: chat (chat completions, completions, responses, messages), embeddings, or one of
+# backends/media.py's tasks.
 Task = Literal["chat", "embeddings", "rerank", "transcription", "speech", "image_generation"]
 CHAT: frozenset[Task] = frozenset({"chat"})
 

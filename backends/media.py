@@ -1,7 +1,7 @@
 """What a backend speaks besides chat and embeddings: reranking, transcription, speech and image
 generation. A backend that serves one of these tasks has the method of its protocol below, and names
-the models that serve it in ModelInfo.tasks; compat asks for the method and refuses a model (or a
-backend) without it. An answer a backend passes on as its server made it (an OpenAI-compatible
+the models that serve it in ModelInfo.tasks; web/tasks.py asks for the method and refuses a model (or
+a backend) without it. An answer a backend passes on as its server made it (an OpenAI-compatible
 upstream) is a RawAnswer."""
 
 from __future__ import annotations

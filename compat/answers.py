@@ -1,10 +1,11 @@
 """The objects aigate answers with (chat.completion and its chunks, text_completion, the Responses
-API's response, items and stream events, embeddings, models, readiness, errors), declared once: the OpenAPI
-document's schemas come from here, and tests/unit/test_answers.py holds what the builders make to these declarations.
+API's response, items and stream events, embeddings, models, readiness, errors), declared once: the
+OpenAPI document's schemas come from here, and tests/unit/test_answers.py holds what the builders make
+to these declarations.
 
-The builders (compat/completion_objects.py, the routes) still make plain dicts: on the per-token path a
-dict costs less to build than a Struct (bench/results/wire_parse.md), and the stream's JSON must
-not get slower. Every Struct forbids unknown fields, so a builder that adds one fails the test
+The builders (compat/completion_objects.py, compat/responses_api.py, compat/errors.py, the routes) still
+make plain dicts: on the per-token path a dict costs less to build than a Struct
+(bench/results/wire_parse.md), and the stream's JSON must not get slower. Every Struct forbids unknown fields, so a builder that adds one fails the test
 until it is declared here (and so described).
 """
 

@@ -1,4 +1,5 @@
-"""chat.completion and chat.completion.chunk objects, built from a backend's events.
+"""chat.completion, chat.completion.chunk and text_completion objects, built from a backend's events (and
+the model object of /v1/models).
 
 The stream and the folded (non-stream) answer are both made from the same events here, so
 they cannot disagree.

@@ -116,8 +116,9 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
-    """POST /v1/completions. `suffix` is accepted and ignored: neither backend's models fill in
-    the middle, and editors send it on every request."""
+    """POST /v1/completions. `suffix` is accepted and not read: the local model and Workers AI do not
+    fill in the middle, editors send it on every request, and an OpenAI-compatible upstream is passed it
+    with the fields aigate does not read."""
     request = _read_texts(body, wire.CompletionRequest, "prompt", "prompts given as token ids are not supported; "
                                                                   "send text.")
     model = request.model

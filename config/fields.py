@@ -3,7 +3,7 @@ variable, bound and one line of doc beside the default the field already holds.
 
 `read_fields` parses and checks every declared field from an environment (its type says how:
 a whole number, a number, a yes/no flag, a path, a comma-separated list, text; a setting too
-rich for that brings its own parser); `table_rows` writes the README's configuration table from
+rich for that brings its own parser); `table_rows` writes docs/configuration.md's settings table from
 the same declarations. Every problem is a ConfigError naming the variable and the fix.
 """
 
@@ -40,8 +40,8 @@ Parser = Callable[[str, Reading], Any]
 @dataclass(frozen=True)
 class Declaration:
     env: str  # the environment variable
-    doc: str  # one line: the README's "meaning"
-    shown: str | None = None  # the README's "default", when the default itself does not say it
+    doc: str  # one line: the table's "meaning"
+    shown: str | None = None  # the table's "default", when the default itself does not say it
     minimum: float | None = None
     parse: Parser | None = None  # text -> value, for what the field's type cannot say
     uses: tuple[str, ...] = ()  # fields `parse` reads (read before it; `parse` then runs even on empty text)
@@ -139,7 +139,7 @@ def _number(name: str, raw: str, kind: Callable[[str], Any], what: str, minimum:
     return value
 
 
-# The README's table ----------------------------------------------------------------------------
+# docs/configuration.md's table -------------------------------------------------------------------------
 
 TABLE_HEAD = ("| variable | meaning | default | at least |", "|---|---|---|---|")
 

@@ -1,6 +1,6 @@
 """Settings: one frozen object read from the environment, or a .env file in the working directory.
 
-Each setting is declared once, as a field of Settings (settings_fields.setting: its variable,
+Each setting is declared once, as a field of Settings (config/fields.py's setting: its variable,
 default, bound, one line of doc); the reader and docs/configuration.md's settings table both come from
 those declarations. Every problem is reported as a ConfigError naming the variable and the fix, so
 the server can stop at start with one clear line instead of failing on the first request. Reading
@@ -386,7 +386,7 @@ class Settings:
 ELSEWHERE = (
     Declaration("PROMETHEUS_MULTIPROC_DIR", "where the workers' metric files live (emptied at start, kept across "
                 "reloads; read by gunicorn.conf.py before anything imports prometheus_client); see "
-                "[docs/deploy.md](docs/deploy.md#observing-a-running-server)",
+                "[deploy.md](deploy.md#observing-a-running-server)",
                 shown="a private directory under `$TMPDIR`, removed at exit"),
 )
 

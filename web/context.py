@@ -3,7 +3,7 @@
 responses, running streams), instead of ``app.extensions["aigate"]`` by string; and ``context()``, the
 one request's RequestContext (its id, log record, key and quota), which the code that needs it is
 handed explicitly. Everything in web/ that needs these imports them from here; this imports nothing
-of web/ but the record it carries, so no circle closes through it."""
+of web/ but what it carries (record.py, streams.py), so no circle closes through it."""
 
 from __future__ import annotations
 

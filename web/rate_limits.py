@@ -33,7 +33,7 @@ EXTENSION = "aigate.rate_limits"
 
 class RateLimits:
     """The extension's state (app.extensions[EXTENSION]): the limits of a client without an API key.
-    The token budgets are the serving code's (state(app).budgets)."""
+    The token budgets are in state(app).budgets, where generation.start reserves from them."""
 
     def __init__(self, settings: Settings) -> None:
         self.rpm, self.tpm = settings.rate_limit_rpm, settings.rate_limit_tpm
@@ -56,8 +56,8 @@ class RateLimits:
 
 def init_app(app: Flask) -> RateLimits:
     """Install the limits on ``app`` after the request log (request_log.init_app): they read the key
-    its hook found. The token budgets, which the serving code reserves and settles, go to
-    ``state(app).budgets`` (None when no key has tokens per minute)."""
+    its hook found. The token budgets, which generation.start reserves and a closing hook here settles,
+    go to ``state(app).budgets`` (None when no key has tokens per minute)."""
     app_state = state(app)
     limits = app.extensions[EXTENSION] = RateLimits(app_state.settings)
     app_state.budgets = _install(app, app_state.settings, limits.quota)
@@ -130,7 +130,7 @@ def _install(app: Flask, settings: Settings,
 
 
 class TokenBudgets:
-    """The keys' tokens per minute, as the serving code uses them: ``reserve`` what a request's
+    """The keys' tokens per minute, as a generation uses them: ``reserve`` what a request's
     generation may cost before it starts (generation.start), so that requests running at once cannot all
     spend the same tokens; ``settle`` with its real usage once the answer has ended. What does not fit
     in what is left of the minute is refused (what never fits, said so)."""

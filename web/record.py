@@ -1,6 +1,6 @@
 """What is known of one request as it runs (its id, key name, route, status, model, usage, time to
 first token, error): the request log writes it as one line and the metrics count it when the
-response closes; a stream's events pass through ``observe`` on their way out."""
+response closes; an answer's events (streamed or not) pass through ``observe`` on their way out."""
 
 from __future__ import annotations
 

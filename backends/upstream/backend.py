@@ -1,8 +1,9 @@
 """The upstreams as one backend: each model id is served by the pool of upstreams that list it.
 
-Requests go through aigate's events (normalise.py) rather than as raw bytes: the road then
-applies stops, usage, token limits, metrics and aigate's exact shapes to upstream models as to
-every other, and a chunk is re-encoded as it arrives (a few microseconds), never buffered."""
+Chat and completions answers go through aigate's events (normalise.py) rather than as raw bytes: the
+road then applies stops, usage, token limits, metrics and aigate's exact shapes to upstream models as
+to every other, and a chunk is re-encoded as it arrives (a few microseconds), never buffered. The
+media tasks' answers are passed on as the upstream made them (media.py)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """GET /openapi.json: the API as implemented, for SDK generators and API tools.
 
 openapi.yaml holds the paths and the schemas not declared in code; the request bodies' schemas
-come from their declarations (compat/wire.py, compat/messages_wire.py), so what is validated and what is
-described cannot drift apart, and the answers' from theirs (compat/answers.py, compat/messages_answers.py),
+come from their declarations (compat/wire.py, compat/messages_wire.py, compat/media_wire.py), so what is
+validated and what is described cannot drift apart, and the answers' from theirs (compat/answers.py,
+compat/messages_answers.py, compat/media_answers.py),
 which the builders are tested against. The document is built once, at import: a broken description stops
 the server at start (the gunicorn master imports the app) instead of failing the first request.
 """
