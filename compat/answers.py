@@ -5,8 +5,8 @@ to these declarations.
 
 The builders (compat/completion_objects.py, compat/responses_api.py, compat/errors.py, the routes) still
 make plain dicts: on the per-token path a dict costs less to build than a Struct
-(bench/results/wire_parse.md), and the stream's JSON must not get slower. Every Struct forbids unknown fields, so a builder that adds one fails the test
-until it is declared here (and so described).
+(bench/results/wire_parse.md), and the stream's JSON must not get slower. Every Struct forbids unknown
+fields, so a builder that adds one fails the test until it is declared here (and so described).
 """
 
 from __future__ import annotations
