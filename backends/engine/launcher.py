@@ -38,6 +38,9 @@ def engine_command(settings: Settings, *, parent: int = 0, idle_exit: float = 0.
             "--model", str(settings.model_path), "--context-length", str(settings.chatglm_max_length or 0),
             "--slots", str(settings.generation_slots), "--max-queue", str(settings.max_queue),
             "--queue-timeout", str(settings.queue_timeout), "--send-timeout", str(settings.client_write_timeout),
+            # a worker may wait for a free image decoder as long as for a slot, then decode, then send
+            "--images-timeout", str(settings.queue_timeout + settings.image_decode_seconds
+                                    + settings.client_write_timeout),
             "--idle-exit", str(idle_exit), "--parent", str(parent), "--log-level", settings.log_level]
 
 
