@@ -40,6 +40,8 @@ MEMORY_BASE = 128 * 1024 * 1024  # Python, Pillow and the image file (a helper s
 MEMORY_PER_PIXEL = 64  # the decoded image, its RGB copy, and Pillow's resampling weights for a long side
 START_SECONDS = 30.0  # a helper imports Pillow; on a loaded machine that may take a while
 _PROJECT = Path(__file__).resolve().parent.parent
+# What a helper needs of the worker's environment (not its keys: the file it decodes is anyone's).
+_ENVIRONMENT = frozenset({"PATH", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR"})
 _ERRORS: dict[str, type[BackendError]] = {"InvalidImage": InvalidImage, "ImageTooLarge": ImageTooLarge}
 
 
@@ -139,7 +141,7 @@ class _Helper:
         try:
             self.process = subprocess.Popen(  # nosec B603: our own interpreter and module
                 [sys.executable, "-m", "backends.image_pool", str(memory)], cwd=_PROJECT, stdin=theirs.fileno(),
-                stdout=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL, env={k: v for k, v in os.environ.items() if k in _ENVIRONMENT})
         except OSError as exc:
             ours.close()
             raise Unavailable(f"an image decoder could not be started ({exc.strerror})", retry_after=2) from None

@@ -77,3 +77,16 @@ def test_at_most_so_many_helpers_decode_at_once_and_each_is_reused(pool):
         t.join()
     assert results == [bytes([200, 30, 30]) * 64] * 6
     assert len(pool._idle) <= 2 and pool._running == len(pool._idle)
+
+
+def test_a_helper_has_none_of_the_workers_secrets(monkeypatch):
+    monkeypatch.setenv("API_KEYS", "sk-secret")
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", "cf-secret")
+    pool = ImagePool(seconds=10, max_pixels=16_000_000, wait_seconds=30)
+    try:
+        pixels(pool)
+        (helper,) = pool._idle
+        environment = open(f"/proc/{helper.process.pid}/environ", "rb").read()
+        assert b"secret" not in environment and b"PATH=" in environment
+    finally:
+        pool.close()
