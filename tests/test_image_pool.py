@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -86,7 +87,7 @@ def test_a_helper_has_none_of_the_workers_secrets(monkeypatch):
     try:
         pixels(pool)
         (helper,) = pool._idle
-        environment = open(f"/proc/{helper.process.pid}/environ", "rb").read()
+        environment = Path(f"/proc/{helper.process.pid}/environ").read_bytes()
         assert b"secret" not in environment and b"PATH=" in environment
     finally:
         pool.close()
