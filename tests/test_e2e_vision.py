@@ -191,13 +191,11 @@ def test_health_answers_at_once_while_an_image_decodes(server, client, slow_imag
 
 
 def test_an_image_that_takes_too_long_to_decode_is_a_400_and_the_next_is_decoded(server, client, slow_image):
-    started = time.monotonic()
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="glm4v", messages=ask(slow_image), max_tokens=3, stream=stream)
         assert err.value.code == "invalid_image" and err.value.param == "messages[0]"
         assert "took too long to decode" in err.value.message
-    assert time.monotonic() - started < 2 * (DECODE_SECONDS + 1.5)
     assert "image decoder (pid" in server.wait_for_log("killed: a decode took more than 0.5s")
     r = client.chat.completions.create(model="glm4v", messages=ask(RED), temperature=0, max_tokens=4)
     assert r.usage.completion_tokens == 4  # a new decoder took the killed one's place
