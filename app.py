@@ -152,7 +152,9 @@ def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
             raise ConfigError(f"CHATGLM_MODEL: {settings.model_path} is not written yet (app.ensure_demo_model)")
         backends.append(ChatGLMBackend(local.file, model_id=local.id, engine=launcher.client(settings.engine()),
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local",
-                                       context=local.context, max_image_pixels=settings.max_image_pixels))
+                                       context=local.context, max_image_pixels=settings.max_image_pixels,
+                                       image_decode_seconds=settings.image_decode_seconds,
+                                       image_wait_seconds=settings.queue_timeout))
     if settings.uses_cloudflare:
         from backends.cloudflare import CloudflareBackend  # imports urllib3: only in workers, after patching
 

@@ -299,6 +299,9 @@ class Settings:
     max_image_pixels: int = setting(
         "MAX_IMAGE_PIXELS", 16_000_000, "the largest image (width x height), checked before it is decoded",
         minimum=64 * 64)
+    image_decode_seconds: float = setting(
+        "IMAGE_DECODE_SECONDS", 5.0, "seconds one image may take to decode (in a helper process of its worker, "
+        "its memory bounded by `MAX_IMAGE_PIXELS`) before its request gets a 400", minimum=0.1)
     max_tokens_ceiling: int | None = setting(  # for every model
         "MAX_TOKENS_CEILING", None, "the most `max_tokens` a request may ask for (400 above it), and what it gets "
         "when it asks for none: `1024` for every model, `model=512,...` per model or alias (an alias has its "
@@ -377,9 +380,11 @@ class Settings:
         """What the local engine is started with (a ValueError when no local model is configured)."""
         if self.model_path is None:
             raise ValueError("no local model is configured")
+        # A worker may wait for a free image decoder as long as for a slot, then decode, then send.
+        images_timeout = self.queue_timeout + self.image_decode_seconds + self.client_write_timeout
         return EngineSettings(self.engine_address, self.model_path, self.chatglm_max_length or 0,
                               self.generation_slots, self.max_queue, self.queue_timeout, self.client_write_timeout,
-                              self.engine_idle_timeout, self.log_level)
+                              images_timeout, self.engine_idle_timeout, self.log_level)
 
 
 # Variables read before settings are (documented in the same table).

@@ -1,21 +1,31 @@
 """GLM-4V end to end: image content parts through gunicorn and the official SDK to the real
-chatglm.cpp vision tower (a small generated one), and the 400s for images that cannot be read."""
+chatglm.cpp vision tower (a small generated one), the 400s for images that cannot be read, and the
+decoding of an image: after the engine's line has taken the request, off the worker's event loop,
+within IMAGE_DECODE_SECONDS."""
 
 from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import openai
 import pytest
+import requests
 from PIL import Image
 
+from backends.base import ChatRequest, Message
+from backends.chatglm.engine import protocol
+from backends.chatglm.engine.client import EngineClient, connect
 from tests.fake_cloudflare import cloudflare_env
 from tests.test_ggml_file import tensor_table
 
 MAX_IMAGE_BYTES = 20_000
 TEXT_ONLY = "@cf/fake/chat"
+DECODE_SECONDS = 0.5
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:
@@ -36,8 +46,10 @@ def ask(url: str, text: str = "What is in the picture?") -> list[dict]:
 @pytest.fixture(scope="module")
 def server(server_factory, glm4v_model, fake):
     # Beside the local GLM-4V (a file laid out as chatglm.cpp's convert.py writes one), a model without vision.
+    # One slot and one place in line, so that two requests fill the line; a short bound on decoding.
     return server_factory(CHATGLM_MODEL=str(glm4v_model), MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
-                          MODEL_ALIASES="gpt-4o=glm4v", **cloudflare_env(fake, CLOUDFLARE_MODELS=TEXT_ONLY))
+                          MODEL_ALIASES="gpt-4o=glm4v", GENERATION_SLOTS="1", MAX_QUEUE="1",
+                          IMAGE_DECODE_SECONDS=str(DECODE_SECONDS), **cloudflare_env(fake, CLOUDFLARE_MODELS=TEXT_ONLY))
 
 
 def test_the_model_says_it_reads_images(server, client, glm4v_model):
@@ -135,3 +147,89 @@ def test_a_conversation_with_an_image_is_refused_by_a_model_without_vision(clien
     again = client.responses.create(model="glm4v", previous_response_id=r.id, input="And the colour?",
                                     max_output_tokens=3)
     assert again.usage.input_tokens > r.usage.input_tokens  # on the vision model the conversation goes on
+
+
+# -- decoding: off the event loop, after the line has taken the request, bounded (issue 23, 4) ----
+
+
+@pytest.fixture(scope="module")
+def slow_image() -> str:
+    """2.7 KB of PNG, 16,000,000 x 1 pixels (within MAX_IMAGE_PIXELS): Pillow takes most of a second of
+    CPU on it here (it resamples a row that long), past DECODE_SECONDS."""
+    url = data_url(Image.new("P", (16_000_000, 1)))
+    assert len(url) < MAX_IMAGE_BYTES
+    return url
+
+
+def engine_status(server) -> dict:
+    status = EngineClient(server.engine_socket, None, 0).status()
+    assert status is not None
+    return status
+
+
+def test_health_answers_at_once_while_an_image_decodes(server, client, slow_image):
+    outcome: list[BaseException] = []
+
+    def ask_slow() -> None:
+        try:
+            client.chat.completions.create(model="glm4v", messages=ask(slow_image), max_tokens=3)
+        except openai.APIError as exc:
+            outcome.append(exc)
+
+    asked = engine_status(server)["images"]
+    slow = threading.Thread(target=ask_slow)
+    slow.start()
+    polls: list[float] = []
+    while slow.is_alive() or not polls:
+        started = time.monotonic()
+        assert requests.get(server.base_url + "/health", timeout=10).status_code == 200
+        polls.append(time.monotonic() - started)
+    slow.join()
+    assert engine_status(server)["images"] == asked + 1  # the image was decoded (for as long as it was let)
+    assert len(polls) >= 3 and max(polls) < 0.5, polls
+    assert isinstance(outcome[0], openai.BadRequestError)
+
+
+def test_an_image_that_takes_too_long_to_decode_is_a_400_and_the_next_is_decoded(server, client, slow_image):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="glm4v", messages=ask(slow_image), max_tokens=3, stream=stream)
+        assert err.value.code == "invalid_image" and err.value.param == "messages[0]"
+        assert "took too long to decode" in err.value.message
+    assert "image decoder (pid" in server.wait_for_log("killed: a decode took more than 0.5s")
+    r = client.chat.completions.create(model="glm4v", messages=ask(RED), temperature=0, max_tokens=4)
+    assert r.usage.completion_tokens == 4  # a new decoder took the killed one's place
+    line_empties(server)  # the requests whose images failed left the line
+
+
+def line_empties(server) -> None:
+    deadline = time.monotonic() + 10
+    while engine_status(server)["running"] or engine_status(server)["waiting"]:
+        assert time.monotonic() < deadline, engine_status(server)
+
+
+@pytest.fixture
+def full_line(server) -> Iterator[None]:
+    """The engine's one slot taken (by a reader that does not acknowledge its first event) and its one
+    place in line too, both by connections of this test's own to the engine; let go afterwards."""
+    request = ChatRequest(model="glm4v", messages=(Message("user", "hello"),), temperature=0, max_tokens=50)
+    with connect(server.engine_socket) as generating, connect(server.engine_socket) as waiting:
+        generating.sendall(protocol.encode(protocol.generate_request(request)))
+        assert "text" in protocol.decode(generating.makefile("rb").readline())  # the engine waits for our ACK
+        waiting.sendall(protocol.encode(protocol.generate_request(request)))
+        deadline = time.monotonic() + 10
+        while (engine_status(server)["running"], engine_status(server)["waiting"]) != (1, 1):
+            assert time.monotonic() < deadline, engine_status(server)
+        yield
+    line_empties(server)  # the engine lets go of both at once
+
+
+def test_a_request_the_line_refuses_costs_no_decode(server, client, slow_image, full_line):
+    asked = engine_status(server)["images"]
+    for image in (slow_image, RED):
+        started = time.monotonic()
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(model="glm4v", messages=ask(image), max_tokens=3)
+        assert err.value.code == "queue_full"
+        assert time.monotonic() - started < 0.5  # decoding the slow image alone takes longer
+    assert engine_status(server)["images"] == asked  # the worker was never asked for the pixels

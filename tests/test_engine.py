@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import select
@@ -21,6 +22,8 @@ from backends.base import (
     ClientGone,
     ClientStream,
     Finish,
+    ImageInput,
+    InvalidImage,
     Message,
     PieceFrame,
     QueueFull,
@@ -30,7 +33,7 @@ from backends.base import (
 )
 from backends.chatglm.demo_model import write_demo_model
 from backends.chatglm.engine import protocol
-from backends.chatglm.engine.client import EngineClient, connect
+from backends.chatglm.engine.client import EngineClient, LaterImages, connect
 from backends.chatglm.engine.line import Line
 from backends.chatglm.engine.model import PATCHED
 from tests.conftest import ROOT, engine_socket, unchunked
@@ -168,6 +171,41 @@ def test_the_line_times_out_and_lets_a_departed_client_go():
         assert line.counts() == (1, 0)
 
 
+def test_a_request_fetching_its_images_holds_a_place_in_line():
+    line: Line[str] = Line(["slot"], max_queue=1, queue_timeout=5)
+    fetching, fetched, served = threading.Event(), threading.Event(), threading.Event()
+
+    def prepare() -> None:
+        fetching.set()
+        fetched.wait()
+
+    def wait() -> None:
+        with line.slot(lambda s: 0, lambda: False, prepare):
+            served.set()
+
+    with line.slot(lambda s: 0, lambda: False):  # the slot is taken
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        fetching.wait()
+        assert line.counts() == (1, 1)  # it counts as waiting while it fetches
+        with pytest.raises(QueueFull):  # and the line has no place for another, which fetches nothing
+            with line.slot(lambda s: 0, lambda: False, lambda: pytest.fail("a refused request fetched")):
+                pass
+        fetched.set()
+        assert not served.wait(0.1)  # then it waits for the slot
+    waiter.join()
+    assert served.is_set() and line.counts() == (0, 0)
+
+    def bad_image() -> None:
+        raise InvalidImage("bad")
+
+    failing: Line[str] = Line(["slot"], max_queue=0, queue_timeout=5)
+    with pytest.raises(InvalidImage):
+        with failing.slot(lambda s: 0, lambda: False, bad_image):
+            pass
+    assert failing.counts() == (0, 0)  # a failed fetch gives its place back
+
+
 def test_the_line_gives_the_slot_with_the_longest_cached_prefix():
     line: Line[str] = Line(["cold", "warm", "tepid"], max_queue=0, queue_timeout=1)
     score = {"cold": 0, "warm": 900, "tepid": 10}
@@ -232,6 +270,41 @@ def test_between_tokens_the_worker_socket_is_looked_at_only_every_so_often():
     assert looks == []
     time.sleep(0.06)  # the interval itself is what is tested
     assert check() and len(looks) == 1
+
+
+# -- images later: asked for once the line has taken the request ----------------------------------
+
+
+def test_an_image_is_asked_for_once_the_line_takes_the_request_and_within_a_bound(glm4v_model):
+    process, client = start_engine(glm4v_model, "--images-timeout", "1")
+    side = 56  # the demo vision tower's
+    request = ChatRequest(model="x", messages=(Message("user", "what is it?", images=(ImageInput("raw file"),)),),
+                          temperature=0, max_tokens=3)
+    black = base64.b64encode(bytes(side * side * 3)).decode()
+    try:
+        events = list(client.generate(request, images=LaterImages(side, lambda: [black])))
+        assert isinstance(events[-1], Finish) and events[-1].usage.completion_tokens == 3
+        assert client.status()["images"] == 1
+        with pytest.raises(InvalidImage):  # the pixels' length is checked as before
+            list(client.generate(request, images=LaterImages(side, lambda: [black[:-4]])))
+        with pytest.raises(InvalidImage):  # a worker that expects another size is refused before it is asked
+            list(client.generate(request, images=LaterImages(side * 2, lambda: pytest.fail("asked"))))
+        assert client.status()["images"] == 2
+        with connect(client.address) as sock:  # a worker that never sends them
+            later = protocol.ImagesLater(1, side)
+            sock.sendall(protocol.encode(protocol.generate_request(protocol.without_images(request), False, later)))
+            lines = sock.makefile("rb")
+            assert protocol.decode(lines.readline()) == {"send_images": 1}
+            assert client.status()["waiting"] == 1  # it holds its place meanwhile
+            started = time.monotonic()
+            with pytest.raises(QueueTimeout, match="images did not come within 1s"):
+                protocol.event(protocol.decode(lines.readline()))
+            assert 0.5 < time.monotonic() - started < 5
+            assert lines.readline() == b""
+        assert (client.status()["running"], client.status()["waiting"]) == (0, 0)  # its place is free
+    finally:
+        process.terminate()
+        process.wait()
 
 
 # -- handover: the engine writes a streamed answer's text pieces to the client itself -------------

@@ -1,18 +1,19 @@
 """chatglm.cpp through the local engine (backends/chatglm/engine/): this process never calls into the model.
 The engine runs the chat template, the token loop and the line; this backend forwards each request
-over the engine's socket and passes its events on."""
+over the engine's socket and passes its events on. A request's images (GLM-4V) are decoded only when
+the engine's line has taken it, and then in a helper process (image_pool.py), never in this process's
+event loop."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Generator
-from dataclasses import replace
 
 from backends.base import Caller, ChatRequest, Embeddings, Event, ModelInfo, NotSupportedByModel, UnsupportedContent
-from backends.chatglm.engine.client import EngineClient
+from backends.chatglm.engine.client import EngineClient, LaterImages
 from backends.chatglm.ggml_file import ModelFile
-from backends.chatglm.images import decode_image
+from backends.chatglm.image_pool import ImagePool
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,12 @@ class ChatGLMBackend:
     name = "chatglm"
 
     def __init__(self, model: ModelFile, *, model_id: str, owned_by: str, engine: EngineClient,
-                 context: int, max_image_pixels: int = 16_000_000) -> None:
+                 context: int, max_image_pixels: int = 16_000_000, image_decode_seconds: float = 5.0,
+                 image_wait_seconds: float = 60.0) -> None:
         self.engine = engine
         self._vision = model.vision
-        self._max_image_pixels = max_image_pixels
+        self.images = None if model.vision is None else ImagePool(
+            seconds=image_decode_seconds, max_pixels=max_image_pixels, wait_seconds=image_wait_seconds)
         self._info = ModelInfo(model_id, owned_by, int(model.path.stat().st_mtime), images=model.vision is not None,
                                open_ended_tokens=context, shared_context=True)  # prompt and answer share the context
 
@@ -64,17 +67,15 @@ class ChatGLMBackend:
                              "(Cloudflare's @cf/baai/bge-*).", param="model")
 
     def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
-        if any(m.images for m in request.messages):
-            request = self._decoded_images(request)
-        yield from self.engine.generate(request, None if caller is None else caller.client_stream)
+        images = self._later_images(request) if any(m.images for m in request.messages) else None
+        yield from self.engine.generate(request, None if caller is None else caller.client_stream, images)
 
-    def _decoded_images(self, request: ChatRequest) -> ChatRequest:
-        """Each image as the pixels the engine takes (checked here: a bad image must not reach it)."""
-        if self._vision is None:
+    def _later_images(self, request: ChatRequest) -> LaterImages:
+        """The request's images, to be decoded once the engine's line has taken it (a bad image must
+        not reach the engine: each is checked as it is decoded)."""
+        if self._vision is None or self.images is None:
             raise UnsupportedContent(f"{self._info.id} takes text only; send the request without images.",
-                                 param="messages")
-        size = self._vision.image_size
-        messages = tuple(replace(m, images=tuple(decode_image(im, size, self._max_image_pixels, f"messages[{i}]")
-                                                 for im in m.images)) if m.images else m
-                         for i, m in enumerate(request.messages))
-        return replace(request, messages=messages)
+                                     param="messages")
+        pool, size = self.images, self._vision.image_size
+        return LaterImages(size, lambda: [pool.decode(image, size, f"messages[{i}]")
+                                          for i, m in enumerate(request.messages) for image in m.images])

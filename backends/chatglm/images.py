@@ -1,8 +1,9 @@
-"""Images for models that read them (GLM-4V), decoded in the worker so that the engine never sees a
-file it could choke on: Pillow opens it (formats below only), its pixel count is bounded before
-any pixel is decoded, and it is flattened to RGB and resized to the vision tower's square input,
-which is what chatglm.cpp would do itself. What goes to the engine is then raw pixels of a known
-size: the engine checks only their length."""
+"""Images for models that read them (GLM-4V), decoded on the worker's side (in a helper process of its,
+image_pool.py, never in its event loop) so that the engine never sees a file it could choke on:
+Pillow opens it (formats below only), its pixel count is bounded before any pixel is decoded, and it
+is flattened to RGB and resized to the vision tower's square input, which is what chatglm.cpp would
+do itself. What goes to the engine is then raw pixels of a known size: the engine checks only their
+length."""
 
 from __future__ import annotations
 

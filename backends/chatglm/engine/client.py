@@ -4,7 +4,10 @@ requests of the worker; elsewhere it simply blocks, one request per process.
 
 Nothing is sent on a connection before the kernel has said that the process at the other end is
 this user's (address.check_peer): another user's process that took the engine's address gets no
-request, and never the client's socket."""
+request, and never the client's socket.
+
+A request's images go later (protocol.py): the engine asks for them once its line has taken the
+request, and only then are they decoded (LaterImages.decode, in the backend's image pool)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from backends.base import ChatRequest, ClientGone, ClientStream, Event, Finish, Unavailable
@@ -49,6 +53,14 @@ def connect(address: str, timeout: float | None = None) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class LaterImages:
+    """A request's images, decoded when the engine asks for them."""
+
+    size: int  # each image's side in pixels, once decoded
+    decode: Callable[[], list[str]]  # each image's pixels (base64 RGB), in order; raises BackendError
+
+
 class EngineClient:
     def __init__(self, address: str, start: Callable[[], None] | None, wait_seconds: float) -> None:
         self.address = address
@@ -82,15 +94,21 @@ class EngineClient:
         if self._start is not None and self.status() is None:
             self._start()
 
-    def generate(self, request: ChatRequest,
-                 stream: Callable[[], ClientStream | None] | None = None) -> Iterator[Event]:
+    def generate(self, request: ChatRequest, stream: Callable[[], ClientStream | None] | None = None,
+                 images: LaterImages | None = None) -> Iterator[Event]:
         """The engine's events for ``request``; closing the iterator cancels the generation. With
         ``stream`` (the client's connection, once the first event is passed on), the engine may write
-        the text pieces to the client itself: they come back as one Written event."""
+        the text pieces to the client itself: they come back as one Written event. With ``images``,
+        the request's images go as placeholders and are decoded only when the engine asks for them
+        (what ``images.decode`` raises is raised before any event)."""
         sock = self._connect_waiting()
         handed = False  # the engine is writing to the client
         try:
-            _send(sock, protocol.encode(protocol.generate_request(request, handover=stream is not None)))
+            later = None
+            if images is not None:
+                request = protocol.without_images(request)
+                later = protocol.ImagesLater(sum(len(m.images) for m in request.messages), images.size)
+            _send(sock, protocol.encode(protocol.generate_request(request, stream is not None, later)))
             lines = sock.makefile("rb")
             while True:
                 try:
@@ -101,6 +119,9 @@ class EngineClient:
                     raise Unavailable("the local engine stopped during this generation (it crashed or was "
                                       "restarted); it is being started again, retry", retry_after=2)
                 message = protocol.decode(line)
+                if "send_images" in message and images is not None:  # the line has taken the request
+                    _send(sock, protocol.encode({"images": images.decode()}))
+                    continue
                 if "written" in message:  # the connection is ours again
                     handed = False
                     yield protocol.written(message)

@@ -44,6 +44,7 @@ class EngineSettings:
     max_queue: int
     queue_timeout: float
     send_timeout: float
+    images_timeout: float  # how long the engine waits for a request's decoded images once it asked for them
     idle_timeout: float  # a detached engine's exit after this long without requests
     log_level: str
 
@@ -53,6 +54,7 @@ def engine_command(engine: EngineSettings, *, parent: int = 0, idle_exit: float 
             "--model", str(engine.model), "--context-length", str(engine.context_length),
             "--slots", str(engine.slots), "--max-queue", str(engine.max_queue),
             "--queue-timeout", str(engine.queue_timeout), "--send-timeout", str(engine.send_timeout),
+            "--images-timeout", str(engine.images_timeout),
             "--idle-exit", str(idle_exit), "--parent", str(parent), "--log-level", engine.log_level]
 
 

@@ -160,32 +160,39 @@ class Model:
             turn = next((i for i, m in enumerate(request.messages) if m.images), None)
             ids = self.family.encode_chat(request.messages, request.tools, self._encode, self.file.special_token_ids,
                                           image_turn=turn)
-        positions = len(ids) + (self.image_extra if self.image(request) is not None else 0)
+        positions = len(ids) + (self.image_extra if self.images_wanted(request)[1] else 0)
         if positions >= self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens, and your prompt "
                 f"takes {positions} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
         return ids
 
+    def images_wanted(self, request: ChatRequest) -> tuple[int, int]:
+        """(the side in pixels of the image the model takes, how many the request has: 0 or 1).
+        Raises UnsupportedContent (a model without vision), TooManyImages. Reads no pixel: a request
+        whose images come later is checked with this before the worker decodes them."""
+        count = sum(len(m.images) for m in request.messages)
+        vision = self.file.vision
+        if count and vision is None:
+            raise UnsupportedContent(f"{self.family.name} models take text only; send the request without images.",
+                                     param="messages")
+        if count > 1:
+            raise TooManyImages(f"{self.family.name} reads one image per request; this one has {count}.",
+                                param="messages")
+        return (0 if vision is None else vision.image_size), count
+
     def image(self, request: ChatRequest) -> Any:
         """The request's image as chatglm.cpp takes it, or None. The worker sends pixels of the vision
         tower's size; anything else is refused here (chatglm.cpp would abort on it)."""
-        images = [im for m in request.messages for im in m.images]
-        if not images:
+        size, count = self.images_wanted(request)
+        if not count:
             return None
-        vision = self.file.vision
-        if vision is None:
-            raise UnsupportedContent(f"{self.family.name} models take text only; send the request without images.",
-                                 param="messages")
-        if len(images) > 1:
-            raise TooManyImages(f"{self.family.name} reads one image per request; this one has {len(images)}.",
-                                 param="messages")
-        size = vision.image_size
+        image = next(im for m in request.messages for im in m.images)
         try:
-            pixels = base64.b64decode(images[0].data, validate=True)
+            pixels = base64.b64decode(image.data, validate=True)
         except (binascii.Error, ValueError):
             pixels = b""
-        if (images[0].width, images[0].height) != (size, size) or len(pixels) != size * size * 3:
+        if (image.width, image.height) != (size, size) or len(pixels) != size * size * 3:
             raise InvalidImage("The image was not prepared for this model.", param="messages")
         return chatglm_cpp._C.Image(np.frombuffer(pixels, np.uint8).reshape(size, size, 3).copy())
 

@@ -12,6 +12,13 @@ pieces to the client itself; at the first other event (or when the client fails)
 ``written`` line (the text it wrote, how many pieces, and ``client``: null, ``client_gone`` or
 ``client_too_slow``), and the protocol goes on as before. A worker that must end the answer while the
 engine writes shuts down its sending side and waits for the engine to close the connection.
+
+Images later (GLM-4V): the worker decodes an image only once the engine's line has taken the request,
+so a request refused (the line full, two images, a prompt too long) costs no decode. Such a request
+says ``images_later`` (how many images, and the side in pixels they will have) and carries each image
+as an empty placeholder. Once it has its place in line, the engine sends ``{"send_images": n}``; the
+worker answers with one line ``{"images": [pixels, ...]}`` (each image's raw RGB pixels, base64), or
+closes the connection (a bad image: its own client hears why). The events follow as usual.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import msgspec
@@ -31,6 +38,7 @@ from backends.base import (
     ContextLengthExceeded,
     Event,
     Finish,
+    ImageInput,
     ImageTooLarge,
     InvalidImage,
     InvalidRequest,
@@ -47,8 +55,8 @@ from backends.base import (
     Written,
 )
 
-MAX_LINE = 64 * 1024 * 1024  # a request line; MAX_BODY_BYTES bounds it long before this (an image goes as the
-# model's own image_size squared x 3 bytes of pixels in base64: 5 MB for GLM-4V's 1120 px)
+MAX_LINE = 64 * 1024 * 1024  # a request or images line; MAX_BODY_BYTES bounds a request long before this (an image
+# goes as the model's own image_size squared x 3 bytes of pixels in base64: 5 MB for GLM-4V's 1120 px)
 MAX_FRAME = 64 * 1024  # a handover frame: a text piece's frame split around its text (a few hundred bytes)
 ACK = b"\x06"  # the client's answer to each event but the last: passed on, send the next
 HANDOVER = b"\x0e"  # instead of ACK, with the HTTP client's socket: write the text pieces to it yourself
@@ -108,23 +116,67 @@ def read_line(sock: socket.socket, limit: int, seconds: float) -> bytes:
             raise BadMessage(f"a line longer than {limit} bytes")
 
 
-def parse_request(line: bytes) -> tuple[str, ChatRequest | None, bool]:
-    """A request line: its op ("status" or "generate"), the request to generate and whether it may be
-    handed over. Raises BadMessage."""
+@dataclass(frozen=True)
+class ImagesLater:
+    """What a request whose images come later says of them."""
+
+    count: int
+    size: int  # each image is size x size pixels
+
+
+@dataclass(frozen=True)
+class Generate:
+    """A generate line: the request, whether it may be handed over, and its images to come, if any."""
+
+    request: ChatRequest
+    handover: bool = False
+    images_later: ImagesLater | None = None
+
+
+def parse_request(line: bytes) -> Generate | None:
+    """A request line: None for a status request, else what to generate. Raises BadMessage."""
     try:
         message = decode(line)
         op = message.get("op")
         if op == "status":
-            return op, None, False
+            return None
         if op == "generate":
-            return op, chat_request(message["request"]), bool(message.get("handover"))
+            later = message.get("images_later")
+            return Generate(chat_request(message["request"]), bool(message.get("handover")),
+                            None if later is None else msgspec.convert(later, ImagesLater))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, msgspec.ValidationError) as exc:
         raise BadMessage(f"a malformed request ({type(exc).__name__}: {str(exc)[:200]})") from None
     raise BadMessage(f"an unknown op {str(op)[:100]!r}")
 
 
-def generate_request(request: ChatRequest, handover: bool = False) -> dict[str, Any]:
-    return {"op": "generate", "request": asdict(request), "handover": handover}
+def generate_request(request: ChatRequest, handover: bool = False,
+                     images_later: ImagesLater | None = None) -> dict[str, Any]:
+    line = {"op": "generate", "request": asdict(request), "handover": handover}
+    if images_later is not None:
+        line["images_later"] = asdict(images_later)
+    return line
+
+
+def without_images(request: ChatRequest) -> ChatRequest:
+    """``request`` with each image an empty placeholder, for a generate line with ``images_later``."""
+    return replace(request, messages=tuple(replace(m, images=tuple(ImageInput("") for _ in m.images)) if m.images
+                                           else m for m in request.messages))
+
+
+def with_images(request: ChatRequest, line: bytes, size: int) -> ChatRequest:
+    """``request`` with its placeholders filled from an images line (their pixels are checked where they
+    are used: Model.image). Raises BadMessage."""
+    try:
+        pixels = msgspec.convert(decode(line)["images"], list[str])
+    except (ValueError, KeyError, TypeError, RecursionError, msgspec.ValidationError) as exc:
+        raise BadMessage(f"a malformed images line ({type(exc).__name__})") from None
+    wanted = sum(len(m.images) for m in request.messages)
+    if len(pixels) != wanted:
+        raise BadMessage(f"{len(pixels)} image(s) sent for {wanted}")
+    given = iter(pixels)
+    return replace(request, messages=tuple(
+        replace(m, images=tuple(ImageInput(next(given), size, size) for _ in m.images)) if m.images else m
+        for m in request.messages))
 
 
 def handover_message(stream: ClientStream) -> dict[str, Any]:

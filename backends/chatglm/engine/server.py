@@ -10,6 +10,11 @@ Only its own user's processes are served (address.py). Connections past what the
 can use are answered "full" at once, without a thread; a failed accept (out of descriptors) waits a
 moment and goes on; a request must arrive whole, within bounds of size and time; and a reader may
 fall behind the model by CLIENT_WRITE_TIMEOUT at most (pace.py). A bad message costs one log line.
+
+A request whose images come later (GLM-4V, protocol.py) is checked first (the model has vision, one
+image, the prompt fits), then takes its place in the line, and only then asks the worker for its
+pixels: a request refused costs the worker no decode. A worker that does not send them within
+``--images-timeout`` is told so (QueueTimeout) and its place goes to the next.
 """
 
 from __future__ import annotations
@@ -27,7 +32,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from backends.base import BackendError, ChatRequest, ClientGone, Finish, QueueFull, TextDelta, Unavailable
+from backends.base import (
+    BackendError,
+    ChatRequest,
+    ClientGone,
+    Finish,
+    InvalidImage,
+    QueueFull,
+    QueueTimeout,
+    TextDelta,
+    Unavailable,
+)
 from backends.chatglm.engine import protocol
 from backends.chatglm.engine.address import ADDRESS_TAKEN, UnsafeAddress, is_abstract, peer, private_directory, sockaddr
 from backends.chatglm.engine.client_writer import ClientWriter, peer_closed
@@ -112,6 +127,7 @@ class Engine:
         self.connections = 0
         self.max_connections = args.slots + args.max_queue + SPARE_CONNECTIONS  # and so threads
         self.handovers = 0  # streams whose text this engine wrote to the client itself
+        self.images_asked = 0  # requests whose images a worker was asked for (and so decoded)
         self.last_seen = time.monotonic()
         self._lock = threading.Lock()
         self._strangers = Tally("refused connections from another user's processes")
@@ -169,12 +185,12 @@ class Engine:
             line = protocol.read_line(conn, protocol.MAX_LINE, self.args.send_timeout)
             if not line:  # connected and left
                 return
-            op, request, handover = protocol.parse_request(line)
+            generate = protocol.parse_request(line)
             conn.settimeout(self.args.send_timeout)  # a worker that stops reading lets go of its slot
-            if request is None:
+            if generate is None:
                 conn.sendall(protocol.encode(self.status()))
             else:
-                self.generate(conn, request, handover)
+                self.generate(conn, generate)
         except protocol.BadMessage as exc:
             log.warning("closed an engine connection that sent %s", exc)
         except (OSError, ClientGone) as exc:  # the worker went away (its client left) or stopped reading
@@ -195,9 +211,11 @@ class Engine:
     def status(self) -> dict[str, object]:
         running, waiting = self.line.counts() if self.line else (0, 0)
         return {"loaded": self.model is not None, "error": self.load_error, "running": running,
-                "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers}
+                "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers,
+                "images": self.images_asked}
 
-    def generate(self, conn: socket.socket, request: ChatRequest, offer: bool) -> None:
+    def generate(self, conn: socket.socket, generate: protocol.Generate) -> None:
+        request, offer, later = generate.request, generate.handover, generate.images_later
         writer: ClientWriter | None = None  # the client's connection, once the worker handed it over
         try:
             try:
@@ -206,8 +224,18 @@ class Engine:
                     raise Unavailable(self.load_error or "the local model is still loading",
                                       retry_after=None if self.load_error else 2)
                 prompt = self.model.prompt_ids(request)
+                prepare: Callable[[], None] | None = None
+                if later is not None:  # checked before the line takes it: a request refused costs no decode
+                    if (later.size, later.count) != self.model.images_wanted(request):
+                        raise InvalidImage("The image was not prepared for this model.", param="messages")
+                    asked = later
+
+                    def fetch_images() -> None:  # the pixels, asked for once the line has taken the request
+                        nonlocal request
+                        request = self.images(conn, request, asked)
+                    prepare = fetch_images
                 gone = lambda: peer_closed(conn) or (writer is not None and writer.client_gone())  # noqa: E731
-                with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone) as slot:
+                with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone, prepare) as slot:
                     pace = Pace(self.args.send_timeout)
                     for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
                         if writer is not None:
@@ -239,6 +267,24 @@ class Engine:
             log.exception("the model failed on a request")
             conn.sendall(protocol.encode(protocol.error_message(
                 BackendError("The local model failed on this request; the error has been logged."))))
+
+    def images(self, conn: socket.socket, request: ChatRequest, later: protocol.ImagesLater) -> ChatRequest:
+        """``request`` with the pixels of its images, asked of the worker now that the request has its
+        place in line. Raises ClientGone when the worker leaves (a bad image: it tells its client) or
+        does not send them in time (it is told so), BadMessage for anything but an images line."""
+        with self._lock:
+            self.images_asked += 1
+        conn.sendall(protocol.encode({"send_images": later.count}))
+        try:
+            line = protocol.read_line(conn, protocol.MAX_LINE, self.args.images_timeout)
+        except TimeoutError:
+            say(conn, protocol.error_message(QueueTimeout(
+                f"the request's images did not come within {self.args.images_timeout:g}s", retry_after=1)))
+            raise ClientGone("images_timeout") from None
+        conn.settimeout(self.args.send_timeout)
+        if not line:
+            raise ClientGone
+        return protocol.with_images(request, line, later.size)
 
     def acknowledged(self, conn: socket.socket, pace: Pace, offered: bool) -> ClientWriter | None:
         """The worker's answer to an event: ACK, or (where ``offered``) HANDOVER with the client's
@@ -334,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=8)
     parser.add_argument("--queue-timeout", type=float, default=60.0)
     parser.add_argument("--send-timeout", type=float, default=30.0)
+    parser.add_argument("--images-timeout", type=float, default=60.0,
+                        help="how long a worker may take to send a request's images once asked")
     parser.add_argument("--idle-exit", type=float, default=0.0, help="exit after this long without requests (0: never)")
     parser.add_argument("--parent", type=int, default=0, help="exit when this process is no longer the parent")
     parser.add_argument("--log-level", default="info")
