@@ -7,6 +7,7 @@ chatglm.cpp costs only the generations in flight, and every worker shares the sa
   model.py      one Pipeline and its cache: chat template, token loop, prefix reuse
   line.py       the first-come-first-served line for the slots
   server.py     the engine process: ``python -m backends.chatglm.engine.server``
+  relay.py      one generation's events on their way out, in explicit stages (relaying, writing, ended)
   launcher.py   starting the engine, keeping it running
   address.py    where the engine listens (a directory of aigate's user's own) and who may be at either end
   pace.py       how far a reader (a worker, a client handed over) may fall behind the model

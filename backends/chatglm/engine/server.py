@@ -30,25 +30,22 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from backends.base import (
     BackendError,
     ChatRequest,
     ClientGone,
-    Finish,
     InvalidImage,
     QueueFull,
     QueueTimeout,
-    TextDelta,
     Unavailable,
 )
 from backends.chatglm.engine import protocol
 from backends.chatglm.engine.address import ADDRESS_TAKEN, UnsafeAddress, is_abstract, peer, private_directory, sockaddr
-from backends.chatglm.engine.client_writer import ClientWriter, peer_closed
+from backends.chatglm.engine.client_writer import peer_closed
 from backends.chatglm.engine.line import Line
 from backends.chatglm.engine.model import PATCHED, Model, Slot, common_prefix
-from backends.chatglm.engine.pace import Pace
+from backends.chatglm.engine.relay import Relay, say
 from backends.chatglm.ggml_file import ModelFileError, read_model_file
 
 log = logging.getLogger("aigate.engine")
@@ -216,7 +213,7 @@ class Engine:
 
     def generate(self, conn: socket.socket, generate: protocol.Generate) -> None:
         request, offer, later = generate.request, generate.handover, generate.images_later
-        writer: ClientWriter | None = None  # the client's connection, once the worker handed it over
+        relay: Relay | None = None  # the events on their way out (relay.py: its stages)
         try:
             try:
                 # A request that arrives while the model loads (at start, or after a crash) waits for it.
@@ -234,39 +231,25 @@ class Engine:
                         nonlocal request
                         request = self.images(conn, request, asked)
                     prepare = fetch_images
-                gone = lambda: peer_closed(conn) or (writer is not None and writer.client_gone())  # noqa: E731
+                relay = Relay(conn, self.args.send_timeout, offer, self.count_handover)
+                gone = lambda: peer_closed(conn) or relay.client_gone()  # noqa: E731
                 with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone, prepare) as slot:
-                    pace = Pace(self.args.send_timeout)
                     for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
-                        if writer is not None:
-                            if isinstance(event, TextDelta):
-                                if writer.write(event.text, pace):
-                                    continue
-                                break  # the client left or stopped reading (the summary says which)
-                            self.hand_back(conn, writer)
-                            writer = None
-                        line = protocol.event_message(event)
-                        offered = offer and isinstance(event, TextDelta)
-                        if offered:
-                            line["handover"], offer = True, False
-                        conn.sendall(protocol.encode(line))
-                        if isinstance(event, Finish):
+                        if not relay.pass_on(event):
                             break
-                        # The next step waits until the worker has passed this event on: on a small machine
-                        # its work then never competes with the model's threads for the cores.
-                        writer = self.acknowledged(conn, pace, offered)
-                        if writer is not None:
-                            with self._lock:
-                                self.handovers += 1
             finally:
-                if writer is not None:  # ended while writing to the client: the worker gets it back first
-                    self.hand_back(conn, writer)
+                if relay is not None:
+                    relay.end()  # a client's connection still held goes back to the worker first
         except BackendError as exc:
             conn.sendall(protocol.encode(protocol.error_message(exc)))
         except RuntimeError:  # chatglm.cpp's own checks (a CHATGLM_CHECK): this request failed, not the engine
             log.exception("the model failed on a request")
             conn.sendall(protocol.encode(protocol.error_message(
                 BackendError("The local model failed on this request; the error has been logged."))))
+
+    def count_handover(self) -> None:
+        with self._lock:
+            self.handovers += 1
 
     def images(self, conn: socket.socket, request: ChatRequest, later: protocol.ImagesLater) -> ChatRequest:
         """``request`` with the pixels of its images, asked of the worker now that the request has its
@@ -286,66 +269,10 @@ class Engine:
             raise ClientGone
         return protocol.with_images(request, line, later.size)
 
-    def acknowledged(self, conn: socket.socket, pace: Pace, offered: bool) -> ClientWriter | None:
-        """The worker's answer to an event: ACK, or (where ``offered``) HANDOVER with the client's
-        socket (a writer for it). Raises ClientGone when the worker left or fell too far behind (it is
-        told so, as if its client had been too slow), BadMessage for anything else."""
-        pace.wait()
-        fds: list[int] = []
-        try:
-            data, fds, _, _ = socket.recv_fds(conn, 1, 1)
-            frame = b""
-            if data == protocol.HANDOVER and len(fds) == 1 and offered:
-                frame = protocol.read_line(conn, protocol.MAX_FRAME, self.args.send_timeout)
-                conn.settimeout(self.args.send_timeout)
-            on_time = pace.waited()
-            if on_time and data == protocol.ACK and not fds:
-                pace.retime(conn, self.args.send_timeout)
-                return None
-            if on_time and frame:
-                pace.retime(conn, self.args.send_timeout)
-                try:
-                    return ClientWriter(fds[0], protocol.decode(frame))
-                except (ValueError, KeyError, TypeError, OSError) as exc:
-                    raise protocol.BadMessage(f"a malformed handover frame ({type(exc).__name__})") from None
-        except TimeoutError:
-            on_time = False
-        except BaseException:
-            close_all(fds)
-            raise
-        close_all(fds)
-        if not on_time:
-            say(conn, {"written": "", "deltas": 0, "client": "client_too_slow"})
-            raise ClientGone("client_too_slow")
-        if not data:
-            raise ClientGone
-        raise protocol.BadMessage(f"an answer to an event of {data!r} with {len(fds)} descriptor(s)"
-                                  + ("" if offered else ", where no handover was offered"))
-
-    @staticmethod
-    def hand_back(conn: socket.socket, writer: ClientWriter) -> None:
-        """Tell the worker what was written to its client, and stop writing to it."""
-        writer.close()
-        conn.sendall(protocol.encode(writer.summary()))
-
-
-def say(conn: socket.socket, message: dict[str, Any]) -> None:
-    """One line, if the peer has room for it now (a system call, no waiting)."""
-    try:
-        conn.setblocking(False)
-        conn.send(protocol.encode(message))
-    except OSError:
-        pass
-
 
 def refuse(conn: socket.socket, error: BackendError) -> None:
     say(conn, protocol.error_message(error))
     conn.close()
-
-
-def close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def parent_gone(parent: int) -> bool:
