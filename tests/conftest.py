@@ -22,8 +22,10 @@ from backends.demo_model import write_demo_model
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 # A model big enough that a long answer takes seconds (about 400 tokens/s here) and that never
-# writes end-of-text, so max_tokens decides every length.
-SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, ffn_size=2816, eos_every=0)
+# writes end-of-text, so max_tokens decides every length; its context is small (1,024 tokens), so
+# that a prompt too long for it is quick to send.
+SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, ffn_size=2816, eos_every=0,
+                  max_length=1024)
 # Every server and app of this run gets an engine address of its own (ENGINE_SOCKET), under one
 # prefix, so that the engines left by in-process apps are found and stopped at the end: a path, as by
 # default, in a directory of this run's own (the first engine makes it, 0700).

@@ -190,6 +190,35 @@ def test_on_a_stock_build_the_rest_goes_in_one_token_a_step_and_answers_the_same
     assert warm.reusable(loaded.prompt_ids(ChatRequest(model="demo", messages=turn2))) == 0
 
 
+@pytest.mark.skipif(not PATCHED, reason="a stock chatglm-cpp evaluates a prompt in one graph")
+def test_a_long_prompt_goes_in_by_pieces_and_answers_as_it_would_whole(demo_model):
+    """A prompt of several pieces of prefill_rows: the model's keys and scores are those of one
+    graph, so the greedy answer and the usage are the same; a prefix reused, the rest goes in by
+    pieces too."""
+    from backends.engine import model as engine_model
+    from backends.ggml_file import read_model_file
+
+    loaded = engine_model.Model(read_model_file(demo_model), 2048, slots=2)
+    assert loaded.prefill_rows == 512  # at most 512 rows, fewer where the scores would pass 256 MB
+    request = ChatRequest(model="demo", messages=(Message("user", "the river runs past the bakery " * 200),),
+                          temperature=0, max_tokens=24)
+    prompt = loaded.prompt_ids(request)
+    assert len(prompt) > 1000
+
+    def answer(slot, rows: int, reuse_from: ChatRequest | None = None) -> list:
+        loaded.prefill_rows = rows
+        if reuse_from is not None:
+            list(slot.generate(reuse_from, loaded.prompt_ids(reuse_from), lambda: False))
+        return list(slot.generate(request, prompt, lambda: False))
+
+    whole = answer(loaded.slots[0], 1 << 20)
+    assert answer(loaded.slots[1], 100) == whole
+    shorter = ChatRequest(model="demo", messages=(Message("user", "the river runs past the bakery " * 30),),
+                          max_tokens=1)
+    reused = answer(loaded.slots[1], 100, reuse_from=shorter)
+    assert reused[:-1] == whole[:-1] and reused[-1].usage.cached_tokens > 100
+
+
 def test_a_fork_in_the_master_waits_for_the_engine_start_in_flight():
     """gunicorn's master forks workers while its keeper thread may be starting the engine: a worker
     forked during that Popen would inherit the pipe the Popen waits on and hold the keeper for its

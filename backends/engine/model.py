@@ -130,6 +130,7 @@ class Model:
         # An image takes the vision tower's tokens (and boi, eoi) where the prompt has 3 marker tokens.
         self.image_extra = model.vision.image_tokens - 3 if model.vision is not None else 0
         self.context_length = context_length
+        self.prefill_rows = prefill_rows(model, context_length)
         self.costs = StepCosts()
         pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
         self._tokenizer = pipelines[0].tokenizer
@@ -207,6 +208,18 @@ class Model:
         tools = self.family.tools
         return ReplySplitter(bool(request.tools), raw=request.prompt is not None or not self.family.metadata_line,
                              **({"parse": tools.parse_call} if tools else {}))
+
+
+PREFILL_SCORES_BYTES = 256 << 20  # the attention scores of one prefill graph, at most (float32)
+
+
+def prefill_rows(model: ModelFile, context_length: int) -> int:
+    """How many prompt tokens one graph evaluates (aigate's build; a stock one evaluates the prompt
+    whole): chatglm.cpp keeps every query row's score for every key and head, so a 20,000-token prompt
+    at once would take 6.4 GB on the 4-head demo model (and time that grows with its square); in pieces
+    of 512 rows, 160 MB at most."""
+    per_row = 4 * model.config.num_attention_heads * context_length
+    return max(32, min(512, PREFILL_SCORES_BYTES // per_row))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -317,7 +330,13 @@ class Slot:
     def _prefill(self, prompt: list[int], reuse: int, config: Any, image: Any = None) -> int:
         """Evaluate what the cache lacks of ``prompt``; the first new token."""
         model = self._pipeline.model
-        if reuse == 0 or PATCHED:
+        if PATCHED and image is None:  # in pieces: a graph holds each new token's scores against every key
+            rows = self.model.prefill_rows
+            for start in range(reuse, len(prompt), rows):
+                end = min(start + rows, len(prompt))
+                token = model.generate_next_token(prompt[:end], None, config, start, len(prompt))
+                self._cached = end
+        elif reuse == 0 or PATCHED:
             token = model.generate_next_token(prompt, image, config, reuse, len(prompt))
         else:  # stock build: one token a call once the cache holds something
             for i in range(reuse, len(prompt)):
