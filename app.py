@@ -42,6 +42,7 @@ from compat.routes import (
     playground,
     rerank,
     responses,
+    tokenize,
 )
 from policy import LocalModel, Policy
 from response_store import ResponseStore, StoreError
@@ -97,7 +98,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
     for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, messages.bp, rerank.bp, audio.bp,
-               images.bp, ops.bp, openapi.bp, playground.bp):
+               images.bp, tokenize.bp, ops.bp, openapi.bp, playground.bp):
         app.register_blueprint(bp)
     # The body read whole, bounded in size and time, before anything else looks at the request (an upload
     # to its own bound, spooled to disk)...

@@ -1,6 +1,7 @@
 """chatglm.cpp through the local engine (backends/engine/): this process never calls into the model.
 The engine runs the chat template, the token loop and the line; this backend forwards each request
-over the engine's socket and passes its events on."""
+over the engine's socket and passes its events on. It also has the model's tokenizer
+(backends/tokens.py), which the engine runs too."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from backends.base import Caller, ChatRequest, Embeddings, Event, ModelInfo, Not
 from backends.engine.client import EngineClient
 from backends.ggml_file import ModelFile
 from backends.images import decode_image
+from backends.tokens import PromptTokens
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,15 @@ class ChatGLMBackend:
     def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
         raise NotSupportedByModel(f"{model} is a chat model and makes no embeddings; use an embedding model "
                              "(Cloudflare's @cf/baai/bge-*).", param="model")
+
+    def tokenize(self, request: ChatRequest) -> PromptTokens:
+        if any(m.images for m in request.messages):
+            request = self._decoded_images(request)
+        answer = self.engine.tokenize(request)
+        return PromptTokens(answer["tokens"], answer["positions"], answer["context"])
+
+    def detokenize(self, model: str, tokens: list[int]) -> str:
+        return self.engine.detokenize(tokens)
 
     def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         if any(m.images for m in request.messages):

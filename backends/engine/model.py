@@ -30,8 +30,8 @@ from typing import Any
 import chatglm_cpp
 import numpy as np
 
-from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason, InvalidImage, Message,
-                           TextDelta, TooManyImages, Tool, UnsupportedContent, Usage)
+from backends.base import (ChatRequest, ContextLengthExceeded, Event, Finish, FinishReason, InvalidImage,
+                           InvalidRequest, Message, TextDelta, TooManyImages, Tool, UnsupportedContent, Usage)
 from backends.chatglm_tools import ReplySplitter
 from backends.engine.families import FAMILIES
 from backends.ggml_file import ModelFile, read_tokenizer_vocab
@@ -142,19 +142,53 @@ class Model:
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
         """The request as the model reads it; ContextLengthExceeded if it leaves no room to answer."""
-        if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
-            special = self.file.special_token_ids
-            ids = [*(special[t] for t in self.family.prefix), *self._encode(request.prompt)]
-        else:
-            turn = next((i for i, m in enumerate(request.messages) if m.images), None)
-            ids = self.family.encode_chat(request.messages, request.tools, self._encode, self.file.special_token_ids,
-                                          image_turn=turn)
-        positions = len(ids) + (self.image_extra if self.image(request) is not None else 0)
+        ids = self.request_ids(request)
+        positions = self.positions(request, ids)
         if positions >= self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens, and your prompt "
                 f"takes {positions} tokens. Shorten it.", param="messages" if request.prompt is None else "prompt")
         return ids
+
+    def request_ids(self, request: ChatRequest) -> list[int]:
+        """The request as the model reads it, however long."""
+        if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
+            special = self.file.special_token_ids
+            return [*(special[t] for t in self.family.prefix), *self._encode(request.prompt)]
+        turn = next((i for i, m in enumerate(request.messages) if m.images), None)
+        return self.family.encode_chat(request.messages, request.tools, self._encode, self.file.special_token_ids,
+                                       image_turn=turn)
+
+    def positions(self, request: ChatRequest, ids: list[int]) -> int:
+        """The context positions the request's ``ids`` take (an image takes more than its marker)."""
+        return len(ids) + (self.image_extra if self.image(request) is not None else 0)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of ``ids``: ordinary pieces decoded, special tokens by their names; InvalidRequest
+        for an id the vocabulary has not (padding, or past it)."""
+        names = {i: name for name, i in self.file.special_token_ids.items()}
+        pieces = self.file.tokenizer_pieces
+        for at, token in enumerate(ids):
+            if not 0 <= token < pieces and token not in names:
+                raise InvalidRequest(f"{token} (tokens[{at}]) is not a token id of this model: its ids are 0 to "
+                                     f"{pieces - 1} and its special tokens ({min(names)} to {max(names)}).",
+                                     param="tokens")
+        text, run = [], []
+        for token in [*ids, -1]:
+            if 0 <= token < pieces:
+                run.append(token)
+                continue
+            if run:
+                text.append(self._decode(run))
+                run = []
+            if token in names:
+                text.append(names[token])
+        return "".join(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.family.byte_level:
+            return b"".join(self._vocab[i] for i in ids).decode("utf-8", "replace")
+        return str(self._tokenizer.decode(ids))
 
     def image(self, request: ChatRequest) -> Any:
         """The request's image as chatglm.cpp takes it, or None. The worker sends pixels of the vision

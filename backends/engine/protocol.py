@@ -89,9 +89,10 @@ def read_line(sock: socket.socket, limit: int, seconds: float) -> bytes:
             raise BadMessage(f"a line longer than {limit} bytes")
 
 
-def parse_request(line: bytes) -> tuple[str, ChatRequest | None, bool]:
-    """A request line: its op ("status" or "generate"), the request to generate and whether it may be
-    handed over. Raises BadMessage."""
+def parse_request(line: bytes) -> tuple[str, ChatRequest | list[int] | None, bool]:
+    """A request line: its op ("status", "generate", "tokenize" or "detokenize"), what it carries (the
+    request to generate or tokenize, the ids to detokenize) and whether it may be handed over. Raises
+    BadMessage."""
     try:
         message = decode(line)
         op = message.get("op")
@@ -99,9 +100,30 @@ def parse_request(line: bytes) -> tuple[str, ChatRequest | None, bool]:
             return op, None, False
         if op == "generate":
             return op, chat_request(message["request"]), bool(message.get("handover"))
+        if op == "tokenize":
+            return op, chat_request(message["request"]), False
+        if op == "detokenize":
+            return op, msgspec.convert(message["tokens"], list[int]), False
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, msgspec.ValidationError) as exc:
         raise BadMessage(f"a malformed request ({type(exc).__name__}: {str(exc)[:200]})") from None
     raise BadMessage(f"an unknown op {str(op)[:100]!r}")
+
+
+def tokenize_request(request: ChatRequest) -> dict[str, Any]:
+    """The request's prompt as token ids, answered {"tokens": [...], "positions": n, "context": n}."""
+    return {"op": "tokenize", "request": asdict(request)}
+
+
+def detokenize_request(tokens: list[int]) -> dict[str, Any]:
+    """The text of token ids, answered {"text": "..."}."""
+    return {"op": "detokenize", "tokens": tokens}
+
+
+def answer(message: dict[str, Any]) -> dict[str, Any]:
+    """A one-line answer (tokenize, detokenize); an error line is raised."""
+    if "error" in message:
+        event(message)
+    return message
 
 
 def generate_request(request: ChatRequest, handover: bool = False) -> dict[str, Any]:

@@ -173,8 +173,12 @@ class Engine:
             conn.settimeout(self.args.send_timeout)  # a worker that stops reading lets go of its slot
             if request is None:
                 conn.sendall(protocol.encode(self.status()))
-            else:
+            elif isinstance(request, ChatRequest) and op == "tokenize":
+                self.tokenize(conn, request)
+            elif isinstance(request, ChatRequest):
                 self.generate(conn, request, handover)
+            else:
+                self.detokenize(conn, request)
         except protocol.BadMessage as exc:
             log.warning("closed an engine connection that sent %s", exc)
         except (OSError, ClientGone) as exc:  # the worker went away (its client left) or stopped reading
@@ -196,6 +200,30 @@ class Engine:
         running, waiting = self.line.counts() if self.line else (0, 0)
         return {"loaded": self.model is not None, "error": self.load_error, "running": running,
                 "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers}
+
+    def loaded_model(self) -> Model:
+        """The model, once loaded: a request that arrives while it loads (at start, or after a crash) waits."""
+        if not self.loaded.wait(self.args.queue_timeout) or self.model is None or self.line is None:
+            raise Unavailable(self.load_error or "the local model is still loading",
+                              retry_after=None if self.load_error else 2)
+        return self.model
+
+    def tokenize(self, conn: socket.socket, request: ChatRequest) -> None:
+        """The request's prompt as the model reads it (the tokenizer only: no slot, no line)."""
+        try:
+            model = self.loaded_model()
+            ids = model.request_ids(request)
+            line = {"tokens": ids, "positions": model.positions(request, ids), "context": model.context_length}
+        except BackendError as exc:
+            line = protocol.error_message(exc)
+        conn.sendall(protocol.encode(line))
+
+    def detokenize(self, conn: socket.socket, tokens: list[int]) -> None:
+        try:
+            line: dict[str, Any] = {"text": self.loaded_model().detokenize(tokens)}
+        except BackendError as exc:
+            line = protocol.error_message(exc)
+        conn.sendall(protocol.encode(line))
 
     def generate(self, conn: socket.socket, request: ChatRequest, offer: bool) -> None:
         writer: ClientWriter | None = None  # the client's connection, once the worker handed it over
