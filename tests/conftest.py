@@ -22,10 +22,8 @@ from backends.demo_model import write_demo_model
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 # A model big enough that a long answer takes seconds (about 400 tokens/s here) and that never
-# writes end-of-text, so max_tokens decides every length; its context is small (1,024 tokens), so
-# that a prompt too long for it is quick to send.
-SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, ffn_size=2816, eos_every=0,
-                  max_length=1024)
+# writes end-of-text, so max_tokens decides every length.
+SLOW_MODEL = dict(hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=2, ffn_size=2816, eos_every=0)
 # Every server and app of this run gets an engine address of its own (ENGINE_SOCKET), under one
 # prefix, so that the engines left by in-process apps are found and stopped at the end: a path, as by
 # default, in a directory of this run's own (the first engine makes it, 0700).
@@ -50,31 +48,37 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+# The tests' models keep a small context (the demo model aigate writes has 32,768 tokens): a prompt too
+# long for it is quick to send, and generated requests (tests/test_openapi.py, test_fuzz.py) never wait
+# for the evaluation of a 20,000-token prompt.
+TEST_CONTEXT = 1024
+
+
 @pytest.fixture(scope="session")
 def demo_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "demo.bin")
+    return write_demo_model(models_dir / "demo.bin", max_length=TEST_CONTEXT)
 
 
 @pytest.fixture(scope="session")
 def slow_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "endless.bin", **SLOW_MODEL)
+    return write_demo_model(models_dir / "endless.bin", **SLOW_MODEL, max_length=TEST_CONTEXT)
 
 
 # The other families, as small as the demo model; they never write end-of-text, so max_tokens
 # decides every length (GLM-4's tokens are short: a few hundred make a long answer).
 @pytest.fixture(scope="session")
 def glm4_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "glm4.bin", family="glm4", eos_every=0)
+    return write_demo_model(models_dir / "glm4.bin", family="glm4", eos_every=0, max_length=TEST_CONTEXT)
 
 
 @pytest.fixture(scope="session")
 def chatglm2_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "chatglm2.bin", family="chatglm2", eos_every=0)
+    return write_demo_model(models_dir / "chatglm2.bin", family="chatglm2", eos_every=0, max_length=TEST_CONTEXT)
 
 
 @pytest.fixture(scope="session")
 def glm4v_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "glm4v.bin", family="glm4v", eos_every=0)
+    return write_demo_model(models_dir / "glm4v.bin", family="glm4v", eos_every=0, max_length=TEST_CONTEXT)
 
 
 @dataclass

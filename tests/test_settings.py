@@ -141,9 +141,11 @@ def test_checking_the_configuration_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_written_demo_model_is_read_and_checked(demo_model):
+def test_a_written_demo_model_is_read_and_checked(tmp_path):
     from app import check_config, ensure_demo_model
+    from backends.demo_model import write_demo_model
 
+    demo_model = write_demo_model(tmp_path / "demo.bin")
     s = load_settings({"DEMO_MODEL_PATH": str(demo_model)}, dotenv=None)
     ensure_demo_model(s)  # there already: nothing to write
     local = check_config(s)
@@ -172,3 +174,4 @@ def test_an_unwritable_demo_model_path_is_a_config_error(tmp_path):
     s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "file" / "demo.bin")}, dotenv=None)
     with pytest.raises(ConfigError, match=r"^DEMO_MODEL_PATH: cannot write .*demo\.bin"):
         ensure_demo_model(s)
+
