@@ -251,7 +251,7 @@ def prefill_rows(model: ModelFile, context_length: int) -> int:
     """How many prompt tokens one graph evaluates (aigate's build; a stock one evaluates the prompt
     whole): chatglm.cpp keeps every query row's score for every key and head, so a 20,000-token prompt
     at once would take 6.4 GB on the 4-head demo model (and time that grows with its square); in pieces
-    of 512 rows, 160 MB at most."""
+    of 512 rows, 256 MB at most, at its whole 32,768-token context."""
     per_row = 4 * model.config.num_attention_heads * context_length
     return max(32, min(512, PREFILL_SCORES_BYTES // per_row))
 
