@@ -116,9 +116,9 @@ wire_api = "responses"
 
 def test_claude_code_print_runs_its_own_tool_and_answers(server, fake, tmp_path):
     """Claude Code (`claude -p`) on the Messages API with ANTHROPIC_BASE_URL, its key as x-api-key, no
-    login, nothing sent elsewhere. Its prompt (~20,000 tokens of instructions and tool definitions) is
-    larger than the demo model's context, so the scripted fake model answers: it calls Claude Code's own
-    Read tool on a file, Claude Code reads it and sends the result back, and the model's answer says
+    login, nothing sent elsewhere. Its prompt is ~20,000 tokens of instructions and tool definitions; the
+    scripted fake model answers it (the demo model's words could not call a tool): it calls Claude Code's
+    own Read tool on a file, Claude Code reads it and sends the result back, and the model's answer says
     what the file holds, which Claude Code prints."""
     node_package("@anthropic-ai/claude-code")
     work, home = tmp_path / "work", tmp_path / "home"
