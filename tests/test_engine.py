@@ -361,3 +361,20 @@ def test_a_worker_takes_the_connection_back_and_nothing_is_written_after(endless
     assert summary["deltas"] >= 1 and summary["client"] is None
     written_pieces = pieces(unchunked(data, ended=False))  # every frame whole, and none after what the summary says
     assert "".join(written_pieces) == summary["written"] and len(written_pieces) == summary["deltas"]
+
+
+@pytest.mark.parametrize("family", ["demo_model", "glm4_model"])
+def test_detokenize_gives_back_the_text_and_names_the_special_tokens(family, request):
+    """sentencepiece (ChatGLM3) and byte-level BPE (GLM-4): ids back to the text, the prefix by its names."""
+    from backends.base import InvalidRequest
+    from backends.engine import model as engine_model
+    from backends.ggml_file import read_model_file
+
+    file = read_model_file(request.getfixturevalue(family))
+    loaded = engine_model.Model(file, 1024, slots=1)
+    text = "The river runs past the bakery. 你好，世界！"
+    ids = loaded.request_ids(ChatRequest(model="demo", messages=(), prompt=text))
+    prefix = "".join(loaded.family.prefix)
+    assert loaded.detokenize(ids) == prefix + text
+    with pytest.raises(InvalidRequest, match=r"tokens\[1\]"):
+        loaded.detokenize([ids[-1], file.config.vocab_size - 1])  # a padding id
