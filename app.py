@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from pathlib import Path
 from typing import cast
 
 from flask import Flask, request
@@ -43,6 +44,7 @@ from web.routes import (
     playground,
     rerank,
     responses,
+    tokenize,
 )
 
 log = logging.getLogger("aigate")
@@ -70,7 +72,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         log.warning("API_KEYS is empty: anyone who can reach this server can use it")
 
     for bp in (models.bp, chat.bp, completions.bp, embeddings.bp, responses.bp, messages.bp, rerank.bp, audio.bp,
-               images.bp, ops.bp, openapi.bp, playground.bp):
+               images.bp, tokenize.bp, ops.bp, openapi.bp, playground.bp):
         app.register_blueprint(bp)
     # The body read whole, bounded in size and time, before anything else looks at the request (an upload
     # to its own bound, spooled to disk)...
@@ -261,7 +263,7 @@ def check_local_model(settings: Settings) -> LocalModel:
     path = settings.model_path
     if path is None:
         raise ConfigError("CHATGLM_MODEL: no local model is configured")
-    if settings.uses_demo_model and not path.is_file():
+    if settings.uses_demo_model and not demo_model_written(path):
         from backends.chatglm.demo_model import DEMO_MAX_LENGTH
 
         model, context, images = None, DEMO_MAX_LENGTH, False
@@ -281,10 +283,23 @@ def check_local_model(settings: Settings) -> LocalModel:
     return LocalModel(model_id, settings.chatglm_max_length or context, images, model)
 
 
+def demo_model_written(path: Path) -> bool:
+    """Is the demo model at ``path`` as this aigate writes it? One an older aigate wrote, with a
+    smaller context (1,024 tokens), or a file that is no model, is written again at start."""
+    from backends.chatglm.demo_model import DEMO_MAX_LENGTH
+
+    if not path.is_file():
+        return False
+    try:
+        return read_model_file(path).config.max_length >= DEMO_MAX_LENGTH
+    except ModelFileError:
+        return False
+
+
 def ensure_demo_model(settings: Settings) -> None:
     """Write the random-weight demo model if it stands in and is not there yet: a step of starting
     (gunicorn.conf.py's master, create_app), never of checking the configuration."""
-    if not settings.uses_demo_model or settings.demo_model_path.is_file():
+    if not settings.uses_demo_model or demo_model_written(settings.demo_model_path):
         return
     from backends.chatglm.demo_model import write_demo_model
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import ChatRequest, ImageInput, JsonFormat, Message, Role, Tool, ToolCall
-from compat import wire
+from compat import token_ids, wire
 from compat.errors import APIError, invalid
 
 # OpenAI role -> the role backends know; "developer" is what newer clients send for "system",
@@ -119,8 +119,7 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     """POST /v1/completions. `suffix` is accepted and not read: the local model and Workers AI do not
     fill in the middle, editors send it on every request, and an OpenAI-compatible upstream is passed it
     with the fields aigate does not read."""
-    request = _read_texts(body, wire.CompletionRequest, "prompt", "prompts given as token ids are not supported; "
-                                                                  "send text.")
+    request = _read_texts(body, wire.CompletionRequest, "prompt")
     model = request.model
     one_choice(request.n, "n")
     one_choice(request.best_of, "best_of")
@@ -148,23 +147,16 @@ class EmbeddingCall:
 
 def parse_embeddings(body: Any) -> EmbeddingCall:
     """POST /v1/embeddings (the server's character limit is checked by the route, with the others')."""
-    request = _read_texts(body, wire.EmbeddingRequest, "input", "input given as token ids is not supported: send "
-                          "the text itself. (LangChain's OpenAIEmbeddings sends token ids unless it is created "
-                          "with check_embedding_ctx_length=False.)")
+    request = _read_texts(body, wire.EmbeddingRequest, "input")
     one_choice(request.n, "n")
     inputs = [request.input] if isinstance(request.input, str) else request.input
     return EmbeddingCall(request.model, inputs, request.encoding_format or "float", _int(request.dimensions))
 
 
-def _read_texts(body: Any, declaration: type[wire.T], name: str, refusal: str) -> wire.T:
-    """A body whose ``name`` holds text, where token ids (what some clients send instead) get their own 400."""
-    try:
-        return wire.read(body, declaration)
-    except APIError as err:
-        raw = body.get(name) if isinstance(body, dict) else None
-        if err.param == name and isinstance(raw, list) and raw and all(isinstance(x, (int, list)) for x in raw):
-            raise invalid(refusal, name, "unsupported_value") from None
-        raise
+def _read_texts(body: Any, declaration: type[wire.T], name: str) -> wire.T:
+    """A body whose ``name`` holds text, or token ids of cl100k_base, read as the text they stand for."""
+    decoded = token_ids.texts(body.get(name), name) if isinstance(body, dict) else None
+    return wire.read(body if decoded is None else {**body, name: decoded}, declaration)
 
 
 def message_chars(m: Message) -> int:

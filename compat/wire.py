@@ -246,9 +246,13 @@ class ChatCompletionRequest(Sampling, kw_only=True):
 
 # -- legacy completions and embeddings ---------------------------------------------------------------------
 
+TOKEN_IDS = ("Token ids of cl100k_base (OpenAI's encoding) are taken too, a list of them or a list of such lists, "
+             "and read as the text they stand for; an id that is not one is a 400 (`invalid_value`).")
+
+
 class CompletionRequest(Sampling, kw_only=True):
     prompt: Annotated[str | Annotated[list[str], Meta(min_length=1)], Meta(
-        description="One text, or several (one choice each). Token ids are refused (`unsupported_value`).")]
+        description=f"One text, or several (one choice each). {TOKEN_IDS}")]
     max_tokens: Annotated[Count, Meta(description="The most tokens to generate (see chat's `max_tokens`).",
                                       extra_json_schema={"default": 16})] | None = None
     echo: Annotated[bool, Meta(description="Put the prompt in front of its answer.")] | None = None
@@ -262,8 +266,8 @@ class CompletionRequest(Sampling, kw_only=True):
 class EmbeddingRequest(Struct, kw_only=True):
     model: ModelName
     input: Annotated[NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=MAX_INPUTS)], Meta(
-        description="One text or up to 2048, none empty. Token ids are refused (`unsupported_value`): with "
-                    "LangChain's `OpenAIEmbeddings`, set `check_embedding_ctx_length=False`.")]
+        description=f"One text or up to 2048, none empty. {TOKEN_IDS} LangChain's `OpenAIEmbeddings` sends them.",
+        )]
     encoding_format: Annotated[Literal["float", "base64"], Meta(
         description="`float` (the default) or `base64` (little-endian float32s, as the Python SDK asks for).")
                                ] | None = None
@@ -493,12 +497,21 @@ _JOINED = {"ChatCompletionRequest": {
     "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}}}
 
 
+# The fields that take token ids besides text (compat/token_ids.py reads them before the declaration, which
+# says the text alone): declaration -> (field, the most lists of ids).
+_TOKEN_ID_FIELDS = {"CompletionRequest": ("prompt", None), "EmbeddingRequest": ("input", MAX_INPUTS)}
+
+
 def schemas() -> dict[str, Any]:
     """The request declarations as OpenAPI 3.1 components (JSON Schema 2020-12), by name."""
     components = msgspec.json.schema_components(REQUESTS, schema_hook=_schema,
                                                 ref_template="#/components/schemas/{name}")[1]
     for name, extra in _JOINED.items():
         components[name].update(extra)
+    for name, (field, most) in _TOKEN_ID_FIELDS.items():
+        ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+        lists = {"type": "array", "items": ids, "minItems": 1, **({"maxItems": most} if most else {})}
+        components[name]["properties"][field]["anyOf"] += [ids, lists]
     return components
 
 

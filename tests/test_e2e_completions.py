@@ -57,7 +57,7 @@ def test_suffix_is_accepted(client):
 @pytest.mark.parametrize("body, param", [
     ({"model": "endless"}, "prompt"),
     ({"model": "endless", "prompt": []}, "prompt"),
-    ({"model": "endless", "prompt": [[1, 2, 3]]}, "prompt"),
+    ({"model": "endless", "prompt": [[1, 2, 100261]]}, "prompt"),  # not a token id of cl100k_base
     ({"model": "endless", "prompt": "x", "logprobs": 2}, "logprobs"),
     ({"model": "endless", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "endless", "prompt": "x", "echo": "yes"}, "echo"),

@@ -49,7 +49,7 @@ def test_listed_beside_the_chat_models(client):
     ({"model": "demo", "input": "x"}, 400, "model"),
     ({"model": "@cf/fake/bge"}, 400, "input"),
     ({"model": "@cf/fake/bge", "input": ""}, 400, "input"),
-    ({"model": "@cf/fake/bge", "input": [[1, 2]]}, 400, "input"),
+    ({"model": "@cf/fake/bge", "input": [[1, 2], []]}, 400, "input"),  # an empty list of token ids
     ({"model": "@cf/fake/bge", "input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
     ({"model": "@cf/fake/bge", "input": "x", "dimensions": 4}, 400, "dimensions"),
     ({"model": "nope", "input": "x"}, 404, "model"),

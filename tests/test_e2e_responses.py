@@ -272,14 +272,22 @@ def test_deprecated_functions_become_tools(client, fake):
     assert not any(c.choices[0].delta.tool_calls for c in chunks)
 
 
-def test_embedding_dimensions_and_token_ids(client):
+def test_embedding_dimensions_and_token_ids(client, fake):
     assert len(client.embeddings.create(model="@cf/fake/bge", input="x", dimensions=8).data[0].embedding) == 8
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model="@cf/fake/bge", input="x", dimensions=4)
     assert err.value.param == "dimensions" and "8 dimensions" in err.value.message
-    with pytest.raises(openai.BadRequestError) as err:
-        client.embeddings.create(model="@cf/fake/bge", input=[[1, 2, 3]])
-    assert "check_embedding_ctx_length=False" in err.value.message
+    # Token ids of cl100k_base: read as the text they stand for ("hello world", and '"#$'), which the model takes.
+    r = client.embeddings.create(model="@cf/fake/bge", input=[[15339, 1917], [1, 2, 3]])
+    assert len(r.data) == 2 and fake.runs("@cf/fake/bge")[-1].body == {"text": ["hello world", '"#$']}
+    assert client.completions.create(model=CF, prompt=[15339, 1917], max_tokens=5).choices[0].text
+    assert fake.runs(CF)[-1].body["prompt"] == "hello world"
+    for ids, where, bad in (([[15339], [100261]], "input[1][0]", "100261"), ([15339, -1], "input[1]", "-1"),
+                            ([[]], "input[0]", "empty")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.embeddings.create(model="@cf/fake/bge", input=ids)
+        assert (err.value.param, err.value.code) == ("input", "invalid_value")
+        assert f"'{where}'" in err.value.message and bad in err.value.message
 
 
 def test_a_deleted_response_in_the_middle_leaves_the_conversation_whole(client, fake, state_dir):
@@ -379,3 +387,54 @@ def test_storing_responses_does_not_hold_up_the_event_loop(server, fake, state_d
         db.close()
     assert max(latencies) < 2, latencies  # while 200 requests arrive at once; the lock alone held it for seconds
     assert stored == [True] * 200  # once the lock was free
+
+
+def test_input_tokens_count_what_the_local_model_reads_and_estimate_elsewhere(client):
+    """client.responses.input_tokens.count: on the local model, what usage.input_tokens says for the same
+    request (its chat template, tools, a previous response's turns); elsewhere cl100k_base's estimate."""
+    asked = dict(model=LOCAL, input="Weather in Paris?", instructions="Be brief.", tools=[WEATHER])
+    counted = client.responses.input_tokens.count(**asked)
+    assert counted.object == "response.input_tokens"
+    first = client.responses.create(**asked, max_output_tokens=3)
+    assert counted.input_tokens == first.usage.input_tokens > 20
+    later = dict(model=LOCAL, input="And Rome?", previous_response_id=first.id)
+    assert client.responses.input_tokens.count(**later).input_tokens == client.responses.create(
+        **later, max_output_tokens=1).usage.input_tokens
+    # "Be brief." and "hello world": 3 and 2 tokens, 3 a message, 3 to start the answer
+    assert client.responses.input_tokens.count(model=CF, input="hello world", instructions="Be brief.",
+                                               ).input_tokens == 3 + 2 + 2 * 3 + 3
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_tokens.count(model="nothing", input="x")
+
+
+def test_tokenize_and_detokenize_with_the_local_models_own_tokenizer(server, client):
+    """vLLM's /tokenize and /detokenize: the ids the model reads (what usage counts), and back to text."""
+    def post(path: str, body: dict) -> requests.Response:
+        return requests.post(server.v1 + path, json=body, headers={"Authorization": "Bearer sk-alice"}, timeout=30)
+
+    prompt = post("/tokenize", {"model": LOCAL, "prompt": "The river runs past the bakery."}).json()
+    assert prompt["count"] == len(prompt["tokens"]) and prompt["max_model_len"] == 1024
+    assert prompt["count"] == client.completions.create(model=LOCAL, prompt="The river runs past the bakery.",
+                                                        max_tokens=1).usage.prompt_tokens
+    assert post("/detokenize", {"model": LOCAL, "tokens": prompt["tokens"]}).json() == {
+        "prompt": "[gMASK]sopThe river runs past the bakery."}  # the model's prefix, by its names
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    counted = post("/tokenize", {"model": LOCAL, "messages": chat, "add_generation_prompt": True}).json()
+    assert counted["count"] == client.chat.completions.create(model=LOCAL, messages=chat,
+                                                              max_tokens=1).usage.prompt_tokens
+    long = post("/tokenize", {"model": LOCAL, "prompt": "river town " * 600}).json()  # past the context: counted
+    assert long["count"] > 1024
+    for path, body, status, code in [
+            ("/tokenize", {"model": CF, "prompt": "x"}, 400, "model_not_supported"),
+            ("/detokenize", {"model": CF, "tokens": [1]}, 400, "model_not_supported"),
+            ("/tokenize", {"model": LOCAL, "prompt": "x", "messages": chat}, 400, "invalid_value"),
+            ("/tokenize", {"model": LOCAL}, 400, "invalid_value"),
+            ("/tokenize", {"model": LOCAL, "prompt": "x", "add_special_tokens": False}, 400, "unsupported_value"),
+            ("/detokenize", {"model": LOCAL, "tokens": [5, 10 ** 6]}, 400, "invalid_request"),
+            ("/detokenize", {"model": LOCAL, "tokens": "abc"}, 400, "invalid_type"),
+            ("/tokenize", {"model": "nothing", "prompt": "x"}, 404, "model_not_found")]:
+        r = post(path, body)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, body, r.text)
+    refused = post("/tokenize", {"model": CF, "prompt": "x"}).json()["error"]
+    assert refused["param"] == "model" and "models that have one: endless" in refused["message"]
+    assert "tokens[1]" in post("/detokenize", {"model": LOCAL, "tokens": [5, 10 ** 6]}).json()["error"]["message"]

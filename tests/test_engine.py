@@ -238,6 +238,35 @@ def test_on_a_stock_build_the_rest_goes_in_one_token_a_step_and_answers_the_same
     assert warm.reusable(loaded.prompt_ids(ChatRequest(model="demo", messages=turn2))) == 0
 
 
+@pytest.mark.skipif(not PATCHED, reason="a stock chatglm-cpp evaluates a prompt in one graph")
+def test_a_long_prompt_goes_in_by_pieces_and_answers_as_it_would_whole(demo_model):
+    """A prompt of several pieces of prefill_rows: the model's keys and scores are those of one
+    graph, so the greedy answer and the usage are the same; a prefix reused, the rest goes in by
+    pieces too."""
+    from backends.chatglm.engine import model as engine_model
+    from backends.chatglm.ggml_file import read_model_file
+
+    loaded = engine_model.Model(read_model_file(demo_model), 1024, slots=2)
+    assert loaded.prefill_rows == 512  # at most 512 rows, fewer where the scores would pass 256 MB
+    request = ChatRequest(model="demo", messages=(Message("user", "the river runs past the bakery " * 150),),
+                          temperature=0, max_tokens=24)
+    prompt = loaded.prompt_ids(request)
+    assert len(prompt) > 800  # 9 pieces of 100
+
+    def answer(slot, rows: int, reuse_from: ChatRequest | None = None) -> list:
+        loaded.prefill_rows = rows
+        if reuse_from is not None:
+            list(slot.generate(reuse_from, loaded.prompt_ids(reuse_from), lambda: False))
+        return list(slot.generate(request, prompt, lambda: False))
+
+    whole = answer(loaded.slots[0], 1 << 20)
+    assert answer(loaded.slots[1], 100) == whole
+    shorter = ChatRequest(model="demo", messages=(Message("user", "the river runs past the bakery " * 30),),
+                          max_tokens=1)
+    reused = answer(loaded.slots[1], 100, reuse_from=shorter)
+    assert reused[:-1] == whole[:-1] and reused[-1].usage.cached_tokens > 100
+
+
 def test_a_fork_in_the_master_waits_for_the_engine_start_in_flight():
     """gunicorn's master forks workers while its keeper thread may be starting the engine: a worker
     forked during that Popen would inherit the pipe the Popen waits on and hold the keeper for its
@@ -417,3 +446,20 @@ def test_a_worker_takes_the_connection_back_and_nothing_is_written_after(endless
     assert summary["deltas"] >= 1 and summary["client"] is None
     written_pieces = pieces(unchunked(data, ended=False))  # every frame whole, and none after what the summary says
     assert "".join(written_pieces) == summary["written"] and len(written_pieces) == summary["deltas"]
+
+
+@pytest.mark.parametrize("family", ["demo_model", "glm4_model"])
+def test_detokenize_gives_back_the_text_and_names_the_special_tokens(family, request):
+    """sentencepiece (ChatGLM3) and byte-level BPE (GLM-4): ids back to the text, the prefix by its names."""
+    from backends.base import InvalidRequest
+    from backends.chatglm.engine import model as engine_model
+    from backends.chatglm.ggml_file import read_model_file
+
+    file = read_model_file(request.getfixturevalue(family))
+    loaded = engine_model.Model(file, 1024, slots=1)
+    text = "The river runs past the bakery. 你好，世界！"
+    ids = loaded.request_ids(ChatRequest(model="demo", messages=(), prompt=text))
+    prefix = "".join(loaded.family.prefix)
+    assert loaded.detokenize(ids) == prefix + text
+    with pytest.raises(InvalidRequest, match=r"tokens\[1\]"):
+        loaded.detokenize([ids[-1], file.config.vocab_size - 1])  # a padding id

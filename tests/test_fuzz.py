@@ -341,6 +341,11 @@ SMALL_SEEDS: dict[str, list[dict[str, Any]]] = {
     "/v1/responses": [{"model": "fake-echo", "instructions": "be", "metadata": {"k": "v"}, "input": [
         {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}],
     "/v1/embeddings": [{"model": "fake-echo", "input": ["hi"]}],  # the local model makes none: a 400
+    # The engine's tokenizer itself reads the hostile text (no generation: every case is cheap).
+    "/v1/tokenize": [{"model": "fake-echo", "prompt": "hi"},
+                     {"model": "fake-echo", "messages": [{"role": "user", "content": "hi"}]}],
+    "/v1/detokenize": [{"model": "fake-echo", "tokens": [1, 2, 3]}],
+    "/v1/responses/input_tokens": [{"model": "fake-echo", "instructions": "be", "input": "hi"}],
 }
 
 

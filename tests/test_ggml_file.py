@@ -21,6 +21,7 @@ from backends.chatglm.ggml_file import (
     read_model_file,
     tensor_nbytes,
 )
+from tests.conftest import TEST_CONTEXT
 
 HEADER = 4 + 4 + 4  # magic, model type, config version
 
@@ -31,7 +32,7 @@ def config_offset_of(field: int) -> int:
 
 def test_the_demo_model_passes_and_loads(demo_model):
     info = read_model_file(demo_model)
-    assert info.config.max_length == 1024 and info.config.vocab_size >= info.tokenizer_pieces + 9
+    assert info.config.max_length == TEST_CONTEXT and info.config.vocab_size >= info.tokenizer_pieces + 9
     assert info.special_token_ids["<|assistant|>"] == info.tokenizer_pieces + 7
     code = f"import chatglm_cpp; p = chatglm_cpp.Pipeline({str(demo_model)!r}); print(p.model.config.vocab_size)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -29,7 +29,8 @@ SERVED = {"/v1/chat/completions": CHAT_MODEL, "/v1/completions": CHAT_MODEL, "/v
           "/v1/responses": "@cf/fake/chat", "/v1/messages": "@cf/fake/chat",
           "/v1/messages/count_tokens": "@cf/fake/chat", "/v1/rerank": "@cf/baai/bge-reranker-base",
           "/v1/audio/transcriptions": "@cf/openai/whisper", "/v1/audio/speech": "@cf/deepgram/aura-1",
-          "/v1/images/generations": "@cf/stabilityai/stable-diffusion-xl-base-1.0"}
+          "/v1/images/generations": "@cf/stabilityai/stable-diffusion-xl-base-1.0",
+          "/v1/responses/input_tokens": CHAT_MODEL, "/v1/tokenize": CHAT_MODEL, "/v1/detokenize": CHAT_MODEL}
 SHORT = 16  # the most tokens a valid case asks for
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection]

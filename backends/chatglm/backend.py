@@ -2,7 +2,7 @@
 The engine runs the chat template, the token loop and the line; this backend forwards each request
 over the engine's socket and passes its events on. A request's images (GLM-4V) are decoded only when
 the engine's line has taken it, and then in a helper process (image_pool.py), never in this process's
-event loop."""
+event loop. It also has the model's tokenizer (backends/tokens.py), which the engine runs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from backends.base import Caller, ChatRequest, Embeddings, Event, ModelInfo, Not
 from backends.chatglm.engine.client import EngineClient, LaterImages
 from backends.chatglm.ggml_file import ModelFile
 from backends.chatglm.image_pool import ImagePool
+from backends.tokens import PromptTokens
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ class ChatGLMBackend:
     def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:
         raise NotSupportedByModel(f"{model} is a chat model and makes no embeddings; use an embedding model "
                              "(Cloudflare's @cf/baai/bge-*).", param="model")
+
+    def tokenize(self, request: ChatRequest) -> PromptTokens:
+        answer = self.engine.tokenize(request)
+        return PromptTokens(answer["tokens"], answer["positions"], answer["context"])
+
+    def detokenize(self, model: str, tokens: list[int]) -> str:
+        return self.engine.detokenize(tokens)
 
     def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
         images = self._later_images(request) if any(m.images for m in request.messages) else None

@@ -134,19 +134,37 @@ def test_checking_the_configuration_writes_nothing(tmp_path):
     s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "demo.bin"), "MODEL_ALIASES": "gpt-4o=chatglm3-demo",
                        "MAX_TOKENS_CEILING": "gpt-4o=64"}, dotenv=None)
     local = check_config(s)
-    assert local is not None and (local.id, local.context, local.file) == ("chatglm3-demo", 1024, None)
-    with pytest.raises(ConfigError, match=r"^CHATGLM_MAX_LENGTH=4096 is more than the model's own 1024"):
-        check_config(dataclasses.replace(s, chatglm_max_length=4096))
+    assert local is not None and (local.id, local.context, local.file) == ("chatglm3-demo", 32768, None)
+    assert check_config(dataclasses.replace(s, chatglm_max_length=32768)) == local  # up to the model's own
+    with pytest.raises(ConfigError, match=r"^CHATGLM_MAX_LENGTH=32769 is more than the model's own 32768"):
+        check_config(dataclasses.replace(s, chatglm_max_length=32769))
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_written_demo_model_is_read_and_checked(demo_model):
+def test_a_written_demo_model_is_read_and_checked(tmp_path):
     from app import check_config, ensure_demo_model
+    from backends.chatglm.demo_model import write_demo_model
 
+    demo_model = write_demo_model(tmp_path / "demo.bin")
     s = load_settings({"DEMO_MODEL_PATH": str(demo_model)}, dotenv=None)
     ensure_demo_model(s)  # there already: nothing to write
     local = check_config(s)
     assert local is not None and local.file is not None and local.file.path == demo_model
+
+
+def test_a_demo_model_with_yesterdays_context_is_written_again(tmp_path):
+    """An older aigate wrote the demo model with a 1,024-token context, too small for today's agents:
+    the check takes it for the one start writes, and start writes that one over it."""
+    from app import check_config, ensure_demo_model
+    from backends.chatglm.demo_model import DEMO_MAX_LENGTH, write_demo_model
+    from backends.chatglm.ggml_file import read_model_file
+
+    old = write_demo_model(tmp_path / "demo.bin", max_length=1024)
+    s = load_settings({"DEMO_MODEL_PATH": str(old), "CHATGLM_MAX_LENGTH": "32768"}, dotenv=None)
+    local = check_config(s)
+    assert local is not None and (local.context, local.file) == (32768, None)
+    ensure_demo_model(s)
+    assert read_model_file(old).config.max_length == DEMO_MAX_LENGTH
 
 
 def test_an_unwritable_demo_model_path_is_a_config_error(tmp_path):
@@ -156,3 +174,4 @@ def test_an_unwritable_demo_model_path_is_a_config_error(tmp_path):
     s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "file" / "demo.bin")}, dotenv=None)
     with pytest.raises(ConfigError, match=r"^DEMO_MODEL_PATH: cannot write .*demo\.bin"):
         ensure_demo_model(s)
+

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from flask import Blueprint, Response
 
-from compat import answers, media_answers, media_wire, messages_answers, messages_wire, wire
+from compat import answers, media_answers, media_wire, messages_answers, messages_wire, tokens_wire, wire
 
 SPEC = Path(__file__).resolve().parent.parent.parent / "openapi.yaml"
 
@@ -26,7 +26,7 @@ def document() -> dict[str, Any]:
     """openapi.yaml with the declared schemas added; a name in both is a mistake, refused."""
     doc = yaml.safe_load(SPEC.read_text(encoding="utf-8"))
     parts = (wire.schemas(), answers.schemas(), messages_wire.schemas(), messages_answers.schemas(),
-             media_wire.schemas(), media_answers.schemas())
+             media_wire.schemas(), media_answers.schemas(), tokens_wire.schemas())
     written, declared = doc["components"]["schemas"], {name: s for part in parts for name, s in part.items()}
     both = sorted(set(written) & set(declared) | {name for i, part in enumerate(parts) for other in parts[i + 1:]
                                                   for name in set(part) & set(other)})

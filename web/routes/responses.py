@@ -1,5 +1,5 @@
-"""POST /v1/responses (stream and not, on the same road as chat completions) and the stored
-responses: GET and DELETE /v1/responses/<id>, GET /v1/responses/<id>/input_items."""
+"""POST /v1/responses (stream and not, on the same road as chat completions), the stored responses (GET and
+DELETE /v1/responses/<id>, GET /v1/responses/<id>/input_items) and POST /v1/responses/input_tokens."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from compat.errors import APIError, internal_error, invalid, printable
 from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
 from store.response_store import ConversationTooLong, ResponseStore, StoreUnavailable
 from web.context import RequestContext, context, state
-from web.generation import start
+from web.generation import resolve, start
 from web.json_body import read_json
 from web.sse_writer import SSE_HEADERS, sse_stream
+from web.tokenizing import input_tokens
 
 bp = Blueprint("responses", __name__)
 log = logging.getLogger(__name__)
@@ -40,23 +41,9 @@ def not_found(response_id: str, param: str | None = None) -> APIError:
 def create_response():
     ctx = context()
     body = read_json(ctx, pass_on=False)  # its fields are the Responses API's, not an upstream's
-    previous = body.get("previous_response_id") if isinstance(body, dict) else None
     owner, store = _owner(ctx), _store()
-    history = None
-    if previous is not None:
-        if not isinstance(previous, str) or not previous:
-            raise invalid("previous_response_id must be a string.", "previous_response_id", "invalid_type")
-        if printable(previous) != previous:  # a lone surrogate: no id has one (and SQLite cannot take it)
-            raise invalid("previous_response_id is not a response id: it holds a lone UTF-16 surrogate.",
-                          "previous_response_id", "invalid_value")
-        with _store_errors("previous_response_id"):
-            earlier = store.conversation(previous, owner)
-        if earlier is None:
-            raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
-                           code="previous_response_not_found")
-        history = earlier.input_items + earlier.response.get("output", [])
     app_state = state()
-    call = parse_responses(body, app_state.limits, history)
+    call = parse_responses(body, app_state.limits, _history(body, owner))
     route, answer = start(ctx, call.request, call.stream)
     codec = ResponseStream(route.model_id, call.echo, call.echo["parallel_tool_calls"])
     if not call.stream:
@@ -82,6 +69,34 @@ def create_response():
     body = sse_stream(kept(codec.events(answer.events)), answer.close, ctx.record, answer.client, frame=_frame,
                       failed=lambda error: kept(codec.failed(error)), done=None)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@bp.post("/v1/responses/input_tokens")
+def count_input_tokens():
+    """The tokens of the prompt a /v1/responses body makes: exact on the local model, estimated elsewhere."""
+    ctx = context()
+    body = read_json(ctx, pass_on=False)
+    call = parse_responses(body, state().limits, _history(body, _owner(ctx)))
+    route = resolve(ctx, call.request.model, stream=False)
+    return jsonify({"object": "response.input_tokens", "input_tokens": input_tokens(route, call.request)})
+
+
+def _history(body: object, owner: str) -> list[dict[str, Any]] | None:
+    """The input and output of the body's previous_response_id (one of ``owner``'s), if it names one."""
+    previous = body.get("previous_response_id") if isinstance(body, dict) else None
+    if previous is None:
+        return None
+    if not isinstance(previous, str) or not previous:
+        raise invalid("previous_response_id must be a string.", "previous_response_id", "invalid_type")
+    if printable(previous) != previous:  # a lone surrogate: no id has one (and SQLite cannot take it)
+        raise invalid("previous_response_id is not a response id: it holds a lone UTF-16 surrogate.",
+                      "previous_response_id", "invalid_value")
+    with _store_errors("previous_response_id"):
+        earlier = _store().conversation(previous, owner)
+    if earlier is None:
+        raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
+                       code="previous_response_not_found")
+    return earlier.input_items + earlier.response.get("output", [])
 
 
 def _frame(event: dict[str, Any]) -> bytes:

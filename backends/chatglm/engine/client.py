@@ -90,6 +90,27 @@ class EngineClient:
             return None
         return status if "loaded" in status else dict(_BUSY)  # else: refused, every connection in use
 
+    def tokenize(self, request: ChatRequest) -> dict[str, Any]:
+        """The request's prompt as the model reads it: {"tokens", "positions", "context"}. Its images go
+        as placeholders: counting needs how many there are, not their pixels."""
+        return self._ask(protocol.tokenize_request(protocol.without_images(request)))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return str(self._ask(protocol.detokenize_request(tokens))["text"])
+
+    def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The engine's one-line answer to ``message`` (its error raised)."""
+        with self._connect_waiting() as sock:
+            _send(sock, protocol.encode(message))
+            try:
+                line = sock.makefile("rb").readline(protocol.MAX_LINE)
+            except OSError:
+                line = b""
+        if not line:
+            raise Unavailable("the local engine stopped before it answered (it crashed or was restarted); it is "
+                              "being started again, retry", retry_after=2)
+        return protocol.answer(protocol.decode(line))
+
     def ensure_started(self) -> None:
         if self._start is not None and self.status() is None:
             self._start()

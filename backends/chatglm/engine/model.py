@@ -37,6 +37,7 @@ from backends.base import (
     Finish,
     FinishReason,
     InvalidImage,
+    InvalidRequest,
     Message,
     TextDelta,
     Tool,
@@ -142,6 +143,7 @@ class Model:
         # An image takes the vision tower's tokens (and boi, eoi) where the prompt has 3 marker tokens.
         self.image_extra = model.vision.image_tokens - 3 if model.vision is not None else 0
         self.context_length = context_length
+        self.prefill_rows = prefill_rows(model, context_length)
         self.costs = StepCosts()
         pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
         self._tokenizer = pipelines[0].tokenizer
@@ -153,14 +155,8 @@ class Model:
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
         """The request as the model reads it; ContextLengthExceeded if it leaves no room to answer."""
-        if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
-            special = self.file.special_token_ids
-            ids = [*(special[t] for t in self.family.prefix), *self._encode(request.prompt)]
-        else:
-            turn = next((i for i, m in enumerate(request.messages) if m.images), None)
-            ids = self.family.encode_chat(request.messages, request.tools, self._encode, self.file.special_token_ids,
-                                          image_turn=turn)
-        positions = len(ids) + (self.image_extra if self.images_wanted(request)[1] else 0)
+        ids = self.request_ids(request)
+        positions = self.positions(request, ids)
         if positions >= self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens, and your prompt "
@@ -180,6 +176,46 @@ class Model:
             raise TooManyImages(f"{self.family.name} reads one image per request; this one has {count}.",
                                 param="messages")
         return (0 if vision is None else vision.image_size), count
+
+    def request_ids(self, request: ChatRequest) -> list[int]:
+        """The request as the model reads it, however long."""
+        if request.prompt is not None:  # plain continuation, as chatglm.cpp's generate() does
+            special = self.file.special_token_ids
+            return [*(special[t] for t in self.family.prefix), *self._encode(request.prompt)]
+        turn = next((i for i, m in enumerate(request.messages) if m.images), None)
+        return self.family.encode_chat(request.messages, request.tools, self._encode, self.file.special_token_ids,
+                                       image_turn=turn)
+
+    def positions(self, request: ChatRequest, ids: list[int]) -> int:
+        """The context positions the request's ``ids`` take (an image takes more than its marker)."""
+        return len(ids) + (self.image_extra if self.images_wanted(request)[1] else 0)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of ``ids``: ordinary pieces decoded, special tokens by their names; InvalidRequest
+        for an id the vocabulary has not (padding, or past it)."""
+        names = {i: name for name, i in self.file.special_token_ids.items()}
+        pieces = self.file.tokenizer_pieces
+        for at, token in enumerate(ids):
+            if not 0 <= token < pieces and token not in names:
+                raise InvalidRequest(f"{token} (tokens[{at}]) is not a token id of this model: its ids are 0 to "
+                                     f"{pieces - 1} and its special tokens ({min(names)} to {max(names)}).",
+                                     param="tokens")
+        text, run = [], []
+        for token in [*ids, -1]:
+            if 0 <= token < pieces:
+                run.append(token)
+                continue
+            if run:
+                text.append(self._decode(run))
+                run = []
+            if token in names:
+                text.append(names[token])
+        return "".join(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.family.byte_level:
+            return b"".join(self._vocab[i] for i in ids).decode("utf-8", "replace")
+        return str(self._tokenizer.decode(ids))
 
     def image(self, request: ChatRequest) -> Any:
         """The request's image as chatglm.cpp takes it, or None. The worker sends pixels of the vision
@@ -226,6 +262,18 @@ class Model:
         tools = self.family.tools
         return ReplySplitter(bool(request.tools), raw=request.prompt is not None or not self.family.metadata_line,
                              **({"parse": tools.parse_call} if tools else {}))
+
+
+PREFILL_SCORES_BYTES = 256 << 20  # the attention scores of one prefill graph, at most (float32)
+
+
+def prefill_rows(model: ModelFile, context_length: int) -> int:
+    """How many prompt tokens one graph evaluates (aigate's build; a stock one evaluates the prompt
+    whole): chatglm.cpp keeps every query row's score for every key and head, so a 20,000-token prompt
+    at once would take 6.4 GB on the 4-head demo model (and time that grows with its square); in pieces
+    of 512 rows, 256 MB at most, at its whole 32,768-token context."""
+    per_row = 4 * model.config.num_attention_heads * context_length
+    return max(32, min(512, PREFILL_SCORES_BYTES // per_row))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -336,7 +384,13 @@ class Slot:
     def _prefill(self, prompt: list[int], reuse: int, config: Any, image: Any = None) -> int:
         """Evaluate what the cache lacks of ``prompt``; the first new token."""
         model = self._pipeline.model
-        if reuse == 0 or PATCHED:
+        if PATCHED and image is None:  # in pieces: a graph holds each new token's scores against every key
+            rows = self.model.prefill_rows
+            for start in range(reuse, len(prompt), rows):
+                end = min(start + rows, len(prompt))
+                token = model.generate_next_token(prompt[:end], None, config, start, len(prompt))
+                self._cached = end
+        elif reuse == 0 or PATCHED:
             token = model.generate_next_token(prompt, image, config, reuse, len(prompt))
         else:  # stock build: one token a call once the cache holds something
             for i in range(reuse, len(prompt)):

@@ -133,8 +133,22 @@ class Generate:
     images_later: ImagesLater | None = None
 
 
-def parse_request(line: bytes) -> Generate | None:
-    """A request line: None for a status request, else what to generate. Raises BadMessage."""
+@dataclass(frozen=True)
+class Tokenize:
+    """A tokenize line: the request whose prompt the model's tokenizer reads."""
+
+    request: ChatRequest
+
+
+@dataclass(frozen=True)
+class Detokenize:
+    """A detokenize line: the ids whose text is asked for."""
+
+    tokens: list[int]
+
+
+def parse_request(line: bytes) -> Generate | Tokenize | Detokenize | None:
+    """A request line: None for a status request, else what to do. Raises BadMessage."""
     try:
         message = decode(line)
         op = message.get("op")
@@ -144,6 +158,10 @@ def parse_request(line: bytes) -> Generate | None:
             later = message.get("images_later")
             return Generate(chat_request(message["request"]), bool(message.get("handover")),
                             None if later is None else msgspec.convert(later, ImagesLater))
+        if op == "tokenize":
+            return Tokenize(chat_request(message["request"]))
+        if op == "detokenize":
+            return Detokenize(msgspec.convert(message["tokens"], list[int]))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, msgspec.ValidationError) as exc:
         raise BadMessage(f"a malformed request ({type(exc).__name__}: {str(exc)[:200]})") from None
     raise BadMessage(f"an unknown op {str(op)[:100]!r}")
@@ -177,6 +195,23 @@ def with_images(request: ChatRequest, line: bytes, size: int) -> ChatRequest:
     return replace(request, messages=tuple(
         replace(m, images=tuple(ImageInput(next(given), size, size) for _ in m.images)) if m.images else m
         for m in request.messages))
+
+
+def tokenize_request(request: ChatRequest) -> dict[str, Any]:
+    """The request's prompt as token ids, answered {"tokens": [...], "positions": n, "context": n}."""
+    return {"op": "tokenize", "request": asdict(request)}
+
+
+def detokenize_request(tokens: list[int]) -> dict[str, Any]:
+    """The text of token ids, answered {"text": "..."}."""
+    return {"op": "detokenize", "tokens": tokens}
+
+
+def answer(message: dict[str, Any]) -> dict[str, Any]:
+    """A one-line answer (tokenize, detokenize); an error line is raised."""
+    if "error" in message:
+        event(message)
+    return message
 
 
 def handover_message(stream: ClientStream) -> dict[str, Any]:

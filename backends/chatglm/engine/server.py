@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from backends.base import (
     BackendError,
@@ -182,12 +183,16 @@ class Engine:
             line = protocol.read_line(conn, protocol.MAX_LINE, self.args.send_timeout)
             if not line:  # connected and left
                 return
-            generate = protocol.parse_request(line)
+            request = protocol.parse_request(line)
             conn.settimeout(self.args.send_timeout)  # a worker that stops reading lets go of its slot
-            if generate is None:
+            if request is None:
                 conn.sendall(protocol.encode(self.status()))
+            elif isinstance(request, protocol.Tokenize):
+                self.tokenize(conn, request.request)
+            elif isinstance(request, protocol.Detokenize):
+                self.detokenize(conn, request.tokens)
             else:
-                self.generate(conn, generate)
+                self.generate(conn, request)
         except protocol.BadMessage as exc:
             log.warning("closed an engine connection that sent %s", exc)
         except (OSError, ClientGone) as exc:  # the worker went away (its client left) or stopped reading
@@ -211,19 +216,41 @@ class Engine:
                 "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers,
                 "images": self.images_asked}
 
+    def loaded_model(self) -> Model:
+        """The model, once loaded: a request that arrives while it loads (at start, or after a crash) waits."""
+        if not self.loaded.wait(self.args.queue_timeout) or self.model is None or self.line is None:
+            raise Unavailable(self.load_error or "the local model is still loading",
+                              retry_after=None if self.load_error else 2)
+        return self.model
+
+    def tokenize(self, conn: socket.socket, request: ChatRequest) -> None:
+        """The request's prompt as the model reads it (the tokenizer only: no slot, no line)."""
+        try:
+            model = self.loaded_model()
+            ids = model.request_ids(request)
+            line = {"tokens": ids, "positions": model.positions(request, ids), "context": model.context_length}
+        except BackendError as exc:
+            line = protocol.error_message(exc)
+        conn.sendall(protocol.encode(line))
+
+    def detokenize(self, conn: socket.socket, tokens: list[int]) -> None:
+        try:
+            line: dict[str, Any] = {"text": self.loaded_model().detokenize(tokens)}
+        except BackendError as exc:
+            line = protocol.error_message(exc)
+        conn.sendall(protocol.encode(line))
+
     def generate(self, conn: socket.socket, generate: protocol.Generate) -> None:
         request, offer, later = generate.request, generate.handover, generate.images_later
         relay: Relay | None = None  # the events on their way out (relay.py: its stages)
         try:
             try:
-                # A request that arrives while the model loads (at start, or after a crash) waits for it.
-                if not self.loaded.wait(self.args.queue_timeout) or self.model is None or self.line is None:
-                    raise Unavailable(self.load_error or "the local model is still loading",
-                                      retry_after=None if self.load_error else 2)
-                prompt = self.model.prompt_ids(request)
+                model = self.loaded_model()
+                assert self.line is not None  # loaded with the model
+                prompt = model.prompt_ids(request)
                 prepare: Callable[[], None] | None = None
                 if later is not None:  # checked before the line takes it: a request refused costs no decode
-                    if (later.size, later.count) != self.model.images_wanted(request):
+                    if (later.size, later.count) != model.images_wanted(request):
                         raise InvalidImage("The image was not prepared for this model.", param="messages")
                     asked = later
 

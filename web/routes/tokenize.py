@@ -1,0 +1,30 @@
+"""POST /v1/tokenize and /v1/detokenize (vLLM's shapes): the model's own tokenizer, on the models whose
+backend runs one here (the local model); a 400 on the others."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from web.context import context, state
+from web.generation import resolve
+from web.json_body import read_json
+from web.tokenizing import parse_detokenize, parse_tokenize, tokenizer
+
+bp = Blueprint("tokenize", __name__)
+
+
+@bp.post("/v1/tokenize")
+def tokenize():
+    ctx = context()
+    request = parse_tokenize(read_json(ctx, pass_on=False), state().limits)
+    route = resolve(ctx, request.model, stream=False)
+    counted = tokenizer(ctx, route).tokenize(request)
+    return jsonify({"count": len(counted.ids), "max_model_len": counted.context, "tokens": counted.ids})
+
+
+@bp.post("/v1/detokenize")
+def detokenize():
+    ctx = context()
+    request = parse_detokenize(read_json(ctx, pass_on=False))
+    route = resolve(ctx, request.model, stream=False)
+    return jsonify({"prompt": tokenizer(ctx, route).detokenize(route.model_id, request.tokens)})
