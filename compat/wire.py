@@ -246,13 +246,13 @@ class ChatCompletionRequest(Sampling, kw_only=True):
 
 # -- legacy completions and embeddings ---------------------------------------------------------------------
 
-TOKEN_IDS = ("Token ids of cl100k_base (OpenAI's encoding) are taken too, a list of them or a list of such lists, "
+IDS_AS_TEXT = ("Token ids of cl100k_base (OpenAI's encoding) are taken too, a list of them or a list of such lists, "
              "and read as the text they stand for; an id that is not one is a 400 (`invalid_value`).")
 
 
 class CompletionRequest(Sampling, kw_only=True):
     prompt: Annotated[str | Annotated[list[str], Meta(min_length=1)], Meta(
-        description=f"One text, or several (one choice each). {TOKEN_IDS}")]
+        description=f"One text, or several (one choice each). {IDS_AS_TEXT}")]
     max_tokens: Annotated[Count, Meta(description="The most tokens to generate (see chat's `max_tokens`).",
                                       extra_json_schema={"default": 16})] | None = None
     echo: Annotated[bool, Meta(description="Put the prompt in front of its answer.")] | None = None
@@ -266,7 +266,7 @@ class CompletionRequest(Sampling, kw_only=True):
 class EmbeddingRequest(Struct, kw_only=True):
     model: ModelName
     input: Annotated[NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=MAX_INPUTS)], Meta(
-        description=f"One text or up to 2048, none empty. {TOKEN_IDS} LangChain's `OpenAIEmbeddings` sends them.",
+        description=f"One text or up to 2048, none empty. {IDS_AS_TEXT} LangChain's `OpenAIEmbeddings` sends them.",
         )]
     encoding_format: Annotated[Literal["float", "base64"], Meta(
         description="`float` (the default) or `base64` (little-endian float32s, as the Python SDK asks for).")

@@ -46,8 +46,7 @@ class Relay:
 
     def pass_on(self, event: Event) -> bool:
         """Send ``event`` on its way; False once the answer is over (the Finish sent, or the client left)."""
-        if self.stage is Stage.WRITING:
-            assert self.writer is not None
+        if self.stage is Stage.WRITING and self.writer is not None:
             if isinstance(event, TextDelta):
                 if self.writer.write(event.text, self.pace):
                     return True
@@ -76,9 +75,9 @@ class Relay:
 
     def _give_back(self) -> None:
         """Tell the worker what was written to its client, and stop writing to it."""
-        assert self.writer is not None
-        self.writer.close()
-        self.conn.sendall(protocol.encode(self.writer.summary()))
+        if self.writer is not None:
+            self.writer.close()
+            self.conn.sendall(protocol.encode(self.writer.summary()))
         self.writer, self.stage = None, Stage.RELAYING
 
     def acknowledged(self, offered: bool) -> ClientWriter | None:

@@ -216,17 +216,18 @@ class Engine:
                 "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers,
                 "images": self.images_asked}
 
-    def loaded_model(self) -> Model:
-        """The model, once loaded: a request that arrives while it loads (at start, or after a crash) waits."""
+    def loaded_model(self) -> tuple[Model, Line[Slot]]:
+        """The model and its line, once loaded: a request that arrives while it loads (at start, or after
+        a crash) waits for it."""
         if not self.loaded.wait(self.args.queue_timeout) or self.model is None or self.line is None:
             raise Unavailable(self.load_error or "the local model is still loading",
                               retry_after=None if self.load_error else 2)
-        return self.model
+        return self.model, self.line
 
     def tokenize(self, conn: socket.socket, request: ChatRequest) -> None:
         """The request's prompt as the model reads it (the tokenizer only: no slot, no line)."""
         try:
-            model = self.loaded_model()
+            model = self.loaded_model()[0]
             ids = model.request_ids(request)
             line = {"tokens": ids, "positions": model.positions(request, ids), "context": model.context_length}
         except BackendError as exc:
@@ -235,7 +236,7 @@ class Engine:
 
     def detokenize(self, conn: socket.socket, tokens: list[int]) -> None:
         try:
-            line: dict[str, Any] = {"text": self.loaded_model().detokenize(tokens)}
+            line: dict[str, Any] = {"text": self.loaded_model()[0].detokenize(tokens)}
         except BackendError as exc:
             line = protocol.error_message(exc)
         conn.sendall(protocol.encode(line))
@@ -245,8 +246,7 @@ class Engine:
         relay: Relay | None = None  # the events on their way out (relay.py: its stages)
         try:
             try:
-                model = self.loaded_model()
-                assert self.line is not None  # loaded with the model
+                model, queue = self.loaded_model()  # the line for the slots
                 prompt = model.prompt_ids(request)
                 prepare: Callable[[], None] | None = None
                 if later is not None:  # checked before the line takes it: a request refused costs no decode
@@ -260,7 +260,7 @@ class Engine:
                     prepare = fetch_images
                 relay = Relay(conn, self.args.send_timeout, offer, self.count_handover)
                 gone = lambda: peer_closed(conn) or relay.client_gone()  # noqa: E731
-                with self.line.slot(lambda s: common_prefix(s.cached, prompt), gone, prepare) as slot:
+                with queue.slot(lambda s: common_prefix(s.cached, prompt), gone, prepare) as slot:
                     for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
                         if not relay.pass_on(event):
                             break
