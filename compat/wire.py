@@ -256,7 +256,8 @@ class CompletionRequest(Sampling, kw_only=True):
     max_tokens: Annotated[Count, Meta(description="The most tokens to generate (see chat's `max_tokens`).",
                                       extra_json_schema={"default": 16})] | None = None
     echo: Annotated[bool, Meta(description="Put the prompt in front of its answer.")] | None = None
-    suffix: Annotated[str, Meta(description="Accepted and ignored (no fill-in-the-middle model is served).")
+    suffix: Annotated[str, Meta(description="Not read here (no model served here fills in the middle); an "
+                                            "OpenAI-compatible upstream is passed it.")
                       ] | None = None
     best_of: One | None = None
     logprobs: Annotated[Any, Meta(description="Any value is refused (`unsupported_parameter`).",

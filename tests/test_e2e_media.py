@@ -276,8 +276,9 @@ def test_speech_on_an_upstream_is_passed_on(client, upstream):
 
 
 def test_an_upstream_s_audio_is_cut_at_the_media_bound(server):
-    """100 MB of "speech": passed on as it comes, up to UPSTREAM_MAX_MEDIA_BYTES (32 MiB), then the connection ends."""
-    received = 0
+    """100 MB of "speech": passed on as it comes, up to UPSTREAM_MAX_MEDIA_BYTES (32 MiB), then the connection
+    ends, with one line in the log and no traceback."""
+    received, logged = 0, len(server.log)
     with requests.post(server.v1 + "/audio/speech", headers={"Authorization": f"Bearer {ALL}"}, stream=True,
                        timeout=60, json={"model": "fake-huge", "voice": "alloy", "input": "Hello"}) as r:
         assert r.status_code == 200  # its first piece had come: the failure is past the headers
@@ -285,6 +286,11 @@ def test_an_upstream_s_audio_is_cut_at_the_media_bound(server):
             for piece in r.iter_content(1 << 20):
                 received += len(piece)
     assert 30 * MB < received <= 32 * MB
+    with server.changed:  # the request's line, written when the connection has closed
+        assert server.changed.wait_for(lambda: any("path=/v1/audio/speech" in line and "error=upstream_error" in line
+                                                   for line in server.log[logged:]), 10), server.log[logged:]
+    assert any("broke off after its first bytes" in line for line in server.log[logged:])
+    assert not any("Traceback" in line for line in server.log[logged:]), server.log[logged:]
 
 
 def test_a_redirect_of_an_upstream_s_media_endpoint_is_not_followed(server, upstream):

@@ -3,6 +3,7 @@ and a client that leaves (or stops reading) closing the backend's work."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,7 +51,7 @@ def _sse(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecor
     except ClientGone as exc:
         record.error = exc.reason
         if exc.reason == "client_too_slow":  # a frame may be cut short: the connection cannot go on
-            raise BrokenPipeError("the client did not take its bytes in time") from None
+            raise BrokenPipeError(errno.EPIPE, "the client did not take its bytes in time") from None  # gunicorn: quiet
         return
     except GeneratorExit:  # the server closes the answer: the client left, or did not read in time
         record.error = "client_too_slow" if client.write_timed_out(written) else "client_gone"
