@@ -7,7 +7,8 @@
   ENDED     the answer is over: finished, or the client or the worker left. A connection still held
             goes back to the worker first, with what was written (a Written event on its side).
 
-Server.Engine.generate drives it: ``pass_on`` each event until it says stop, then ``end``.
+server.Engine.generate drives it: ``pass_on`` each event until it says stop, then ``end`` once the
+generation has let go of its slot (so the worker, told the answer is over, finds the slot free).
 """
 
 from __future__ import annotations
@@ -48,10 +49,9 @@ class Relay:
         """Send ``event`` on its way; False once the answer is over (the Finish sent, or the client left)."""
         if self.stage is Stage.WRITING and self.writer is not None:
             if isinstance(event, TextDelta):
-                if self.writer.write(event.text, self.pace):
-                    return True
-                self.end()  # the client left or stopped reading (the summary says which)
-                return False
+                # False: the client left or stopped reading. The connection goes back (with the summary
+                # saying which) in ``end``, once the generation has let go of its slot.
+                return self.writer.write(event.text, self.pace)
             self._give_back()  # the last events (a tool call, the Finish) go through the worker
         line = protocol.event_message(event)
         offered = self.offer and isinstance(event, TextDelta)
