@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,3 +191,19 @@ def unchunked(data: bytes, ended: bool) -> bytes:
         assert data[n:n + 2] == b"\r\n", "a chunk's size does not match its bytes"
         body, data = body + data[:n], data[n + 2:]
     return body
+
+
+def peak_rise(server: Server, action: Callable[[], object]) -> int:
+    """How far the serving worker's (the last booted) peak resident memory went above where it was
+    during ``action``, in bytes: the kernel's peak (VmHWM) is reset first."""
+    pid = re.findall(r"Booting worker with pid: (\d+)", "".join(server.log))[-1]
+
+    def status(field: str) -> int:
+        found = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+        assert found is not None
+        return int(found.group(1)) * 1024
+
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    before = status("VmRSS")
+    action()
+    return status("VmHWM") - before

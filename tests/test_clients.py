@@ -55,10 +55,8 @@ def node_package(name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model", ["@cf/fake/chat", "@cf/fake/tools"])
-def test_codex_exec_runs_to_completion(server, fake, tmp_path, model):
-    """On the tools model the first answer calls Codex's first tool (with arguments it cannot use):
-    Codex sends the call's output back in the whole conversation, and the model's answer ends the run."""
+def codex_exec(server, tmp_path, model: str, timeout: float) -> subprocess.CompletedProcess:
+    """`codex exec` with aigate as its provider (the Responses API) and ``model``; it must exit 0."""
     node_package("@openai/codex")
     home = tmp_path / "codex-home"
     home.mkdir()
@@ -74,8 +72,16 @@ wire_api = "responses"
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CODEX_HOME": str(home), "AIGATE_KEY": KEY}
     run = subprocess.run([str(NODE_DIR / "node_modules" / ".bin" / "codex"), "exec", "--skip-git-repo-check",
                           "Reply with one word: ready"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120, stdin=subprocess.DEVNULL)
+                         timeout=timeout, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+@pytest.mark.parametrize("model", ["@cf/fake/chat", "@cf/fake/tools"])
+def test_codex_exec_runs_to_completion(server, fake, tmp_path, model):
+    """On the tools model the first answer calls Codex's first tool (with arguments it cannot use):
+    Codex sends the call's output back in the whole conversation, and the model's answer ends the run."""
+    run = codex_exec(server, tmp_path, model, timeout=120)
     assert logged_responses(server, at_least=1)
     sent = [r.body for r in fake.runs(model) if r.body and any(
         "Reply with one word: ready" in str(m.get("content")) for m in r.body.get("messages", []))]
@@ -92,23 +98,7 @@ def test_codex_exec_runs_on_the_demo_model(server, tmp_path):
     """Codex CLI's first prompt (its instructions and tools, ~20,700 tokens) fits the demo model's context,
     and the engine takes it in pieces: Codex runs to the end (the model's words are nonsense, so the run
     is only asked to end well) and the whole prompt reached the local model."""
-    node_package("@openai/codex")
-    home = tmp_path / "codex-home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'''
-model = "{DEMO}"
-model_provider = "aigate"
-[model_providers.aigate]
-name = "aigate"
-base_url = "{server.v1}"
-env_key = "AIGATE_KEY"
-wire_api = "responses"
-''')
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CODEX_HOME": str(home), "AIGATE_KEY": KEY}
-    run = subprocess.run([str(NODE_DIR / "node_modules" / ".bin" / "codex"), "exec", "--skip-git-repo-check",
-                          "Reply with one word: ready"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stdout + run.stderr
+    codex_exec(server, tmp_path, DEMO, timeout=300)
     line = server.wait_for_log(f"model={DEMO} backend=chatglm")
     assert "path=/v1/responses status=200" in line, line
     assert int(re.search(r"prompt_tokens=(\d+)", line).group(1)) > 10_000, line

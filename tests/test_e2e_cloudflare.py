@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 
 from config.settings import DEFAULT_CLOUDFLARE_EMBEDDING_MODELS, load_settings
+from tests.conftest import peak_rise
 from tests.fake_cloudflare import (
     ACCOUNT,
     BOUND_MODES,
@@ -191,19 +190,6 @@ def test_failures_of_a_non_stream_request_are_statuses(server, mode, status):
     r = requests.post(server.v1 + "/chat/completions", timeout=30,
                       json={"model": f"@cf/fake/{mode}", "messages": HELLO})
     assert r.status_code == status and r.json()["error"]["type"] == "server_error"
-
-
-def peak_rise(server, action) -> int:
-    """How far the worker's peak resident memory went above where it was, during ``action`` (bytes)."""
-    pid = re.findall(r"Booting worker with pid: (\d+)", "".join(server.log))[-1]
-
-    def status(field: str) -> int:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) * 1024
-
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the kernel's peak (VmHWM) starts again from here
-    before = status("VmRSS")
-    action()
-    return status("VmHWM") - before
 
 
 def test_an_endless_line_or_body_fails_and_memory_stays_bounded(server):

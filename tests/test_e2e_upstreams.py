@@ -7,14 +7,12 @@ import json
 import re
 import signal
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 
-from tests.conftest import start_server
+from tests.conftest import peak_rise, start_server
 from tests.fake_http import MB
 from tests.fake_upstream import KEY, FakeUpstream, chat_prompt_tokens
 
@@ -208,27 +206,11 @@ def test_a_stream_broken_mid_answer_ends_with_an_error_event(server, model):
     assert events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
 
 
-def worker_pid(server) -> int:
-    """The serving worker (the last one booted)."""
-    return int(re.findall(r"Booting worker with pid: (\d+)", "".join(server.log))[-1])
-
-
-def memory_rise(pid: int, action: Callable[[], None]) -> int:
-    """How far above its resident memory before ``action`` the worker's peak went during it (bytes)."""
-    def status(field: str) -> int:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) * 1024
-
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the kernel's peak (VmHWM) starts again from here
-    before = status("VmRSS")
-    action()
-    return status("VmHWM") - before
-
-
 def test_an_endless_line_ends_the_stream_with_an_error_and_memory_stays_bounded(server):
     """Two words, then one line of 100 MB in one HTTP chunk: the client has the words, then the error event;
     the worker read 4 MiB of it at most."""
     events: list = []
-    rise = memory_rise(worker_pid(server), lambda: events.extend(
+    rise = peak_rise(server, lambda: events.extend(
         sse(post(server, {"model": "fake-hugeline", "messages": USER, "stream": True}, stream=True))))
     said = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
                    if isinstance(e, dict) and e.get("choices"))
@@ -242,7 +224,7 @@ def test_an_endless_line_ends_the_stream_with_an_error_and_memory_stays_bounded(
                                          ("fake-hugeerror", "failed (HTTP 500)")])
 def test_a_huge_answer_or_error_is_a_502_and_memory_stays_bounded(server, model, said):
     answers: list = []
-    rise = memory_rise(worker_pid(server), lambda: answers.append(post(server, {"model": model, "messages": USER})))
+    rise = peak_rise(server, lambda: answers.append(post(server, {"model": model, "messages": USER})))
     assert answers[0].status_code == 502 and answers[0].json()["error"]["code"] == "upstream_error"
     assert said in answers[0].json()["error"]["message"]
     assert rise < 40 * MB, f"the worker's memory rose {rise / MB:.0f} MB"
