@@ -45,6 +45,18 @@ def call_turn(name: str, body: str) -> tuple[str, str] | None:
     return name, (fenced.group(1) if fenced else body).strip()
 
 
+class _JsonWords(ast.NodeTransformer):
+    """JSON's true, false and null, which a model writes inside a value as often as Python's True, False
+    and None: read as the constants they mean (literal_eval takes no names)."""
+
+    WORDS = {"true": True, "false": False, "null": None}
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in self.WORDS:
+            return ast.copy_location(ast.Constant(self.WORDS[node.id]), node)
+        return node
+
+
 def parse_call(name: str, body: str) -> ToolCall | None:
     """The call in a tool turn, or None if it is not one the client could use."""
     turn = call_turn(name, body)
@@ -52,11 +64,18 @@ def parse_call(name: str, body: str) -> ToolCall | None:
         return None
     name, source = turn
     try:
-        node = ast.parse(source, mode="eval").body
+        node = _JsonWords().visit(ast.parse(source, mode="eval").body)
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tool_call"
-                and not node.args and all(k.arg for k in node.keywords)):
+                and not node.args):
             return None
-        arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        if len(node.keywords) == 1 and node.keywords[0].arg is None:  # tool_call(**{...}): the arguments whole
+            arguments = ast.literal_eval(node.keywords[0].value)
+            if not isinstance(arguments, dict) or not all(isinstance(k, str) for k in arguments):
+                return None
+        elif all(k.arg for k in node.keywords):
+            arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        else:
+            return None
         text = json.dumps(arguments, ensure_ascii=False)
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return None

@@ -48,9 +48,16 @@ def test_parse_call():
     assert call is not None and call.name == "get_weather" and call.id.startswith("call_")
     assert json.loads(call.arguments) == {"city": "Paris", "days": 3, "units": None}
     assert parse_call("f", "tool_call(x=[1, {'a': 2}])").arguments == '{"x": [1, {"a": 2}]}'
+    # JSON's words inside a value, as models write them beside Python's (literal_eval alone refused them).
+    call = parse_call("f", 'tool_call(city="Paris", opts={"x": false, "y": null, "z": [true, False]})')
+    assert call is not None and json.loads(call.arguments) == {"city": "Paris",
+                                                               "opts": {"x": False, "y": None, "z": [True, False]}}
+    assert json.loads(parse_call("f", 'tool_call(**{"from": 1, "class": true})').arguments) == {"from": 1,
+                                                                                                  "class": True}
     for name, body in [("f", "tool_call(__import__('os').system('true'))"), ("f", "tool_call(1, 2)"),
                        ("f", "print('x')"), ("f", "```python\ntool_call(x=\n```"), ("two words", "tool_call()"),
-                       ("f", "tool_call(x=open('/etc/passwd'))")]:
+                       ("f", "tool_call(x=open('/etc/passwd'))"), ("f", "tool_call(x=undefined)"),
+                       ("f", "tool_call(**[1])"), ("f", "tool_call(**{1: 2})"), ("f", "tool_call(a=1, **{'b': 2})")]:
         assert parse_call(name, body) is None
 
 
