@@ -4,8 +4,9 @@ Anthropic's clients send them; a step of its own, before the body is read), and 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from werkzeug.wsgi import get_path_info
 
@@ -26,10 +27,10 @@ class KeyCheck:
     only for a /v1 request with a good key (or any /v1 request when no API_KEYS are set): no other
     route takes one."""
 
-    def __init__(self, app: Callable, keys: tuple[ApiKey, ...]) -> None:
+    def __init__(self, app: WSGIApplication, keys: tuple[ApiKey, ...]) -> None:
         self.app, self.keys = app, keys
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if not takes_key(environ):
             drop_body(environ)  # nothing else takes a body (a preflight, /health, /metrics, the playground...)
             return self.app(environ, start_response)
@@ -55,7 +56,7 @@ def key_of(environ: dict[str, Any]) -> ApiKey | None:
         raise refused
     if KEY not in environ:
         raise RuntimeError("a /v1 request reached the app without the key check (web.auth.KeyCheck)")
-    return environ[KEY]
+    return cast("ApiKey | None", environ[KEY])
 
 
 def authenticate(authorization: str | None, keys: tuple[ApiKey, ...], api_key: str | None = None) -> ApiKey | None:

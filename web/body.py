@@ -16,9 +16,10 @@ import json
 import logging
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger("aigate")
 
@@ -36,12 +37,12 @@ class BodyRefused(Exception):
 
 
 class BodyReader:
-    def __init__(self, app: Callable, max_bytes: int, timeout: float, upload_paths: frozenset[str] = frozenset(),
+    def __init__(self, app: WSGIApplication, max_bytes: int, timeout: float, upload_paths: frozenset[str] = frozenset(),
                  max_upload_bytes: int = 0) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
         self.upload_paths, self.max_upload_bytes = upload_paths, max_upload_bytes
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         length = _content_length(environ)
         if not chunked and not length:
@@ -150,7 +151,7 @@ def _do_not_reuse(environ: dict[str, Any]) -> None:
         stream.failed = True
 
 
-def _refuse(refused: BodyRefused, start_response: Callable) -> list[bytes]:
+def _refuse(refused: BodyRefused, start_response: StartResponse) -> list[bytes]:
     body = json.dumps({"error": {"message": refused.message, "type": "invalid_request_error", "param": None,
                                  "code": refused.code}}).encode()
     start_response(refused.status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),

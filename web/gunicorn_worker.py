@@ -174,14 +174,15 @@ class OpenConnections:
             self._closed, self._reported = 0, now
 
 
-class Worker(GeventWorker):
+class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn ships no type hints
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections = OpenConnections(self.worker_connections)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         if isinstance(client, ssl.SSLSocket):  # TLS belongs in front (nginx, Apache); left as it is
-            return super().handle(listener, client, addr)
+            super().handle(listener, client, addr)
+            return
         settings = checked()
         conn = _Connection(client, settings.header_timeout if settings else Settings.header_timeout,
                            self.connections)
@@ -203,7 +204,8 @@ class Worker(GeventWorker):
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         if not isinstance(exc, HeadersTimedOut):
-            return super().handle_error(req, client, addr, exc)
+            super().handle_error(req, client, addr, exc)
+            return
         limit = client.limit if isinstance(client, _Connection) else 0
         log.info("request headers from %s did not arrive within %gs (HEADER_TIMEOUT): 408", addr[0] if addr else "-",
                  limit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from compat.messages_codec import error_body
 
@@ -24,17 +25,17 @@ def on_messages_path(path: str) -> bool:
 
 
 class AnthropicErrors:
-    def __init__(self, app: Callable) -> None:
+    def __init__(self, app: WSGIApplication) -> None:
         self.app = app
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if not on_messages_path(environ.get("PATH_INFO", "")):
             return self.app(environ, start_response)
         held: dict[str, Any] = {}
         written: list[bytes] = []
         returned = False
 
-        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], Any]:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
             headers = [*headers, *(("request-id", v) for k, v in headers if k.lower() == "x-request-id")]
             if returned or int(status[:3]) < 400 or not _is_json(headers):
                 return start_response(status, headers, exc_info)

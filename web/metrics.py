@@ -117,7 +117,8 @@ class _Directory:
 
 _dir = _Directory(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None)
 if _dir.path is not None:  # before any metric exists: each one's value is made by this class
-    values.ValueClass = values.MultiProcessValue(process_identifier=_dir.process_id)
+    values.ValueClass = values.MultiProcessValue(  # type: ignore[no-untyped-call]  # prometheus_client: no hints
+        process_identifier=_dir.process_id)
 
 # `key` is an API key's name ("-" without one): as many values as keys configured, never a secret.
 REQUESTS = Counter("aigate_requests_total", "HTTP requests answered", ["route", "model", "status", "key"])
@@ -225,7 +226,7 @@ def exposition(stats: Iterable[tuple[str, dict[str, float]]]) -> bytes:
     """Raises OSError or ValueError when the directory cannot be read (the route says 503)."""
     if _dir.path is not None:
         workers = CollectorRegistry()
-        MultiProcessCollector(workers, path=_dir.path)
+        MultiProcessCollector(workers, path=_dir.path)  # type: ignore[no-untyped-call]  # no hints either
         counted = generate_latest(workers)
     else:
         counted = generate_latest(REGISTRY)

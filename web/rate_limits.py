@@ -173,7 +173,7 @@ class TokenBudget:
             if counter.test(item, "tokens", who):
                 return None
             return counter.get_window_stats(item, "tokens", who).reset_time - time.time()
-        return self._use(check)
+        return cast("float | None", self._use(check))
 
     def reserve(self, item: RateLimitItemPerMinute, who: str, most: int) -> float | None:
         """Take ``most`` tokens if the window still holds them (None), else give them back and say
@@ -185,7 +185,7 @@ class TokenBudget:
                 return None
             counter.storage.incr(key, expiry, amount=-most)
             return counter.get_window_stats(item, "tokens", who).reset_time - time.time()
-        return self._use(take)
+        return cast("float | None", self._use(take))
 
     def charge(self, item: RateLimitItemPerMinute, who: str, used: int) -> None:
         """Add ``used`` tokens; fewer than none gives back part of a reservation, but never more than

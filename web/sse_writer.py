@@ -7,6 +7,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from flask import has_app_context
 
@@ -24,9 +25,10 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord, client: ClientSocket, *,
-               frame: Callable[[dict], bytes] = sse.encode,
-               failed: Callable[[APIError], Iterable[dict]] = lambda error: [error.body()],
+def sse_stream(chunks: Iterator[dict[str, Any]], close: Callable[[], None], record: RequestRecord,
+               client: ClientSocket, *,
+               frame: Callable[[dict[str, Any]], bytes] = sse.encode,
+               failed: Callable[[APIError], Iterable[dict[str, Any]]] = lambda error: [error.body()],
                done: bytes | None = sse.DONE, finished: Callable[[], None] | None = None) -> Iterator[bytes]:
     """Write each chunk the moment it exists (``frame`` encodes it). A failure after the first byte
     goes in-band (``failed`` says how) and in ``record`` (the request's); a client that goes away, or
@@ -37,8 +39,9 @@ def sse_stream(chunks: Iterator[dict], close: Callable[[], None], record: Reques
     return _sse(chunks, close, record, client, running, frame, failed, done, finished)
 
 
-def _sse(chunks: Iterator[dict], close: Callable[[], None], record: RequestRecord, client: ClientSocket,
-         running: RunningStreams, frame: Callable[[dict], bytes], failed: Callable[[APIError], Iterable[dict]],
+def _sse(chunks: Iterator[dict[str, Any]], close: Callable[[], None], record: RequestRecord, client: ClientSocket,
+         running: RunningStreams, frame: Callable[[dict[str, Any]], bytes],
+         failed: Callable[[APIError], Iterable[dict[str, Any]]],
          done: bytes | None, finished: Callable[[], None] | None) -> Iterator[bytes]:
     token = running.add(record)
     client.bound_writes()

@@ -17,7 +17,7 @@ log = logging.getLogger("aigate")
 STOPPED_CODE = "server_shutting_down"
 
 
-class ServerStopping(GreenletExit):
+class ServerStopping(GreenletExit):  # type: ignore[misc]  # greenlet ships no type hints
     """Thrown into a stream's greenlet at the end of the graceful timeout. A GreenletExit, so that
     backends run their clean-up as for any kill, and gunicorn takes it quietly if it lands outside
     the stream (in a socket write to a client that does not read)."""

@@ -16,7 +16,7 @@ bp = Blueprint("chat", __name__)
 
 
 @bp.post("/v1/chat/completions")
-def create_chat_completion():
+def create_chat_completion() -> Response:
     ctx = context()
     call = parse_chat(read_json(ctx, pass_on=True), state().limits)
     route, answer = start(ctx, call.request, call.stream)

@@ -22,7 +22,7 @@ bp = Blueprint("completions", __name__)
 
 
 @bp.post("/v1/completions")
-def create_completion():
+def create_completion() -> Response:
     ctx = context()
     call = parse_completion(read_json(ctx, pass_on=True), state().limits)
     # Only the first prompt starts before the response: each holds a generation slot, so the

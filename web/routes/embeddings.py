@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import struct
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
 from compat.errors import invalid
 from compat.requests import check_chars, parse_embeddings
@@ -17,7 +17,7 @@ bp = Blueprint("embeddings", __name__)
 
 
 @bp.post("/v1/embeddings")
-def create_embeddings():
+def create_embeddings() -> Response:
     ctx = context()
     call = parse_embeddings(read_json(ctx, pass_on=True))
     model, inputs, encoding, dimensions = call.model, call.inputs, call.encoding, call.dimensions

@@ -19,7 +19,7 @@ bp = Blueprint("messages", __name__)
 
 
 @bp.post("/v1/messages")
-def create_message():
+def create_message() -> Response:
     ctx = context()
     call = parse_messages(read_json(ctx, pass_on=False), state().limits)  # Anthropic's fields, not an upstream's
     route, answer = start(ctx, call.request, call.stream)
@@ -40,7 +40,7 @@ def create_message():
 
 
 @bp.post("/v1/messages/count_tokens")
-def count_tokens():
+def count_tokens() -> Response:
     """The prompt's tokens, as the model that would answer counts them: it is run for one token."""
     ctx = context()
     request = parse_count_tokens(read_json(ctx, pass_on=False), state().limits)

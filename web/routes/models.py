@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
 
 from backends.base import ModelInfo
 from compat.completion_objects import model_object
@@ -14,19 +16,19 @@ bp = Blueprint("models", __name__)
 
 
 @bp.get("/v1/models")
-def list_models():
+def list_models() -> Response:
     return jsonify({"object": "list", "data": [_object(m) for m in _visible()]})
 
 
 @bp.get("/v1/models/<path:model_id>")
-def retrieve_model(model_id: str):
+def retrieve_model(model_id: str) -> Response:
     info = next((m for m in _visible() if m.id == model_id), None)
     if info is None:
         raise model_not_found(model_id)
     return jsonify(_object(info))
 
 
-def _object(m: ModelInfo) -> dict:
+def _object(m: ModelInfo) -> dict[str, Any]:
     # An extra field: whether response_format / text.format (a JSON schema) is honoured, or refused,
     # whether image content parts are read (GLM-4V) or refused, and which endpoints' tasks it serves.
     return {**model_object(m.id, m.owned_by, m.created),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -18,18 +19,18 @@ log = logging.getLogger("aigate")
 
 
 @bp.get("/health")
-def health():
+def health() -> Response:
     return jsonify({"status": "ok"})
 
 
 @bp.get("/ready")
-def ready():
+def ready() -> Response:
     backends = state().registry.backends
     reasons = {b.name: b.readiness() for b in backends}
     broken_metrics = metrics.readiness()
     broken_store = state().responses.readiness()  # STATE_DIR gone and not made again, a read-only disk...
     ok = all(reason is None for reason in reasons.values()) and broken_metrics is None and broken_store is None
-    body: dict = {"status": "ready" if ok else "not ready",
+    body: dict[str, Any] = {"status": "ready" if ok else "not ready",
                   "backends": {name: reason or "ready" for name, reason in reasons.items()}}
     upstreams = {name: state for b in backends for name, state in getattr(b, "report", dict)().items()}
     if upstreams:  # each upstream's state, requests, errors and latency, as this worker sees them
@@ -44,7 +45,7 @@ def ready():
 
 
 @bp.get("/metrics")
-def prometheus_metrics():
+def prometheus_metrics() -> Response:
     app_state = state()
     if app_state.settings.metrics_token:
         check_bearer(request.headers.get("Authorization"), app_state.settings.metrics_token)

@@ -14,7 +14,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from flask import Blueprint, send_from_directory
+from flask import Blueprint, Response, send_from_directory
 
 STATIC = Path(__file__).resolve().parent.parent.parent / "static"
 PAGE = "playground.html"
@@ -24,7 +24,7 @@ bp = Blueprint("playground", __name__)
 
 
 @bp.get("/")
-def playground():
+def playground() -> Response:
     response = send_from_directory(STATIC, PAGE)
     response.headers["Content-Security-Policy"] = content_security_policy((STATIC / PAGE).stat().st_mtime_ns)
     response.headers["X-Content-Type-Options"] = "nosniff"

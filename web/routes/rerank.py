@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
 from compat.rerank import parse_rerank, rerank_answer
 from web.context import context, state
@@ -17,7 +17,7 @@ bp = Blueprint("rerank", __name__)
 
 @bp.post("/v1/rerank")
 @bp.post("/v1/reranking")
-def rerank():
+def rerank() -> Response:
     ctx = context()
     call = parse_rerank(read_json(ctx, pass_on=True), state().limits)
     route, backend = serving(ctx, call.request.model, "rerank")

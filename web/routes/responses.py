@@ -38,7 +38,7 @@ def not_found(response_id: str, param: str | None = None) -> APIError:
 
 
 @bp.post("/v1/responses")
-def create_response():
+def create_response() -> Response:
     ctx = context()
     body = read_json(ctx, pass_on=False)  # its fields are the Responses API's, not an upstream's
     owner, store = _owner(ctx), _store()
@@ -72,7 +72,7 @@ def create_response():
 
 
 @bp.post("/v1/responses/input_tokens")
-def count_input_tokens():
+def count_input_tokens() -> Response:
     """The tokens of the prompt a /v1/responses body makes: exact on the local model, estimated elsewhere."""
     ctx = context()
     body = read_json(ctx, pass_on=False)
@@ -96,12 +96,12 @@ def _history(body: object, owner: str) -> list[dict[str, Any]] | None:
     if earlier is None:
         raise APIError(404, f"Previous response with id '{previous}' not found.", param="previous_response_id",
                        code="previous_response_not_found")
-    return earlier.input_items + earlier.response.get("output", [])
+    return [*earlier.input_items, *earlier.response.get("output", [])]
 
 
 def _frame(event: dict[str, Any]) -> bytes:
     data = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
-    return b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n"
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + data + b"\n\n"
 
 
 def _keep(store: ResponseStore, call: ResponsesCall, response: dict[str, Any], owner: str) -> None:
@@ -132,7 +132,7 @@ def _store_errors(param: str | None = None) -> Iterator[None]:
 
 
 @bp.get("/v1/responses/<response_id>")
-def retrieve_response(response_id: str):
+def retrieve_response(response_id: str) -> Response:
     with _store_errors():
         stored = _store().get(response_id, _owner(context()))
     if stored is None:
@@ -141,7 +141,7 @@ def retrieve_response(response_id: str):
 
 
 @bp.delete("/v1/responses/<response_id>")
-def delete_response(response_id: str):
+def delete_response(response_id: str) -> Response:
     with _store_errors():
         deleted = _store().delete(response_id, _owner(context()))
     if not deleted:
@@ -150,7 +150,7 @@ def delete_response(response_id: str):
 
 
 @bp.get("/v1/responses/<response_id>/input_items")
-def list_input_items(response_id: str):
+def list_input_items(response_id: str) -> Response:
     with _store_errors():
         stored = _store().conversation(response_id, _owner(context()))
     if stored is None:

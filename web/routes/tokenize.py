@@ -3,7 +3,7 @@ backend runs one here (the local model); a 400 on the others."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
 from web.context import context, state
 from web.generation import resolve
@@ -14,7 +14,7 @@ bp = Blueprint("tokenize", __name__)
 
 
 @bp.post("/v1/tokenize")
-def tokenize():
+def tokenize() -> Response:
     ctx = context()
     request = parse_tokenize(read_json(ctx, pass_on=False), state().limits)
     route = resolve(ctx, request.model, stream=False)
@@ -23,7 +23,7 @@ def tokenize():
 
 
 @bp.post("/v1/detokenize")
-def detokenize():
+def detokenize() -> Response:
     ctx = context()
     request = parse_detokenize(read_json(ctx, pass_on=False))
     route = resolve(ctx, request.model, stream=False)
