@@ -223,7 +223,7 @@ class UpstreamBackend:
     def rerank(self, request: RerankRequest, caller: Caller | None = None) -> Ranking:
         body = media.rerank_body(request, caller)
         member, response = self._exchange(request.model, caller,
-                                          lambda up: media.post(self.transport.session, up, "/rerank", json_body=body))
+                                          lambda up: self.transport.post(up, "/rerank", body))
         try:
             results, tokens = media.ranking(member.config, response, request, self.bounds.body)
         finally:
@@ -246,7 +246,7 @@ class UpstreamBackend:
         """The upstream's answer as it made it, streamed to the client."""
         def send(up: UpstreamConfig) -> requests.Response:
             data = media.MultipartBody(upload[0], "file", upload[1]) if upload else None  # afresh for each try
-            return media.post(self.transport.session, up, path, json_body=body, data=data)
+            return self.transport.post(up, path, body, data=data)
 
         member, response = self._exchange(model, caller, send)
 

@@ -12,35 +12,11 @@ from typing import Any
 
 import requests
 
-from backends.base import Caller, UpstreamError, UpstreamTimeout
+from backends.base import Caller, UpstreamError
 from backends.bounded import READ_SIZE, capped
 from backends.media import Ranked, RerankRequest, Upload
 from backends.upstream.config import UpstreamConfig
-from backends.upstream.transport import broken_read, error, read_json, reason, succeeded
-
-
-def post(session: requests.Session, up: UpstreamConfig, path: str, *, json_body: dict[str, Any] | None = None,
-         data: MultipartBody | None = None) -> requests.Response:
-    """The upstream's 2xx answer, its body not yet read; anything else raised as a BackendError."""
-    headers = {"Authorization": f"Bearer {up.api_key}"} if up.api_key else {}
-    if data is not None:
-        headers["Content-Type"] = data.content_type
-    try:
-        response = session.post(up.base_url + path, json=json_body, data=data, headers=headers, stream=True,
-                                timeout=(up.connect_timeout, up.timeout), allow_redirects=False,
-                                proxies=requests.utils.get_environ_proxies(up.base_url))
-    except requests.ConnectTimeout:
-        raise UpstreamTimeout(f"upstream {up.name} did not accept a connection in time") from None
-    except requests.Timeout:
-        raise UpstreamTimeout(f"upstream {up.name} did not answer in time") from None
-    except requests.RequestException as exc:
-        raise UpstreamError(f"cannot reach upstream {up.name}: {reason(exc)}") from None
-    if succeeded(response):
-        return response
-    try:
-        raise error(up, response)
-    finally:
-        response.close()
+from backends.upstream.transport import broken_read, read_json
 
 
 def passed_body(caller: Caller | None, model: str) -> dict[str, Any]:

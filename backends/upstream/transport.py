@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
@@ -30,6 +31,17 @@ from backends.upstream.config import UpstreamConfig
 MAX_ERROR_TEXT = 300  # an upstream's error message, as much as a client needs of it
 
 
+class Payload(Protocol):
+    """A body sent as it is read, with its length and type (media.MultipartBody)."""
+
+    @property
+    def content_type(self) -> str: ...
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def __len__(self) -> int: ...
+
+
 class Transport:
     def __init__(self, upstreams: tuple[UpstreamConfig, ...], pool_size: int, bounds: AnswerBounds) -> None:
         self.bounds = bounds
@@ -43,10 +55,15 @@ class Transport:
         self.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self._proxies = {u.name: requests.utils.get_environ_proxies(u.base_url) for u in upstreams}
 
-    def post(self, up: UpstreamConfig, path: str, body: dict[str, Any]) -> requests.Response:
-        """The upstream's 2xx answer, its headers read and its body not yet; anything else raised."""
+    def post(self, up: UpstreamConfig, path: str, body: dict[str, Any] | None = None, *,
+             data: Payload | None = None) -> requests.Response:
+        """The upstream's 2xx answer, its headers read and its body not yet; anything else raised. The
+        body is JSON, or ``data`` sent as it is read (a multipart upload)."""
+        headers = _headers(up)
+        if data is not None:
+            headers["Content-Type"] = data.content_type
         try:
-            response = self.session.post(up.base_url + path, json=body, stream=True, headers=_headers(up),
+            response = self.session.post(up.base_url + path, json=body, data=data, stream=True, headers=headers,
                                          timeout=(up.connect_timeout, up.timeout), proxies=self._proxies[up.name],
                                          allow_redirects=False)
         except requests.ConnectTimeout:
