@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from compat.tokens import parse_detokenize, parse_tokenize
 from web.context import context, state
 from web.generation import resolve
 from web.json_body import read_json
-from web.tokenizing import parse_detokenize, parse_tokenize, tokenizer
+from web.tokenizing import tokenizer
 
 bp = Blueprint("tokenize", __name__)
 
