@@ -10,6 +10,10 @@ from typing import Any, Literal, Protocol
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls"]
+ToolChoice = Literal["auto", "none", "required"]
+# The sampling controls a model may honour beyond temperature, top_p, stop and max_tokens (ModelInfo.controls);
+# a request that asks a model for one it lacks gets a 400 naming the models that have it.
+Control = Literal["logprobs", "seed", "logit_bias", "n", "penalties", "tool_choice"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # JSON text, as OpenAI sends it
+    choice: int = 0  # in an answer: the choice it belongs to (a request for n choices)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class Tool:
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)  # JSON Schema
+    strict: bool = False  # the arguments must match parameters exactly (a model that constrains its output)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class JsonFormat:
     schema: dict[str, Any] | None = None
     name: str = "response"
     param: str = "response_format"  # where the client asked for it, for errors
+    strict: bool = False  # every keyword of the schema enforced (else what cannot be enforced is ignored)
 
 
 class Caller(Protocol):
@@ -89,10 +96,15 @@ class ChatRequest:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     tools: tuple[Tool, ...] = ()
-    tool_choice: str = "auto"  # "auto", "none", "required", or the name of the tool to call
+    tool_choice: ToolChoice = "auto"
+    forced_tool: str | None = None  # the tool the model must call (tool_choice naming one; tool_choice is "required")
     prompt: str | None = None  # raw text to continue (legacy /v1/completions): no chat template, no messages
     incremental: bool = True  # False: the client takes the answer whole, so an upstream may send it whole
     response_format: JsonFormat | None = None  # None: free text
+    n: int = 1  # choices to answer with (a backend with the "n" control: one after another, each its own Finish)
+    logprobs: bool = False  # each token's log probability on its TextDelta
+    top_logprobs: int = 0  # and that many most likely alternatives (0-20)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id of the model's vocabulary, bias -100..100)
 
     @property
     def estimated_prompt_tokens(self) -> int:
@@ -142,15 +154,35 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str  # the token's text (its bytes decoded, U+FFFD where they end inside a character)
+    logprob: float
+    raw: bytes  # the token's bytes
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log probability of a token the model chose, and the most likely alternatives at that step."""
+
+    token: str
+    logprob: float
+    raw: bytes
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens whose text this delta completes (a request with logprobs)
+    choice: int = 0
 
 
 @dataclass(frozen=True)
 class Finish:
     reason: FinishReason
-    usage: Usage
+    usage: Usage  # of this choice: the first choice counts the prompt, later ones only their completion
     stop_sequence: str | None = None  # the request's stop string that ended the answer, where aigate saw it
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +256,7 @@ class ModelInfo:
     open_ended_tokens: int | None = None
     shared_context: bool = False
     tasks: frozenset[Task] | None = CHAT  # None: not known (an upstream's model serves what its server does)
+    controls: frozenset[Control] = frozenset()  # the sampling controls it honours
 
 
 class Backend(Protocol):
@@ -251,7 +284,8 @@ class Backend(Protocol):
         ...
 
     def chat(self, request: ChatRequest, caller: Caller | None = None) -> Generator[Event, None, None]:
-        """Yield TextDeltas (and ToolCalls) then exactly one Finish. Errors raised before the first event are the
+        """Yield TextDeltas (and ToolCalls) then exactly one Finish, for each of the request's n choices in
+        turn (every event carries its choice). Errors raised before the first event are the
         request's fault or the server's state (BackendError); closing the iterator must stop
         the work at once."""
         ...

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from backends.base import ChatRequest, ImageInput, Message, Tool, ToolCall
+from backends.base import ChatRequest, ImageInput, Message, Tool, ToolCall, ToolChoice
 from compat import messages_wire as mw
 from compat import wire
 from compat.errors import invalid
@@ -65,9 +65,9 @@ def _chat_request(request: mw.AnthropicCountTokensRequest, limits: Limits, max_t
     chars = sum(map(message_chars, messages))
     check_chars(chars, limits, "messages")
     check_chars(chars + sum(map(tool_chars, tools)), limits, "tools")
-    choice, first_only = _tool_choice(request.tool_choice, tools)
-    return ChatRequest(model=model, messages=tuple(messages), max_tokens=max_tokens,
-                       tools=tools if choice != "none" else (), tool_choice=choice, incremental=False), first_only
+    choice, forced, first_only = _tool_choice(request.tool_choice, tools)
+    return ChatRequest(model=model, messages=tuple(messages), max_tokens=max_tokens, tools=tools if choice != "none"
+                       else (), tool_choice=choice, forced_tool=forced, incremental=False), first_only
 
 
 def _system(raw: str | list[mw.AnthropicSystemBlock] | None) -> list[Message]:
@@ -201,15 +201,15 @@ def _tools(raw: list[mw.AnthropicTool] | None) -> tuple[Tool, ...]:
     return tuple(tools)
 
 
-def _tool_choice(raw: mw.ToolChoice | None, tools: tuple[Tool, ...]) -> tuple[str, bool]:
-    """Chat's tool_choice, and whether only the first tool call is wanted."""
+def _tool_choice(raw: mw.ToolChoice | None, tools: tuple[Tool, ...]) -> tuple[ToolChoice, str | None, bool]:
+    """Chat's tool_choice, the tool it forces, and whether only the first tool call is wanted."""
     if raw is None:
-        return "auto", False
+        return "auto", None, False
     first_only = bool(getattr(raw, "disable_parallel_tool_use", False))
     if isinstance(raw, mw.AnthropicToolChoiceNone):
-        return "none", False
+        return "none", None, False
     if isinstance(raw, mw.AnthropicToolChoiceAuto):
-        return "auto", first_only
+        return "auto", None, first_only
     if not tools:
         raise invalid(f"tool_choice of type '{type(raw).__struct_config__.tag}' needs tools.", "tool_choice",
                       "invalid_value")
@@ -217,8 +217,8 @@ def _tool_choice(raw: mw.ToolChoice | None, tools: tuple[Tool, ...]) -> tuple[st
         if raw.name not in {t.name for t in tools}:
             raise invalid(f"tool_choice names {raw.name!r}, which is not in tools.", "tool_choice.name",
                           "invalid_value")
-        return raw.name, first_only
-    return "required", first_only
+        return "required", raw.name, first_only
+    return "required", None, first_only
 
 
 __all__ = ["MessagesCall", "parse_count_tokens", "parse_messages"]

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import ChatRequest, ImageInput, JsonFormat, Message, Role, Tool, ToolCall
+from backends.base import ChatRequest, ImageInput, JsonFormat, Message, Role, Tool, ToolCall, ToolChoice
 from compat import token_ids, wire
 from compat.errors import APIError, invalid
 
@@ -73,14 +73,14 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     check_chars(chars + sum(map(tool_chars, tools)), limits, "tools")
     if request.logprobs is True:
         raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
-    tool_choice = _tool_choice(request.tool_choice, tools)
+    tool_choice, forced = _tool_choice(request.tool_choice, tools)
     # Both are checked when both are sent; the newer max_completion_tokens wins.
     newer, older = _int(request.max_completion_tokens), _int(request.max_tokens)
     max_tokens, param = (older, "max_tokens") if newer is None else (newer, "max_completion_tokens")
     max_tokens = _bounded_max_tokens(max_tokens, limits.ceiling(model), param)
     stream, include_usage = _stream(request)
     chat = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
-                       tools=tools if tool_choice != "none" else (), tool_choice=tool_choice,
+                       tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, forced_tool=forced,
                        response_format=response_format, **_sampling(request))
     return ChatCall(chat, stream, include_usage, legacy)
 
@@ -306,20 +306,20 @@ def _legacy_functions(body: dict[str, Any]) -> dict[str, Any]:
             "tool_choice": call if body.get("tool_choice") is None else body["tool_choice"]}
 
 
-def _tool_choice(raw: str | wire.NamedToolChoice | None, tools: tuple[Tool, ...]) -> str:
-    if raw is None:
-        return "auto"
-    if raw in ("none", "auto"):
-        return raw
+def _tool_choice(raw: str | wire.NamedToolChoice | None, tools: tuple[Tool, ...]) -> tuple[ToolChoice, str | None]:
+    """The choice, and the tool it forces (a named choice is ``required`` of that one tool)."""
+    if raw is None or raw == "auto":
+        return "auto", None
+    if raw == "none":
+        return "none", None
+    forced = None
     if isinstance(raw, wire.NamedToolChoice):
-        choice = raw.function.name
-        if choice not in {t.name for t in tools}:
-            raise invalid(f"tool_choice names {choice!r}, which is not in tools.", "tool_choice", "invalid_value")
-    else:
-        choice = raw  # required
+        forced = raw.function.name
+        if forced not in {t.name for t in tools}:
+            raise invalid(f"tool_choice names {forced!r}, which is not in tools.", "tool_choice", "invalid_value")
     if not tools:
         raise invalid("tool_choice needs tools.", "tool_choice", "invalid_value")
-    return choice
+    return "required", forced
 
 
 # The parsers, their limits, and what the Responses parser shares with them.

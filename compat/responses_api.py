@@ -28,6 +28,7 @@ from backends.base import (
     TextDelta,
     Tool,
     ToolCall,
+    ToolChoice,
     Usage,
     Written,
 )
@@ -85,13 +86,14 @@ def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str
                       "input", "too_many_messages")
     check_chars(sum(len(m.content) for m in messages), limits, "input")
     tools, echoed_tools = function_tools(request.tools)
-    choice = tool_choice(request.tool_choice, tools)
+    choice, forced = tool_choice(request.tool_choice, tools)
     asked = None if request.max_output_tokens is None else int(request.max_output_tokens)
     max_tokens = _bounded_max_tokens(asked, limits.ceiling(model), "max_output_tokens")
     fmt = text_format(request.text)
     stream = bool(request.stream)
     chat = ChatRequest(model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=request.temperature,
                        top_p=request.top_p, tools=tools if choice != "none" else (), tool_choice=choice,
+                       forced_tool=forced,
                        incremental=stream, response_format=fmt)
     echo = {
         "instructions": request.instructions, "max_output_tokens": asked, "metadata": request.metadata or {},
@@ -249,23 +251,24 @@ def function_tools(raw: Any) -> tuple[tuple[Tool, ...], list[dict[str, Any]]]:
     return tuple(tools), echoed
 
 
-def tool_choice(raw: Any, tools: tuple[Tool, ...]) -> str:
+def tool_choice(raw: Any, tools: tuple[Tool, ...]) -> tuple[ToolChoice, str | None]:
+    """The choice, and the tool it forces (a named choice is ``required`` of that one tool)."""
     if raw is None or raw == "auto":
-        return "auto"
+        return "auto", None
     if raw == "none":
-        return "none"
+        return "none", None
     if raw == "required":
-        return "required" if tools else "auto"
+        return ("required" if tools else "auto"), None
     if isinstance(raw, dict):
         if raw.get("type") == "function":
             name = raw.get("name")
             if not isinstance(name, str) or name not in {t.name for t in tools}:
                 raise invalid(f"tool_choice names {name!r}, which is not a function in tools.", "tool_choice",
                               "invalid_value")
-            return name
+            return "required", name
         if raw.get("type") == "allowed_tools" and raw.get("mode") in ("auto", "required"):
-            return raw["mode"] if tools else "auto"
-        return "auto"  # a hosted tool's choice: those tools are skipped here
+            return ("required" if raw["mode"] == "required" and tools else "auto"), None
+        return "auto", None  # a hosted tool's choice: those tools are skipped here
     raise invalid("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}.",
                   "tool_choice", "invalid_value")
 

@@ -365,8 +365,8 @@ def _body(r: ChatRequest, kind: Kind, caller: Caller | None) -> dict[str, Any]:
     if r.tools:
         body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                            "parameters": t.parameters}} for t in r.tools]
-        body["tool_choice"] = (r.tool_choice if r.tool_choice in ("auto", "none", "required")
-                               else {"type": "function", "function": {"name": r.tool_choice}})
+        body["tool_choice"] = (r.tool_choice if r.forced_tool is None
+                               else {"type": "function", "function": {"name": r.forced_tool}})
     if r.response_format is not None:
         fmt = r.response_format
         body["response_format"] = ({"type": "json_object"} if fmt.schema is None else

@@ -93,7 +93,8 @@ def test_tools_and_tool_history():
                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
                   {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 21}"}])
     r = call.request
-    assert [t.name for t in r.tools] == ["get_weather"] and r.tool_choice == "get_weather"
+    assert [t.name for t in r.tools] == ["get_weather"]
+    assert (r.tool_choice, r.forced_tool) == ("required", "get_weather")
     assert r.messages[1].tool_calls[0].arguments == '{"city": "Paris"}'
     assert (r.messages[2].role, r.messages[2].tool_call_id) == ("tool", "call_1")
     assert parse(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none").request.tools == ()

@@ -143,10 +143,11 @@ def test_system_turns_blocks_and_tool_results_map_onto_chat():
 
 @pytest.mark.parametrize(("choice", "expected", "first_only"), [
     ({"type": "auto"}, "auto", False), ({"type": "any", "disable_parallel_tool_use": True}, "required", True),
-    ({"type": "tool", "name": "get_weather"}, "get_weather", False), ({"type": "none"}, "none", False)])
+    ({"type": "tool", "name": "get_weather"}, "required", False), ({"type": "none"}, "none", False)])
 def test_tool_choice_maps_like_chat_s(choice, expected, first_only):
     call = parse_messages(body(tools=[WEATHER], tool_choice=choice))
     assert (call.request.tool_choice, call.first_tool_call_only) == (expected, first_only)
+    assert call.request.forced_tool == (choice.get("name"))
     assert len(call.request.tools) == (0 if expected == "none" else 1)
 
 
