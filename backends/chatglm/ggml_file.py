@@ -259,19 +259,32 @@ def _parse(p: Path, data: memoryview) -> ModelFile:
 
 def read_tokenizer_vocab(model: ModelFile) -> list[bytes]:
     """A GLM-4 file's token bytes by id (what the engine's byte-level detokenizer reads)."""
+    return read_tiktoken_vocab(_tokenizer_blob(model))
+
+
+def read_sentencepiece(model: ModelFile) -> sentencepiece.SentencePieceProcessor:
+    """A ChatGLM2/3 file's tokenizer, the sentencepiece model chatglm.cpp loads from it."""
+    return _sentencepiece(_tokenizer_blob(model))
+
+
+def _tokenizer_blob(model: ModelFile) -> bytes:
     offset, size = model.tokenizer_span
     with open(model.path, "rb") as f:
         f.seek(offset)
-        return read_tiktoken_vocab(f.read(size))
+        return f.read(size)
 
 
-def _sentencepiece_size(proto: bytes) -> int:
+def _sentencepiece(proto: bytes) -> sentencepiece.SentencePieceProcessor:
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.LoadFromSerializedProto(proto)
     except (RuntimeError, OSError) as exc:
         raise ModelFileError(f"the tokenizer is corrupt ({exc})") from None
-    return int(sp.get_piece_size())
+    return sp
+
+
+def _sentencepiece_size(proto: bytes) -> int:
+    return int(_sentencepiece(proto).get_piece_size())
 
 
 def read_tiktoken_vocab(text: bytes) -> list[bytes]:
