@@ -91,8 +91,17 @@ class ReplySplitter:
                  parse: Callable[[str, str], ToolCall | None] = parse_call) -> None:
         self.tools_offered = tools_offered
         self.parse = parse  # the family's own call format
-        self.state = "content" if raw else "start"  # -> "content" or "tool"; raw text has no turns
+        self.dummy_prefix = False
+        self.state = "content" if raw else "start"  # -> "content" or "tool"
         self.buffer = ""
+
+    def drop_dummy_prefix(self) -> ReplySplitter:
+        """For a sentencepiece model's token bytes as written (a constrained answer), whose turns start
+        " \\n " (the tokenizer's dummy prefix, which its own decoder drops): the spaces go too."""
+        self.dummy_prefix = True
+        if self.state == "content":
+            self.state = "space"
+        return self
 
     def feed(self, text: str) -> str:
         if self.state == "content":
@@ -100,16 +109,24 @@ class ReplySplitter:
         self.buffer += text
         if self.state == "tool" or not self.buffer:
             return ""
-        if not self.tools_offered:
+        if self.state == "space":  # raw text: only the dummy prefix's space to drop
+            self.state = "content"
+            out, self.buffer = self.buffer.removeprefix(" "), ""
+            return out
+        if not self.tools_offered and not self.dummy_prefix:
             self.state = "content"
             out, self.buffer = self.buffer.removeprefix("\n"), ""
             return out
         if "\n" not in self.buffer:
             return ""
         metadata, rest = self.buffer.split("\n", 1)
-        if metadata.strip():
+        if metadata.strip() and self.tools_offered:
             self.state = "tool"
             return ""
+        if self.dummy_prefix:
+            if not rest:
+                return ""  # the space after the newline may follow
+            rest = rest.removeprefix(" ")
         self.state, self.buffer = "content", ""
         return rest
 

@@ -81,3 +81,23 @@ def test_reply_splitter():
     assert split(True, ["get_weather\n", "I think it is sunny"]) == ("get_weather\nI think it is sunny", None)
     assert split(False, ["\nHi", " there"]) == ("Hi there", None)
     assert split(False, ["no metadata here\n", "x"]) == ("no metadata here\nx", None)
+
+
+@pytest.mark.parametrize("tools_offered,raw", [(False, False), (True, False), (False, True)])
+def test_a_dummy_prefix_turn_start_is_dropped_however_the_text_is_split(tools_offered, raw):
+    """A constrained answer of a real ChatGLM2/3 model, decoded byte for byte: " \\n {...}" (raw: " {...}")."""
+    text = ' {"a": 1}' if raw else ' \n {"a": 1}'
+    for cut in range(1, len(text)):
+        splitter = ReplySplitter(tools_offered, raw=raw).drop_dummy_prefix()
+        shown = splitter.feed(text[:cut]) + splitter.feed(text[cut:])
+        rest, call = splitter.finish()
+        assert (shown + rest, call) == ('{"a": 1}', None)
+
+
+def test_a_dummy_prefix_call_is_read():
+    splitter = ReplySplitter(True).drop_dummy_prefix()
+    assert splitter.feed(' get_weather\n ```python\ntool_call(city="P", **{}) ') == ""
+    splitter = ReplySplitter(True).drop_dummy_prefix()
+    splitter.feed(' get_weather\n ```python\ntool_call(city="P", ok=True, x={"y": false, "z": null})\n```')
+    _, call = splitter.finish()
+    assert call is not None and json.loads(call.arguments) == {"city": "P", "ok": True, "x": {"y": False, "z": None}}
