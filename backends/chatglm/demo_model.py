@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import os
 import re
+import string
 import struct
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +108,33 @@ class Tokenizer:
     pad: int
 
 
-def sentencepiece_tokenizer(extra_pieces: tuple[str, ...]) -> Tokenizer:
+def synthetic_pieces(count: int) -> list[str]:
+    """Made-up pieces for a vocabulary of real size (a bench of the grammar's token mask, whose cost grows
+    with the number of distinct tokens): CJK characters, and words of 2-4 letters bare, after a space and
+    capitalised, interleaved."""
+    def words() -> Iterator[str]:
+        return ("".join(p) for n in (2, 3, 4) for p in itertools.product(string.ascii_lowercase, repeat=n))
+
+    kinds = [(chr(0x4E00 + i) for i in range(20_000)), (" " + w for w in words()), words(),
+             (w.title() for w in words())]
+    pool = (p for group in itertools.zip_longest(*kinds) for p in group if p is not None)
+    return list(itertools.islice(pool, count))
+
+
+def sentencepiece_tokenizer(extra_pieces: tuple[str, ...], vocab_pieces: int = 0) -> Tokenizer:
     proto = train_tokenizer(extra_pieces=extra_pieces)
     sp = sentencepiece.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
+    known = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    pool = [p.replace(" ", "\u2581") for p in synthetic_pieces(2 * vocab_pieces)] if vocab_pieces else []
+    pool = [p for p in pool if p not in known]
+    more = 0
+    for _ in range(4):  # the pieces added leave fewer merges to learn: add what is still missing
+        if sp.get_piece_size() >= vocab_pieces:
+            break
+        more += vocab_pieces - sp.get_piece_size()
+        proto = train_tokenizer(vocab_pieces, (*extra_pieces, *pool[:more]))
+        sp.LoadFromSerializedProto(proto)
     pieces = sp.get_piece_size()
     ordinary = [i for i in range(pieces) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
     return Tokenizer(proto, pieces, ordinary, {sp.id_to_piece(i): i for i in range(pieces)}, sp.eos_id(),
@@ -153,8 +179,12 @@ def train_bpe(merges: int = 700, extra_tokens: tuple[str, ...] = ()) -> list[byt
     return vocab
 
 
-def bpe_tokenizer(extra_pieces: tuple[str, ...]) -> Tokenizer:
+def bpe_tokenizer(extra_pieces: tuple[str, ...], vocab_pieces: int = 0) -> Tokenizer:
     vocab = train_bpe(extra_tokens=extra_pieces)
+    if vocab_pieces:
+        known = set(vocab)
+        more = [p for p in synthetic_pieces(vocab_pieces + len(known)) if p.encode() not in known]
+        vocab = train_bpe(extra_tokens=(*extra_pieces, *more[:max(vocab_pieces - len(vocab), 0)]))
     blob = b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(vocab))
     ids, ordinary = {}, []
     for i, t in enumerate(vocab):
@@ -238,13 +268,17 @@ def write_demo_model(
     end_with_padding: bool = False,
     script: tuple[str, ...] = (),
     vocab_size: int | None = None,
+    vocab_pieces: int = 0,
     seed: int = 0,
 ) -> Path:
-    """Write the model atomically (a reader never sees half a file) and return its path."""
+    """Write the model atomically (a reader never sees half a file) and return its path. ``vocab_pieces``:
+    the tokenizer's ordinary pieces made up to about this many with synthetic ones (a bench's real-size
+    vocabulary; without it ~1,000 pieces are padded to ``vocab_size``, which a grammar's mask never sees)."""
     model_type = FAMILY_IDS[family]
     specials = FAMILY_SPECIAL_TOKENS[model_type]
     extra = tuple(p for p in script if p not in specials)
-    tok = bpe_tokenizer(extra) if model_type in (CHATGLM4, CHATGLM4V) else sentencepiece_tokenizer(extra)
+    tok = (bpe_tokenizer(extra, vocab_pieces) if model_type in (CHATGLM4, CHATGLM4V)
+           else sentencepiece_tokenizer(extra, vocab_pieces))
     pieces = tok.pieces
     vocab = max(vocab_size or 0, -(-(pieces + len(specials)) // PAD_TO) * PAD_TO)  # padded, as real models
     config = ModelConfig(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size, 0, max_length,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from backends.chatglm.demo_model import write_demo_model
 from backends.chatglm.engine.model import Model
 from backends.chatglm.engine.vocab import SPECIAL, GrammarTokenizer, token_bytes
 from backends.chatglm.ggml_file import FAMILY_SPECIAL_TOKENS, read_model_file
@@ -57,3 +58,17 @@ def test_a_dummy_prefix_is_detected_and_kept_out_of_encoded_text(model):
     assert g.dummy_prefix
     for text in TEXTS:
         assert g.spell(g(text.encode())) == text.encode()
+
+
+@pytest.mark.parametrize("family", ["chatglm3", "glm4"])
+def test_vocab_pieces_makes_a_tokenizer_of_that_size_that_still_maps_exactly(tmp_path, family):
+    """A bench's real-size vocabulary (demo_model's vocab_pieces): thousands of distinct tokens, not ~1,000
+    padded, and chatglm.cpp's encoder still spells text exactly with them."""
+    path = write_demo_model(tmp_path / "big.bin", family=family, vocab_pieces=6000, hidden_size=32, num_heads=2,
+                            num_kv_heads=1, ffn_size=64, num_layers=1, max_length=256)
+    model = Model(read_model_file(path), 128, slots=1)
+    tokens = token_bytes(model.file)
+    assert 5900 <= model.file.tokenizer_pieces <= 6000
+    assert len({t for t in tokens if t and not t.startswith(SPECIAL)}) >= 5800
+    for text in TEXTS:
+        assert b"".join(tokens[i] for i in model._encode(text)) == text.encode()
