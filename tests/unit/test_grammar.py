@@ -173,6 +173,20 @@ def test_required_is_a_call_of_any_tool_and_chatglm3_writes_python_constants(fam
         assert any("tool_call(**{" in t for t in texts) and any("tool_call(city=" in t for t in texts)
 
 
+def test_a_tool_without_parameters_is_called_with_an_object(family):
+    model, g = family
+    if model.family.tools is None:
+        return
+    for seed in range(3):
+        _, call, text = answer(model, g, ChatRequest("m", ASK, tools=(Tool("now"),), forced_tool="now",
+                                                     tool_choice="required"), seed, favour=b'"}')
+        assert call is not None and isinstance(json.loads(call.arguments), dict), text
+    with pytest.raises(InvalidRequest):
+        g.constraint(ChatRequest("m", ASK, tool_choice="required"))
+    with pytest.raises(InvalidRequest):
+        g.constraint(ChatRequest("m", ASK, tools=(WEATHER,), tool_choice="required", forced_tool="nope"))
+
+
 def test_auto_with_a_response_format_is_the_answer_or_a_call(family):
     """What the Agents SDK sends: strict tools beside output_type, tool_choice left to auto."""
     model, g = family

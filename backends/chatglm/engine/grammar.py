@@ -190,6 +190,8 @@ def answer_grammar(family: Family, request: ChatRequest, dummy_prefix: bool) -> 
         where = "a raw prompt" if request.prompt is not None else f"{family.name} models"
         raise ToolsNotSupported(f"{where} cannot call tools; send the request without tool_choice",
                                 param="tool_choice")
+    if forced and not request.tools:
+        raise InvalidRequest("tool_choice asks for a tool call, but the request has no tools", param="tool_choice")
     if request.forced_tool is not None:
         tools = tuple(t for t in request.tools if t.name == request.forced_tool)
         if not tools:
