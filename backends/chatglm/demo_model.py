@@ -181,10 +181,10 @@ def train_bpe(merges: int = 700, extra_tokens: tuple[str, ...] = ()) -> list[byt
 
 def bpe_tokenizer(extra_pieces: tuple[str, ...], vocab_pieces: int = 0) -> Tokenizer:
     vocab = train_bpe(extra_tokens=extra_pieces)
-    if vocab_pieces:
+    if vocab_pieces:  # appended after the merges, as a script's pieces are
         known = set(vocab)
-        more = [p for p in synthetic_pieces(vocab_pieces + len(known)) if p.encode() not in known]
-        vocab = train_bpe(extra_tokens=(*extra_pieces, *more[:max(vocab_pieces - len(vocab), 0)]))
+        more = [p.encode() for p in synthetic_pieces(vocab_pieces + len(known)) if p.encode() not in known]
+        vocab += more[:max(vocab_pieces - len(vocab), 0)]
     blob = b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(vocab))
     ids, ordinary = {}, []
     for i, t in enumerate(vocab):

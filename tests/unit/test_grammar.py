@@ -58,6 +58,11 @@ def family(request) -> tuple[Model, Grammars]:
     return model, grammars(model)
 
 
+@pytest.fixture(scope="module")
+def chatglm3(demo_model) -> Model:
+    return Model(read_model_file(demo_model), 256, slots=1)
+
+
 def grammars(model: Model, dummy_prefix: bool = False) -> Grammars:
     tokens = token_bytes(model.file)
     encode = model._encode
@@ -233,8 +238,8 @@ def not_free_prefix(g: Grammars, c: Constraint, seed: int) -> bool:
     return True
 
 
-def test_a_dummy_prefix_model_may_start_its_turn_with_spaces_the_splitter_drops(demo_model):
-    model = Model(read_model_file(demo_model), 256, slots=1)
+def test_a_dummy_prefix_model_may_start_its_turn_with_spaces_the_splitter_drops(chatglm3):
+    model = chatglm3
     g = grammars(model, dummy_prefix=True)
     assert g.dummy_prefix
     starts = set()
@@ -267,10 +272,10 @@ class Person(BaseModel):
     past: list[Address]
 
 
-def test_a_pydantic_strict_schema_compiles_and_walks(demo_model):
+def test_a_pydantic_strict_schema_compiles_and_walks(chatglm3):
     schema = to_strict_json_schema(Person)
     assert schema_error(schema, strict=True) == ""
-    model = Model(read_model_file(demo_model), 256, slots=1)
+    model = chatglm3
     g = grammars(model)
     request = ChatRequest("m", ASK, response_format=JsonFormat(schema, strict=True))
     for seed in range(3):
@@ -278,8 +283,8 @@ def test_a_pydantic_strict_schema_compiles_and_walks(demo_model):
         Person.model_validate_json(content)
 
 
-def test_a_bad_schema_is_a_clear_invalid_request(demo_model):
-    model = Model(read_model_file(demo_model), 256, slots=1)
+def test_a_bad_schema_is_a_clear_invalid_request(chatglm3):
+    model = chatglm3
     g = grammars(model)
     bad = {"type": "object", "properties": {"a": {"type": "string"}}, "unevaluatedProperties": False}
     with pytest.raises(InvalidRequest) as caught:
@@ -292,8 +297,8 @@ def test_a_bad_schema_is_a_clear_invalid_request(demo_model):
     assert g.constraint(ChatRequest("m", ASK, response_format=JsonFormat(bad, strict=False))) is not None  # lenient
 
 
-def test_raw_prompts_take_json_but_no_tools(demo_model):
-    model = Model(read_model_file(demo_model), 256, slots=1)
+def test_raw_prompts_take_json_but_no_tools(chatglm3):
+    model = chatglm3
     g = grammars(model)
     request = ChatRequest("m", (), prompt="Say:", response_format=JsonFormat(SCHEMA))
     content, _, _ = answer(model, g, request, 0)
