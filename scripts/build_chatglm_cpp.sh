@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build and install chatglm-cpp 0.4.2 from its PyPI sdist with aigate's patch
-# (patches/chatglm-cpp-0.4.2-aigate.patch): the model step runs without the GIL, and tokens after a
-# cached prefix are evaluated in one step with a causal mask. It installs as 0.4.2+aigate.1, which
-# still satisfies requirements.txt's chatglm-cpp==0.4.2; a stock install works too, with less.
+# (patches/chatglm-cpp-0.4.2-aigate.patch): the model step runs without the GIL, tokens after a
+# cached prefix are evaluated in one step with a causal mask, and next_token_logits hands the logits to
+# Python (which samples them: grammar masks, logprobs, seeds, logit_bias, penalties). It installs as
+# 0.4.2+aigate.2, which still satisfies requirements.txt's chatglm-cpp==0.4.2; a stock install works too,
+# with less.
 #   scripts/build_chatglm_cpp.sh PATH/TO/VENV/bin/pip
 set -euo pipefail
 pip=$1
