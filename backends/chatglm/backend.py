@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Generator
+from dataclasses import replace
 
 from backends.base import Caller, ChatRequest, Embeddings, Event, ModelInfo, NotSupportedByModel, UnsupportedContent
 from backends.chatglm.engine.client import EngineClient, LaterImages
@@ -43,6 +44,9 @@ class ChatGLMBackend:
                 raise RuntimeError(status["error"])
             if status and status["loaded"]:
                 log.info("the local engine (pid %s) serves %s", status["pid"], self._info.id)
+                # what the model honours is known once its engine has loaded it (its build, its family)
+                self._info = replace(self._info, controls=frozenset(status.get("controls", ())),
+                                     structured_outputs=bool(status.get("constrains")))
                 return
             time.sleep(_LOAD_POLL_SECONDS)  # cooperative under gevent
 

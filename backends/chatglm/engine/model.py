@@ -12,6 +12,11 @@ them and evaluates only the rest. Stock chatglm-cpp 0.4.2 evaluates one token pe
 anything is cached (it masks a batch only when the cache is empty), so there the rest goes in at
 decode speed and reuse is taken only when that is cheaper than evaluating the prompt cold.
 aigate's patched build (``0.4.2+aigate``) masks any batch, so the rest goes in as one batch.
+
+Two ways to the next token. Plain requests keep chatglm.cpp's own sampler (``generate_next_token``), the
+fastest. A request that needs more (a grammar's constraint, logprobs, a seed, logit_bias, penalties, or
+n > 1 choices) takes the logits (``next_token_logits``, aigate's build from 0.4.2+aigate.2) and chooses in
+Python (sampler.py). n choices run one after another on the slot: the later ones find the prompt cached.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,14 +44,21 @@ from backends.base import (
     InvalidImage,
     InvalidRequest,
     Message,
-    TextDelta,
+    NotSupportedByModel,
+    TokenLogprob,
     Tool,
     TooManyImages,
+    TopLogprob,
     UnsupportedContent,
     Usage,
 )
+from backends.base import Control as ControlName
 from backends.chatglm.chatglm3_tools import ReplySplitter
+from backends.chatglm.engine import sampler
+from backends.chatglm.engine.answer import AnswerText
 from backends.chatglm.engine.families import FAMILIES
+from backends.chatglm.engine.grammar import Constraint, Grammars, answer_grammar
+from backends.chatglm.engine.vocab import SPECIAL, token_bytes
 from backends.chatglm.ggml_file import ModelFile, read_tokenizer_vocab
 from backends.stops import StopMatcher
 
@@ -56,6 +68,8 @@ DEFAULT_TEMPERATURE = 0.95  # chatglm.cpp's own defaults, used when the client s
 DEFAULT_TOP_P = 0.7
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may carry lone ones; no tokenizer takes them
 PATCHED = "+aigate" in chatglm_cpp.__version__
+LOGITS = hasattr(chatglm_cpp._C.BaseModelForCausalLM, "next_token_logits")  # aigate's build from +aigate.2
+SAMPLING_CONTROLS: frozenset[ControlName] = frozenset({"logprobs", "seed", "logit_bias", "n", "penalties"})
 
 
 class Detokenizer:
@@ -149,9 +163,81 @@ class Model:
         self._tokenizer = pipelines[0].tokenizer
         config = pipelines[0].model.config
         self._end_ids = frozenset([config.eos_token_id, *config.extra_eos_token_ids])
+        self.vocab_size = config.vocab_size
+        # The logits path: every id's bytes (constrained answers, logprobs) and the grammars.
+        self.tokens = token_bytes(model) if LOGITS else []
+        self.real_tokens = max((i + 1 for i, t in enumerate(self.tokens) if t), default=0)  # padding after
+        self.grammars = Grammars(model, self.family, self.tokens, self._encode, self._end_ids) if LOGITS else None
         self.slots = [Slot(self, p) for p in pipelines]
         for slot in self.slots:
             slot.warm_up()
+
+    @property
+    def controls(self) -> frozenset[ControlName]:
+        """The sampling controls this build honours (ModelInfo.controls)."""
+        if not LOGITS:
+            return frozenset()
+        return SAMPLING_CONTROLS | ({"tool_choice"} if self.family.tools else set())
+
+    @property
+    def constrains(self) -> bool:
+        """Answers can be held to a JSON schema or a forced tool call."""
+        return self.grammars is not None
+
+    def check(self, request: ChatRequest) -> None:
+        """Refuse, before the request takes a slot, what this model cannot honour: the logits path on a build
+        without it (NotSupportedByModel), a logit_bias id not of this vocabulary, a schema that cannot
+        compile (InvalidRequest), a forced tool call the family cannot make (ToolsNotSupported)."""
+        if not LOGITS:
+            asked = self._logits_asked(request)
+            if asked:
+                raise NotSupportedByModel(
+                    f"{asked[0]} needs aigate's build of chatglm-cpp (0.4.2+aigate.2: scripts/build_chatglm_cpp.sh); "
+                    f"this engine runs chatglm-cpp {chatglm_cpp.__version__}. Send the request without it.",
+                    param=asked[1])
+            return
+        for token, _ in request.logit_bias:
+            if not 0 <= token < self.real_tokens:
+                raise InvalidRequest(f"logit_bias has {token}, which is not a token id of this model: its ids are 0 "
+                                     f"to {self.real_tokens - 1}.", param="logit_bias")
+        if self.grammars is not None:
+            self.grammars.constraint(request)  # compiled (and cached) now: its errors before the slot
+
+    def _logits_asked(self, request: ChatRequest) -> tuple[str, str | None] | None:
+        """What of the request needs the logits path, in words, and its param (None: nothing)."""
+        for asked, wanted in (("logprobs", request.logprobs), ("seed", request.seed is not None),
+                              ("logit_bias", request.logit_bias), ("presence_penalty", request.presence_penalty),
+                              ("frequency_penalty", request.frequency_penalty), ("n", request.n > 1)):
+            if wanted:
+                return asked, asked
+        if answer_grammar(self.family, request, False) is not None:
+            param = request.response_format.param if request.response_format else "tool_choice"
+            return "An answer held to a JSON schema or a tool call", param
+        return None
+
+    def sampled(self, request: ChatRequest) -> bool:
+        """Whether the request takes the logits path (else chatglm.cpp's own sampler)."""
+        return LOGITS and (self._logits_asked(request) is not None)
+
+    def sampling(self, request: ChatRequest) -> sampler.Params:
+        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+        return sampler.Params(temperature, DEFAULT_TOP_P if request.top_p is None else request.top_p,
+                              request.presence_penalty or 0.0, request.frequency_penalty or 0.0, request.logit_bias,
+                              request.logprobs, request.top_logprobs)
+
+    def token_logprob(self, pick: sampler.Pick) -> TokenLogprob:
+        top = []
+        for token, logprob in pick.top:
+            text, raw = self._token_text(token)
+            top.append(TopLogprob(text, logprob, raw))
+        text, raw = self._token_text(pick.token)
+        return TokenLogprob(text, pick.logprob, raw, tuple(top))
+
+    def _token_text(self, token: int) -> tuple[str, bytes]:
+        """A token's text and bytes (a special token's: its name)."""
+        raw = self.tokens[token]
+        raw = raw[len(SPECIAL):] if raw.startswith(SPECIAL) else raw
+        return raw.decode("utf-8", "replace"), raw
 
     def prompt_ids(self, request: ChatRequest) -> list[int]:
         """The request as the model reads it; ContextLengthExceeded if it leaves no room to answer."""
@@ -292,6 +378,8 @@ class Slot:
         self._pipeline = pipeline
         self._ids: list[int] = []
         self._cached = 0  # how many of _ids the cache holds
+        self._logits: np.ndarray | None = None  # the logits path's buffers, made at its first request
+        self._bitmask = np.zeros(0, np.int32)
 
     @property
     def cached(self) -> list[int]:
@@ -331,70 +419,150 @@ class Slot:
         return reuse if cheaper else 0
 
     def generate(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool]) -> Iterator[Event]:
-        """Events for one answer to ``prompt``; ends early, without a Finish, once ``cancelled()``."""
-        image = self.model.image(request)
-        extra = self.model.image_extra if image is not None else 0  # positions the image takes beyond its 3 ids
-        room = self.model.context_length - len(prompt) - extra
+        """Events for the answers to ``prompt`` (request.n of them, one after another, each ending in its
+        Finish); ends early, without a Finish, once ``cancelled()``."""
+        if not self.model.sampled(request):
+            yield from self._answer(request, prompt, cancelled, 0)
+            return
+        for choice in range(request.n):
+            if choice and cancelled():
+                return
+            if not (yield from self._answer(request, prompt, cancelled, choice)):
+                return
+
+    def _answer(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool],
+                choice: int) -> Generator[Event, None, bool]:
+        """One answer's events; False when it was cancelled before its Finish."""
+        model = self.model
+        image = model.image(request)
+        extra = model.image_extra if image is not None else 0  # positions the image takes beyond its 3 ids
+        room = model.context_length - len(prompt) - extra
         max_new = room if request.max_tokens is None else min(request.max_tokens, room)
-        config = self.model.generation_config(request, max_new)
-        stop = StopMatcher(request.stop)
-        reply = self.model.reply_splitter(request)
-        detok = self.model.detokenizer()
+        step = self._decoder(request, max_new, choice)
+        text = AnswerText(step.detokenizer(), model.reply_splitter(request), StopMatcher(request.stop), choice)
+        if isinstance(step, Sampled) and step.constraint is not None and model.grammars is not None \
+                and model.grammars.dummy_prefix:
+            text.reply.drop_dummy_prefix()  # the token bytes keep the " \n " turn start the decoder would drop
         reuse = 0 if image is not None else self.reusable(prompt)
         self._ids, self._cached = list(prompt), 0  # until a step returns, what the cache holds is unknown
-        ids, model = self._ids, self._pipeline.model
+        ids = self._ids
         started = time.monotonic()
-        token = self._prefill(prompt, reuse, config, image)
+        self._prefill(prompt, reuse, step, image)
         if reuse == 0:
-            self.model.costs.note_prefill(time.monotonic() - started, len(prompt))
+            model.costs.note_prefill(time.monotonic() - started, len(prompt))
         generated = 0
         reason: FinishReason = "length"
         while True:
+            token = step.choose()
             ids.append(token)
             generated += 1
-            if self.model.is_end(token):
+            if model.is_end(token):
                 reason = "stop"
                 break
-            text = stop.feed(reply.feed(detok.add(token)))
-            if text:
-                yield TextDelta(text)
-            if stop.stopped:
+            delta = text.add(token, step.logprob)
+            if delta is not None:
+                yield delta
+            if text.stop.stopped or step.done:  # a stop string, or the grammar's structure complete
                 reason = "stop"
                 break
             if generated >= max_new:
                 break
             if cancelled():
-                return
-            step = time.monotonic()
-            token = model.generate_next_token(ids, None, config, len(ids) - 1 + extra, len(prompt))
+                return False
+            began = time.monotonic()
+            step.evaluate(ids, None, len(ids) - 1 + extra, len(prompt))
             self._cached = len(ids) if image is None else 0  # with an image, cache positions are not the ids
-            self.model.costs.note_decode(time.monotonic() - step)
-        call = None
-        if not stop.stopped:
-            content = reply.feed(detok.flush())
-            rest, call = reply.finish()
-            tail = stop.feed(content + rest) + stop.flush()
-            if tail:
-                yield TextDelta(tail)
-        if call is not None:
-            yield call
+            model.costs.note_decode(time.monotonic() - began)
+        yield from text.end()
+        if text.tool_call:
             reason = "tool_calls"
-        yield Finish(reason, Usage(len(prompt) + extra, generated, cached_tokens=reuse), stop.matched)
+        usage = Usage(len(prompt) + extra, generated, cached_tokens=reuse) if choice == 0 else Usage(0, generated)
+        yield Finish(reason, usage, text.stop.matched, choice)
+        return True
 
-    def _prefill(self, prompt: list[int], reuse: int, config: Any, image: Any = None) -> int:
-        """Evaluate what the cache lacks of ``prompt``; the first new token."""
-        model = self._pipeline.model
+    def _decoder(self, request: ChatRequest, max_new: int, choice: int) -> Plain | Sampled:
+        model = self.model
+        if not model.sampled(request):
+            return Plain(self._pipeline.model, model.generation_config(request, max_new), model.detokenizer)
+        if self._logits is None:
+            self._logits = np.empty(model.vocab_size, np.float32)
+            self._bitmask = np.zeros(sampler.bitmask_words(model.vocab_size), np.int32)
+        constraint = model.grammars.constraint(request) if model.grammars is not None else None
+        pick = sampler.Sampler(model.sampling(request), model.vocab_size, model.real_tokens,
+                               sampler.generator(request.seed, choice))
+        return Sampled(self._pipeline.model, self._logits, self._bitmask, pick, constraint, model,
+                       model.token_logprob if request.logprobs else None)
+
+    def _prefill(self, prompt: list[int], reuse: int, step: Plain | Sampled, image: Any = None) -> None:
+        """Evaluate what the cache lacks of ``prompt`` (the next token is then ``step.choose()``)."""
         if PATCHED and image is None:  # in pieces: a graph holds each new token's scores against every key
             rows = self.model.prefill_rows
             for start in range(reuse, len(prompt), rows):
                 end = min(start + rows, len(prompt))
-                token = model.generate_next_token(prompt[:end], None, config, start, len(prompt))
+                step.evaluate(prompt[:end], None, start, len(prompt))
                 self._cached = end
         elif reuse == 0 or PATCHED:
-            token = model.generate_next_token(prompt, image, config, reuse, len(prompt))
+            step.evaluate(prompt, image, reuse, len(prompt))
         else:  # stock build: one token a call once the cache holds something
             for i in range(reuse, len(prompt)):
-                token = model.generate_next_token(prompt[:i + 1], None, config, i, len(prompt))
+                step.evaluate(prompt[:i + 1], None, i, len(prompt))
                 self._cached = i + 1
         self._cached = len(prompt) if image is None else 0
-        return int(token)
+
+
+class Plain:
+    """chatglm.cpp chooses the next token itself (generate_next_token): a plain request's way, the fastest."""
+
+    logprob = None
+    done = False
+
+    def __init__(self, model: Any, config: Any, detokenizer: Callable[[], Detokenizer | ByteDetokenizer]) -> None:
+        self._model = model
+        self._config = config
+        self.detokenizer = detokenizer
+        self._token = 0
+
+    def evaluate(self, ids: list[int], image: Any, n_past: int, n_ctx: int) -> None:
+        self._token = self._model.generate_next_token(ids, image, self._config, n_past, n_ctx)
+
+    def choose(self) -> int:
+        return int(self._token)
+
+
+class Sampled:
+    """The logits come to Python (next_token_logits) and the sampler chooses, within the constraint if any."""
+
+    def __init__(self, model: Any, logits: np.ndarray, bitmask: np.ndarray, pick: sampler.Sampler,
+                 constraint: Constraint | None, owner: Model, describe: Callable[[sampler.Pick], TokenLogprob] | None,
+                 ) -> None:
+        self._model = model
+        self._logits = logits
+        self._bitmask = bitmask
+        self._sampler = pick
+        self.constraint = constraint
+        self._owner = owner
+        self._describe = describe
+        self.logprob: TokenLogprob | None = None
+
+    def detokenizer(self) -> Detokenizer | ByteDetokenizer:
+        """A constrained answer's text is its tokens' bytes, exactly what the grammar allowed (a
+        sentencepiece decoder would rewrite some: ChatGLM2's punctuation, ChatGLM3's special-token text)."""
+        return ByteDetokenizer(self._owner.tokens) if self.constraint is not None else self._owner.detokenizer()
+
+    def evaluate(self, ids: list[int], image: Any, n_past: int, n_ctx: int) -> None:
+        self._model.next_token_logits(ids, image, n_past, n_ctx, self._logits)
+
+    def choose(self) -> int:
+        constraint = self.constraint if self.constraint is not None and not self.constraint.free else None
+        if constraint is not None:
+            constraint.fill(self._bitmask)
+        pick = self._sampler.pick(self._logits, None if constraint is None else self._bitmask)
+        if constraint is not None:
+            constraint.accept(pick.token)
+        self._sampler.accept(pick.token)
+        self.logprob = None if self._describe is None else self._describe(pick)
+        return pick.token
+
+    @property
+    def done(self) -> bool:
+        return self.constraint is not None and not self.constraint.free and self.constraint.done

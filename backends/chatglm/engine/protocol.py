@@ -46,9 +46,11 @@ from backends.base import (
     QueueFull,
     QueueTimeout,
     TextDelta,
+    TokenLogprob,
     ToolCall,
     ToolsNotSupported,
     TooManyImages,
+    TopLogprob,
     Unavailable,
     UnsupportedContent,
     Usage,
@@ -232,13 +234,32 @@ def chat_request(fields: dict[str, Any]) -> ChatRequest:
 
 
 def event_message(event: Event) -> dict[str, Any]:
+    """An event's line; a choice past the first and logprobs only where there are some (a plain answer's
+    text lines stay as short as they were)."""
+    line: dict[str, Any]
     if isinstance(event, TextDelta):
-        return {"text": event.text}
-    if isinstance(event, ToolCall):
+        line = {"text": event.text}
+        if event.logprobs:
+            line["logprobs"] = [_logprob_entry(e) for e in event.logprobs]
+    elif isinstance(event, ToolCall):
         return {"tool_call": asdict(event)}
-    if isinstance(event, Finish):
-        return {"finish": event.reason, "usage": asdict(event.usage), "stop_sequence": event.stop_sequence}
-    raise TypeError(f"the engine does not send {type(event).__name__} events")
+    elif isinstance(event, Finish):
+        line = {"finish": event.reason, "usage": asdict(event.usage), "stop_sequence": event.stop_sequence}
+    else:
+        raise TypeError(f"the engine does not send {type(event).__name__} events")
+    if event.choice:
+        line["choice"] = event.choice
+    return line
+
+
+# A logprob entry on the line: [token, logprob, bytes as a list of ints (JSON has no raw bytes), top entries].
+def _logprob_entry(entry: TokenLogprob) -> list[Any]:
+    return [entry.token, entry.logprob, list(entry.raw), [[t.token, t.logprob, list(t.raw)] for t in entry.top]]
+
+
+def _token_logprob(entry: list[Any]) -> TokenLogprob:
+    token, logprob, raw, top = entry
+    return TokenLogprob(token, logprob, bytes(raw), tuple(TopLogprob(t, lp, bytes(r)) for t, lp, r in top))
 
 
 def error_message(exc: BackendError) -> dict[str, Any]:
@@ -249,11 +270,13 @@ def error_message(exc: BackendError) -> dict[str, Any]:
 def event(message: dict[str, Any]) -> Event:
     """The event a line stands for; an error line is raised."""
     if "text" in message:
-        return TextDelta(message["text"])
+        return TextDelta(message["text"], tuple(_token_logprob(e) for e in message.get("logprobs", ())),
+                         message.get("choice", 0))
     if "tool_call" in message:
         return ToolCall(**message["tool_call"])
     if "finish" in message:
-        return Finish(message["finish"], Usage(**message["usage"]), message.get("stop_sequence"))
+        return Finish(message["finish"], Usage(**message["usage"]), message.get("stop_sequence"),
+                      message.get("choice", 0))
     if "error" in message:
         cls = ERRORS.get(message["error"], BackendError)
         raise cls(message["message"], param=message.get("param"), retry_after=message.get("retry_after"))

@@ -45,7 +45,7 @@ from backends.chatglm.engine import protocol
 from backends.chatglm.engine.address import ADDRESS_TAKEN, UnsafeAddress, is_abstract, peer, private_directory, sockaddr
 from backends.chatglm.engine.client_writer import peer_closed
 from backends.chatglm.engine.line import Line
-from backends.chatglm.engine.model import PATCHED, Model, Slot, common_prefix
+from backends.chatglm.engine.model import LOGITS, PATCHED, Model, Slot, common_prefix
 from backends.chatglm.engine.relay import Relay, say
 from backends.chatglm.ggml_file import ModelFileError, read_model_file
 
@@ -142,8 +142,10 @@ class Engine:
         else:
             self.model = model
             self.line = Line(model.slots, self.args.max_queue, self.args.queue_timeout)
+            note = ("" if LOGITS else " (chatglm-cpp without next_token_logits: no sampling controls, no schemas)") \
+                if PATCHED else " (stock chatglm-cpp: prefix reuse at decode speed, no sampling controls)"
             log.info("loaded %s, context %d tokens, %d slot(s)%s", self.args.model, model.context_length,
-                     len(model.slots), "" if PATCHED else " (stock chatglm-cpp: prefix reuse at decode speed)")
+                     len(model.slots), note)
         self.loaded.set()
 
     def admit(self, conn: socket.socket) -> None:
@@ -214,7 +216,10 @@ class Engine:
         running, waiting = self.line.counts() if self.line else (0, 0)
         return {"loaded": self.model is not None, "error": self.load_error, "running": running,
                 "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers,
-                "images": self.images_asked}
+                "images": self.images_asked,
+                # what the model honours (ModelInfo.controls, .structured_outputs), known once it is loaded
+                "controls": sorted(self.model.controls) if self.model else [],
+                "constrains": self.model is not None and self.model.constrains}
 
     def loaded_model(self) -> tuple[Model, Line[Slot]]:
         """The model and its line, once loaded: a request that arrives while it loads (at start, or after
@@ -242,12 +247,15 @@ class Engine:
         conn.sendall(protocol.encode(line))
 
     def generate(self, conn: socket.socket, generate: protocol.Generate) -> None:
-        request, offer, later = generate.request, generate.handover, generate.images_later
+        request, later = generate.request, generate.images_later
+        # The writer's frame has choice 0 and no logprobs baked in: such answers go through the worker.
+        offer = generate.handover and request.n == 1 and not request.logprobs
         relay: Relay | None = None  # the events on their way out (relay.py: its stages)
         try:
             try:
                 model, queue = self.loaded_model()  # the line for the slots
                 prompt = model.prompt_ids(request)
+                model.check(request)
                 prepare: Callable[[], None] | None = None
                 if later is not None:  # checked before the line takes it: a request refused costs no decode
                     if (later.size, later.count) != model.images_wanted(request):
