@@ -30,23 +30,28 @@ class AnswerText:
         self.stop = stop
         self.choice = choice
         self.tool_call = False  # the answer ended in a tool call
-        self._fed = 0  # characters given to the stop matcher, which passes on a prefix of them
-        self._sent = 0  # characters it passed on
+        self._seen = 0  # characters out of the detokenizer
+        self._fed = 0  # characters the reply splitter passed on to the stop matcher
+        self._sent = 0  # characters the stop matcher passed on (a prefix of those it was fed)
         self._pending: deque[tuple[int, TokenLogprob]] = deque()  # (where the token's text ends, its entry)
 
     def add(self, token: int, logprob: TokenLogprob | None = None) -> TextDelta | None:
         """The text ``token`` lets out, if any."""
-        piece = self.reply.feed(self.detokenizer.add(token))
+        text = self.detokenizer.add(token)
+        self._seen += len(text)
+        if logprob is not None:  # a token held back (part of a character) ends with the character it begins
+            self._pending.append((self._seen + (0 if text else 1), logprob))
+        piece = self.reply.feed(text)
         self._fed += len(piece)
-        if logprob is not None:
-            self._pending.append((self._fed, logprob))
         return self._delta(self.stop.feed(piece))
 
     def end(self) -> Iterator[Event]:
         """The text held back to the end, and the tool call if the answer was one."""
         call = None
         if not self.stop.stopped:
-            content = self.reply.feed(self.detokenizer.flush())
+            flushed = self.detokenizer.flush()
+            self._seen += len(flushed)
+            content = self.reply.feed(flushed)
             rest, call = self.reply.finish()
             self._fed += len(content) + len(rest)
             delta = self._delta(self.stop.feed(content + rest) + self.stop.flush())
@@ -62,7 +67,11 @@ class AnswerText:
         self._sent += len(text)
         if not self._pending:
             return TextDelta(text, choice=self.choice)
+        # What the splitter took out for good (the metadata line, a dummy prefix): its tokens have no entry.
+        dropped = self._seen - self._fed - len(self.reply.buffer)
         out = []
-        while self._pending and self._pending[0][0] <= self._sent:
-            out.append(self._pending.popleft()[1])
+        while self._pending and self._pending[0][0] <= dropped + self._sent:
+            end, entry = self._pending.popleft()
+            if end > dropped:
+                out.append(entry)
         return TextDelta(text, tuple(out), self.choice)

@@ -153,7 +153,7 @@ class EngineClient:
                     continue
                 event = protocol.event(message)
                 yield event
-                if isinstance(event, Finish):
+                if isinstance(event, Finish) and event.choice >= request.n - 1:  # the last choice's
                     return
                 client = stream() if stream is not None and message.get("handover") else None
                 if client is None:

@@ -33,8 +33,9 @@ class Stage(Enum):
 
 class Relay:
     def __init__(self, conn: socket.socket, send_timeout: float, offer: bool,
-                 handed_over: Callable[[], None] = lambda: None) -> None:
+                 handed_over: Callable[[], None] = lambda: None, choices: int = 1) -> None:
         self.conn = conn
+        self.choices = choices  # the answer is over with the last choice's Finish
         self.handed_over = handed_over  # told when the worker hands its client over (the engine counts them)
         self.send_timeout = send_timeout
         self.offer = offer  # a handover is offered with the first text piece, once
@@ -46,7 +47,7 @@ class Relay:
         return self.writer is not None and self.writer.client_gone()
 
     def pass_on(self, event: Event) -> bool:
-        """Send ``event`` on its way; False once the answer is over (the Finish sent, or the client left)."""
+        """Send ``event`` on its way; False once the answer is over (the last Finish sent, or the client left)."""
         if self.stage is Stage.WRITING and self.writer is not None:
             if isinstance(event, TextDelta):
                 # False: the client left or stopped reading. The connection goes back (with the summary
@@ -58,7 +59,7 @@ class Relay:
         if offered:
             line["handover"], self.offer = True, False
         self.conn.sendall(protocol.encode(line))
-        if isinstance(event, Finish):
+        if isinstance(event, Finish) and event.choice >= self.choices - 1:
             self.stage = Stage.ENDED
             return False
         self.writer = self.acknowledged(offered)

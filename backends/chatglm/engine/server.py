@@ -266,7 +266,7 @@ class Engine:
                         nonlocal request
                         request = self.images(conn, request, asked)
                     prepare = fetch_images
-                relay = Relay(conn, self.args.send_timeout, offer, self.count_handover)
+                relay = Relay(conn, self.args.send_timeout, offer, self.count_handover, request.n)
                 gone = lambda: peer_closed(conn) or relay.client_gone()  # noqa: E731
                 with queue.slot(lambda s: common_prefix(s.cached, prompt), gone, prepare) as slot:
                     for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
