@@ -298,3 +298,20 @@ def test_the_messages_api_is_unchanged(client):
     r = client.post("/v1/messages", json={"model": "fake-controls", "max_tokens": 20, "messages": USER})
     assert r.status_code == 200, r.json
     assert r.json["content"][0]["text"] == "You said: héllo there"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_log_line_of_n_choices(app_and_backend, caplog, stream):
+    import logging
+
+    app, _ = app_and_backend
+    caplog.set_level(logging.INFO, logger="aigate.requests")
+    r = app.test_client().post("/v1/chat/completions", headers={"X-Request-ID": "req-n-1"},
+                               json={**CHAT, "n": 2, "max_tokens": 5, "stream": stream})
+    r.get_data()
+    r.close()  # the line is written when the response is closed
+    line = next(rec.getMessage() for rec in caplog.records if "id=req-n-1" in rec.getMessage())
+    prompt = parse_chat(CHAT).request.estimated_prompt_tokens
+    # choice 0 ends by itself after 4 tokens, choice 1 is cut at 5; the prompt is counted once
+    assert f"prompt_tokens={prompt} " in line and "completion_tokens=9 " in line, line
+    assert "finish=stop,length " in line and "ttft_ms=-" not in line, line
