@@ -4,8 +4,9 @@ declared once as msgspec Structs: `read` checks a body against its declaration (
 
 msgspec was chosen by measurement (bench/results/wire_parse.md: it reads a chat request about 10x
 faster than the hand-written parser before it, pydantic v2 about 3x). What a declaration cannot say
-stays a check in compat/requests.py after it: the server's limits, what a model supports (images,
-n > 1), and what depends on two fields (a tool_choice naming a tool in tools).
+stays a check in compat/requests.py after it: the server's limits, what a model supports (images; the
+sampling controls, once the model is known: compat/controls.py), and what depends on two fields (a
+tool_choice naming a tool in tools).
 
 Unknown fields are ignored, and a field sent as null is the same as a field left out.
 """
@@ -274,14 +275,14 @@ class ChatCompletionRequest(Sampling, kw_only=True):
     tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
     logprobs: Annotated[bool, Meta(description=f"`true`: each content token's log probability. {REFUSED_ELSEWHERE} "
-                                               "(control `logprobs`)")] | None = None
+                                               "(control `logprobs`).")] | None = None
     top_logprobs: Annotated[TopLogprobs, Meta(description="With `logprobs`, that many most likely alternatives per "
                                                           "token (0 to 20).")] | None = None
     logit_bias: Annotated[dict[Annotated[str, Meta(pattern="^[0-9]+$")], Annotated[float, Meta(ge=-100, le=100)]],
                           Meta(max_length=300, description="Token id (of the model's own vocabulary, as a string) -> "
-                                                           f"a bias from -100 to 100 added to its logit; at most 300. "
+                                                           "a bias from -100 to 100 added to its logit; at most 300. "
                                                            f"Empty asks for nothing. {REFUSED_ELSEWHERE} (control "
-                                                           "`logit_bias`)")] | None = None
+                                                           "`logit_bias`).")] | None = None
     functions: Annotated[Any, Meta(description="Deprecated: read as `tools` (ignored when `tools` is sent).")] = None
     function_call: Annotated[Any, Meta(description="Deprecated: read as `tool_choice`.")] = None
     parallel_tool_calls: Annotated[Any, Meta(description="Accepted and ignored.")] = None
@@ -305,8 +306,8 @@ class CompletionRequest(Sampling, kw_only=True):
     best_of: Annotated[Choices, Meta(description="Only equal to `n` (no answer is chosen among more).")
                        ] | None = None
     logprobs: Annotated[LegacyLogprobs, Meta(description="Each token's log probability, with that many most likely "
-                                                         f"alternatives (0 to 5). Not with `echo` (the prompt's are "
-                                                         f"not computed). {REFUSED_ELSEWHERE} (control `logprobs`)")
+                                                         "alternatives (0 to 5). Not with `echo` (the prompt's are "
+                                                         f"not computed). {REFUSED_ELSEWHERE} (control `logprobs`).")
                         ] | None = None
 
 
@@ -374,7 +375,7 @@ class ResponseRequest(Struct, kw_only=True):
                                                           "likely alternatives (0 to 20), in `output_text.logprobs`.")
                             ] | None = None
     include: Annotated[Any, Meta(description="`message.output_text.logprobs` asks for each output token's log "
-                                             f"probability. {REFUSED_ELSEWHERE} (control `logprobs`) Other values are "
+                                             f"probability. {REFUSED_ELSEWHERE} (control `logprobs`.) Other values are "
                                              "accepted and ignored.")] = None
     background: Annotated[Any, Meta(description="`true` is refused (`unsupported_parameter`).")] = None
     conversation: Annotated[Any, Meta(description="Refused (`unsupported_parameter`); use `previous_response_id`.",
