@@ -75,10 +75,31 @@ ChatId = Annotated[str, Meta(pattern="^chatcmpl-")]
 Answered = Annotated[str, Meta(description="The model that answered (the served id, or the fallback that took over).")]
 
 
+class TopLogprob(_Answer):
+    token: str
+    logprob: Annotated[float, Meta(le=0)]
+    bytes: Annotated[list[Annotated[int, Meta(ge=0, le=255)]], Meta(description="The token's UTF-8 bytes (a token "
+                                                                                "may end inside a character).")]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: Annotated[list[TopLogprob], Meta(description="The most likely tokens at this step, most likely "
+                                                               "first, as many as `top_logprobs` asked for.")]
+
+
+class ChoiceLogprobs(_Answer):
+    content: Annotated[list[TokenLogprob], Meta(description="One entry per token of the content.")] | None
+    refusal: None
+
+
+ChoiceIndex = Annotated[int, Meta(ge=0, description="Which of the `n` choices.")]
+Logprobs = Annotated[ChoiceLogprobs, Meta(description="With `logprobs: true`; null otherwise.")] | None
+
+
 class ChatChoice(_Answer):
-    index: Literal[0]
+    index: ChoiceIndex
     message: AssistantAnswer
-    logprobs: None
+    logprobs: Logprobs
     finish_reason: FinishReason
 
 
@@ -87,8 +108,8 @@ class ChatCompletion(_Answer):
     object: Literal["chat.completion"]
     created: int
     model: Answered
-    choices: Annotated[list[ChatChoice], Meta(min_length=1, max_length=1)]
-    usage: Usage
+    choices: Annotated[list[ChatChoice], Meta(min_length=1, max_length=128)]
+    usage: Annotated[Usage, Meta(description="The prompt counted once, the choices' tokens summed.")]
 
 
 class FunctionDelta(_Answer):
@@ -111,15 +132,17 @@ class Delta(_Answer):
 
 
 class ChunkChoice(_Answer):
-    index: Literal[0]
+    index: ChoiceIndex
     delta: Delta
-    logprobs: None
+    logprobs: Annotated[ChoiceLogprobs, Meta(description="On content chunks with `logprobs: true`: the tokens whose "
+                                                         "text the chunk carries.")] | None
     finish_reason: FinishReason | None
 
 
 class ChatCompletionChunk(_Answer):
-    """The role first, then content or tool-call deltas, then a chunk with `finish_reason`; with
-    `stream_options.include_usage`, a last one with `choices: []` and `usage`."""
+    """For each choice in turn (all of choice 0's chunks, then choice 1's...): the role first, then content
+    or tool-call deltas, then a chunk with `finish_reason`; with `stream_options.include_usage`, a last one
+    with `choices: []` and `usage`."""
 
     id: ChatId
     object: Literal["chat.completion.chunk"]
@@ -134,10 +157,22 @@ class ChatCompletionChunk(_Answer):
 CompletionId = Annotated[str, Meta(pattern="^cmpl-")]
 
 
+class TextLogprobs(_Answer):
+    tokens: list[str]
+    token_logprobs: list[Annotated[float, Meta(le=0)]]
+    top_logprobs: Annotated[list[dict[str, float]], Meta(
+        description="Per token, the most likely tokens (`logprobs` of them) and the chosen one, token -> logprob.")]
+    text_offset: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(
+        description="Where each token's text starts in the choice's text.")]
+
+
+TextIndex = Annotated[int, Meta(ge=0, description="Prompt p's choice k is p * n + k.")]
+
+
 class TextChoice(_Answer):
     text: str
-    index: Annotated[int, Meta(ge=0)]
-    logprobs: None
+    index: TextIndex
+    logprobs: Annotated[TextLogprobs, Meta(description="With `logprobs`; null otherwise.")] | None
     finish_reason: Literal["stop", "length"]
 
 
@@ -152,14 +187,14 @@ class TextCompletion(_Answer):
 
 class TextChunkChoice(_Answer):
     text: str
-    index: Annotated[int, Meta(ge=0)]
-    logprobs: None
+    index: TextIndex
+    logprobs: Annotated[TextLogprobs, Meta(description="With `logprobs`, on text chunks: their tokens'.")] | None
     finish_reason: Literal["stop", "length"] | None
 
 
 class TextCompletionChunk(_Answer):
-    """Each prompt's text as choice `index`, one prompt after the other, its last chunk carrying
-    `finish_reason`; with `stream_options.include_usage`, a last one with `choices: []` and `usage`."""
+    """Each prompt's choices' texts, one choice after the other (index p * n + k), each one's last chunk
+    carrying `finish_reason`; with `stream_options.include_usage`, a last one with `choices: []` and `usage`."""
 
     id: CompletionId
     object: Literal["text_completion"]
@@ -190,6 +225,11 @@ class EmbeddingList(_Answer):
 
 
 class Capabilities(_Answer):
+    controls: Annotated[list[Literal["logprobs", "seed", "logit_bias", "n", "penalties", "tool_choice"]], Meta(
+        description="The sampling controls honoured beyond temperature, top_p, stop and max tokens: `logprobs` "
+                    "(with `top_logprobs`), `seed`, `logit_bias`, `n` (more than one choice), `penalties` "
+                    "(`presence_penalty`, `frequency_penalty`), `tool_choice` (passed on or enforced). A request "
+                    "asking for one not listed gets a 400 (zeros and nulls ask for nothing).")]
     structured_outputs: Annotated[bool, Meta(description="Whether a JSON format (`response_format`, `text.format`) is "
                                                          "honoured; refused if not.")]
     images: Annotated[bool, Meta(description="Whether image content parts (`image_url`, `input_image`) are read "
@@ -232,7 +272,20 @@ class InputText(_Answer, tag_field="type", tag="input_text"):
 class OutputText(_Answer, tag_field="type", tag="output_text"):
     text: str
     annotations: list[Any]
-    logprobs: list[Any] | UnsetType = UNSET  # an assistant turn given as input has none
+    logprobs: Annotated[list[TokenLogprob], Meta(
+        description="Each token's, with `include: [\"message.output_text.logprobs\"]` or `top_logprobs`; empty "
+                    "otherwise.")] | UnsetType = UNSET  # an assistant turn given as input has none
+
+
+class EventTopLogprob(_Answer):
+    token: str
+    logprob: Annotated[float, Meta(le=0)]
+
+
+class EventLogprob(EventTopLogprob):
+    """A token's log probability in a text event (no bytes there, as OpenAI's)."""
+
+    top_logprobs: list[EventTopLogprob]
 
 
 class InputImage(_Answer, tag_field="type", tag="input_image"):
@@ -404,7 +457,7 @@ class OutputTextDelta(_Event, tag="response.output_text.delta"):
     output_index: Tokens
     content_index: Tokens
     delta: str
-    logprobs: list[Any]
+    logprobs: Annotated[list[EventLogprob], Meta(description="The delta's tokens', when asked.")]
 
 
 class OutputTextDone(_Event, tag="response.output_text.done"):
@@ -412,7 +465,7 @@ class OutputTextDone(_Event, tag="response.output_text.done"):
     output_index: Tokens
     content_index: Tokens
     text: str
-    logprobs: list[Any]
+    logprobs: Annotated[list[EventLogprob], Meta(description="The text's tokens', when asked.")]
 
 
 class FunctionCallArgumentsDelta(_Event, tag="response.function_call_arguments.delta"):

@@ -1,14 +1,12 @@
 """Requests of /v1/chat/completions, /v1/completions and /v1/embeddings -> the ChatRequests the
 backends take. Each body is first read against its declaration (compat/wire.py: types, bounds,
 enums; a 400 naming the field); what a declaration cannot say is checked here after it: the
-server's limits, what the model supports (images, one choice), and what joins two fields.
+server's limits, what the model supports (images), and what joins two fields.
 
-Fields the OpenAI API defines but aigate cannot honour either get a clear 400 (``n`` > 1,
-``logprobs``, a JSON response format on a model that cannot honour it) or, where ignoring them
-changes nothing a client relies on, are accepted: ``seed`` and the penalties are checked and
-passed to the backend (Workers AI and OpenAI-compatible upstreams use them, chatglm.cpp cannot),
-``user`` and ``parallel_tool_calls`` are ignored. Unknown fields are ignored, as OpenAI-compatible
-servers do.
+The sampling controls (``n``, ``logprobs``, ``seed``, ``logit_bias``, the penalties) are read here and carried
+to the backend; whether the model honours them is checked when it is chosen (compat/controls.py): a model
+that cannot gets a 400, never a silent default. ``user`` and ``parallel_tool_calls`` are ignored. Unknown
+fields are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -60,19 +58,20 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     legacy = isinstance(body, dict) and body.get("functions") is not None and body.get("tools") is None
     request = _read_chat(_legacy_functions(body) if legacy else body, limits)
     model = request.model
-    one_choice(request.n, "n")
     messages = _messages(request.messages, limits if model in limits.image_models else None)
     if len(messages) > limits.max_messages:
         raise invalid(f"messages holds {len(messages)} messages; this server takes at most {limits.max_messages}.",
                       "messages", "too_many_messages")
     response_format = _response_format(request.response_format)
-    tools = tuple(Tool(t.function.name, t.function.description, t.function.parameters) for t in request.tools or ())
+    tools = tuple(Tool(t.function.name, t.function.description, t.function.parameters, bool(t.function.strict))
+                  for t in request.tools or ())
     # Everything the model reads counts: tool definitions and the arguments of earlier calls too.
     chars = sum(map(message_chars, messages))
     check_chars(chars, limits, "messages")
     check_chars(chars + sum(map(tool_chars, tools)), limits, "tools")
-    if request.logprobs is True:
-        raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
+    top = _int(request.top_logprobs) or 0
+    if top and not request.logprobs:
+        raise invalid("top_logprobs needs logprobs set to true.", "top_logprobs", "invalid_value")
     tool_choice, forced = _tool_choice(request.tool_choice, tools)
     # Both are checked when both are sent; the newer max_completion_tokens wins.
     newer, older = _int(request.max_completion_tokens), _int(request.max_tokens)
@@ -81,7 +80,8 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatCall:
     stream, include_usage = _stream(request)
     chat = ChatRequest(model=model, messages=messages, max_tokens=max_tokens, incremental=stream,
                        tools=tools if tool_choice != "none" else (), tool_choice=tool_choice, forced_tool=forced,
-                       response_format=response_format, **_sampling(request))
+                       response_format=response_format, logprobs=bool(request.logprobs), top_logprobs=top,
+                       logit_bias=_logit_bias(request.logit_bias), **_sampling(request))
     return ChatCall(chat, stream, include_usage, legacy)
 
 
@@ -121,10 +121,14 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     with the fields aigate does not read."""
     request = _read_texts(body, wire.CompletionRequest, "prompt")
     model = request.model
-    one_choice(request.n, "n")
-    one_choice(request.best_of, "best_of")
-    if request.logprobs is not None:
-        raise invalid("logprobs are not supported by this server.", "logprobs", "unsupported_parameter")
+    n = _int(request.n) or 1
+    if request.best_of is not None and request.best_of != n:
+        raise invalid(f"best_of is {request.best_of} and n is {n}: this server answers with every choice it makes, so "
+                      "best_of may only equal n.", "best_of", "unsupported_value")
+    top = _int(request.logprobs)
+    if top is not None and request.echo:
+        raise invalid("logprobs with echo is not supported: the prompt's log probabilities are not computed here. "
+                      "Send logprobs without echo.", "logprobs", "unsupported_value")
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
     check_chars(sum(len(p) for p in prompts), limits, "prompt")
     asked, ceiling = _int(request.max_tokens), limits.ceiling(model)
@@ -133,7 +137,8 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionCall:
     stream, include_usage = _stream(request)
     sampling = _sampling(request)
     return CompletionCall(tuple(ChatRequest(model=model, messages=(), max_tokens=max_tokens, prompt=p,
-                                            incremental=stream, **sampling) for p in prompts),
+                                            incremental=stream, logprobs=top is not None, top_logprobs=top or 0,
+                                            **sampling) for p in prompts),
                           stream, include_usage, bool(request.echo))
 
 
@@ -206,7 +211,13 @@ def _sampling(request: wire.Sampling) -> dict[str, Any]:
         "stop": () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
         "seed": _int(request.seed),
         "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+        "n": _int(request.n) or 1,
     }
+
+
+def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias} as (id, bias) pairs, in id order (the declaration checked keys and values)."""
+    return tuple(sorted((int(k), v) for k, v in (raw or {}).items()))
 
 
 _ROLE_OF: dict[type, Role] = {wire.SystemMessage: "system", wire.DeveloperMessage: "system", wire.UserMessage: "user",
@@ -289,7 +300,8 @@ def _response_format(raw: Any) -> JsonFormat | None:
     if isinstance(raw, wire.JsonObjectFormat):
         return JsonFormat(None, param="response_format")
     if isinstance(raw, wire.JsonSchemaFormat):
-        return JsonFormat(raw.json_schema.schema, raw.json_schema.name, param="response_format")
+        spec = raw.json_schema
+        return JsonFormat(spec.schema, spec.name, param="response_format", strict=bool(spec.strict))
     return None  # none, or type text
 
 

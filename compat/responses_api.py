@@ -26,6 +26,7 @@ from backends.base import (
     PieceFrame,
     Role,
     TextDelta,
+    TokenLogprob,
     Tool,
     ToolCall,
     ToolChoice,
@@ -40,8 +41,8 @@ from compat.structured import text_format
 ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 # Fields clients send that change nothing here: accepted, echoed where the response object has them.
-NO_OPS = ("reasoning", "include", "prompt_cache_key", "prompt_cache_retention", "client_metadata", "metadata",
-          "user", "safety_identifier", "service_tier", "truncation", "top_logprobs", "max_tool_calls",
+NO_OPS = ("reasoning", "prompt_cache_key", "prompt_cache_retention", "client_metadata", "metadata",
+          "user", "safety_identifier", "service_tier", "truncation", "max_tool_calls",
           "stream_options")
 
 
@@ -91,10 +92,11 @@ def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str
     max_tokens = _bounded_max_tokens(asked, limits.ceiling(model), "max_output_tokens")
     fmt = text_format(request.text)
     stream = bool(request.stream)
+    top = 0 if request.top_logprobs is None else int(request.top_logprobs)
     chat = ChatRequest(model=model, messages=tuple(messages), max_tokens=max_tokens, temperature=request.temperature,
                        top_p=request.top_p, tools=tools if choice != "none" else (), tool_choice=choice,
-                       forced_tool=forced,
-                       incremental=stream, response_format=fmt)
+                       forced_tool=forced, incremental=stream, response_format=fmt,
+                       logprobs=logprobs_asked(request.include) or top > 0, top_logprobs=top)
     echo = {
         "instructions": request.instructions, "max_output_tokens": asked, "metadata": request.metadata or {},
         "parallel_tool_calls": True if request.parallel_tool_calls is None else request.parallel_tool_calls,
@@ -105,6 +107,19 @@ def parse_responses(body: Any, limits: Limits = Limits(), history: list[dict[str
         "user": request.user, "store": True if request.store is None else request.store,
     }
     return ResponsesCall(chat, stream, echo["store"] is True, tuple(items), echo, len(earlier))
+
+
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for them
+
+
+def logprobs_asked(include: Any) -> bool:
+    """Whether `include` asks for the output text's log probabilities (its other values change nothing here)."""
+    return isinstance(include, list) and LOGPROBS in include
+
+
+def logprobs_param(request: ChatRequest) -> str:
+    """The field that asked for log probabilities, for a refusal: `top_logprobs`, else `include`."""
+    return "top_logprobs" if request.top_logprobs else "include"
 
 
 def instruction_messages(raw: Any) -> list[Message]:
@@ -245,9 +260,12 @@ def function_tools(raw: Any) -> tuple[tuple[Tool, ...], list[dict[str, Any]]]:
             raise invalid(f"{where}.name must be 1-64 letters, digits, _ or -.", f"{where}.name", "invalid_value")
         if not isinstance(description, str) or not isinstance(parameters, dict):
             raise invalid(f"{where}: description must be a string and parameters an object.", where, "invalid_type")
-        tools.append(Tool(name, description, parameters))
+        strict = tool.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise invalid(f"{where}.strict must be a boolean.", f"{where}.strict", "invalid_type")
+        tools.append(Tool(name, description, parameters, bool(strict)))
         echoed.append({"type": "function", "name": name, "description": description or None,
-                       "parameters": parameters, "strict": bool(tool.get("strict", False))})
+                       "parameters": parameters, "strict": bool(strict)})
     return tuple(tools), echoed
 
 
@@ -275,6 +293,18 @@ def tool_choice(raw: Any, tools: tuple[Tool, ...]) -> tuple[ToolChoice, str | No
 
 # -- the response object and its stream -----------------------------------------------------------
 
+def output_logprob(t: TokenLogprob) -> dict[str, Any]:
+    """An output_text part's log probability entry (openai-python's ResponseOutputText Logprob)."""
+    return {"token": t.token, "bytes": list(t.raw), "logprob": t.logprob,
+            "top_logprobs": [{"token": a.token, "bytes": list(a.raw), "logprob": a.logprob} for a in t.top]}
+
+
+def event_logprob(t: TokenLogprob) -> dict[str, Any]:
+    """A text delta's or done event's entry, which carries no bytes (ResponseTextDeltaEvent's Logprob)."""
+    return {"token": t.token, "logprob": t.logprob,
+            "top_logprobs": [{"token": a.token, "logprob": a.logprob} for a in t.top]}
+
+
 def usage_object(usage: Usage) -> dict[str, Any]:
     return {"input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
@@ -285,8 +315,11 @@ def usage_object(usage: Usage) -> dict[str, Any]:
 class ResponseStream:
     """One response's typed events, numbered; `.final` is the response object once it has ended."""
 
-    def __init__(self, model: str, echo: dict[str, Any], parallel_tool_calls: bool = True) -> None:
+    def __init__(self, model: str, echo: dict[str, Any], parallel_tool_calls: bool = True,
+                 logprobs: bool = False) -> None:
         self.id, self.model, self.echo = new_id("resp"), model, echo
+        self.logprobs = logprobs  # the output text's tokens' log probabilities were asked for
+        self._entries: list[TokenLogprob] = []  # the open message's, when asked
         self.created_at = int(time.time())
         self.output: list[dict[str, Any]] = []
         self.final: dict[str, Any] | None = None
@@ -301,9 +334,11 @@ class ResponseStream:
         self._sequence += 1
         return self._sequence - 1
 
-    def _text_delta(self, message_id: str, text: str, number: int | str) -> dict[str, Any]:
+    def _text_delta(self, message_id: str, text: str, number: int | str,
+                    logprobs: tuple[TokenLogprob, ...] = ()) -> dict[str, Any]:
         return {"type": "response.output_text.delta", "sequence_number": number, "item_id": message_id,
-                "output_index": len(self.output), "content_index": 0, "delta": text, "logprobs": []}
+                "output_index": len(self.output), "content_index": 0, "delta": text,
+                "logprobs": [event_logprob(t) for t in logprobs]}
 
     def piece_frame(self, encode: Callable[[dict[str, Any]], bytes]) -> PieceFrame | None:
         """The frame of the next text delta, for a backend that writes them itself (None: no message's
@@ -337,6 +372,7 @@ class ResponseStream:
         yield self.event("response.in_progress", response=self.snapshot("in_progress"))
         message: dict[str, Any] | None = None
         text: list[str] = []
+        self._entries = []
         calls = 0
         for ev in events:
             if isinstance(ev, TextDelta):
@@ -346,7 +382,9 @@ class ResponseStream:
                     message = yield from self._open_message()
                 text.append(ev.text)
                 self._writing = message["id"]
-                yield self._text_delta(message["id"], ev.text, self._number())
+                shown = ev.logprobs if self.logprobs else ()
+                self._entries.extend(shown)
+                yield self._text_delta(message["id"], ev.text, self._number(), shown)
             elif isinstance(ev, Written):  # deltas the backend wrote itself, numbered as ours would be
                 text.append(ev.text)
                 self._sequence += ev.deltas
@@ -354,7 +392,7 @@ class ResponseStream:
                 self._writing = None
                 if message is not None:
                     yield from self._close_message(message, "".join(text), "completed")
-                    message, text = None, []
+                    message, text, self._entries = None, [], []
                 if calls and not self._parallel:
                     continue  # parallel_tool_calls false: the first call only
                 calls += 1
@@ -392,9 +430,11 @@ class ResponseStream:
 
     def _close_message(self, item: dict[str, Any], text: str, status: str) -> Iterator[dict[str, Any]]:
         index = len(self.output)
-        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        entries = self._entries
+        part = {"type": "output_text", "annotations": [], "logprobs": [output_logprob(t) for t in entries],
+                "text": text}
         yield self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                         text=text, logprobs=[])
+                         text=text, logprobs=[event_logprob(t) for t in entries])
         yield self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                          part=part)
         done = {**item, "status": status, "content": [part]}

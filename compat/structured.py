@@ -33,12 +33,14 @@ def text_format(raw: Any) -> JsonFormat | None:
 
 
 def _with_schema(spec: dict[str, Any], param: str) -> JsonFormat:
-    schema, name = spec.get("schema"), spec.get("name", "response")
+    schema, name, strict = spec.get("schema"), spec.get("name", "response"), spec.get("strict")
     if not isinstance(schema, dict):
         raise invalid(f"{param}.schema must be a JSON Schema object.", f"{param}.schema", "invalid_type")
     if not isinstance(name, str):
         raise invalid(f"{param}.name must be a string.", f"{param}.name", "invalid_type")
-    return JsonFormat(schema, name, param=param.split(".json_schema")[0])
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid(f"{param}.strict must be a boolean.", f"{param}.strict", "invalid_type")
+    return JsonFormat(schema, name, param=param.split(".json_schema")[0], strict=bool(strict))
 
 
 def supports(route: Route) -> bool:

@@ -4,8 +4,9 @@ declared once as msgspec Structs: `read` checks a body against its declaration (
 
 msgspec was chosen by measurement (bench/results/wire_parse.md: it reads a chat request about 10x
 faster than the hand-written parser before it, pydantic v2 about 3x). What a declaration cannot say
-stays a check in compat/requests.py after it: the server's limits, what a model supports (images,
-n > 1), and what depends on two fields (a tool_choice naming a tool in tools).
+stays a check in compat/requests.py after it: the server's limits, what a model supports (images; the
+sampling controls, once the model is known: compat/controls.py), and what depends on two fields (a
+tool_choice naming a tool in tools).
 
 Unknown fields are ignored, and a field sent as null is the same as a field left out.
 """
@@ -30,12 +31,31 @@ class Integer(int):
     """An integer; 5.0 is read as 5 (JSON does not tell them apart), true is not an integer."""
 
     minimum: int | None = None
+    maximum: int | None = None
 
 
 class Count(Integer):
     """An integer of at least 1."""
 
     minimum = 1
+
+
+class Choices(Count):
+    """How many choices to answer with (OpenAI's bound)."""
+
+    maximum = 128
+
+
+class TopLogprobs(Integer):
+    """How many most likely alternatives to give with each token's log probability (chat, Responses)."""
+
+    minimum, maximum = 0, 20
+
+
+class LegacyLogprobs(Integer):
+    """/v1/completions' `logprobs`: the alternatives per token, at most 5 (OpenAI's bound)."""
+
+    minimum, maximum = 0, 5
 
 
 def _decode(kind: type, value: Any) -> Any:
@@ -46,13 +66,16 @@ def _decode(kind: type, value: Any) -> Any:
             raise TypeError(f"Expected `int`, got `{_json_type(value)}`")
         if kind.minimum is not None and value < kind.minimum:
             raise ValueError(f"Expected `int` >= {kind.minimum}")
+        if kind.maximum is not None and value > kind.maximum:
+            raise ValueError(f"Expected `int` <= {kind.maximum}")
         return kind(value)
     raise NotImplementedError(kind)
 
 
 def _schema(kind: type) -> dict[str, Any]:
     if isinstance(kind, type) and issubclass(kind, Integer):
-        return {"type": "integer"} if kind.minimum is None else {"type": "integer", "minimum": kind.minimum}
+        bounds = {"minimum": kind.minimum, "maximum": kind.maximum}
+        return {"type": "integer", **{k: v for k, v in bounds.items() if v is not None}}
     raise NotImplementedError(kind)
 
 
@@ -67,17 +90,22 @@ def _doc(text: str, **extra: Any) -> Meta:
 
 Temperature = Annotated[float, Meta(ge=0, le=2, description="0 is greedy decoding.")]
 TopP = Annotated[float, Meta(ge=0, le=1)]
-Penalty = Annotated[float, Meta(ge=-2, le=2, description="Accepted; passed to Workers AI and OpenAI-compatible "
-                                                         "upstreams (Workers AI: negative values as 0), ignored by "
-                                                         "chatglm.cpp.")]
+REFUSED_ELSEWHERE = ("Honoured by the models whose `capabilities.controls` list it, refused on the others "
+                     "(`unsupported_parameter`, naming those that can); never ignored.")
+Penalty = Annotated[float, Meta(ge=-2, le=2, description=f"0 asks for nothing. {REFUSED_ELSEWHERE} (control "
+                                                         "`penalties`; Workers AI takes negative values as 0).")]
 MaxTokens = Annotated[Count, _doc(
     "The most tokens to generate; more than the model's context leaves room for are clamped to that room "
     "(`finish_reason` `length`). Where `MAX_TOKENS_CEILING` sets a ceiling for the model, more is a 400 and none "
     "asked for means the ceiling.")]
-Seed = Annotated[Integer, _doc("Accepted; passed to Workers AI (when 1 to 9999999999) and OpenAI-compatible "
-                               "upstreams, ignored by chatglm.cpp (it cannot seed its sampler).")]
+Seed = Annotated[Integer, _doc(f"The same seed and request give the same answer. {REFUSED_ELSEWHERE} (control "
+                               "`seed`; Workers AI is passed it when 1 to 9999999999).")]
 ModelName = Annotated[str, Meta(min_length=1, description="A model id or alias from `GET /v1/models`.")]
 One = Annotated[Count, _doc("One choice per request; more are refused (`unsupported_value`).", maximum=1)]
+ManyChoices = Annotated[Choices, _doc("How many choices to answer with, each its own `index`; usage counts the prompt "
+                                      "once and the choices' tokens summed. More than 1 is honoured by the models "
+                                      "whose `capabilities.controls` list `n`, refused on the others "
+                                      "(`unsupported_value`).")]
 NonEmpty = Annotated[str, Meta(min_length=1)]
 MAX_STOP_SEQUENCES = 4
 MAX_INPUTS = 2048  # embedding inputs per request, OpenAI's limit
@@ -97,7 +125,7 @@ class Sampling(Struct, kw_only=True):
     """What every generating endpoint takes besides its input."""
 
     model: ModelName
-    n: One | None = None
+    n: ManyChoices | None = None
     user: User | None = None
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
@@ -183,10 +211,16 @@ class AssistantMessage(Struct, tag_field="role", tag="assistant", kw_only=True):
 ChatMessage = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage | FunctionMessage
 
 
+Strict = Annotated[bool, Meta(description="Output that must match the schema exactly; a model that constrains its "
+                                         "output enforces every keyword (and refuses one it cannot), others take it "
+                                         "as a hint.")]
+
+
 class FunctionDefinition(Struct):
     name: Annotated[str, Meta(pattern=TOOL_NAME)]
     description: str = ""
     parameters: Annotated[dict[str, Any], Meta(description="A JSON Schema object.")] = {}
+    strict: Strict | None = None
 
 
 class Tool(Struct):
@@ -204,8 +238,9 @@ class NamedToolChoice(Struct):
 
 
 ToolChoice = Annotated[Literal["none", "auto", "required"] | NamedToolChoice, Meta(
-    description="`required` or a named function needs `tools` (and the name one of them); both are passed on as "
-                "\"use tools\", which no engine here can be forced to obey.")]
+    description="`required` or a named function needs `tools` (and the name one of them). OpenAI-compatible upstreams "
+                "are passed it (control `tool_choice`); Workers AI takes tools as a hint only; the local model "
+                "enforces it where its engine constrains its output.")]
 
 
 class TextFormat(Struct, tag_field="type", tag="text"):
@@ -219,6 +254,7 @@ class JsonObjectFormat(Struct, tag_field="type", tag="json_object"):
 class JsonSchemaSpec(Struct):
     schema: dict[str, Any]
     name: str = "response"
+    strict: Strict | None = None
 
 
 class JsonSchemaFormat(Struct, tag_field="type", tag="json_schema"):
@@ -238,7 +274,15 @@ class ChatCompletionRequest(Sampling, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
-    logprobs: Annotated[bool, Meta(description="`true` is refused (`unsupported_parameter`).")] | None = None
+    logprobs: Annotated[bool, Meta(description=f"`true`: each content token's log probability. {REFUSED_ELSEWHERE} "
+                                               "(control `logprobs`).")] | None = None
+    top_logprobs: Annotated[TopLogprobs, Meta(description="With `logprobs`, that many most likely alternatives per "
+                                                          "token (0 to 20).")] | None = None
+    logit_bias: Annotated[dict[Annotated[str, Meta(pattern="^[0-9]+$")], Annotated[float, Meta(ge=-100, le=100)]],
+                          Meta(max_length=300, description="Token id (of the model's own vocabulary, as a string) -> "
+                                                           "a bias from -100 to 100 added to its logit; at most 300. "
+                                                           f"Empty asks for nothing. {REFUSED_ELSEWHERE} (control "
+                                                           "`logit_bias`).")] | None = None
     functions: Annotated[Any, Meta(description="Deprecated: read as `tools` (ignored when `tools` is sent).")] = None
     function_call: Annotated[Any, Meta(description="Deprecated: read as `tool_choice`.")] = None
     parallel_tool_calls: Annotated[Any, Meta(description="Accepted and ignored.")] = None
@@ -259,9 +303,12 @@ class CompletionRequest(Sampling, kw_only=True):
     suffix: Annotated[str, Meta(description="Not read here (no model served here fills in the middle); an "
                                             "OpenAI-compatible upstream is passed it.")
                       ] | None = None
-    best_of: One | None = None
-    logprobs: Annotated[Any, Meta(description="Any value is refused (`unsupported_parameter`).",
-                                  extra_json_schema={"type": "null"})] = None
+    best_of: Annotated[Choices, Meta(description="Only equal to `n` (no answer is chosen among more).")
+                       ] | None = None
+    logprobs: Annotated[LegacyLogprobs, Meta(description="Each token's log probability, with that many most likely "
+                                                         "alternatives (0 to 5). Not with `echo` (the prompt's are "
+                                                         f"not computed). {REFUSED_ELSEWHERE} (control `logprobs`).")
+                        ] | None = None
 
 
 class EmbeddingRequest(Struct, kw_only=True):
@@ -288,13 +335,15 @@ _FUNCTION_TOOL = {"description": "Only `function` tools are used; the others are
                   "if": {"required": ["type"], "properties": {"type": {"const": "function"}}},
                   "then": {"required": ["name"], "properties": {
                       "name": {"type": "string", "pattern": TOOL_NAME},
-                      "description": {"type": ["string", "null"]}, "parameters": {"type": ["object", "null"]}}}}
+                      "description": {"type": ["string", "null"]}, "parameters": {"type": ["object", "null"]},
+                      "strict": {"type": ["boolean", "null"]}}}}
 _TEXT_FORMAT = {"properties": {"format": {
     "description": "Structured outputs, as `response_format` in chat completions.",
     "oneOf": [{"type": "null"},
               {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
               {"type": "object", "required": ["type", "schema"], "properties": {
-                  "type": {"const": "json_schema"}, "name": {"type": "string"}, "schema": {"type": "object"}}}]}}}
+                  "type": {"const": "json_schema"}, "name": {"type": "string"}, "schema": {"type": "object"},
+                  "strict": {"type": ["boolean", "null"]}}}]}}}
 Ignored = Annotated[Any, Meta(description="Accepted and ignored.")]
 
 
@@ -322,13 +371,18 @@ class ResponseRequest(Struct, kw_only=True):
     metadata: dict[str, Any] | None = None
     user: User | None = None
     n: One | None = None
+    top_logprobs: Annotated[TopLogprobs, Meta(description="Each output token's log probability with that many most "
+                                                          "likely alternatives (0 to 20), in `output_text.logprobs`.")
+                            ] | None = None
+    include: Annotated[Any, Meta(description="`message.output_text.logprobs` asks for each output token's log "
+                                             f"probability. {REFUSED_ELSEWHERE} (control `logprobs`.) Other values are "
+                                             "accepted and ignored.")] = None
     background: Annotated[Any, Meta(description="`true` is refused (`unsupported_parameter`).")] = None
     conversation: Annotated[Any, Meta(description="Refused (`unsupported_parameter`); use `previous_response_id`.",
                                       extra_json_schema={"type": "null"})] = None
     prompt: Annotated[Any, Meta(description="Refused (`unsupported_parameter`).", extra_json_schema={"type": "null"})
                       ] = None
     reasoning: Ignored = None
-    include: Ignored = None
     prompt_cache_key: Ignored = None
     client_metadata: Ignored = None
 
@@ -436,7 +490,7 @@ EXCEPTIONS: dict[type, Rows] = {
 }
 CODES = {"missing": "missing_required_parameter", "type": "invalid_type", "value": "invalid_value",
          "empty": "empty_array"}
-_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>.*)`)?$", re.S)
+_AT = re.compile(r"^(?P<what>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>.*)`)?$", re.S)
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 _INDEX = re.compile(r"\[\d+\]")
 
@@ -446,6 +500,9 @@ def fault(error: str, body: Any, rows: Rows) -> APIError:
     declaration's EXCEPTIONS ``rows``."""
     found = _AT.match(error)
     what, path = (found.group("what"), (found.group("path") or "").lstrip(".")) if found else (error, "")
+    path = path.replace("[...]", "")  # a map's value (logit_bias): the map is the field at fault
+    if found and found.group("key"):
+        what = f"a key: {what[0].lower()}{what[1:]}"
     missing = _MISSING.match(what)
     if missing:
         path = f"{path}.{missing.group('field')}" if path else missing.group("field")

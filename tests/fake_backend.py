@@ -3,7 +3,10 @@ Backend protocol exactly (events, errors, closing), so a route test through Flas
 exercises the real parsing, generation start, limits, errors and response building in milliseconds.
 
 The model picks the behaviour: `fake-echo` answers "You said: <last user message>" one word per
-event; `fake-busy` raises QueueFull before its first event; `fake-broken` fails after its first.
+event; `fake-busy` raises QueueFull before its first event; `fake-broken` fails after its first;
+`fake-controls` declares every sampling control and answers as `fake-echo` does, n choices one after
+another (choice k > 0 begins "(k)"), each word with its log probability (-0.25 * its place in the
+answer, most likely first among the alternatives "alt1".."altK" when asked).
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from flask import Flask
 from backends.base import (
     Caller,
     ChatRequest,
+    Control,
     Embeddings,
     Event,
     Finish,
     ModelInfo,
     QueueFull,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
     UpstreamError,
     Usage,
     estimate_tokens,
@@ -30,7 +36,8 @@ from backends.base import (
 from backends.registry import Registry
 from web.context import state
 
-MODELS = ("fake-echo", "fake-busy", "fake-broken")
+MODELS = ("fake-echo", "fake-busy", "fake-broken", "fake-controls")
+CONTROLS: frozenset[Control] = frozenset({"logprobs", "seed", "logit_bias", "n", "penalties", "tool_choice"})
 
 
 class FakeBackend:
@@ -42,7 +49,7 @@ class FakeBackend:
         self.closed = 0  # generations closed before their end (a client that left, an error)
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(m, "test") for m in MODELS]
+        return [ModelInfo(m, "test", controls=CONTROLS if m == "fake-controls" else frozenset()) for m in MODELS]
 
     def load(self) -> None:
         pass
@@ -63,20 +70,29 @@ class FakeBackend:
         if request.model == "fake-busy":
             raise QueueFull("every generation slot is busy", retry_after=2)
         last = next((m.content for m in reversed(request.messages) if m.role == "user"), request.prompt or "")
-        words = ("You said: " + last).split(" ")
-        words = [w if i == 0 else " " + w for i, w in enumerate(words)][: request.max_tokens or None]
         finished = False
         try:
-            for i, word in enumerate(words):
-                if request.model == "fake-broken" and i == 1:
-                    raise UpstreamError("the fake upstream broke")
-                yield TextDelta(word)
+            for choice in range(request.n):
+                words = ((f"({choice}) " if choice else "") + "You said: " + last).split(" ")
+                words = [w if i == 0 else " " + w for i, w in enumerate(words)][: request.max_tokens or None]
+                for i, word in enumerate(words):
+                    if request.model == "fake-broken" and i == 1:
+                        raise UpstreamError("the fake upstream broke")
+                    yield TextDelta(word, _logprobs(word, i, request.top_logprobs) if request.logprobs else (), choice)
+                reason = "length" if request.max_tokens is not None and len(words) >= request.max_tokens else "stop"
+                prompt = request.estimated_prompt_tokens if choice == 0 else 0  # counted once, as the contract has it
+                yield Finish(reason, Usage(prompt, len(words)), choice=choice)
             finished = True
-            reason = "length" if request.max_tokens is not None and len(words) >= request.max_tokens else "stop"
-            yield Finish(reason, Usage(request.estimated_prompt_tokens, len(words)))
         finally:
             if not finished:
                 self.closed += 1
+
+
+def _logprobs(word: str, place: int, top: int) -> tuple[TokenLogprob, ...]:
+    logprob = -0.25 * place
+    alternatives = (TopLogprob(word, logprob, word.encode()),
+                    *(TopLogprob(f"alt{k}", logprob - k, f"alt{k}".encode()) for k in range(1, top)))
+    return (TokenLogprob(word, logprob, word.encode(), alternatives[:top]),)
 
 
 def fake_app(tmp_path: Path, **changes: object) -> tuple[Flask, FakeBackend]:

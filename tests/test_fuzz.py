@@ -31,7 +31,7 @@ STORED = "resp_stored_by_the_fixture"  # replaced by a real stored response's id
 # Full bodies, each answered 200 as it is, so that a change anywhere in it is what the answer is about.
 SEEDS: dict[str, list[dict[str, Any]]] = {
     "/v1/chat/completions": [
-        {"model": "fake-echo", "max_tokens": 3, "temperature": 0.5, "top_p": 1, "stop": ["zz", "yy"], "seed": 7,
+        {"model": "fake-controls", "max_tokens": 3, "temperature": 0.5, "top_p": 1, "stop": ["zz", "yy"], "seed": 7,
          "presence_penalty": 0, "frequency_penalty": 0, "user": "u", "n": 1, "logprobs": False,
          "stream_options": {"include_usage": True}, "parallel_tool_calls": True,
          "messages": [

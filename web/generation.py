@@ -6,13 +6,14 @@ the next of MODEL_FALLBACKS."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import replace
 
 from flask import request as flask_request
 
 from backends.base import (
     ChatRequest,
+    Control,
     Event,
     PieceFrame,
     QueueFull,
@@ -22,7 +23,7 @@ from backends.base import (
     UpstreamError,
 )
 from backends.registry import Route
-from compat import structured
+from compat import controls, structured
 from compat.errors import model_not_found
 from config.settings import ApiKey
 from web.auth import allowed
@@ -36,17 +37,24 @@ FALL_BACK_ON = (RateLimited, UpstreamError, QueueFull, QueueTimeout, Unavailable
 
 
 def start(ctx: RequestContext, request: ChatRequest, stream: bool,
-          reserve: Callable[[Route], int] | None = None) -> tuple[Route, Answer]:
+          reserve: Callable[[Route], int] | None = None,
+          params: Mapping[Control, str] | None = None) -> tuple[Route, Answer]:
     """The request's model, or, when it fails before answering, the next of MODEL_FALLBACKS.
-    ``reserve`` says what the whole call may cost (/v1/completions runs one answer per prompt)."""
+    ``reserve`` says what the whole call may cost (/v1/completions runs one answer per prompt);
+    ``params`` names the fields that ask for a sampling control where the endpoint's differ from chat's."""
     app_state = state()
     key = ctx.key
     chain = [request.model, *(name for name in app_state.fallbacks.get(request.model, ()) if find(key, name))]
     first = resolve(ctx, request.model, stream)
-    if request.response_format is not None:  # a schema is honoured or refused: no fallback that would drop it
-        if not structured.supports(first):
-            structured.refuse(request.response_format, request.model, app_state.registry)
-        chain = [request.model, *(n for n in chain[1:] if (r := find(key, n)) is not None and structured.supports(r))]
+    # A schema or a sampling control is honoured or refused: no fallback that would drop it either.
+    fmt, wanted = request.response_format, controls.asked(request, params)
+    if fmt is not None and not structured.supports(first):
+        structured.refuse(fmt, request.model, app_state.registry)
+    for control in controls.lacks(first, wanted):
+        controls.refuse(control, wanted[control], request.model, app_state.registry)
+    if fmt is not None or wanted:
+        chain = [request.model, *(n for n in chain[1:] if (r := find(key, n)) is not None
+                                  and (fmt is None or structured.supports(r)) and not controls.lacks(r, wanted))]
     most = reserve(first) if reserve else most_tokens(first, request)
     if app_state.budgets is not None:
         app_state.budgets.reserve(ctx, most)  # a 429 if the key's tokens per minute lack it
@@ -66,14 +74,14 @@ def start(ctx: RequestContext, request: ChatRequest, stream: bool,
 
 def most_tokens(route: Route, request: ChatRequest) -> int:
     """What an answer may cost at most: its prompt and max_tokens, or, with no max_tokens, what the
-    backend lets an open-ended answer take."""
+    backend lets an open-ended answer take; the prompt once, each of its n choices' tokens (OpenAI's usage)."""
     prompt = request.estimated_prompt_tokens
     if request.max_tokens is not None:
-        return prompt + request.max_tokens
+        return prompt + request.n * request.max_tokens
     room = route.info.open_ended_tokens
     if room is None:
         return prompt
-    return max(prompt, room) if route.info.shared_context else prompt + room
+    return prompt + request.n * (max(prompt, room) - prompt if route.info.shared_context else room)
 
 
 def within_ceiling(request: ChatRequest, ceiling: int | None) -> ChatRequest:
@@ -129,7 +137,10 @@ class Answer:
         """Offer the client's connection to a backend that writes a stream's text pieces itself (the
         local engine), each in ``frame()``: the wire's chunk around a text piece, made when the backend
         asks (after the first event, so it carries the model that answered and the message's id; None:
-        not at this point of the answer, the backend writes through the road)."""
+        not at this point of the answer, the backend writes through the road). Not offered for several
+        choices or log probabilities: the frame holds one choice's index and no logprobs."""
+        if self.request.n > 1 or self.request.logprobs:
+            return
         self._ctx.offer_client = lambda: self.client.stream(frame())
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ class RequestRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0  # of the prompt tokens, those reused from the engine's cache
     first_token_at: float | None = None
-    finish_reason: str = ""
+    finish_reason: str = ""  # the answers' reasons, each once ("stop,length": choices that ended differently)
     unfinished_tokens: int = 0  # text pieces of an answer whose Finish never came (a client left)
     error: str = ""
     messages: tuple[Message, ...] = ()  # only kept with LOG_PROMPTS
@@ -51,7 +51,10 @@ class RequestRecord:
                 self.prompt_tokens += event.usage.prompt_tokens  # summed: /v1/completions may run several
                 self.completion_tokens += event.usage.completion_tokens
                 self.cached_tokens += event.usage.cached_tokens
-                self.finish_reason = event.reason
+                # Several answers (n choices, prompts) that ended differently: each reason once, in order.
+                reasons = self.finish_reason.split(",") if self.finish_reason else []
+                if event.reason not in reasons:
+                    self.finish_reason = ",".join([*reasons, event.reason])
                 self.unfinished_tokens = 0
             yield event
 

@@ -19,6 +19,7 @@ from backends.base import (
     Caller,
     ChatRequest,
     ContextLengthExceeded,
+    Control,
     Embeddings,
     Event,
     ModelInfo,
@@ -61,6 +62,9 @@ MAX_RETRY_WAIT = 2.0  # an upstream Retry-After longer than this goes back to th
 EMBED_BATCH = 100  # Workers AI's limit of texts per embedding call
 DISCOVERY_RETRY = 5.0  # seconds between catalogue attempts while none has succeeded (/ready says not ready)
 DISCOVERY_RETRY_LATER = 60.0  # after a failure once a list is known (it keeps serving)
+
+# What codec.chat_body passes on besides temperature, top_p and max_tokens (tools' tool_choice is not sent).
+CONTROLS: frozenset[Control] = frozenset({"seed", "penalties"})
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class CloudflareBackend:
 
     def _info(self, model: str, owned_by: str, created: int = 0) -> ModelInfo:
         return ModelInfo(model, owned_by, created, structured_outputs=model in self.config.json_mode_models,
-                         open_ended_tokens=self.config.max_tokens)
+                         open_ended_tokens=self.config.max_tokens, controls=CONTROLS)
 
     # -- embeddings -------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from backends.base import (
     BackendError,
     Caller,
     ChatRequest,
+    Control,
     Embeddings,
     Event,
     Finish,
@@ -53,6 +54,9 @@ OWN_FIELDS = {"model", "messages", "prompt", "stream", "stream_options", "max_to
               "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "tools", "tool_choice",
               "functions", "function_call", "response_format", "n", "logprobs", "top_logprobs", "echo", "best_of",
               "input", "encoding_format"}
+# What _body sends on (seed, the penalties, tool_choice) or passes as the client sent it (logit_bias); n and
+# logprobs are aigate's own fields, and the answers' logprobs are not read back.
+CONTROLS: frozenset[Control] = frozenset({"seed", "penalties", "tool_choice", "logit_bias"})
 DISCOVERY_RETRY = 5.0  # seconds between reads of a model list never read yet
 
 
@@ -120,7 +124,7 @@ class UpstreamBackend:
                 created[model] = max(created.get(model, 0), when)
         self._infos = [ModelInfo(model, members[0].name, created[model],
                                  structured_outputs=all(m.config.structured_outputs for m in members),
-                                 tasks=None)  # whatever its server serves
+                                 tasks=None, controls=CONTROLS)  # whatever its server serves
                        for model, members in pools.items()]
         self._pools = pools  # swapped whole: requests read one list or the other, never half of one
 

@@ -141,3 +141,27 @@ def test_responses_from_the_routes(tmp_path):
     assert frames[-1]["type"] == "response.completed"
     for frame in frames:
         holds(frame, answers.ResponseStreamEvent)
+
+
+def test_choices_with_logprobs_hold_to_the_declarations():
+    from backends.base import TokenLogprob, TopLogprob
+
+    def token(text: str) -> TokenLogprob:
+        return TokenLogprob(text, -0.5, text.encode(), (TopLogprob(text, -0.5, text.encode()),))
+
+    events = [TextDelta("Hel", (token("Hel"),)), TextDelta("lo", (token("lo"),)), Finish("stop", USAGE),
+              TextDelta("Bye", (token("Bye"),), choice=1), Finish("length", Usage(0, 1), choice=1)]
+    completion = Completion("m")
+    folded = fold(completion, iter(events), choices=2, logprobs=True)
+    holds(folded, answers.ChatCompletion)
+    assert folded["usage"]["prompt_tokens"] == 5 and folded["usage"]["completion_tokens"] == 4
+    for chunk in stream_chunks(completion, iter(events), include_usage=True, choices=2, logprobs=True):
+        holds(chunk, answers.ChatCompletionChunk)
+    legacy = Completion("m", id="cmpl-x")
+    holds(fold_text_completion(legacy, iter([("", iter(events))]), choices=2, logprobs=True), answers.TextCompletion)
+    for chunk in text_completion_chunks(legacy, iter([("", iter(events))]), True, choices=2, logprobs=True):
+        holds(chunk, answers.TextCompletionChunk)
+    codec = ResponseStream("m", parse_responses({"model": "m", "input": "hi"}).echo, logprobs=True)
+    for event in codec.events(iter(events[:3])):
+        holds(event, answers.ResponseStreamEvent)
+    holds(codec.final, answers.ResponseObject)

@@ -22,13 +22,14 @@ def create_chat_completion() -> Response:
     route, answer = start(ctx, call.request, call.stream)
     completion = Completion(route.model_id)  # the model that answered: a fallback says so here
     shape = legacy_function_call if call.legacy_functions else (lambda obj: obj)
+    asked = call.request
     if not call.stream:
         try:
-            return jsonify(shape(fold(completion, answer.events)))
+            return jsonify(shape(fold(completion, answer.events, asked.n, asked.logprobs)))
         finally:
             answer.close()
 
     answer.hand_over(lambda: sse.piece_frame(sse.encode(shape(content_chunk(completion, sse.PIECE)))))
-    chunks = map(shape, stream_chunks(completion, answer.events, call.include_usage))
+    chunks = map(shape, stream_chunks(completion, answer.events, call.include_usage, asked.n, asked.logprobs))
     body = sse_stream(chunks, answer.close, ctx.record, answer.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

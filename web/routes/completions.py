@@ -34,7 +34,7 @@ def create_completion() -> Response:
     completion = Completion(route.model_id, id="cmpl-" + secrets.token_hex(12))
     running = [first]
 
-    def piece(index: int) -> PieceFrame:  # prompt ``index``'s text pieces are choice ``index``
+    def piece(index: int) -> PieceFrame:  # prompt ``index``'s text pieces are choice ``index`` (handed over: n is 1)
         return sse.piece_frame(sse.encode(text_completion_chunk(completion, sse.PIECE, index)))
 
     def answers() -> Iterator[tuple[str, Iterator[Event]]]:
@@ -53,11 +53,12 @@ def create_completion() -> Response:
         for answer in running:
             answer.close()
 
+    asked = call.requests[0]  # every prompt asks for the same choices and log probabilities
     if not call.stream:
         try:
-            return jsonify(fold_text_completion(completion, answers()))
+            return jsonify(fold_text_completion(completion, answers(), asked.n, asked.logprobs))
         finally:
             close()
-    body = sse_stream(text_completion_chunks(completion, answers(), call.include_usage), close, ctx.record,
-                      first.client)
+    body = sse_stream(text_completion_chunks(completion, answers(), call.include_usage, asked.n, asked.logprobs),
+                      close, ctx.record, first.client)
     return Response(body, status=200, content_type="text/event-stream", headers=SSE_HEADERS)

@@ -29,10 +29,12 @@ def retrieve_model(model_id: str) -> Response:
 
 
 def _object(m: ModelInfo) -> dict[str, Any]:
-    # An extra field: whether response_format / text.format (a JSON schema) is honoured, or refused,
-    # whether image content parts are read (GLM-4V) or refused, and which endpoints' tasks it serves.
+    # An extra field: the sampling controls it honours (others are refused), whether response_format /
+    # text.format (a JSON schema) is honoured, or refused, whether image content parts are read (GLM-4V) or
+    # refused, and which endpoints' tasks it serves.
     return {**model_object(m.id, m.owned_by, m.created),
-            "capabilities": {"structured_outputs": m.structured_outputs, "images": m.images,
+            "capabilities": {"controls": sorted(m.controls), "structured_outputs": m.structured_outputs,
+                             "images": m.images,
                              "tasks": None if m.tasks is None else sorted(m.tasks)}}
 
 

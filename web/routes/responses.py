@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from compat.errors import APIError, internal_error, invalid, printable
-from compat.responses_api import ResponsesCall, ResponseStream, output_text, parse_responses
+from compat.responses_api import ResponsesCall, ResponseStream, logprobs_param, output_text, parse_responses
 from store.response_store import ConversationTooLong, ResponseStore, StoreUnavailable
 from web.context import RequestContext, context, state
 from web.generation import resolve, start
@@ -44,8 +44,8 @@ def create_response() -> Response:
     owner, store = _owner(ctx), _store()
     app_state = state()
     call = parse_responses(body, app_state.limits, _history(body, owner))
-    route, answer = start(ctx, call.request, call.stream)
-    codec = ResponseStream(route.model_id, call.echo, call.echo["parallel_tool_calls"])
+    route, answer = start(ctx, call.request, call.stream, params={"logprobs": logprobs_param(call.request)})
+    codec = ResponseStream(route.model_id, call.echo, call.echo["parallel_tool_calls"], call.request.logprobs)
     if not call.stream:
         try:
             for _ in codec.events(answer.events):
