@@ -176,6 +176,9 @@ def test_required_is_a_call_of_any_tool_and_chatglm3_writes_python_constants(fam
     assert names == {"get_weather", "route"}
     if not model.family.byte_level:  # ChatGLM3: keyword arguments, or **{...} for names Python cannot take
         assert any("tool_call(**{" in t for t in texts) and any("tool_call(city=" in t for t in texts)
+        calls = " ".join(texts)
+        assert re.search(r"metric=(True|False)", calls) and "extra=None" in calls
+        assert not re.search(r"metric=(true|false)|extra=null", calls)
 
 
 def test_a_tool_without_parameters_is_called_with_an_object(family):
