@@ -176,6 +176,9 @@ def test_required_is_a_call_of_any_tool_and_chatglm3_writes_python_constants(fam
     assert names == {"get_weather", "route"}
     if not model.family.byte_level:  # ChatGLM3: keyword arguments, or **{...} for names Python cannot take
         assert any("tool_call(**{" in t for t in texts) and any("tool_call(city=" in t for t in texts)
+        calls = " ".join(texts)
+        assert re.search(r"metric=(True|False)", calls) and "extra=None" in calls
+        assert not re.search(r"metric=(true|false)|extra=null", calls)
 
 
 def test_a_tool_without_parameters_is_called_with_an_object(family):
@@ -315,3 +318,17 @@ def test_tighten_closes_objects_and_bounds_free_values():
     assert tight["properties"]["b"]["items"] == {"$ref": "#/$defs/aigate_any0"}
     assert tight["x-guidance"]["lenient"] is False
     assert tighten({"type": "object"}, strict=False)["additionalProperties"] == {"$ref": "#/$defs/aigate_any0"}
+
+
+def test_compiled_grammars_are_cached_and_each_answer_gets_its_own_state(chatglm3):
+    g = grammars(chatglm3)
+    request = ChatRequest("m", ASK, response_format=JsonFormat(SCHEMA, strict=True))
+    first, second = g.constraint(request), g.constraint(request)
+    assert first is not None and second is not None and len(g.cache._compiled) == 1
+    walk(g, first, 0)
+    assert first.done and not second.done  # the second starts where the template does
+    content = walk(g, second, 1).decode()
+    jsonschema.validate(json.loads(content), SCHEMA)
+    for i in range(70):  # least recently used out
+        g.constraint(ChatRequest("m", ASK, response_format=JsonFormat({**SCHEMA, "title": str(i)})))
+    assert len(g.cache._compiled) == 64

@@ -19,6 +19,12 @@ says ``images_later`` (how many images, and the side in pixels they will have) a
 as an empty placeholder. Once it has its place in line, the engine sends ``{"send_images": n}``; the
 worker answers with one line ``{"images": [pixels, ...]}`` (each image's raw RGB pixels, base64), or
 closes the connection (a bad image: its own client hears why). The events follow as usual.
+
+Choices and logprobs (a request for n > 1 choices, or logprobs): each event line past the first choice says
+its ``choice``; a text line carries the ``logprobs`` of the tokens whose text it completes, each
+``[token, logprob, bytes as ints, [[token, logprob, bytes], ...]]``. The answer ends with the last
+choice's Finish (the others are acknowledged like any event). Such answers are never handed over: the
+writer's frame knows one choice and no logprobs.
 """
 
 from __future__ import annotations
