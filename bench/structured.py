@@ -186,6 +186,8 @@ def report(rows: dict[str, dict], e2e: dict[str, dict[str, list[float]] | str], 
               "bits to -inf + argmax and accept; the ratio is the most decode can keep with that work added to a "
               "step, not a measured decode."]
     lines += ["", "## Through aigate (greedy, streamed, alternated runs)", ""]
+    if not e2e:
+        lines.append("- not run (`--no-aigate`)")
     for family, result in e2e.items():
         if isinstance(result, str):
             lines.append(f"- {family}: not run: {result}")
