@@ -321,6 +321,21 @@ def test_tighten_closes_objects_and_bounds_free_values():
     assert tighten({"type": "object"}, strict=False)["additionalProperties"] == {"$ref": "#/$defs/aigate_any0"}
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_unbounded_numbers_stay_finite_json(family, seed):
+    """A number the schema leaves unbounded takes no exponent: 6e+85572 read back as inf, re-dumped Infinity."""
+    model, g = family
+    if model.family.tools is None:
+        pytest.skip("the family has no tool calls")
+    measure = Tool("measure", "", {"type": "object", "properties": {"x": {"type": "number"}, "n": {"type": "integer"}},
+                                   "required": ["x", "n"], "additionalProperties": False}, strict=True)
+    request = ChatRequest("m", ASK, tools=(measure,), tool_choice="required", forced_tool="measure")
+    _, call, text = answer(model, g, request, seed, favour=b"eE")  # an exponent, were one allowed
+    assert call is not None, text
+    arguments = json.loads(call.arguments, parse_constant=lambda name: pytest.fail(f"{name} in {call.arguments}"))
+    assert all(abs(v) <= 10**15 for v in arguments.values()), text
+
+
 def test_compiled_grammars_are_cached_and_each_answer_gets_its_own_state(chatglm3):
     g = grammars(chatglm3)
     request = ChatRequest("m", ASK, response_format=JsonFormat(SCHEMA, strict=True))

@@ -31,6 +31,9 @@ from backends.chatglm.ggml_file import ModelFile
 # this closed it in ~150 (a real model's pretty-printing is kept, flush left).
 WHITESPACE = r"\x20|\n"
 ANY_DEPTH = 6  # nesting of a value the schema leaves free (json_object, {}, an open map)
+# A number the schema leaves unbounded is kept within this (no exponent then): a weak model wrote 6e+85572,
+# which Python reads as inf and a tool call's arguments would re-dump as Infinity, which is not JSON.
+NUMBER_BOUND = 10**15
 CACHED_GRAMMARS = 64
 _ANY = "aigate_any"
 _ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
@@ -54,7 +57,7 @@ def tighten(schema: Any, strict: bool) -> dict[str, Any]:
 
 
 def _any_defs() -> dict[str, Any]:
-    scalar: list[dict[str, Any]] = [{"type": t} for t in ("string", "number", "boolean", "null")]
+    scalar: list[dict[str, Any]] = [_bounded({"type": t}) for t in ("string", "number", "boolean", "null")]
     defs: dict[str, Any] = {f"{_ANY}{ANY_DEPTH}": {"anyOf": scalar}}
     for d in range(ANY_DEPTH):
         inner = {"$ref": f"#/$defs/{_ANY}{d + 1}"}
@@ -91,7 +94,19 @@ def _narrow(schema: Any) -> Any:
         out["additionalProperties"] = _narrow(out["additionalProperties"])
     if types == "array" or "items" in out:
         out["items"] = _narrow(out.get("items", True))
-    return out
+    return _bounded(out)
+
+
+def _bounded(schema: dict[str, Any]) -> dict[str, Any]:
+    """A number or integer schema with NUMBER_BOUND where it has no bound of its own."""
+    types = schema.get("type")
+    if not ({"number", "integer"} & set(types if isinstance(types, list) else [types])):
+        return schema
+    if "minimum" not in schema and "exclusiveMinimum" not in schema:
+        schema = {**schema, "minimum": -NUMBER_BOUND}
+    if "maximum" not in schema and "exclusiveMaximum" not in schema:
+        schema = {**schema, "maximum": NUMBER_BOUND}
+    return schema
 
 
 class GrammarCache:
