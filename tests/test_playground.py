@@ -244,3 +244,50 @@ def test_error_events_mid_stream_and_non_json_errors_are_shown(server, open_page
     expect(page.locator("#messages .error").last).to_have_text(
         "Error 502: <html><body><h1>502 Bad Gateway</h1></body></html>")
     expect(page.locator("#messages h1")).to_have_count(0)
+
+
+def test_a_schema_box_for_the_models_that_honour_one(server, open_page):
+    """The JSON schema box shows for a model whose capabilities.structured_outputs is true, and its schema is
+    sent as response_format json_schema (the models and the answer played by Playwright's routing)."""
+    page = open_page(server.base_url).page
+    models = {"object": "list", "data": [
+        {"id": "endless", "object": "model", "capabilities": {"structured_outputs": False}},
+        {"id": "@cf/meta/llama-3.1-8b-instruct", "object": "model", "capabilities": {"structured_outputs": True}}]}
+    page.route("**/v1/models", lambda route: route.fulfill(json=models))
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    stream = "".join(f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': delta}]})}\n\n"
+                     for delta in ({"role": "assistant", "content": ""}, {"content": '{"city": "Paris"}'})
+                     ) + "data: [DONE]\n\n"
+    sent: list[dict] = []
+
+    def answer(route) -> None:
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(body=stream, content_type="text/event-stream")
+
+    page.route("**/v1/chat/completions", answer)
+    page.click("#reload-models")
+    page.select_option("#model", "endless")
+    expect(page.locator("#schema-field")).to_be_hidden()
+    page.select_option("#model", "@cf/meta/llama-3.1-8b-instruct")
+    expect(page.locator("#schema-field")).to_be_visible()
+
+    page.fill("#schema", "{not json")
+    page.fill("#prompt", "Where?")
+    page.click("#send")
+    expect(page.locator("#messages .error")).to_contain_text("The JSON schema is not valid JSON")
+    expect(page.locator("#prompt")).to_have_value("Where?")  # nothing sent: fix the schema and send again
+    assert sent == []
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    page.fill("#schema", json.dumps(schema))
+    expect(page.locator("#curl-snippet")).to_contain_text('"response_format"')
+    page.click("#send")
+    expect(page.locator("#messages .assistant .content")).to_have_text('{"city": "Paris"}')
+    assert sent[-1]["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+
+    page.select_option("#model", "endless")  # the box hides, and its schema is not sent to a model that would refuse
+    expect(page.locator("#schema-field")).to_be_hidden()
+    page.fill("#prompt", "And now?")
+    page.click("#send")
+    expect(page.locator("#messages .assistant")).to_have_count(2)
+    assert "response_format" not in sent[-1]
