@@ -134,9 +134,12 @@ def test_alias_answers_as_its_model(client):
     ({"model": "endless", "messages": USER, "max_tokens": True}, 400, "max_tokens"),
     ({"model": "endless", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "endless", "messages": USER, "stream": "yes"}, 400, "stream"),
-    ({"model": "endless", "messages": USER, "n": 2}, 400, "n"),
-    ({"model": "endless", "messages": USER, "logprobs": True}, 400, "logprobs"),
-    ({"model": "endless", "messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": "endless", "messages": USER, "n": 0}, 400, "n"),
+    ({"model": "endless", "messages": USER, "top_logprobs": 3}, 400, "top_logprobs"),  # needs logprobs
+    ({"model": "endless", "messages": USER, "logit_bias": {"1000000": 5}}, 400, "logit_bias"),  # not an id of its
+    ({"model": "endless", "messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "strict": True, "schema": {"type": "object", "unevaluatedProperties": False}}}}, 400,
+     "response_format"),  # a keyword the grammar cannot enforce, asked strictly
     ({"model": "no-such-model", "messages": USER}, 404, "model"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, param):

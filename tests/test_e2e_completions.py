@@ -58,7 +58,8 @@ def test_suffix_is_accepted(client):
     ({"model": "endless"}, "prompt"),
     ({"model": "endless", "prompt": []}, "prompt"),
     ({"model": "endless", "prompt": [[1, 2, 100261]]}, "prompt"),  # not a token id of cl100k_base
-    ({"model": "endless", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "endless", "prompt": "x", "logprobs": 6}, "logprobs"),  # at most 5
+    ({"model": "endless", "prompt": "x", "logprobs": 2, "echo": True}, "logprobs"),  # prompt logprobs: not computed
     ({"model": "endless", "prompt": "x", "best_of": 3}, "best_of"),
     ({"model": "endless", "prompt": "x", "echo": "yes"}, "echo"),
     ({"model": "endless", "prompt": "x", "max_tokens": 0}, "max_tokens"),
