@@ -228,9 +228,9 @@ def test_a_constraint_masks_every_step_and_ends_the_answer_when_done(chatglm3, m
 
 
 def quiet(model: Model) -> tuple[tuple[int, float], ...]:
-    """logit_bias against whitespace: on random weights a greedy answer takes every run of blanks the grammar
-    allows (32 at each place), and the tests' context and time are short. Where only a blank is allowed, it
-    still comes (the others are masked)."""
+    """logit_bias against whitespace: on random weights an answer takes the blank the grammar allows at many
+    places, and the tests' time is short. Where only a blank is allowed, it still comes (the others are
+    masked)."""
     return tuple((i, -100.0) for i, t in enumerate(model.tokens) if t and not t.strip())
 
 
