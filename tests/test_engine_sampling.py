@@ -191,6 +191,9 @@ class Spell:
         assert self.rest.startswith(self.tokens[token])
         self.rest = self.rest[len(self.tokens[token]):]
 
+    def forced(self) -> list[int]:
+        return []  # every token sampled under its mask: the masks count the steps
+
     @property
     def done(self) -> bool:
         return not self.rest
@@ -240,6 +243,26 @@ def test_a_schema_gives_json_that_validates(model, fields):
                     logit_bias=quiet(model), **fields)
     assert finishes(events)[0].reason == "stop"
     jsonschema.validate(json.loads(text(events)), SCHEMA)
+
+
+def test_tokens_the_grammar_forces_are_not_sampled_and_go_in_one_pass(chatglm3, monkeypatch):
+    """A key's name and `": "` have no alternative: taken without logits, evaluated together; the first
+    content (the metadata line and `{`, both forced) comes right after the prompt's pass."""
+    schema = {"type": "object", "properties": {"a_rather_long_property_name": {"type": "boolean"},
+                                               "another_long_property_name": {"enum": ["first", "second"]}},
+              "required": ["a_rather_long_property_name", "another_long_property_name"], "additionalProperties": False}
+    passes: list[int] = []
+    evaluate = engine_model.Sampled.evaluate
+    monkeypatch.setattr(engine_model.Sampled, "evaluate", lambda self, ids, *rest: (
+        passes.append(len(ids)), evaluate(self, ids, *rest))[1])
+    request = ChatRequest(model="demo", messages=ASK, response_format=JsonFormat(schema, strict=True), max_tokens=200,
+                          temperature=0, logit_bias=quiet(chatglm3))
+    events = list(chatglm3.slots[0].generate(request, chatglm3.prompt_ids(request), lambda: False))
+    end = finishes(events)[0]
+    assert end.reason == "stop" and json.loads(text(events)).keys() == schema["properties"].keys()
+    assert len(passes) - 1 < end.usage.completion_tokens / 2  # the prompt's pass, then far fewer than a token each
+    first = next(e for e in events if isinstance(e, TextDelta) and e.text.strip())
+    assert first.text.startswith("{")
 
 
 def test_whitespace_bounded_by_the_grammar_ends_a_greedy_answer_without_help(chatglm3):

@@ -158,6 +158,11 @@ class Constraint:
             self._start += self._tokens[token]
             self.free = bool(_TEXT_BRANCH.match(self._start))
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar allows no alternative to from here (a key's name, `": "`), not yet taken:
+        they need no sampling, and no forward pass each."""
+        return [] if self.free else list(self._matcher.compute_ff_tokens())
+
     @property
     def done(self) -> bool:
         """The structure is complete (or an end token was taken): end the answer now."""

@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -451,6 +452,7 @@ class Slot:
         if reuse == 0:
             model.costs.note_prefill(time.monotonic() - started, len(prompt))
         generated = 0
+        evaluated = len(prompt)  # of ids, those the cache holds
         reason: FinishReason = "length"
         while True:
             token = step.choose()
@@ -469,10 +471,14 @@ class Slot:
                 break
             if cancelled():
                 return False
+            if step.forcing:  # the grammar's next token needs no logits: taken with the others in one pass
+                continue
             began = time.monotonic()
-            step.evaluate(ids, None, len(ids) - 1 + extra, len(prompt))
+            step.evaluate(ids, None, evaluated + extra, len(prompt))
             self._cached = len(ids) if image is None else 0  # with an image, cache positions are not the ids
-            model.costs.note_decode(time.monotonic() - began)
+            if len(ids) - evaluated == 1:
+                model.costs.note_decode(time.monotonic() - began)
+            evaluated = len(ids)
         yield from text.end()
         if text.tool_call:
             reason = "tool_calls"
@@ -515,6 +521,7 @@ class Plain:
 
     logprob = None
     done = False
+    forcing = False
 
     def __init__(self, model: Any, config: Any, detokenizer: Callable[[], Detokenizer | ByteDetokenizer]) -> None:
         self._model = model
@@ -543,6 +550,9 @@ class Sampled:
         self._owner = owner
         self._describe = describe
         self.logprob: TokenLogprob | None = None
+        # Tokens the grammar forces, taken without sampling and evaluated together (not with logprobs: a forced
+        # token has no distribution to report).
+        self._forced: deque[int] = deque(self._forced_next() if describe is None else ())
 
     def detokenizer(self) -> Detokenizer | ByteDetokenizer:
         """A constrained answer's text is its tokens' bytes, exactly what the grammar allowed (a
@@ -554,6 +564,11 @@ class Sampled:
 
     def choose(self) -> int:
         constraint = self.constraint if self.constraint is not None and not self.constraint.free else None
+        if self._forced and constraint is not None:
+            token = self._forced.popleft()
+            constraint.accept(token)
+            self._sampler.accept(token)
+            return token
         if constraint is not None:
             constraint.fill(self._bitmask)
         pick = self._sampler.pick(self._logits, None if constraint is None else self._bitmask)
@@ -561,7 +576,17 @@ class Sampled:
             constraint.accept(pick.token)
         self._sampler.accept(pick.token)
         self.logprob = None if self._describe is None else self._describe(pick)
+        if self._describe is None:
+            self._forced.extend(self._forced_next())
         return pick.token
+
+    def _forced_next(self) -> list[int]:
+        return [] if self.constraint is None else self.constraint.forced()
+
+    @property
+    def forcing(self) -> bool:
+        """The next token is the grammar's, not the model's: no logits needed for it."""
+        return bool(self._forced)
 
     @property
     def done(self) -> bool:
