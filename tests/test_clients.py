@@ -1,6 +1,7 @@
 """Real clients against aigate on a Workers AI model (the fake Cloudflare on loopback): Codex CLI,
 Claude Code, the OpenAI Agents SDK, LangChain's with_structured_output and OpenAIEmbeddings and Vercel's
-AI SDK; and Codex CLI on the demo model. Each is skipped, with the reason, where it is not installed
+AI SDK; and Codex CLI and the structured-output paths (the openai SDK's parse, LangChain, the Agents SDK) on the
+demo model. Each is skipped, with the reason, where it is not installed
 (`make test` installs them: pip for Python, npm into .cache/node)."""
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from backends.chatglm.demo_model import write_demo_model
 from tests.conftest import ROOT
@@ -232,3 +234,56 @@ console.log(JSON.stringify(object));
     assert run.returncode == 0, run.stdout + run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"city": "Paris", "temperature": 3}
     assert "response_format" in fake.runs("@cf/fake/chat")[-1].body
+
+
+# -- structured outputs on the local model: the demo's random weights write valid JSON only because decoding
+# is constrained; bounded strings and numbers, since only a byte-fallback token can close a string there.
+
+class Reading(BaseModel):
+    city: str = Field(max_length=12)
+    sky: Literal["sunny", "rain", "snow"]
+    celsius: int = Field(ge=-40, le=50)
+    windy: bool
+
+
+def test_openai_parse_on_the_demo_model(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.v1, api_key=KEY, max_retries=0)
+    done = client.chat.completions.parse(model=DEMO, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                         response_format=Reading, max_tokens=200)
+    assert isinstance(done.choices[0].message.parsed, Reading)
+    assert done.choices[0].finish_reason == "stop"
+
+
+def test_langchain_with_structured_output_on_the_demo_model(server):
+    langchain_openai = pytest.importorskip("langchain_openai", reason="langchain-openai is not installed")
+    model = langchain_openai.ChatOpenAI(model=DEMO, base_url=server.v1, api_key=KEY, max_retries=0, max_tokens=200)
+    assert isinstance(model.with_structured_output(Reading).invoke("Weather in Paris?"), Reading)
+
+
+def test_agents_sdk_output_type_on_the_demo_model(server):
+    agents = pytest.importorskip("agents", reason="openai-agents is not installed (requirements-dev.txt)")
+    import openai
+
+    agents.set_tracing_disabled(True)
+    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=server.v1, api_key=KEY, max_retries=0),
+                                     use_for_tracing=False)
+    agent = agents.Agent(name="forecaster", instructions="Answer with the weather.", model=DEMO,
+                         output_type=Reading, model_settings=agents.ModelSettings(max_tokens=200))
+    assert isinstance(agents.Runner.run_sync(agent, "Weather in Paris?").final_output, Reading)
+
+
+def test_openai_named_tool_and_streamed_parse_on_the_demo_model(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.v1, api_key=KEY, max_retries=0)
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    called = client.chat.completions.parse(model=DEMO, messages=ask, max_tokens=200, temperature=0.8, seed=3,
+                                           tools=[openai.pydantic_function_tool(Reading)],
+                                           tool_choice={"type": "function", "function": {"name": "Reading"}})
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert isinstance(choice.message.tool_calls[0].function.parsed_arguments, Reading)
+    with client.chat.completions.stream(model=DEMO, messages=ask, response_format=Reading, max_tokens=200) as stream:
+        assert isinstance(stream.get_final_completion().choices[0].message.parsed, Reading)
