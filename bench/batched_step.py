@@ -265,8 +265,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48, help="decode steps timed per measurement")
     parser.add_argument("--tokens", type=int, default=24, help="greedy tokens per sequence in the checks")
     parser.add_argument("--bench-tokens", type=int, default=12, help="the same on the bench-size model")
+    parser.add_argument("--speed-only", action="store_true", help="keep the last run's correctness tables")
     args = parser.parse_args()
     bench = bench_model()
+    if args.speed_only:
+        last = (RESULTS / "batched_step.md").read_text().split("\n")
+        tables = last[last.index("## Correctness: batched == alone") + 2:next(
+            i for i, line in enumerate(last) if line.startswith("## Decode"))]
+        blank = tables.index("")
+        speed(args, bench, tables[:blank], tables[blank + 1:-1])
+        return
 
     checks = ["| model | case | tokens each | same tokens | logits bit-identical (max abs diff) |",
               "|---|---|---|---|---|"]
@@ -285,7 +293,10 @@ def main() -> None:
         errors = ["| bad call | what it did | the model's next answer as before |", "|---|---|---|",
                   *check_errors(demos["chatglm3"])]
     progress("\n".join(checks + [""] + errors))
+    speed(args, bench, checks, errors)
 
+
+def speed(args: argparse.Namespace, bench: Path, checks: list[str], errors: list[str]) -> None:
     load_before, steal_before, began = loadavg(), steal(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rates = decode_rates(bench, args.rounds, args.steps)
     progress(f"decode rates {dict((k, round(statistics.median(v), 1)) for k, v in rates.items())}")
