@@ -1,4 +1,4 @@
-"""Benchmark 11: batched decoding inside chatglm.cpp (issue 25, item 2's core), in process, no server.
+"""Benchmark 12: batched decoding inside chatglm.cpp (issue 25, item 2's core), in process, no server.
 
 patches/chatglm-cpp-0.4.2-batch.patch gives one Pipeline S KV caches (`num_slots`) and
 `model.step(entries)`: one forward pass over every entry's tokens (a decode token or a prompt
