@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -265,3 +266,34 @@ def test_concurrent_streams_get_uncorrupted_text(client):
     for t in threads:
         t.join()
     assert results == alone
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_with_logprobs_and_a_seed_on_the_local_model(client, stream):
+    """Three choices, each its own answer (a seed per choice), usage counting the prompt once; each token's
+    logprob with its top alternatives, best first, their probabilities summing to at most 1."""
+    asked = dict(model="endless", messages=USER, max_tokens=6, n=3, seed=7, temperature=1.0, logprobs=True,
+                 top_logprobs=3)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **asked))
+        texts, entries, usage = ["", "", ""], [[], [], []], chunks[-1].usage
+        for chunk in chunks:
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+                entries[c.index] += c.logprobs.content if c.logprobs and c.logprobs.content else []
+    else:
+        whole = client.chat.completions.create(**asked)
+        assert [c.index for c in whole.choices] == [0, 1, 2]
+        texts = [c.message.content for c in whole.choices]
+        entries = [c.logprobs.content for c in whole.choices]
+        usage = whole.usage
+    assert usage.completion_tokens == 18 and usage.total_tokens == usage.prompt_tokens + 18
+    assert len(set(texts)) == 3  # three draws, not one answer thrice
+    again = client.chat.completions.create(**{**asked, "logprobs": False, "top_logprobs": None})
+    assert [c.message.content for c in again.choices] == texts  # the seed: the same answers again
+    for text, tokens in zip(texts, entries):
+        assert b"".join(bytes(t.bytes) for t in tokens).decode() == text and len(tokens) == 6
+        for t in tokens:
+            best = [top.logprob for top in t.top_logprobs]
+            assert len(best) == 3 and best == sorted(best, reverse=True) and t.logprob <= best[0] <= 0
+            assert sum(math.exp(lp) for lp in best) <= 1 + 1e-6
