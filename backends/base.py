@@ -107,6 +107,24 @@ class ChatRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id of the model's vocabulary, bias -100..100)
 
     @property
+    def controls_asked(self) -> dict[Control, str]:
+        """The sampling controls the request asks for, each with the field that asked; zeros and nulls ask
+        for nothing (SDKs send presence_penalty: 0 on every request). tool_choice is not among them: it is
+        enforced where the model constrains its output, a hint elsewhere."""
+        asked: dict[Control, str] = {}
+        if self.logprobs:
+            asked["logprobs"] = "logprobs"
+        if self.seed is not None:
+            asked["seed"] = "seed"
+        if self.logit_bias:
+            asked["logit_bias"] = "logit_bias"
+        if self.n > 1:
+            asked["n"] = "n"
+        if self.presence_penalty or self.frequency_penalty:
+            asked["penalties"] = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+        return asked
+
+    @property
     def estimated_prompt_tokens(self) -> int:
         """The prompt's tokens where no tokenizer counts them (an upstream or Workers AI that sends no usage,
         the tokens a key's budget reserves): its text at about 4 characters a token and, for chat, what

@@ -18,18 +18,7 @@ WHAT = {"logprobs": "log probabilities", "seed": "a seed", "logit_bias": "logit_
 def asked(request: ChatRequest, params: Mapping[Control, str] | None = None) -> dict[Control, str]:
     """The controls ``request`` asks for, each with the field that asked (``params`` renames them where the
     endpoint names them otherwise: the Responses API's ``include``)."""
-    found: dict[Control, str] = {}
-    if request.logprobs or request.top_logprobs:
-        found["logprobs"] = "logprobs"
-    if request.seed is not None:
-        found["seed"] = "seed"
-    if request.logit_bias:
-        found["logit_bias"] = "logit_bias"
-    if request.n > 1:
-        found["n"] = "n"
-    if request.presence_penalty or request.frequency_penalty:
-        found["penalties"] = "presence_penalty" if request.presence_penalty else "frequency_penalty"
-    return {control: (params or {}).get(control, param) for control, param in found.items()}
+    return {control: (params or {}).get(control, param) for control, param in request.controls_asked.items()}
 
 
 def lacks(route: Route, wanted: Mapping[Control, str]) -> list[Control]:

@@ -26,16 +26,6 @@ CHAT = {"model": "fake-controls", "messages": USER}
 
 
 @pytest.fixture
-def app_and_backend(tmp_path):
-    return fake_app(tmp_path)
-
-
-@pytest.fixture
-def client(app_and_backend):
-    return app_and_backend[0].test_client()
-
-
-@pytest.fixture
 def sdk(app_and_backend):
     """The official SDK, over the app in-process (no socket)."""
     transport = httpx.WSGITransport(app=app_and_backend[0])

@@ -7,21 +7,9 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
 from tests.fake_backend import fake_app
 
 USER = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture
-def app_and_backend(tmp_path):
-    return fake_app(tmp_path)
-
-
-@pytest.fixture
-def client(app_and_backend):
-    return app_and_backend[0].test_client()
 
 
 def test_a_whole_answer_in_milliseconds(client):

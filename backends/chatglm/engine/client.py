@@ -129,8 +129,6 @@ class EngineClient:
             if images is not None:
                 request = protocol.without_images(request)
                 later = protocol.ImagesLater(sum(len(m.images) for m in request.messages), images.size)
-            if request.n > 1 or request.logprobs:  # the engine's writer knows one choice and no logprobs
-                stream = None
             _send(sock, protocol.encode(protocol.generate_request(request, stream is not None, later)))
             lines = sock.makefile("rb")
             while True:

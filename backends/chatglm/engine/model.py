@@ -206,11 +206,9 @@ class Model:
 
     def _logits_asked(self, request: ChatRequest) -> tuple[str, str | None] | None:
         """What of the request needs the logits path, in words, and its param (None: nothing)."""
-        for asked, wanted in (("logprobs", request.logprobs), ("seed", request.seed is not None),
-                              ("logit_bias", request.logit_bias), ("presence_penalty", request.presence_penalty),
-                              ("frequency_penalty", request.frequency_penalty), ("n", request.n > 1)):
-            if wanted:
-                return asked, asked
+        control = next(iter(request.controls_asked.values()), None)
+        if control is not None:
+            return control, control
         if answer_grammar(self.family, request, False) is not None:
             param = request.response_format.param if request.response_format else "tool_choice"
             return "An answer held to a JSON schema or a tool call", param
@@ -221,10 +219,9 @@ class Model:
         return LOGITS and (self._logits_asked(request) is not None)
 
     def sampling(self, request: ChatRequest) -> sampler.Params:
-        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
-        return sampler.Params(temperature, DEFAULT_TOP_P if request.top_p is None else request.top_p,
-                              request.presence_penalty or 0.0, request.frequency_penalty or 0.0, request.logit_bias,
-                              request.logprobs, request.top_logprobs)
+        return sampler.Params(*_temperature_top_p(request), request.presence_penalty or 0.0,
+                              request.frequency_penalty or 0.0, request.logit_bias, request.logprobs,
+                              request.top_logprobs)
 
     def token_logprob(self, pick: sampler.Pick) -> TokenLogprob:
         top = []
@@ -331,11 +328,10 @@ class Model:
         return list(self._tokenizer.encode(text, 1 << 30))[2:] if text else []
 
     def generation_config(self, request: ChatRequest, max_new: int) -> Any:
-        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+        temperature, top_p = _temperature_top_p(request)
         return chatglm_cpp._C.GenerationConfig(
             max_length=self.context_length, max_new_tokens=max_new, max_context_length=self.context_length,
-            do_sample=temperature > 0, top_k=0, top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
-            temperature=temperature, repetition_penalty=1.0)
+            do_sample=temperature > 0, top_k=0, top_p=top_p, temperature=temperature, repetition_penalty=1.0)
 
     def is_end(self, token: int) -> bool:
         """End of text: eos, or any id past the ordinary pieces (special or padding ids; decoding a
@@ -349,6 +345,12 @@ class Model:
         tools = self.family.tools
         return ReplySplitter(bool(request.tools), raw=request.prompt is not None or not self.family.metadata_line,
                              **({"parse": tools.parse_call} if tools else {}))
+
+
+def _temperature_top_p(request: ChatRequest) -> tuple[float, float]:
+    """What the request asks for, chatglm.cpp's defaults where it asks for nothing."""
+    return (DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+            DEFAULT_TOP_P if request.top_p is None else request.top_p)
 
 
 PREFILL_SCORES_BYTES = 256 << 20  # the attention scores of one prefill graph, at most (float32)
@@ -422,9 +424,6 @@ class Slot:
     def generate(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Events for the answers to ``prompt`` (request.n of them, one after another, each ending in its
         Finish); ends early, without a Finish, once ``cancelled()``."""
-        if not self.model.sampled(request):
-            yield from self._answer(request, prompt, cancelled, 0)
-            return
         for choice in range(request.n):
             if choice and cancelled():
                 return
