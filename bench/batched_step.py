@@ -69,6 +69,16 @@ class Run:
         return self.tokens[-1]
 
 
+def logits_of(model: Any, entries: list[Any]) -> np.ndarray:
+    """One step, returning the logits of each entry that samples (in order) instead of its sampled token."""
+    for entry in entries:
+        if entry.sample is not None:
+            entry.sample, entry.logits = None, True
+    out = np.empty((sum(e.logits for e in entries), model.config.vocab_size), np.float32)
+    model.step(entries, out)
+    return out
+
+
 def alone(model: Any, prompt: list[int], n: int, chunk: int = 0) -> Run:
     """Slot 0 on its own: the prompt (whole, or in chunks of `chunk`), then n greedy tokens."""
     run, pos = Run(), 0
@@ -76,11 +86,11 @@ def alone(model: Any, prompt: list[int], n: int, chunk: int = 0) -> Run:
     for piece in pieces[:-1]:
         model.step([C.StepEntry(0, piece, pos, pos, None)])
         pos += len(piece)
-    rows = model.step([C.StepEntry(0, pieces[-1], pos, pos, greedy())], return_logits=True)
+    rows = logits_of(model, [C.StepEntry(0, pieces[-1], pos, pos, greedy())])
     pos += len(pieces[-1])
     for _ in range(n):
         token = run.take(rows[0])
-        rows = model.step([C.StepEntry(0, [token], pos, pos, greedy())], return_logits=True)
+        rows = logits_of(model, [C.StepEntry(0, [token], pos, pos, greedy())])
         pos += 1
     return run
 
@@ -88,12 +98,11 @@ def alone(model: Any, prompt: list[int], n: int, chunk: int = 0) -> Run:
 def together(model: Any, batch: list[list[int]], n: int) -> list[Run]:
     """Every prompt evaluated in one step (slot i), then n greedy tokens each, all in one step per token."""
     runs = [Run() for _ in batch]
-    rows = model.step([C.StepEntry(s, p, 0, 0, greedy()) for s, p in enumerate(batch)], return_logits=True)
+    rows = logits_of(model, [C.StepEntry(s, p, 0, 0, greedy()) for s, p in enumerate(batch)])
     pos = [len(p) for p in batch]
     for _ in range(n):
         tokens = [run.take(row) for run, row in zip(runs, rows, strict=True)]
-        rows = model.step([C.StepEntry(s, [t], pos[s], pos[s], greedy()) for s, t in enumerate(tokens)],
-                          return_logits=True)
+        rows = logits_of(model, [C.StepEntry(s, [t], pos[s], pos[s], greedy()) for s, t in enumerate(tokens)])
         pos = [p + 1 for p in pos]
     return runs
 
@@ -135,7 +144,7 @@ def check_join(name: str, path: Path, n: int, chunk: int) -> list[str]:
     joiner = prompts(1, model.config.vocab_size, seed=8, lengths=(90, 120))[0]
     refs = [alone(model, p, n) for p in batch] + [alone(model, joiner, n, chunk)]
     runs = [Run() for _ in range(4)]
-    out = model.step([C.StepEntry(s, p, 0, 0, greedy()) for s, p in enumerate(batch)], return_logits=True)
+    out = logits_of(model, [C.StepEntry(s, p, 0, 0, greedy()) for s, p in enumerate(batch)])
     rows = dict(enumerate(out))  # slot -> the logits of its next token
     pos = [len(p) for p in batch] + [0]
     while any(len(r.tokens) < n for r in runs):
@@ -148,8 +157,8 @@ def check_join(name: str, path: Path, n: int, chunk: int) -> list[str]:
             done = pos[3] + len(piece) == len(joiner)
             entries.append(C.StepEntry(3, piece, pos[3], pos[3], greedy() if done else None))
             pos[3] += len(piece)
-        out = model.step(entries, return_logits=True)
-        rows = dict(zip([e.slot for e in entries if e.sample is not None], out, strict=True))
+        out = logits_of(model, entries)
+        rows = dict(zip([e.slot for e in entries if e.logits], out, strict=True))
     # the decoding ones ran on while the prompt joined: compare their first n tokens
     same, exact, diff = compare([Run(r.tokens[:n], r.logits[:n]) for r in runs], refs)
     whole_same, whole_exact, whole_diff = compare(refs[3:], [alone(model, joiner, n)])

@@ -366,7 +366,7 @@ def test_greedy_on_the_models_own_logits_closes_the_structure_soon(chatglm3):
     text, past = b"", 0
     while not constraint.done:
         assert len(text) < 1200 and len(ids) < 250, text
-        model.slots[0]._pipeline.model.next_token_logits(ids, None, past, len(ids), logits)
+        model.slots[0].runner.logits(ids, past, 0, logits)
         past = len(ids)
         constraint.fill(mask)
         allowed = np.unpackbits(mask.view(np.uint8), count=len(g.tokens), bitorder="little").view(bool)

@@ -1,6 +1,10 @@
-"""The model side of the engine: chatglm.cpp Pipelines (one per slot, each with its own KV cache),
-the family's chat template (families.py: ChatGLM2, ChatGLM3, GLM-4, GLM-4V), and the token loop, which reuses
-the part of a prompt that a slot's cache already holds.
+"""The model side of the engine: the model's slots (each a KV cache of its own), the family's chat template
+(families.py: ChatGLM2, ChatGLM3, GLM-4, GLM-4V), and the token loop, which reuses the part of a prompt that a
+slot's cache already holds.
+
+How a slot's tokens are evaluated (runners.py): aigate's build of chatglm.cpp (``0.4.2+aigate.3``) holds every
+slot in one Pipeline and the stepper evaluates all running sequences together, the weights read once a step
+(stepper.py); any other build has a Pipeline per slot, and their calls take turns.
 
 Pipeline.generate() is broken in chatglm-cpp 0.4.2 and Pipeline.chat() truncates long prompts in
 silence, so the token loop is ours (``model.generate_next_token``): it counts tokens exactly,
@@ -59,6 +63,8 @@ from backends.chatglm.engine import sampler
 from backends.chatglm.engine.answer import AnswerText
 from backends.chatglm.engine.families import FAMILIES
 from backends.chatglm.engine.grammar import Constraint, Grammars, answer_grammar
+from backends.chatglm.engine.runners import BATCHED, BatchedRunner, LegacyRunner, Runner
+from backends.chatglm.engine.stepper import Stepper
 from backends.chatglm.engine.vocab import SPECIAL, token_bytes
 from backends.chatglm.ggml_file import ModelFile, read_tokenizer_vocab
 from backends.stops import StopMatcher
@@ -149,7 +155,7 @@ def _average(old: float, new: float) -> float:
 
 
 class Model:
-    """One model file loaded once per slot; what the slots share (tokenizer, template, costs)."""
+    """One model file and its slots; what the slots share (tokenizer, template, costs)."""
 
     def __init__(self, model: ModelFile, context_length: int, slots: int) -> None:
         self.file = model
@@ -160,7 +166,9 @@ class Model:
         self.context_length = context_length
         self.prefill_rows = prefill_rows(model, context_length)
         self.costs = StepCosts()
-        pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
+        self.stepper: Stepper | None = None
+        pipelines = [chatglm_cpp.Pipeline(str(model.path), max_length=context_length, num_slots=slots)] if BATCHED \
+            else [chatglm_cpp.Pipeline(str(model.path), max_length=context_length) for _ in range(slots)]
         self._tokenizer = pipelines[0].tokenizer
         config = pipelines[0].model.config
         self._end_ids = frozenset([config.eos_token_id, *config.extra_eos_token_ids])
@@ -169,9 +177,24 @@ class Model:
         self.tokens = token_bytes(model) if LOGITS else []
         self.real_tokens = max((i + 1 for i, t in enumerate(self.tokens) if t), default=0)  # padding after
         self.grammars = Grammars(model, self.family, self.tokens, self._encode, self._end_ids) if LOGITS else None
-        self.slots = [Slot(self, p) for p in pipelines]
-        for slot in self.slots:
-            slot.warm_up()
+        for pipeline in pipelines:
+            warm_up(self, pipeline.model)
+        if BATCHED:
+            self.stepper = Stepper(pipelines[0].model, self.vocab_size, slots, self.prefill_rows,
+                                   name=f"stepper {model.path.name}")
+            self.stepper.times.per_prompt_token = self.costs.prefill
+            runners: list[Runner] = [BatchedRunner(self.stepper, pipelines[0].model, i) for i in range(slots)]
+        else:
+            runners = [LegacyRunner(p.model) for p in pipelines]
+        self.slots = [Slot(self, runner) for runner in runners]
+
+    def close(self) -> None:
+        """Stop the stepper and let go of the Pipelines (chatglm.cpp frees their memory once no slot holds
+        them). The slots must be idle."""
+        if self.stepper is not None:
+            self.stepper.close()
+            self.stepper = None
+        self.slots = []
 
     @property
     def controls(self) -> frozenset[ControlName]:
@@ -373,12 +396,34 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class Slot:
-    """One Pipeline and the token ids its KV cache holds (positions 0..len-1)."""
+def warm_up(model: Model, engine: Any) -> None:
+    """Evaluate one prompt of a few hundred tokens before serving. chatglm.cpp sizes its compute
+    buffer by the first graph it runs; when that is a short prompt, a long generation later
+    outgrows the buffer and corrupts the heap (`double free or corruption` after ~800 tokens on
+    the small demo architecture). A first graph of ~2·sqrt(context) query rows covers every
+    decode graph up to the full context."""
+    n = min(model.context_length - 1, max(128, 2 * math.isqrt(model.context_length) + 2))
+    special = model.file.special_token_ids
+    family, image = model.family, None
+    marker = [special[t] for t in family.image_marker]
+    if family.images:  # the first graph holds the vision tower too (its image a black square)
+        n = min(n, model.context_length - 1 - model.image_extra)
+        size = model.file.vision.image_size  # type: ignore[union-attr]
+        image = chatglm_cpp._C.Image(np.zeros((size, size, 3), np.uint8))
+    ids = [*(special[t] for t in family.prefix), *marker, *[special["[MASK]"]] * (n - 2 - len(marker))]
+    config = chatglm_cpp._C.GenerationConfig(max_length=model.context_length, max_new_tokens=1,
+                                             max_context_length=model.context_length, do_sample=False)
+    started = time.monotonic()
+    engine.generate_next_token(ids, image, config, 0, len(ids))
+    model.costs.note_prefill(time.monotonic() - started, len(ids))
 
-    def __init__(self, model: Model, pipeline: Any) -> None:
+
+class Slot:
+    """A KV cache (through its runner) and the token ids it holds (positions 0..len-1)."""
+
+    def __init__(self, model: Model, runner: Runner) -> None:
         self.model = model
-        self._pipeline = pipeline
+        self.runner = runner
         self._ids: list[int] = []
         self._cached = 0  # how many of _ids the cache holds
         self._logits: np.ndarray | None = None  # the logits path's buffers, made at its first request
@@ -387,28 +432,6 @@ class Slot:
     @property
     def cached(self) -> list[int]:
         return self._ids[:self._cached]
-
-    def warm_up(self) -> None:
-        """Evaluate one prompt of a few hundred tokens before serving. chatglm.cpp sizes its compute
-        buffer by the first graph it runs; when that is a short prompt, a long generation later
-        outgrows the buffer and corrupts the heap (`double free or corruption` after ~800 tokens on
-        the small demo architecture). A first graph of ~2·sqrt(context) query rows covers every
-        decode graph up to the full context."""
-        n = min(self.model.context_length - 1, max(128, 2 * math.isqrt(self.model.context_length) + 2))
-        special = self.model.file.special_token_ids
-        family, image = self.model.family, None
-        marker = [special[t] for t in family.image_marker]
-        if family.images:  # the first graph holds the vision tower too (its image a black square)
-            n = min(n, self.model.context_length - 1 - self.model.image_extra)
-            size = self.model.file.vision.image_size  # type: ignore[union-attr]
-            image = chatglm_cpp._C.Image(np.zeros((size, size, 3), np.uint8))
-        ids = [*(special[t] for t in family.prefix), *marker, *[special["[MASK]"]] * (n - 2 - len(marker))]
-        config = chatglm_cpp._C.GenerationConfig(max_length=self.model.context_length, max_new_tokens=1,
-                                                 max_context_length=self.model.context_length, do_sample=False)
-        started = time.monotonic()
-        self._pipeline.model.generate_next_token(ids, image, config, 0, len(ids))
-        self.model.costs.note_prefill(time.monotonic() - started, len(ids))
-        self._ids, self._cached = [], 0  # nothing a request would want to reuse
 
     def reusable(self, prompt: list[int]) -> int:
         """How many leading tokens of ``prompt`` to take from the cache (at least one is evaluated)."""
@@ -424,11 +447,14 @@ class Slot:
     def generate(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool]) -> Iterator[Event]:
         """Events for the answers to ``prompt`` (request.n of them, one after another, each ending in its
         Finish); ends early, without a Finish, once ``cancelled()``."""
-        for choice in range(request.n):
-            if choice and cancelled():
-                return
-            if not (yield from self._answer(request, prompt, cancelled, choice)):
-                return
+        try:
+            for choice in range(request.n):
+                if choice and cancelled():
+                    return
+                if not (yield from self._answer(request, prompt, cancelled, choice)):
+                    return
+        finally:
+            self.runner.leave()
 
     def _answer(self, request: ChatRequest, prompt: list[int], cancelled: Callable[[], bool],
                 choice: int) -> Generator[Event, None, bool]:
@@ -447,7 +473,7 @@ class Slot:
         self._ids, self._cached = list(prompt), 0  # until a step returns, what the cache holds is unknown
         ids = self._ids
         started = time.monotonic()
-        self._prefill(prompt, reuse, step, image)
+        self._prefill(prompt, reuse, step, image, cancelled)
         if reuse == 0:
             model.costs.note_prefill(time.monotonic() - started, len(prompt))
         generated = 0
@@ -473,7 +499,7 @@ class Slot:
             if step.forcing:  # the grammar's next token needs no logits: taken with the others in one pass
                 continue
             began = time.monotonic()
-            step.evaluate(ids, None, evaluated + extra, len(prompt))
+            step.evaluate(ids, evaluated, extra)
             self._cached = len(ids) if image is None else 0  # with an image, cache positions are not the ids
             if len(ids) - evaluated == 1:
                 model.costs.note_decode(time.monotonic() - began)
@@ -488,29 +514,30 @@ class Slot:
     def _decoder(self, request: ChatRequest, max_new: int, choice: int) -> Plain | Sampled:
         model = self.model
         if not model.sampled(request):
-            return Plain(self._pipeline.model, model.generation_config(request, max_new), model.detokenizer)
+            return Plain(self.runner, model.generation_config(request, max_new), model.detokenizer)
         if self._logits is None:
             self._logits = np.empty(model.vocab_size, np.float32)
             self._bitmask = np.zeros(sampler.bitmask_words(model.vocab_size), np.int32)
         constraint = model.grammars.constraint(request) if model.grammars is not None else None
         pick = sampler.Sampler(model.sampling(request), model.vocab_size, model.real_tokens,
                                sampler.generator(request.seed, choice))
-        return Sampled(self._pipeline.model, self._logits, self._bitmask, pick, constraint, model,
+        return Sampled(self.runner, self._logits, self._bitmask, pick, constraint, model,
                        model.token_logprob if request.logprobs else None)
 
-    def _prefill(self, prompt: list[int], reuse: int, step: Plain | Sampled, image: Any = None) -> None:
+    def _prefill(self, prompt: list[int], reuse: int, step: Plain | Sampled, image: Any,
+                 cancelled: Callable[[], bool]) -> None:
         """Evaluate what the cache lacks of ``prompt`` (the next token is then ``step.choose()``)."""
-        if PATCHED and image is None:  # in pieces: a graph holds each new token's scores against every key
+        if self.runner.batched or image is not None or (reuse == 0 and not PATCHED):
+            step.evaluate(prompt, reuse, 0, image, cancelled)  # the stepper reads a prompt in chunks itself
+        elif PATCHED:  # in pieces: a graph holds each new token's scores against every key
             rows = self.model.prefill_rows
             for start in range(reuse, len(prompt), rows):
                 end = min(start + rows, len(prompt))
-                step.evaluate(prompt[:end], None, start, len(prompt))
+                step.evaluate(prompt[:end], start, 0)
                 self._cached = end
-        elif reuse == 0 or PATCHED:
-            step.evaluate(prompt, image, reuse, len(prompt))
         else:  # stock build: one token a call once the cache holds something
             for i in range(reuse, len(prompt)):
-                step.evaluate(prompt[:i + 1], None, i, len(prompt))
+                step.evaluate(prompt[:i + 1], i, 0)
                 self._cached = i + 1
         self._cached = len(prompt) if image is None else 0
 
@@ -522,14 +549,16 @@ class Plain:
     done = False
     forcing = False
 
-    def __init__(self, model: Any, config: Any, detokenizer: Callable[[], Detokenizer | ByteDetokenizer]) -> None:
-        self._model = model
+    def __init__(self, runner: Runner, config: Any, detokenizer: Callable[[], Detokenizer | ByteDetokenizer]) -> None:
+        self._runner = runner
         self._config = config
         self.detokenizer = detokenizer
         self._token = 0
 
-    def evaluate(self, ids: list[int], image: Any, n_past: int, n_ctx: int) -> None:
-        self._token = self._model.generate_next_token(ids, image, self._config, n_past, n_ctx)
+    def evaluate(self, ids: list[int], start: int, extra: int, image: Any = None,
+                 cancelled: Callable[[], bool] | None = None) -> None:
+        """Evaluate ``ids[start:]`` (the cache holds what is before, ``extra`` positions more after an image)."""
+        self._token = self._runner.next_token(ids, start, extra, self._config, image, cancelled)
 
     def choose(self) -> int:
         return int(self._token)
@@ -538,10 +567,10 @@ class Plain:
 class Sampled:
     """The logits come to Python (next_token_logits) and the sampler chooses, within the constraint if any."""
 
-    def __init__(self, model: Any, logits: np.ndarray, bitmask: np.ndarray, pick: sampler.Sampler,
+    def __init__(self, runner: Runner, logits: np.ndarray, bitmask: np.ndarray, pick: sampler.Sampler,
                  constraint: Constraint | None, owner: Model, describe: Callable[[sampler.Pick], TokenLogprob] | None,
                  ) -> None:
-        self._model = model
+        self._runner = runner
         self._logits = logits
         self._bitmask = bitmask
         self._sampler = pick
@@ -558,8 +587,9 @@ class Sampled:
         sentencepiece decoder would rewrite some: ChatGLM2's punctuation, ChatGLM3's special-token text)."""
         return ByteDetokenizer(self._owner.tokens) if self.constraint is not None else self._owner.detokenizer()
 
-    def evaluate(self, ids: list[int], image: Any, n_past: int, n_ctx: int) -> None:
-        self._model.next_token_logits(ids, image, n_past, n_ctx, self._logits)
+    def evaluate(self, ids: list[int], start: int, extra: int, image: Any = None,
+                 cancelled: Callable[[], bool] | None = None) -> None:
+        self._runner.logits(ids, start, extra, self._logits, image, cancelled)
 
     def choose(self) -> int:
         constraint = self.constraint if self.constraint is not None and not self.constraint.free else None

@@ -1,0 +1,199 @@
+"""Many sequences on one model (aigate's build: model.step, the stepper): greedy answers are the same batched as
+alone, and what a generation does (stop strings, forced tool calls, seeds, images, cancellation, a refused step)
+keeps working while others run beside it; a build without batching takes turns instead of collapsing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from backends.base import ChatRequest, Event, Finish, ImageInput, Message, TextDelta, Tool, ToolCall
+from backends.chatglm.engine import model as engine_model
+from backends.chatglm.engine import runners, stepper
+from backends.chatglm.engine.model import Model
+from backends.chatglm.ggml_file import read_model_file
+
+batched = pytest.mark.skipif(not runners.BATCHED, reason="chatglm-cpp without model.step (aigate's build, +aigate.3)")
+
+PROMPTS = ["Tell me about the river", "北京是中国的首都", "one two three four five", "What is the weather like"]
+WEATHER = Tool("get_weather", "the weather", {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+    "required": ["city", "days"], "additionalProperties": False}, strict=True)
+
+
+def request(content: str, **fields) -> ChatRequest:
+    fields.setdefault("temperature", 0)
+    fields.setdefault("max_tokens", 40)
+    return ChatRequest(model="demo", messages=(Message("user", content),), **fields)
+
+
+def run(model: Model, slot: int, req: ChatRequest, cancelled: Callable[[], bool] = lambda: False) -> list[Event]:
+    model.check(req)
+    return list(model.slots[slot].generate(req, model.prompt_ids(req), cancelled))
+
+
+def text(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def together(model: Model, jobs: list[tuple[ChatRequest, Callable[[], bool]]]) -> list[list[Event]]:
+    """Each request on a slot of its own, all started at once (a barrier), their events when all are done."""
+    results: list[list[Event]] = [[] for _ in jobs]
+    start = threading.Barrier(len(jobs))
+
+    def go(i: int) -> None:
+        start.wait()
+        results[i] = run(model, i, *jobs[i])
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.fixture(scope="module", params=["demo_model", "glm4_model", "chatglm2_model"])
+def model(request) -> Model:
+    loaded = Model(read_model_file(request.getfixturevalue(request.param)), 1024, slots=4)
+    yield loaded
+    loaded.close()
+
+
+@batched
+def test_greedy_answers_batched_are_the_answers_alone(model):
+    alone = [text(run(model, 0, request(p))) for p in PROMPTS]
+    steps = model.stepper.steps
+    batch = together(model, [(request(p), lambda: False) for p in PROMPTS])
+    assert [text(events) for events in batch] == alone
+    tokens = sum(f.usage.completion_tokens for events in batch for f in events if isinstance(f, Finish))
+    assert model.stepper.steps - steps < 0.75 * tokens  # steps were shared: four sequences, far fewer steps
+
+
+@batched
+def test_stop_strings_and_cancellation_under_batching(model):
+    alone = [text(run(model, 0, request(p))) for p in PROMPTS]
+    stop = alone[0][5:8]
+    tokens = {"n": 0}
+
+    def cancel_after_a_few() -> bool:  # the third client leaves after its fifth token
+        tokens["n"] += 1
+        return tokens["n"] > 5
+    batch = together(model, [(request(PROMPTS[0], stop=[stop]), lambda: False), (request(PROMPTS[1]), lambda: False),
+                             (request(PROMPTS[2]), cancel_after_a_few), (request(PROMPTS[3]), lambda: False)])
+    assert text(batch[0]) == alone[0][:alone[0].index(stop)]
+    assert [f.reason for f in batch[0] if isinstance(f, Finish)] == ["stop"]
+    assert not any(isinstance(e, Finish) for e in batch[2]) and alone[2].startswith(text(batch[2]))
+    assert [text(batch[1]), text(batch[3])] == [alone[1], alone[3]]
+    assert text(run(model, 2, request(PROMPTS[2]))) == alone[2]  # the cancelled slot serves the next one
+
+
+@batched
+def test_forced_tool_calls_and_seeded_samples_beside_plain_answers(demo_model):
+    model = Model(read_model_file(demo_model), 1024, slots=3)
+    try:
+        forced = request(PROMPTS[0], tools=(WEATHER,), tool_choice="required", max_tokens=80)
+        seeded = request(PROMPTS[1], temperature=0.9, seed=7, logprobs=True, top_logprobs=2)
+        alone = [run(model, 0, r) for r in (forced, seeded, request(PROMPTS[2]))]
+        batch = together(model, [(r, lambda: False) for r in (forced, seeded, request(PROMPTS[2]))])
+        call = next(e for e in batch[0] if isinstance(e, ToolCall))
+        assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city", "days"}
+        assert [text(e) for e in batch] == [text(e) for e in alone]
+        logprobs = [e.logprobs for e in batch[1] if isinstance(e, TextDelta)]
+        assert logprobs == [e.logprobs for e in alone[1] if isinstance(e, TextDelta)] and all(logprobs)
+    finally:
+        model.close()
+
+
+@batched
+def test_a_prompt_joins_in_chunks_while_others_decode(chatglm2_model, monkeypatch):
+    """A long prompt goes in chunks between the steps of a running stream (the same chunks as alone: a prompt
+    evaluated in other pieces may differ in the logits' last bits), and both answers are as alone."""
+    beside: list[int] = []  # how many decoding sequences each chunk's step had beside it
+
+    def chunk(self: stepper.Stepper, decodes: int) -> int:
+        beside.append(decodes)
+        return 64
+    monkeypatch.setattr(stepper.Stepper, "_chunk", chunk)
+    model = Model(read_model_file(chatglm2_model), 1024, slots=2)  # a model that never ends an answer itself
+    try:
+        long_prompt = " ".join(f"word{i}" for i in range(120))
+        running, joiner = request(PROMPTS[0], max_tokens=150), request(long_prompt, max_tokens=10)
+        alone = [text(run(model, 0, r)) for r in (running, joiner)]
+        results: list[str] = []
+        joiner_thread = threading.Thread(target=lambda: results.append(text(run(model, 1, joiner))))
+        tokens = {"n": 0}
+
+        def join_later() -> bool:  # called between the running stream's tokens: the joiner starts at its 10th
+            tokens["n"] += 1
+            if tokens["n"] == 10:
+                beside.clear()
+                joiner_thread.start()
+            return False
+        first = text(run(model, 0, running, join_later))
+        joiner_thread.join()
+        assert [first, results[0]] == alone
+        chunks = -(-len(model.prompt_ids(joiner)) // 64)
+        assert chunks >= 4 and len(beside) >= chunks - 1 and set(beside) == {1}  # the stream stepped beside each
+    finally:
+        model.close()
+
+
+@batched
+def test_a_refused_step_fails_only_its_own_sequence(demo_model):
+    model = Model(read_model_file(demo_model), 1024, slots=2)
+    try:
+        alone = text(run(model, 0, request(PROMPTS[0], max_tokens=60)))
+        errors: list[BaseException] = []
+
+        def bad() -> None:  # a token id past the vocabulary: chatglm.cpp refuses the step before computing it
+            try:
+                model.stepper.evaluate(stepper.Job(1, [model.vocab_size + 5], 0, 0, sample=model.generation_config(
+                    request("x"), 1)))
+            except RuntimeError as exc:
+                errors.append(exc)
+        t = threading.Thread(target=bad)
+        t.start()
+        got = text(run(model, 0, request(PROMPTS[0], max_tokens=60)))
+        t.join()
+        assert got == alone and errors and "vocabulary" in str(errors[0])
+    finally:
+        model.close()
+
+
+@batched
+def test_an_image_request_beside_a_text_one(glm4v_model):
+    model = Model(read_model_file(glm4v_model), 1024, slots=2)
+    try:
+        size = model.file.vision.image_size
+        pixels = bytes(i % 251 for i in range(size * size * 3))
+        image = ImageInput(base64.b64encode(pixels).decode(), size, size)
+        seeing = ChatRequest(model="demo", messages=(Message("user", "What is this?", images=(image,)),),
+                             temperature=0, max_tokens=30)
+        plain = request(PROMPTS[1])
+        alone = [text(run(model, 0, r)) for r in (seeing, plain)]
+        batch = together(model, [(seeing, lambda: False), (plain, lambda: False)])
+        assert [text(e) for e in batch] == alone
+    finally:
+        model.close()
+
+
+def test_without_batching_slots_take_turns(chatglm2_model, monkeypatch):
+    """A build without model.step (a stock chatglm-cpp): a Pipeline per slot, whose calls take turns
+    (COMPUTE), so two answers at once take about as long as one after the other, not many times more."""
+    monkeypatch.setattr(engine_model, "BATCHED", False)
+    model = Model(read_model_file(chatglm2_model), 1024, slots=2)
+    assert model.stepper is None
+    reqs = [request(PROMPTS[0], max_tokens=60), request(PROMPTS[1], max_tokens=60)]
+    started = time.monotonic()
+    alone = [text(run(model, 0, r)) for r in reqs]
+    one_after_the_other = time.monotonic() - started
+    started = time.monotonic()
+    batch = together(model, [(r, lambda: False) for r in reqs])
+    at_once = time.monotonic() - started
+    assert [text(e) for e in batch] == alone
+    assert at_once < 2 * one_after_the_other
