@@ -108,8 +108,9 @@ def test_queued_requests_wait_and_complete(server_factory, slow_model):
     assert got == alone
 
 
-def test_two_slots_two_pipelines_stay_uncorrupted(server_factory, slow_model):
-    """GENERATION_SLOTS=2 in one worker: two generations interleave on two Pipelines."""
+def test_two_slots_stay_uncorrupted(server_factory, slow_model):
+    """GENERATION_SLOTS=2 in one worker: two generations run at once (in the same steps, on aigate's build) and
+    each answer is what it is alone."""
     server = server_factory(CHATGLM_MODEL=str(slow_model), GENERATION_SLOTS="2")
     client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
     prompts = [[{"role": "user", "content": "one two three"}], [{"role": "user", "content": "北京是中国的首都"}]]

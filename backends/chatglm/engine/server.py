@@ -2,9 +2,9 @@
 
 It binds its address first: the address is the machine-wide lock, so a second engine started for
 the same address finds it taken and exits (status 3) while the first goes on. Then it loads the
-model (one Pipeline per slot) and serves each connection in a thread of its own; with aigate's
+model (its slots: model.py) and serves each connection in a thread of its own; with aigate's
 patched chatglm-cpp a model step runs without the GIL, so the other threads (status, the line,
-other slots) keep moving while a prompt is evaluated.
+the generations waiting for the next step) keep moving while the model computes.
 
 Only its own user's processes are served (address.py). Connections past what the slots and the line
 can use are answered "full" at once, without a thread; a failed accept (out of descriptors) waits a
@@ -47,6 +47,7 @@ from backends.chatglm.engine.client_writer import peer_closed
 from backends.chatglm.engine.line import Line
 from backends.chatglm.engine.model import LOGITS, PATCHED, Model, Slot, common_prefix
 from backends.chatglm.engine.relay import Relay, say
+from backends.chatglm.engine.runners import BATCHED
 from backends.chatglm.ggml_file import ModelFileError, read_model_file
 
 log = logging.getLogger("aigate.engine")
@@ -142,8 +143,10 @@ class Engine:
         else:
             self.model = model
             self.line = Line(model.slots, self.args.max_queue, self.args.queue_timeout)
-            note = ("" if LOGITS else " (chatglm-cpp without next_token_logits: no sampling controls, no schemas)") \
-                if PATCHED else " (stock chatglm-cpp: prefix reuse at decode speed, no sampling controls)"
+            note = (" (batched)" if BATCHED else " (chatglm-cpp without model.step: the slots take turns)"
+                    if LOGITS else " (chatglm-cpp without next_token_logits: no sampling controls, no schemas)") \
+                if PATCHED else " (stock chatglm-cpp: the slots take turns, prefix reuse at decode speed, no " \
+                                "sampling controls)"
             log.info("loaded %s, context %d tokens, %d slot(s)%s", self.args.model, model.context_length,
                      len(model.slots), note)
         self.loaded.set()
@@ -215,8 +218,8 @@ class Engine:
     def status(self) -> dict[str, object]:
         running, waiting = self.line.counts() if self.line else (0, 0)
         return {"loaded": self.model is not None, "error": self.load_error, "running": running,
-                "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "handovers": self.handovers,
-                "images": self.images_asked,
+                "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "batched": BATCHED,
+                "handovers": self.handovers, "images": self.images_asked,
                 # what the model honours (ModelInfo.controls, .structured_outputs), known once it is loaded
                 "controls": sorted(self.model.controls) if self.model else [],
                 "constrains": self.model is not None and self.model.constrains}
