@@ -145,22 +145,40 @@ def test_a_prompt_joins_in_chunks_while_others_decode(chatglm2_model, monkeypatc
 
 @batched
 def test_a_refused_step_fails_only_its_own_sequence(demo_model):
+    """A job chatglm.cpp refuses (a token id past the vocabulary; it checks before computing) in the same step as
+    a good one: the bad one fails, the good one's answer is as alone."""
     model = Model(read_model_file(demo_model), 1024, slots=2)
     try:
         alone = text(run(model, 0, request(PROMPTS[0], max_tokens=60)))
-        errors: list[BaseException] = []
+        inside, gate = threading.Event(), threading.Event()
 
-        def bad() -> None:  # a token id past the vocabulary: chatglm.cpp refuses the step before computing it
+        def hold() -> None:  # the stepper's thread waits here while both jobs are handed in
+            inside.set()
+            gate.wait()
+        holder = threading.Thread(target=lambda: model.stepper.call(hold))
+        holder.start()
+        inside.wait()
+        errors: list[BaseException] = []
+        got: list[str] = []
+
+        def bad() -> None:
             try:
-                model.stepper.evaluate(stepper.Job(1, [model.vocab_size + 5], 0, 0, sample=model.generation_config(
-                    request("x"), 1)))
+                model.stepper.evaluate(stepper.Job(1, [model.vocab_size + 5], 0, 0,
+                                                   sample=model.generation_config(request("x"), 1)))
             except RuntimeError as exc:
                 errors.append(exc)
-        t = threading.Thread(target=bad)
-        t.start()
-        got = text(run(model, 0, request(PROMPTS[0], max_tokens=60)))
-        t.join()
-        assert got == alone and errors and "vocabulary" in str(errors[0])
+        threads = [threading.Thread(target=bad),
+                   threading.Thread(target=lambda: got.append(text(run(model, 0, request(PROMPTS[0], max_tokens=60)))))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(model.stepper._jobs) < 2 and time.monotonic() < deadline:  # both handed in, none stepped yet
+            time.sleep(0.005)
+        assert len(model.stepper._jobs) == 2
+        gate.set()
+        for t in [holder, *threads]:
+            t.join()
+        assert got == [alone] and errors and "vocabulary" in str(errors[0])
     finally:
         model.close()
 

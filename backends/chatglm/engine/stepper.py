@@ -207,7 +207,7 @@ class Stepper:
             self._cv.wait(left)
 
     def _step(self, jobs: list[Job]) -> None:
-        entries, taken = [], []
+        taken: list[tuple[Job, int]] = []
         prompt: Job | None = None
         for job in jobs:
             if job.cancelled is not None and job.done and job.cancelled():  # between two chunks of its prompt
@@ -222,22 +222,16 @@ class Stepper:
             taken.append((prompt, min(prompt.left, self._chunk(decodes))))
         if not taken:
             return
-        logits_rows = 0
-        for job, count in taken:
-            last = count == job.left
-            wants_logits = last and job.logits is not None
-            logits_rows += wants_logits
-            entries.append(chatglm_cpp._C.StepEntry(
-                job.slot, job.tokens[job.done:job.done + count], job.kv_pos + job.done, job.rope_pos + job.done,
-                job.sample if last and job.logits is None else None, wants_logits))
         began = time.monotonic()
         try:
-            with COMPUTE:
-                tokens = self._model.step(entries, self._out if logits_rows else None)
-        except RuntimeError as exc:  # a job the model refused (its checks run before any compute): those fail
-            log.error("a batched step failed: %s", exc)
-            for job, _ in taken:
-                self._finish(job, exc)
+            tokens = self._compute(taken)
+        except RuntimeError as exc:  # chatglm.cpp refused an entry, before any compute: the model is as it was
+            if len(taken) == 1:
+                log.error("a step failed: %s", exc)
+                self._finish(taken[0][0], exc)
+            else:  # which one? each alone, so that the others go on
+                for one in taken:
+                    self._step([one[0]])
             return
         self.times.note(time.monotonic() - began, decodes, 0 if prompt is None else taken[-1][1])
         self.steps += 1
@@ -255,6 +249,19 @@ class Stepper:
             self._finish(job)
         with self._cv:
             self._expected = finished
+
+    def _compute(self, taken: list[tuple[Job, int]]) -> list[int]:
+        """One step over ``count`` tokens of each job; the logits asked for in ``self._out``'s rows, in order."""
+        entries, logits_rows = [], 0
+        for job, count in taken:
+            last = count == job.left
+            wants_logits = last and job.logits is not None
+            logits_rows += wants_logits
+            entries.append(chatglm_cpp._C.StepEntry(
+                job.slot, job.tokens[job.done:job.done + count], job.kv_pos + job.done, job.rope_pos + job.done,
+                job.sample if last and job.logits is None else None, wants_logits))
+        with COMPUTE:
+            return list(self._model.step(entries, self._out if logits_rows else None))
 
     def _chunk(self, decodes: int) -> int:
         """Rows of the next prompt chunk: all that memory allows when no stream runs beside it, else what
