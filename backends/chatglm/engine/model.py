@@ -189,12 +189,14 @@ class Model:
         self.slots = [Slot(self, runner) for runner in runners]
 
     def close(self) -> None:
-        """Stop the stepper and let go of the Pipelines (chatglm.cpp frees their memory once no slot holds
-        them). The slots must be idle."""
+        """Stop the stepper and let go of the Pipelines (chatglm.cpp frees their memory once nothing holds
+        them). The slots must be idle. The grammars go too: llguidance's tokenizer, a Rust object the
+        collector cannot look into, holds this model's encoder, a cycle that would keep it all alive."""
         if self.stepper is not None:
             self.stepper.close()
             self.stepper = None
         self.slots = []
+        self.grammars = None
 
     @property
     def controls(self) -> frozenset[ControlName]:
