@@ -193,6 +193,7 @@ class Hosts(Generic[L]):
         if busy and not any(h.draining for h in taken):
             victim = min(busy, key=lambda h: h.last_used)
             victim.draining = wanted.id
+            self._changed.notify_all()  # its new requests now wait
             log.info("draining %s (%d request(s) on it) to make room for %s", victim.id, victim.users, wanted.id)
         return None
 
