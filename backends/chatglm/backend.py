@@ -21,7 +21,6 @@ from backends.tokens import PromptTokens
 log = logging.getLogger(__name__)
 
 _LOAD_POLL_SECONDS = 0.1
-_STATES_SECONDS = 1.0  # how old the engine's word on which models are loaded may be in /v1/models
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,6 @@ class ChatGLMBackend:
         # prompt and answer share each model's context
         self._infos = [ModelInfo(m.id, owned_by, int(m.file.path.stat().st_mtime), images=m.file.vision is not None,
                                  open_ended_tokens=m.context, shared_context=True) for m in models]
-        self._states_at = -_STATES_SECONDS
 
     def load(self) -> None:
         """Wait until the engine has loaded the default model (starting it, where that is this process's job)."""
@@ -69,7 +67,6 @@ class ChatGLMBackend:
         self._infos = [replace(info, controls=frozenset(said.get(info.id, default)["controls"]),
                                structured_outputs=bool(said.get(info.id, default)["constrains"]),
                                status=said.get(info.id, {}).get("state")) for info in self._infos]
-        self._states_at = time.monotonic()
 
     def readiness(self) -> str | None:
         status = self.engine.status()
@@ -93,11 +90,10 @@ class ChatGLMBackend:
         return self._infos
 
     def models_now(self) -> list[ModelInfo]:
-        """The models with the engine's current word on which are loaded (/v1/models)."""
-        if time.monotonic() - self._states_at >= _STATES_SECONDS:
-            status = self.engine.status()
-            if status is not None and "models" in status:
-                self._note(status)
+        """The models with the engine's word, asked now, on which are loaded (/v1/models)."""
+        status = self.engine.status()
+        if status is not None and "models" in status:
+            self._note(status)
         return self._infos
 
     def embed(self, model: str, inputs: list[str], caller: Caller | None = None) -> Embeddings:

@@ -38,7 +38,6 @@ State = Literal["unloaded", "loading", "loaded", "failed"]
 L = TypeVar("L")  # what a load gives (the engine's: the model and its line)
 
 _CHECK_SECONDS = 0.25  # how often a request waiting for a load looks whether its client is still there
-_NOTED_WAIT = 0.05  # a wait for a load shorter than this is not worth a log line
 
 
 @dataclass(eq=False)
@@ -95,10 +94,8 @@ class Hosts(Generic[L]):
         seconds at most. Raises QueueTimeout, Unavailable (its load failed), ClientGone."""
         host = self.host(model_id)
         started = self._clock()
-        self._acquire(host, started + timeout, timeout, gone)
-        waited = self._clock() - started
-        if waited >= _NOTED_WAIT:
-            log.info("a request for %s waited %.2fs for its load", host.id, waited)
+        if self._acquire(host, started + timeout, timeout, gone):
+            log.info("a request for %s waited %.2fs for its load", host.id, self._clock() - started)
         try:
             yield host
         finally:
@@ -107,10 +104,12 @@ class Hosts(Generic[L]):
                 host.last_used = self._clock()
                 self._changed.notify_all()
 
-    def _acquire(self, host: ModelHost[L], deadline: float, timeout: float, gone: Callable[[], bool]) -> None:
+    def _acquire(self, host: ModelHost[L], deadline: float, timeout: float, gone: Callable[[], bool]) -> bool:
+        """Take ``host`` (users + 1) once it is loaded and not drained; whether that took a wait."""
         with self._changed:
             host.waiting += 1
             failures = host.failures
+            waited = False
             try:
                 while not (host.state == "loaded" and not host.draining):
                     if host.failures > failures:
@@ -122,10 +121,12 @@ class Hosts(Generic[L]):
                     if left <= 0:
                         raise QueueTimeout(self._why_not_loaded(host, timeout), retry_after=2)
                     self._changed.wait(min(left, _CHECK_SECONDS))
+                    waited = True
                     if gone():
                         raise ClientGone
                 host.users += 1
                 host.last_used = self._clock()
+                return waited
             finally:
                 host.waiting -= 1
                 self._changed.notify_all()  # the loader may drop a load nobody waits for any more
