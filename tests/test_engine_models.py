@@ -172,3 +172,18 @@ def test_a_bad_models_entry_stops_startup_with_one_line(tmp_path, demo_model, gl
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("aigate: configuration error: " + says), lines[0]
+
+
+def test_an_unloaded_model_gives_its_memory_back(engine_of, slow_model):
+    """Unloading drops every reference to the model (its Pipelines unmap the file, free the KV caches): the
+    engine's resident memory, as its log lines say, goes back to what it was before the load."""
+    engine = engine_of("--max-loaded", "1", f"--also=endless={slow_model}")
+    ask(engine, "endless")
+    loaded = engine.wait_for_log("loaded endless in")
+    before, after = (int(n) for n in loaded.split("memory ")[1].split(" MB")[0].split(" -> "))
+    size = slow_model.stat().st_size // 2**20
+    assert after - before >= size // 2, loaded  # its weights are in memory
+    ask(engine, "demo")
+    unloaded = engine.wait_for_log("unloaded endless (")
+    held, left = (int(n) for n in unloaded.split("memory ")[1].split(" MB")[0].split(" -> "))
+    assert held - left >= size // 2 and left - before < size // 4, unloaded

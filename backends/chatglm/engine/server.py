@@ -353,9 +353,12 @@ def loaded_of(host: ModelHost[Loaded]) -> Loaded:
 
 
 def unload(loaded: Loaded) -> None:
-    """Let a model go: its stepper stopped where it has one; the loader then drops the last reference."""
+    """Let a model go: its stepper stopped where it has one; the loader then drops the last reference.
+    Its grammars go first: llguidance's tokenizer (a Rust object the collector cannot look into) holds
+    the model's encoder, a cycle that would keep every Pipeline, and so the mapped file, alive."""
     close: Callable[[], None] = getattr(loaded.model, "close", lambda: None)
     close()
+    loaded.model.grammars = None
 
 
 def file_controls(file: ModelFile | None) -> frozenset[str]:
