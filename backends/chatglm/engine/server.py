@@ -1,8 +1,9 @@
 """The engine process: ``python -m backends.chatglm.engine.server --address ADDR --model PATH ...``
 
 It binds its address first: the address is the machine-wide lock, so a second engine started for
-the same address finds it taken and exits (status 3) while the first goes on. Then it loads the
-model (one Pipeline per slot) and serves each connection in a thread of its own; with aigate's
+the same address finds it taken and exits (status 3) while the first goes on. Then it loads its
+default model (``--model``; the others, ``--also``, on their first request: hosts.py) and serves each
+connection in a thread of its own; with aigate's
 patched chatglm-cpp a model step runs without the GIL, so the other threads (status, the line,
 other slots) keep moving while a prompt is evaluated.
 
