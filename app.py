@@ -50,7 +50,6 @@ from web.routes import (
 log = logging.getLogger("aigate")
 
 DEMO_OWNER = "aigate-demo (random weights: set CHATGLM_MODEL to a real chatglm3-ggml.bin)"
-DEMO_MODEL_ID = "chatglm3-demo"
 # Headers a browser client may read: the request id, and when and how much it may ask again.
 EXPOSED_HEADERS = ["x-request-id", "Retry-After", "retry-after-ms", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                    "X-RateLimit-Reset", "X-RateLimit-Retry-After"]
@@ -65,7 +64,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     cast(DefaultJSONProvider, app.json).sort_keys = False  # keys in the order the wire types declare them
     ensure_demo_model(settings)  # starting writes the demo model if it stands in; checking never writes
-    local = check_config(settings)
+    local = check_config(settings)  # the local models, the default first
     app.extensions[EXTENSION] = AppState(settings, build_registry(settings, local), response_store(settings),
                                                  Policy.derive(settings, local))
     if not settings.api_keys:
@@ -144,17 +143,20 @@ def start_loading(app: Flask) -> None:
     threading.Thread(target=load_backends, args=(app,), name="aigate-load", daemon=True).start()
 
 
-def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
+def build_registry(settings: Settings, local: tuple[LocalModel, ...]) -> Registry:
     backends: list[Backend] = []
-    if local is not None:
-        from backends.chatglm.backend import ChatGLMBackend
+    if local:
+        from backends.chatglm.backend import ChatGLMBackend, LocalFile
         from backends.chatglm.engine import launcher
 
-        if local.file is None:
-            raise ConfigError(f"CHATGLM_MODEL: {settings.model_path} is not written yet (app.ensure_demo_model)")
-        backends.append(ChatGLMBackend(local.file, model_id=local.id, engine=launcher.client(settings.engine()),
+        files = []
+        for model in local:
+            if model.file is None:
+                raise ConfigError(f"CHATGLM_MODEL: {settings.model_path} is not written yet (app.ensure_demo_model)")
+            files.append(LocalFile(model.id, model.file, model.context))
+        backends.append(ChatGLMBackend(files, engine=launcher.client(settings.engine()),
                                        owned_by=DEMO_OWNER if settings.uses_demo_model else "local",
-                                       context=local.context, max_image_pixels=settings.max_image_pixels,
+                                       max_image_pixels=settings.max_image_pixels,
                                        image_decode_seconds=settings.image_decode_seconds,
                                        image_wait_seconds=settings.queue_timeout))
     if settings.uses_cloudflare:
@@ -167,7 +169,7 @@ def build_registry(settings: Settings, local: LocalModel | None) -> Registry:
         )
 
         # Served elsewhere, so a discovered upstream model of the same name is left out (a listed one is refused).
-        taken = {local.id} if local else set()
+        taken = {model.id for model in local}
         if settings.uses_cloudflare:
             taken |= {*settings.cloudflare_models, *settings.cloudflare_embedding_models,
                       *(model for model, _ in settings.cloudflare_media_models)}
@@ -197,19 +199,19 @@ def answer_bounds(settings: Settings) -> AnswerBounds:
                         media=settings.upstream_max_media_bytes)
 
 
-def check_config(settings: Settings) -> LocalModel | None:
+def check_config(settings: Settings) -> tuple[LocalModel, ...]:
     """Everything that can be checked without loading a model or calling Cloudflare (the gunicorn
-    master runs this before starting workers), and without writing anything; returns the local model
-    as checked. Its file is read, unless it is the demo model and not written yet (ensure_demo_model
-    writes it at start): then the demo model's own context stands for it."""
-    local = check_local_model(settings) if settings.model_path is not None else None
-    if local is not None:
+    master runs this before starting workers), and without writing anything; returns the local models
+    as checked, the default first. Their files are read, unless it is the demo model and not written yet
+    (ensure_demo_model writes it at start): then the demo model's own context stands for it."""
+    local = check_local_models(settings)
+    if local:
         from backends.chatglm.engine.address import problem
 
         unsafe = problem(settings.engine_address)
         if unsafe:
             raise ConfigError(f"ENGINE_SOCKET: {unsafe}")
-    known = {local.id} if local else set()
+    known = {model.id for model in local}
     discovering = settings.uses_cloudflare and settings.cloudflare_models == ("auto",)
     if settings.uses_cloudflare:
         known.update(settings.cloudflare_embedding_models, (model for model, _ in settings.cloudflare_media_models))
@@ -257,12 +259,22 @@ def check_upstream_models(settings: Settings, known: set[str]) -> set[str]:
     return declared
 
 
-def check_local_model(settings: Settings) -> LocalModel:
-    """The local model: its file read and checked (the demo model, when it is not written yet, as it
-    will be), and its id."""
-    path = settings.model_path
-    if path is None:
-        raise ConfigError("CHATGLM_MODEL: no local model is configured")
+def check_local_models(settings: Settings) -> tuple[LocalModel, ...]:
+    """The local models, the default first: each file read and checked (the demo model, when it is not
+    written yet, as it will be), and each id, given once."""
+    models = settings.local_models
+    ids = [model_id for model_id, _ in models]
+    for model_id in ids:
+        if ids.count(model_id) > 1:
+            raise ConfigError(f"CHATGLM_MODELS: the id {model_id!r} is also CHATGLM_MODEL's; give each model an id "
+                              "of its own")
+    return tuple(check_local_model(settings, model_id, path, first=i == 0) for i, (model_id, path) in enumerate(models))
+
+
+def check_local_model(settings: Settings, model_id: str, path: Path, first: bool) -> LocalModel:
+    """One local model: its file read and checked, and its context (CHATGLM_MAX_LENGTH, at most its own: for
+    the default model, more than its own is an error)."""
+    where = f"CHATGLM_MODELS: {model_id}" if (model_id, path) in settings.chatglm_models else "CHATGLM_MODEL"
     if settings.uses_demo_model and not demo_model_written(path):
         from backends.chatglm.demo_model import DEMO_MAX_LENGTH
 
@@ -271,16 +283,12 @@ def check_local_model(settings: Settings) -> LocalModel:
         try:
             model = read_model_file(path)
         except ModelFileError as exc:
-            raise ConfigError(f"CHATGLM_MODEL: {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
         context, images = model.config.max_length, model.vision is not None
-    if settings.chatglm_max_length and settings.chatglm_max_length > context:
+    if first and settings.chatglm_max_length and settings.chatglm_max_length > context:
         raise ConfigError(f"CHATGLM_MAX_LENGTH={settings.chatglm_max_length} is more than the model's own "
                           f"{context}; lower it or leave it unset")
-    if settings.chatglm_model_id:
-        model_id = settings.chatglm_model_id
-    else:
-        model_id = DEMO_MODEL_ID if settings.uses_demo_model else path.name.removesuffix(".bin")
-    return LocalModel(model_id, settings.chatglm_max_length or context, images, model)
+    return LocalModel(model_id, min(settings.chatglm_max_length or context, context), images, model)
 
 
 def demo_model_written(path: Path) -> bool:

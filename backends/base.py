@@ -275,6 +275,7 @@ class ModelInfo:
     shared_context: bool = False
     tasks: frozenset[Task] | None = CHAT  # None: not known (an upstream's model serves what its server does)
     controls: frozenset[Control] = frozenset()  # the sampling controls it honours
+    status: str | None = None  # a local model's: unloaded, loading, loaded or failed (None: always there)
 
 
 class Backend(Protocol):

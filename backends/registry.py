@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 from backends.base import Backend, ModelInfo
+
+
+@runtime_checkable
+class LiveModels(Protocol):
+    """A backend whose models' state changes (local models loaded on demand): asked afresh when listed."""
+
+    def models_now(self) -> list[ModelInfo]: ...
 
 
 @dataclass(frozen=True)
@@ -21,8 +29,10 @@ class Registry:
         self.backends = backends
         self.aliases = aliases
 
-    def models(self) -> list[ModelInfo]:
-        served = [m for b in self.backends for m in b.models()]
+    def models(self, now: bool = False) -> list[ModelInfo]:
+        """Every model and alias; ``now``: each local model's state as its engine says now (for listing)."""
+        served = [m for b in self.backends for m in (b.models_now() if now and isinstance(b, LiveModels)
+                                                     else b.models())]
         by_id = {m.id: m for m in served}
         return served + [replace(by_id[target], id=alias)
                          for alias, target in self.aliases.items() if target in by_id]

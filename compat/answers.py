@@ -240,12 +240,21 @@ class Capabilities(_Answer):
                                       "when not known (an upstream's model: its server decides).")] | None
 
 
+class ModelStatus(_Answer):
+    value: Annotated[Literal["unloaded", "loading", "loaded", "failed"],
+                     Meta(description="Whether the local model is in memory now (`loaded`); an unloaded one is "
+                                      "loaded by its next request, which waits for it; `failed`: its last load "
+                                      "failed (the next request tries again).")]
+
+
 class Model(_Answer):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
     capabilities: Capabilities
+    status: Annotated[ModelStatus, Meta(description="A local model's state (llama.cpp's router says it the same "
+                                                    "way); absent on models served elsewhere.")] | UnsetType = UNSET
 
 
 class ModelList(_Answer):

@@ -10,7 +10,7 @@ can derive a policy without starting one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -37,13 +37,13 @@ class Policy:
     fallbacks: Mapping[str, tuple[str, ...]]  # model -> the models to try, in order, when it fails before answering
     ceilings: Mapping[str, int]  # MAX_TOKENS_CEILING by model or alias (an alias has its model's unless its own)
     max_tokens: int | None  # MAX_TOKENS_CEILING for every other model; None: the context decides
-    image_models: frozenset[str]  # the local model and its aliases, if it reads images
+    image_models: frozenset[str]  # the local models that read images, and their aliases
     max_messages: int
     max_input_chars: int
     max_image_bytes: int
 
     @classmethod
-    def derive(cls, settings: Settings, local: LocalModel | None = None) -> Policy:
+    def derive(cls, settings: Settings, local: Sequence[LocalModel] = ()) -> Policy:
         return cls(fallback_chains(settings.model_fallbacks),
                    ceilings_by_name(settings.max_tokens_by_model, settings.model_aliases),
                    settings.max_tokens_ceiling, image_models(settings, local),
@@ -77,8 +77,7 @@ def ceilings_by_name(by_model: tuple[tuple[str, int], ...], aliases: tuple[tuple
     return ceilings
 
 
-def image_models(settings: Settings, local: LocalModel | None) -> frozenset[str]:
-    """Only the local model may read images (Workers AI's list is not asked: it may be discovered later)."""
-    if local is None or not local.reads_images:
-        return frozenset()
-    return frozenset([local.id, *(alias for alias, target in settings.model_aliases if target == local.id)])
+def image_models(settings: Settings, local: Sequence[LocalModel]) -> frozenset[str]:
+    """Only local models may read images (Workers AI's list is not asked: it may be discovered later)."""
+    readers = {model.id for model in local if model.reads_images}
+    return frozenset([*readers, *(alias for alias, target in settings.model_aliases if target in readers)])

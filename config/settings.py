@@ -47,6 +47,7 @@ DEFAULT_CLOUDFLARE_JSON_MODELS = (
     "@hf/nousresearch/hermes-2-pro-mistral-7b", "@hf/thebloke/deepseek-coder-6.7b-instruct-awq",
     "@cf/deepseek-ai/deepseek-r1-distill-qwen-32b")
 DEFAULT_DEMO_MODEL = PROJECT_DIR / ".cache" / "demo-chatglm3.bin"
+DEMO_MODEL_ID = "chatglm3-demo"
 # The Workers AI models of /v1/rerank, /v1/audio/transcriptions, /v1/audio/speech and /v1/images/generations.
 DEFAULT_CLOUDFLARE_RERANK_MODELS = ("@cf/baai/bge-reranker-base",)
 DEFAULT_CLOUDFLARE_TRANSCRIPTION_MODELS = ("@cf/openai/whisper", "@cf/openai/whisper-large-v3-turbo")
@@ -90,6 +91,20 @@ def _api_keys(raw: str, r: Reading) -> tuple[ApiKey, ...]:
     if len(set(names)) != len(names):
         raise ConfigError("API_KEYS_FILE: two keys have the same name")
     return tuple(keys)
+
+
+def _local_models(raw: str, r: Reading) -> tuple[tuple[str, Path], ...]:
+    """CHATGLM_MODELS: `id=path,...` (its files are read by the configuration check, app.check_local_models)."""
+    models: list[tuple[str, Path]] = []
+    for item in items(raw):
+        model_id, sep, path = (s.strip() for s in item.partition("="))
+        if not sep or not model_id or not path:
+            raise ConfigError(f"CHATGLM_MODELS: {item!r} is not id=path (example: "
+                              "CHATGLM_MODELS=glm4=/models/glm4-q4_0.bin,chatglm3=/models/chatglm3-q4_0.bin)")
+        if any(model_id == known for known, _ in models):
+            raise ConfigError(f"CHATGLM_MODELS: the id {model_id!r} is given twice; give each model an id of its own")
+        models.append((model_id, Path(path).expanduser()))
+    return tuple(models)
 
 
 def _cloudflare_token(raw: str, r: Reading) -> str:
@@ -186,8 +201,18 @@ class Settings:
     chatglm_model_id: str | None = setting(
         "CHATGLM_MODEL_ID", None, "the id shown in `/v1/models`", shown="file name without `.bin`")
     chatglm_max_length: int | None = setting(
-        "CHATGLM_MAX_LENGTH", None, "context length (prompt + answer) given to the model", shown="the model's own",
-        minimum=16)
+        "CHATGLM_MAX_LENGTH", None, "context length (prompt + answer) given to the model (to each local model, "
+        "at most its own)", shown="the model's own", minimum=16)
+    chatglm_models: tuple[tuple[str, Path], ...] = setting(
+        "CHATGLM_MODELS", (), "more local models, `id=path,...` (chatglm.cpp files): each is loaded on its first "
+        "request, and `/v1/models` says which are loaded; `CHATGLM_MODEL`, or else the first of these, is the one "
+        "loaded at start", shown="unset: none", parse=_local_models)
+    max_loaded_models: int = setting(
+        "MAX_LOADED_MODELS", 1, "local models loaded at once: loading one more first unloads the least recently "
+        "used idle one (each holds its file's pages and its KV caches in memory)", minimum=1)
+    model_keep_alive: float = setting(
+        "MODEL_KEEP_ALIVE", 0.0, "seconds a local model stays loaded without requests before it is unloaded "
+        "(Ollama's `keep_alive`); `0`: until another model needs its room", minimum=0.0)
     # Models across backends
     model_fallbacks: tuple[tuple[str, str], ...] = setting(  # (model, next model to try), in order
         "MODEL_FALLBACKS", (), "`model=next,...` (repeat a model for a longer chain): when a model fails before "
@@ -354,11 +379,27 @@ class Settings:
     @property
     def uses_demo_model(self) -> bool:
         """The random-weight demo model stands in when no backend at all is configured."""
-        return self.chatglm_model is None and not self.uses_cloudflare and not self.upstreams
+        return self.chatglm_model is None and not self.chatglm_models and not self.uses_cloudflare \
+            and not self.upstreams
 
     @property
     def model_path(self) -> Path | None:
+        """The default local model's file (the one loaded at start)."""
+        if self.chatglm_model is None and self.chatglm_models:
+            return self.chatglm_models[0][1]
         return self.chatglm_model or (self.demo_model_path if self.uses_demo_model else None)
+
+    @property
+    def local_models(self) -> tuple[tuple[str, Path], ...]:
+        """Every local model, (id, path), the default first: CHATGLM_MODEL with CHATGLM_MODEL_ID (else its file
+        name without .bin), or else the first of CHATGLM_MODELS; the demo model when nothing is configured."""
+        path = self.model_path
+        if path is None:
+            return ()
+        if self.chatglm_model is None and self.chatglm_models:
+            return self.chatglm_models
+        model_id = self.chatglm_model_id or (DEMO_MODEL_ID if self.uses_demo_model else path.name.removesuffix(".bin"))
+        return ((model_id, path), *self.chatglm_models)
 
     @property
     def engine_address(self) -> str:
@@ -368,8 +409,9 @@ class Settings:
         $XDG_RUNTIME_DIR/aigate, else aigate-<uid> in the temporary directory."""
         if self.engine_socket:
             return self.engine_socket
-        path = self.model_path.resolve() if self.model_path else None
-        key = (f"{path}|{self.chatglm_max_length}|{self.generation_slots}|{self.max_queue}|{self.queue_timeout}|"
+        models = ",".join(f"{model_id}={path.resolve()}" for model_id, path in self.local_models)
+        key = (f"{models}|{self.max_loaded_models}|{self.model_keep_alive}|{self.chatglm_max_length}|"
+               f"{self.generation_slots}|{self.max_queue}|{self.queue_timeout}|"
                f"{self.host}:{self.port}|{PROJECT_DIR}")
         runtime = os.environ.get("XDG_RUNTIME_DIR", "")
         directory = (Path(runtime) / "aigate" if runtime and os.path.isdir(runtime)
@@ -378,13 +420,16 @@ class Settings:
 
     def engine(self) -> EngineSettings:
         """What the local engine is started with (a ValueError when no local model is configured)."""
-        if self.model_path is None:
+        models = self.local_models
+        if not models:
             raise ValueError("no local model is configured")
         # A worker may wait for a free image decoder as long as for a slot, then decode, then send.
         images_timeout = self.queue_timeout + self.image_decode_seconds + self.client_write_timeout
-        return EngineSettings(self.engine_address, self.model_path, self.chatglm_max_length or 0,
+        (model_id, path), *also = models
+        return EngineSettings(self.engine_address, path, self.chatglm_max_length or 0,
                               self.generation_slots, self.max_queue, self.queue_timeout, self.client_write_timeout,
-                              images_timeout, self.engine_idle_timeout, self.log_level)
+                              images_timeout, self.engine_idle_timeout, self.log_level, model_id, tuple(also),
+                              self.max_loaded_models, self.model_keep_alive)
 
 
 # Variables read before settings are (documented in the same table).

@@ -25,7 +25,7 @@ from backends.base import (
     Tool,
     ToolCall,
 )
-from backends.chatglm.backend import ChatGLMBackend
+from backends.chatglm.backend import ChatGLMBackend, LocalFile
 from backends.chatglm.engine import model as engine_model
 from backends.chatglm.engine import protocol, sampler
 from backends.chatglm.engine.client import EngineClient, connect
@@ -308,7 +308,7 @@ def test_the_engine_says_its_controls_and_the_backend_shows_them_once_loaded(eng
     status = engine.status()
     assert status is not None and status["constrains"] is True
     assert status["controls"] == ["logit_bias", "logprobs", "n", "penalties", "seed", "tool_choice"]
-    backend = ChatGLMBackend(read_model_file(demo_model), model_id="demo", owned_by="me", engine=engine, context=1024)
+    backend = ChatGLMBackend([LocalFile("demo", read_model_file(demo_model), 1024)], owned_by="me", engine=engine)
     assert backend.models()[0].controls == frozenset() and not backend.models()[0].structured_outputs
     backend.load()
     info = backend.models()[0]

@@ -5,6 +5,8 @@ there, and estimates it elsewhere (compat/tokens.py: cl100k_base)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from backends.base import ChatRequest
 from backends.registry import Route
 from backends.tokens import PromptTokens, Tokenizer
@@ -31,7 +33,7 @@ def input_tokens(route: Route, request: ChatRequest) -> int:
     """The prompt's tokens: the model's own count where its tokenizer runs here, else an estimate."""
     backend = route.backend
     if isinstance(backend, Tokenizer):
-        counted: PromptTokens = backend.tokenize(request)
+        counted: PromptTokens = backend.tokenize(replace(request, model=route.model_id))  # an alias resolved
         return counted.positions
     return tokens.estimate(request)
 

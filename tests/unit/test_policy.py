@@ -4,7 +4,7 @@ from config.policy import LocalModel, Policy
 from config.settings import load_settings
 
 
-def derive(env: dict[str, str], local: LocalModel | None = None) -> Policy:
+def derive(env: dict[str, str], *local: LocalModel) -> Policy:
     return Policy.derive(load_settings(env, dotenv=None), local)
 
 

@@ -133,9 +133,9 @@ def test_checking_the_configuration_writes_nothing(tmp_path):
 
     s = load_settings({"DEMO_MODEL_PATH": str(tmp_path / "demo.bin"), "MODEL_ALIASES": "gpt-4o=chatglm3-demo",
                        "MAX_TOKENS_CEILING": "gpt-4o=64"}, dotenv=None)
-    local = check_config(s)
-    assert local is not None and (local.id, local.context, local.file) == ("chatglm3-demo", 32768, None)
-    assert check_config(dataclasses.replace(s, chatglm_max_length=32768)) == local  # up to the model's own
+    (local,) = check_config(s)
+    assert (local.id, local.context, local.file) == ("chatglm3-demo", 32768, None)
+    assert check_config(dataclasses.replace(s, chatglm_max_length=32768)) == (local,)  # up to the model's own
     with pytest.raises(ConfigError, match=r"^CHATGLM_MAX_LENGTH=32769 is more than the model's own 32768"):
         check_config(dataclasses.replace(s, chatglm_max_length=32769))
     assert list(tmp_path.iterdir()) == []
@@ -148,8 +148,8 @@ def test_a_written_demo_model_is_read_and_checked(tmp_path):
     demo_model = write_demo_model(tmp_path / "demo.bin")
     s = load_settings({"DEMO_MODEL_PATH": str(demo_model)}, dotenv=None)
     ensure_demo_model(s)  # there already: nothing to write
-    local = check_config(s)
-    assert local is not None and local.file is not None and local.file.path == demo_model
+    (local,) = check_config(s)
+    assert local.file is not None and local.file.path == demo_model
 
 
 def test_a_demo_model_with_yesterdays_context_is_written_again(tmp_path):
@@ -161,8 +161,8 @@ def test_a_demo_model_with_yesterdays_context_is_written_again(tmp_path):
 
     old = write_demo_model(tmp_path / "demo.bin", max_length=1024)
     s = load_settings({"DEMO_MODEL_PATH": str(old), "CHATGLM_MAX_LENGTH": "32768"}, dotenv=None)
-    local = check_config(s)
-    assert local is not None and (local.context, local.file) == (32768, None)
+    (local,) = check_config(s)
+    assert (local.context, local.file) == (32768, None)
     ensure_demo_model(s)
     assert read_model_file(old).config.max_length == DEMO_MAX_LENGTH
 

@@ -32,13 +32,15 @@ def _object(m: ModelInfo) -> dict[str, Any]:
     # An extra field: the sampling controls it honours (others are refused), whether response_format /
     # text.format (a JSON schema) is honoured, or refused, whether image content parts are read (GLM-4V) or
     # refused, and which endpoints' tasks it serves.
+    # A local model also says whether it is loaded now (llama.cpp's router's shape).
+    status = {} if m.status is None else {"status": {"value": m.status}}
     return {**model_object(m.id, m.owned_by, m.created),
             "capabilities": {"controls": sorted(m.controls), "structured_outputs": m.structured_outputs,
                              "images": m.images,
-                             "tasks": None if m.tasks is None else sorted(m.tasks)}}
+                             "tasks": None if m.tasks is None else sorted(m.tasks)}, **status}
 
 
 def _visible() -> list[ModelInfo]:
-    """The models (and aliases) the request's key may use."""
+    """The models (and aliases) the request's key may use, each local one's state as its engine says now."""
     registry, key = state().registry, context().key
-    return [m for m in registry.models() if allowed(key, m.id, registry.aliases.get(m.id, m.id))]
+    return [m for m in registry.models(now=True) if allowed(key, m.id, registry.aliases.get(m.id, m.id))]

@@ -3,6 +3,8 @@ backend runs one here (the local model); a 400 on the others."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flask import Blueprint, Response, jsonify
 
 from compat.tokens import parse_detokenize, parse_tokenize
@@ -19,7 +21,7 @@ def tokenize() -> Response:
     ctx = context()
     request = parse_tokenize(read_json(ctx, pass_on=False), state().limits)
     route = resolve(ctx, request.model, stream=False)
-    counted = tokenizer(ctx, route).tokenize(request)
+    counted = tokenizer(ctx, route).tokenize(replace(request, model=route.model_id))  # an alias resolved
     return jsonify({"count": len(counted.ids), "max_model_len": counted.context, "tokens": counted.ids})
 
 

@@ -6,6 +6,7 @@ chatglm.cpp costs only the generations in flight, and every worker shares the sa
   protocol.py   the messages on the socket (one JSON object a line)
   model.py      one Pipeline and its cache: chat template, token loop, prefix reuse
   line.py       the first-come-first-served line for the slots
+  hosts.py      several models: loaded on demand, unloaded when idle or to make room
   server.py     the engine process: ``python -m backends.chatglm.engine.server``
   relay.py      one generation's events on their way out, in explicit stages (relaying, writing, ended)
   launcher.py   starting the engine, keeping it running

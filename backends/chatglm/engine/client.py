@@ -95,8 +95,8 @@ class EngineClient:
         as placeholders: counting needs how many there are, not their pixels."""
         return self._ask(protocol.tokenize_request(protocol.without_images(request)))
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return str(self._ask(protocol.detokenize_request(tokens))["text"])
+    def detokenize(self, tokens: list[int], model: str = "") -> str:
+        return str(self._ask(protocol.detokenize_request(tokens, model))["text"])
 
     def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
         """The engine's one-line answer to ``message`` (its error raised)."""

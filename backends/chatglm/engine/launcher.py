@@ -38,7 +38,7 @@ class EngineSettings:
     """What the engine is started with (config.settings.Settings.engine reads them off the settings)."""
 
     address: str
-    model: Path
+    model: Path  # the default model, loaded at start
     context_length: int  # 0: the model's own
     slots: int
     max_queue: int
@@ -47,6 +47,10 @@ class EngineSettings:
     images_timeout: float  # how long the engine waits for a request's decoded images once it asked for them
     idle_timeout: float  # a detached engine's exit after this long without requests
     log_level: str
+    model_id: str = ""  # the default model's id ("": its file name without .bin)
+    also: tuple[tuple[str, Path], ...] = ()  # the other models, (id, path), each loaded on its first request
+    max_loaded: int = 1  # models loaded at once
+    keep_alive: float = 0.0  # seconds an idle model stays loaded (0: until another needs its room)
 
 
 def engine_command(engine: EngineSettings, *, parent: int = 0, idle_exit: float = 0.0) -> list[str]:
@@ -55,7 +59,9 @@ def engine_command(engine: EngineSettings, *, parent: int = 0, idle_exit: float 
             "--slots", str(engine.slots), "--max-queue", str(engine.max_queue),
             "--queue-timeout", str(engine.queue_timeout), "--send-timeout", str(engine.send_timeout),
             "--images-timeout", str(engine.images_timeout),
-            "--idle-exit", str(idle_exit), "--parent", str(parent), "--log-level", engine.log_level]
+            "--idle-exit", str(idle_exit), "--parent", str(parent), "--log-level", engine.log_level,
+            "--model-id", engine.model_id, *(f"--also={model_id}={path}" for model_id, path in engine.also),
+            "--max-loaded", str(engine.max_loaded), "--keep-alive", str(engine.keep_alive)]
 
 
 def client(engine: EngineSettings) -> EngineClient:

@@ -201,9 +201,7 @@ class Model:
     @property
     def controls(self) -> frozenset[ControlName]:
         """The sampling controls this build honours (ModelInfo.controls)."""
-        if not LOGITS:
-            return frozenset()
-        return SAMPLING_CONTROLS | ({"tool_choice"} if self.family.tools else set())
+        return controls_of(self.file)
 
     @property
     def constrains(self) -> bool:
@@ -370,6 +368,13 @@ class Model:
         tools = self.family.tools
         return ReplySplitter(bool(request.tools), raw=request.prompt is not None or not self.family.metadata_line,
                              **({"parse": tools.parse_call} if tools else {}))
+
+
+def controls_of(file: ModelFile) -> frozenset[ControlName]:
+    """The sampling controls a model honours on this build, known from its file before it is loaded."""
+    if not LOGITS:
+        return frozenset()
+    return SAMPLING_CONTROLS | ({"tool_choice"} if FAMILIES[file.model_type].tools else frozenset())
 
 
 def _temperature_top_p(request: ChatRequest) -> tuple[float, float]:

@@ -25,6 +25,13 @@ its ``choice``; a text line carries the ``logprobs`` of the tokens whose text it
 ``[token, logprob, bytes as ints, [[token, logprob, bytes], ...]]``. The answer ends with the last
 choice's Finish (the others are acknowledged like any event). Such answers are never handed over: the
 writer's frame knows one choice and no logprobs.
+
+Models (hosts.py): a generate or tokenize line's request names its model (``model``, a configured id), a
+detokenize line says ``model``; an id the engine does not know gets its default model. The status answer
+(``{"op": "status"}``) says ``loaded`` (the engine has started: its default model's first load succeeded),
+``error``, the totals ``running`` and ``waiting``, and under ``models`` each model's ``id``, ``state``
+(unloaded, loading, loaded, failed), ``error``, ``running``, ``waiting`` (in its line, or for its load),
+``controls`` and ``constrains``.
 """
 
 from __future__ import annotations
@@ -150,9 +157,10 @@ class Tokenize:
 
 @dataclass(frozen=True)
 class Detokenize:
-    """A detokenize line: the ids whose text is asked for."""
+    """A detokenize line: the ids whose text is asked for, and of which model's vocabulary."""
 
     tokens: list[int]
+    model: str = ""
 
 
 def parse_request(line: bytes) -> Generate | Tokenize | Detokenize | None:
@@ -169,7 +177,7 @@ def parse_request(line: bytes) -> Generate | Tokenize | Detokenize | None:
         if op == "tokenize":
             return Tokenize(chat_request(message["request"]))
         if op == "detokenize":
-            return Detokenize(msgspec.convert(message["tokens"], list[int]))
+            return Detokenize(msgspec.convert(message["tokens"], list[int]), str(message.get("model", "")))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, msgspec.ValidationError) as exc:
         raise BadMessage(f"a malformed request ({type(exc).__name__}: {str(exc)[:200]})") from None
     raise BadMessage(f"an unknown op {str(op)[:100]!r}")
@@ -210,9 +218,9 @@ def tokenize_request(request: ChatRequest) -> dict[str, Any]:
     return {"op": "tokenize", "request": asdict(request)}
 
 
-def detokenize_request(tokens: list[int]) -> dict[str, Any]:
-    """The text of token ids, answered {"text": "..."}."""
-    return {"op": "detokenize", "tokens": tokens}
+def detokenize_request(tokens: list[int], model: str = "") -> dict[str, Any]:
+    """The text of token ids in ``model``'s vocabulary, answered {"text": "..."}."""
+    return {"op": "detokenize", "tokens": tokens, "model": model}
 
 
 def answer(message: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The engine process: ``python -m backends.chatglm.engine.server --address ADDR --model PATH ...``
 
 It binds its address first: the address is the machine-wide lock, so a second engine started for
-the same address finds it taken and exits (status 3) while the first goes on. Then it loads the
-model (its slots: model.py) and serves each connection in a thread of its own; with aigate's
+the same address finds it taken and exits (status 3) while the first goes on. Then it loads its
+default model (``--model``; the others, ``--also``, on their first request: hosts.py) and serves each
+connection in a thread of its own; with aigate's
 patched chatglm-cpp a model step runs without the GIL, so the other threads (status, the line,
 the generations waiting for the next step) keep moving while the model computes.
 
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,12 @@ from backends.base import (
 from backends.chatglm.engine import protocol
 from backends.chatglm.engine.address import ADDRESS_TAKEN, UnsafeAddress, is_abstract, peer, private_directory, sockaddr
 from backends.chatglm.engine.client_writer import peer_closed
+from backends.chatglm.engine.hosts import Hosts, ModelHost
 from backends.chatglm.engine.line import Line
-from backends.chatglm.engine.model import LOGITS, PATCHED, Model, Slot, common_prefix
+from backends.chatglm.engine.model import LOGITS, PATCHED, Model, Slot, common_prefix, controls_of
 from backends.chatglm.engine.relay import Relay, say
 from backends.chatglm.engine.runners import BATCHED
-from backends.chatglm.ggml_file import ModelFileError, read_model_file
+from backends.chatglm.ggml_file import ModelFile, ModelFileError, read_model_file
 
 log = logging.getLogger("aigate.engine")
 
@@ -116,15 +119,28 @@ def at_most_every(seconds: float, check: Callable[[], bool]) -> Callable[[], boo
     return throttled
 
 
+@dataclass
+class Loaded:
+    """A loaded model and the line for its slots."""
+
+    model: Model
+    line: Line[Slot]
+
+
 class Engine:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.model: Model | None = None
-        self.line: Line[Slot] | None = None
-        self.load_error: str | None = None
-        self.loaded = threading.Event()
+        self.files: dict[str, ModelFile] = {}  # each model's file, read at start: what it honours before it loads
+        hosts = [ModelHost[Loaded](model_id, Path(path)) for model_id, path in configured(args)]
+        self.hosts = Hosts(hosts, self.load, unload, args.max_loaded, args.keep_alive)
+        for host in hosts:
+            try:
+                self.files[host.id] = read_model_file(host.path)
+            except (ModelFileError, OSError) as exc:  # the configuration check read it: it changed since
+                host.state, host.error = "failed", f"loading {host.id} failed: {exc}"
         self.connections = 0
-        self.max_connections = args.slots + args.max_queue + SPARE_CONNECTIONS  # and so threads
+        # a connection per slot and per place in each model's line, and so threads
+        self.max_connections = (args.slots + args.max_queue) * len(hosts) + SPARE_CONNECTIONS
         self.handovers = 0  # streams whose text this engine wrote to the client itself
         self.images_asked = 0  # requests whose images a worker was asked for (and so decoded)
         self.last_seen = time.monotonic()
@@ -133,23 +149,17 @@ class Engine:
         self._full = Tally("refused connections: every connection is in use")
         self._failed_accepts = Tally("accepting a connection failed")
 
-    def load(self) -> None:
-        try:
-            file = read_model_file(self.args.model)
-            model = Model(file, self.args.context_length or file.config.max_length, self.args.slots)
-        except (ModelFileError, RuntimeError, OSError) as exc:
-            self.load_error = f"loading {self.args.model} failed: {exc}"
-            log.error("%s", self.load_error)
-        else:
-            self.model = model
-            self.line = Line(model.slots, self.args.max_queue, self.args.queue_timeout)
-            note = (" (batched)" if BATCHED else " (chatglm-cpp without model.step: the slots take turns)"
-                    if LOGITS else " (chatglm-cpp without next_token_logits: no sampling controls, no schemas)") \
-                if PATCHED else " (stock chatglm-cpp: the slots take turns, prefix reuse at decode speed, no " \
-                                "sampling controls)"
-            log.info("loaded %s, context %d tokens, %d slot(s)%s", self.args.model, model.context_length,
-                     len(model.slots), note)
-        self.loaded.set()
+    def load(self, host: ModelHost[Loaded]) -> Loaded:
+        """``host``'s model, loaded (the loader thread's call: hosts.py). Raises what loading may raise."""
+        file = read_model_file(host.path)
+        context = min(self.args.context_length or file.config.max_length, file.config.max_length)
+        model = Model(file, context, self.args.slots)
+        note = (" (batched)" if BATCHED else " (chatglm-cpp without model.step: the slots take turns)"
+                if LOGITS else " (chatglm-cpp without next_token_logits: no sampling controls, no schemas)") \
+            if PATCHED else " (stock chatglm-cpp: the slots take turns, prefix reuse at decode speed, no sampling " \
+                            "controls)"
+        log.info("%s: context %d tokens, %d slot(s)%s", host.id, model.context_length, len(model.slots), note)
+        return Loaded(model, Line(model.slots, self.args.max_queue, self.args.queue_timeout))
 
     def admit(self, conn: socket.socket) -> None:
         """Serve ``conn`` in a thread of its own, if it is this user's and there is room; else close it
@@ -170,7 +180,7 @@ class Engine:
         if not room:
             self._full(f"{self.max_connections} connections at once")
             refuse(conn, QueueFull(f"the local engine has {self.max_connections} connections already; retry later",
-                                   retry_after=self.line.retry_after() if self.line else 1.0))
+                                   retry_after=self.retry_after()))
             return
         try:
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
@@ -195,7 +205,7 @@ class Engine:
             elif isinstance(request, protocol.Tokenize):
                 self.tokenize(conn, request.request)
             elif isinstance(request, protocol.Detokenize):
-                self.detokenize(conn, request.tokens)
+                self.detokenize(conn, request)
             else:
                 self.generate(conn, request)
         except protocol.BadMessage as exc:
@@ -215,75 +225,95 @@ class Engine:
                 self.connections -= 1
                 self.last_seen = time.monotonic()
 
-    def status(self) -> dict[str, object]:
-        running, waiting = self.line.counts() if self.line else (0, 0)
-        return {"loaded": self.model is not None, "error": self.load_error, "running": running,
-                "waiting": waiting, "pid": os.getpid(), "patched": PATCHED, "batched": BATCHED,
-                "handovers": self.handovers, "images": self.images_asked,
-                # what the model honours (ModelInfo.controls, .structured_outputs), known once it is loaded
-                "controls": sorted(self.model.controls) if self.model else [],
-                "constrains": self.model is not None and self.model.constrains}
+    def retry_after(self) -> float:
+        lines = [h.loaded.line for h in self.hosts.states() if h.loaded is not None]
+        return max((line.retry_after() for line in lines), default=1.0)
 
-    def loaded_model(self) -> tuple[Model, Line[Slot]]:
-        """The model and its line, once loaded: a request that arrives while it loads (at start, or after
-        a crash) waits for it."""
-        if not self.loaded.wait(self.args.queue_timeout) or self.model is None or self.line is None:
-            raise Unavailable(self.load_error or "the local model is still loading",
-                              retry_after=None if self.load_error else 2)
-        return self.model, self.line
+    def status(self) -> dict[str, object]:
+        models = [self.model_status(h) for h in self.hosts.states()]
+        default = models[0]
+        return {"loaded": self.hosts.started.is_set() and default["state"] != "failed", "error": default["error"],
+                "running": sum(m["running"] for m in models), "waiting": sum(m["waiting"] for m in models),
+                "pid": os.getpid(), "patched": PATCHED, "batched": BATCHED, "handovers": self.handovers,
+                "images": self.images_asked,
+                # what the default model honours (ModelInfo.controls, .structured_outputs); each model's below
+                "controls": default["controls"], "constrains": default["constrains"], "models": models}
+
+    def model_status(self, host: ModelHost[Loaded]) -> dict[str, Any]:
+        """One model's state, and what it honours (known from its file before it loads)."""
+        loaded = host.loaded
+        running, waiting = loaded.line.counts() if loaded is not None else (0, 0)
+        file = self.files.get(host.id)
+        return {"id": host.id, "state": host.state, "error": host.error, "running": running,
+                "waiting": waiting + host.waiting,
+                "controls": sorted(controls_of(file)) if file is not None else [],
+                "constrains": loaded.model.constrains if loaded is not None else LOGITS and file is not None}
 
     def tokenize(self, conn: socket.socket, request: ChatRequest) -> None:
-        """The request's prompt as the model reads it (the tokenizer only: no slot, no line)."""
+        """The request's prompt as the model reads it (the tokenizer only: no slot, no line; its model
+        loaded if it is not)."""
         try:
-            model = self.loaded_model()[0]
-            ids = model.request_ids(request)
-            line = {"tokens": ids, "positions": model.positions(request, ids), "context": model.context_length}
+            with self.hosts.use(request.model, self.args.queue_timeout) as host:
+                line = self._tokenized(host, request)
         except BackendError as exc:
             line = protocol.error_message(exc)
         conn.sendall(protocol.encode(line))
 
-    def detokenize(self, conn: socket.socket, tokens: list[int]) -> None:
+    @staticmethod
+    def _tokenized(host: ModelHost[Loaded], request: ChatRequest) -> dict[str, Any]:
+        model = loaded_of(host).model
+        ids = model.request_ids(request)
+        return {"tokens": ids, "positions": model.positions(request, ids), "context": model.context_length}
+
+    def detokenize(self, conn: socket.socket, request: protocol.Detokenize) -> None:
         try:
-            line: dict[str, Any] = {"text": self.loaded_model()[0].detokenize(tokens)}
+            with self.hosts.use(request.model, self.args.queue_timeout) as host:
+                line: dict[str, Any] = {"text": loaded_of(host).model.detokenize(request.tokens)}
         except BackendError as exc:
             line = protocol.error_message(exc)
         conn.sendall(protocol.encode(line))
 
     def generate(self, conn: socket.socket, generate: protocol.Generate) -> None:
-        request, later = generate.request, generate.images_later
-        # The writer's frame has choice 0 and no logprobs baked in: such answers go through the worker.
-        offer = generate.handover and request.n == 1 and not request.logprobs
-        relay: Relay | None = None  # the events on their way out (relay.py: its stages)
         try:
-            try:
-                model, queue = self.loaded_model()  # the line for the slots
-                prompt = model.prompt_ids(request)
-                model.check(request)
-                prepare: Callable[[], None] | None = None
-                if later is not None:  # checked before the line takes it: a request refused costs no decode
-                    if (later.size, later.count) != model.images_wanted(request):
-                        raise InvalidImage("The image was not prepared for this model.", param="messages")
-                    asked = later
-
-                    def fetch_images() -> None:  # the pixels, asked for once the line has taken the request
-                        nonlocal request
-                        request = self.images(conn, request, asked)
-                    prepare = fetch_images
-                relay = Relay(conn, self.args.send_timeout, offer, self.count_handover, request.n)
-                gone = lambda: peer_closed(conn) or relay.client_gone()  # noqa: E731
-                with queue.slot(lambda s: common_prefix(s.cached, prompt), gone, prepare) as slot:
-                    for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
-                        if not relay.pass_on(event):
-                            break
-            finally:
-                if relay is not None:
-                    relay.end()  # a client's connection still held goes back to the worker first
+            # Its model held from before its place in the model's line to its last event (loaded first if it
+            # is not: the wait bounded like the line's).
+            with self.hosts.use(generate.request.model, self.args.queue_timeout, lambda: peer_closed(conn)) as host:
+                self._generate_on(loaded_of(host), conn, generate)
         except BackendError as exc:
             conn.sendall(protocol.encode(protocol.error_message(exc)))
         except RuntimeError:  # chatglm.cpp's own checks (a CHATGLM_CHECK): this request failed, not the engine
             log.exception("the model failed on a request")
             conn.sendall(protocol.encode(protocol.error_message(
                 BackendError("The local model failed on this request; the error has been logged."))))
+
+    def _generate_on(self, loaded: Loaded, conn: socket.socket, generate: protocol.Generate) -> None:
+        request, later = generate.request, generate.images_later
+        model = loaded.model
+        # The writer's frame has choice 0 and no logprobs baked in: such answers go through the worker.
+        offer = generate.handover and request.n == 1 and not request.logprobs
+        relay: Relay | None = None  # the events on their way out (relay.py: its stages)
+        try:
+            prompt = model.prompt_ids(request)
+            model.check(request)
+            prepare: Callable[[], None] | None = None
+            if later is not None:  # checked before the line takes it: a request refused costs no decode
+                if (later.size, later.count) != model.images_wanted(request):
+                    raise InvalidImage("The image was not prepared for this model.", param="messages")
+                asked = later
+
+                def fetch_images() -> None:  # the pixels, asked for once the line has taken the request
+                    nonlocal request
+                    request = self.images(conn, request, asked)
+                prepare = fetch_images
+            relay = Relay(conn, self.args.send_timeout, offer, self.count_handover, request.n)
+            gone = lambda: peer_closed(conn) or relay.client_gone()  # noqa: E731
+            with loaded.line.slot(lambda s: common_prefix(s.cached, prompt), gone, prepare) as slot:
+                for event in slot.generate(request, prompt, at_most_every(CANCEL_CHECK_SECONDS, gone)):
+                    if not relay.pass_on(event):
+                        break
+        finally:
+            if relay is not None:
+                relay.end()  # a client's connection still held goes back to the worker first
 
     def count_handover(self) -> None:
         with self._lock:
@@ -306,6 +336,29 @@ class Engine:
         if not line:
             raise ClientGone
         return protocol.with_images(request, line, later.size)
+
+
+def configured(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The engine's models, (id, path), its default first."""
+    models = [(args.model_id or Path(args.model).name.removesuffix(".bin"), args.model)]
+    for entry in args.also:
+        model_id, sep, path = entry.partition("=")
+        if not sep or not model_id or not path:
+            raise SystemExit(f"--also {entry!r} is not ID=PATH")
+        models.append((model_id, path))
+    return models
+
+
+def loaded_of(host: ModelHost[Loaded]) -> Loaded:
+    """A held host's model (Hosts.use yields it loaded)."""
+    if host.loaded is None:
+        raise Unavailable(f"model {host.id} is not loaded", retry_after=1)
+    return host.loaded
+
+
+def unload(loaded: Loaded) -> None:
+    """Let a model go (Model.close); the loader then drops the last reference."""
+    loaded.model.close()
 
 
 def refuse(conn: socket.socket, error: BackendError) -> None:
@@ -339,7 +392,13 @@ def touch(address: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--address", required=True)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="the default model: loaded at start")
+    parser.add_argument("--model-id", default="", help="its id (default: the file name without .bin)")
+    parser.add_argument("--also", action="append", default=[], metavar="ID=PATH",
+                        help="another model, loaded on its first request (repeat for more)")
+    parser.add_argument("--max-loaded", type=int, default=1, help="models loaded at once, at most")
+    parser.add_argument("--keep-alive", type=float, default=0.0,
+                        help="seconds an idle model stays loaded (0: until another needs its room)")
     parser.add_argument("--context-length", type=int, default=0, help="0: the model's own")
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--max-queue", type=int, default=8)
@@ -365,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     bound = None if is_abstract(args.address) else os.stat(args.address)
     log.info("listening at %s", args.address)
     engine = Engine(args)
-    threading.Thread(target=engine.load, name="load", daemon=True).start()
+    engine.hosts.start()
     listener.settimeout(LOOK_SECONDS)
     look = touched = time.monotonic()
     while True:
