@@ -115,7 +115,9 @@ def start_server(tmp: Path, env: dict[str, str], *, ready_timeout: float = 60) -
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_", "MODEL", "API_KEYS"))}
     full_env.update({"HOST": "127.0.0.1", "PORT": "0", "ENGINE_SOCKET": engine_socket(),
                      "DEMO_MODEL_PATH": str(tmp / "demo-default.bin"), "PYTHONUNBUFFERED": "1",
-                     "STATE_DIR": str(tmp / "state")})
+                     "STATE_DIR": str(tmp / "state"),
+                     # one slot unless a test asks for more: many tests need a request that waits its turn
+                     "GENERATION_SLOTS": "1"})
     full_env.update(env)
     process = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "wsgi:application"], cwd=ROOT, env=full_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 def test_defaults_without_environment():
     s = load_settings({}, dotenv=None)
-    assert s.uses_demo_model and s.api_keys == () and (s.host, s.port, s.generation_slots) == ("127.0.0.1", 8000, 1)
+    assert s.uses_demo_model and s.api_keys == () and (s.host, s.port, s.generation_slots) == ("127.0.0.1", 8000, 4)
 
 
 def test_environment_wins_over_dotenv(tmp_path):
