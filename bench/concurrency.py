@@ -2,6 +2,7 @@
 llama.cpp's server on the same shape when given one (--llama-server, --gguf).
 
     .venv/bin/python bench/concurrency.py [--llama-server PATH --gguf PATH] [--tokens 128] [--rounds 3]
+    .venv/bin/python bench/concurrency.py --model demo   # the demo model `make run` serves (capacity table)
 
 The bench-size model (bench/common.py: ChatGLM3-shaped f16, never ends an answer itself), one server with
 GENERATION_SLOTS=8 (llama.cpp: --parallel 8, continuous batching), 2 threads each. Clients run in this process
@@ -23,11 +24,25 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from common import RESULTS, bench_model, free_port, median, start, start_aigate, stream_chat
+from common import CACHE, RESULTS, bench_model, free_port, median, start, start_aigate, stream_chat
 
 COUNTS = (1, 2, 4, 8)
 SLOTS = 8
+PROCESS = {"aigate": "backends.chatglm.engine.server", "llama.cpp": "llama-server"}  # whose memory is counted
 THREADS = 2  # chatglm.cpp takes every core of this 2-core machine; llama.cpp is given the same
+
+
+def resident_mb(pattern: str) -> float:
+    """The resident memory of the process whose command line holds ``pattern`` (the engine, llama-server)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and pattern in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                for line in (proc / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return 0.0
 
 
 def prompts(count: int, salt: int) -> list[str]:
@@ -103,11 +118,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-server", type=Path)
     parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--model", choices=("bench", "demo"), default="bench")
     args = parser.parse_args()
 
-    contenders = {"aigate": lambda port: start_aigate(port, CHATGLM_MODEL=str(bench_model()),
-                                                      CHATGLM_MODEL_ID="bench", GENERATION_SLOTS=str(SLOTS),
-                                                      MAX_QUEUE=str(SLOTS))}
+    if args.model == "demo":
+        from backends.chatglm.demo_model import write_demo_model
+
+        path = CACHE / "demo-chatglm3.bin"
+        if not path.exists():
+            write_demo_model(path, eos_every=0)  # as `make run` writes it, but answers as long as asked
+    else:
+        path = bench_model()
+    contenders = {"aigate": lambda port: start_aigate(port, CHATGLM_MODEL=str(path), CHATGLM_MODEL_ID="bench",
+                                                      GENERATION_SLOTS=str(SLOTS), MAX_QUEUE=str(SLOTS))}
     if args.llama_server and args.gguf:
         contenders["llama.cpp"] = lambda port: start_llama(args.llama_server, args.gguf, port)
     load = Path("/proc/loadavg").read_text().split()[:3]
@@ -121,7 +144,9 @@ def main() -> None:
             together(url, "bench", 2, 8, salt=-1)  # warm: the first graphs, the connections
             for r in range(args.rounds):  # counts interleaved within a round, rounds repeated
                 for count in COUNTS:
-                    rows.setdefault((name, count), []).append(together(url, "bench", count, args.tokens, r * 10))
+                    row = together(url, "bench", count, args.tokens, r * 10)
+                    row["rss_mb"] = resident_mb(PROCESS[name])
+                    rows.setdefault((name, count), []).append(row)
                     print(name, count, rows[(name, count)][-1], flush=True)
             gaps[name] = [gap_test(url, "bench", 1000) for _ in range(args.rounds)]
             print(name, "gaps", gaps[name], flush=True)
@@ -135,20 +160,22 @@ def report(rows: dict, gaps: dict, contenders: dict, args: argparse.Namespace, l
     def m(name: str, count: int, key: str) -> float:
         return median([r[key] for r in rows[(name, count)]])
 
+    model = ("Bench-size model (ChatGLM3-shaped f16, hidden 1024, 8 layers, vocabulary 65,024)" if args.model == "bench"
+             else "The demo model `make run` serves (ChatGLM3-shaped, tiny, random weights)")
     lines = ["# Benchmark 14: many people on one local model", "",
-             f"Bench-size model (ChatGLM3-shaped f16, hidden 1024, 8 layers, vocabulary 65,024), one server with "
+             f"{model}, one server with "
              f"{SLOTS} slots, {THREADS} threads per contender, greedy, {args.tokens} tokens per chat, distinct "
              f"prompts; median of {args.rounds} rounds (counts interleaved within each). Load average at the "
              f"start: {' '.join(load)}.", "",
              "| contender | chats at once | tok/s together | vs one alone | each chat, slowest (tok/s) | "
-             "vs one alone | slowest first token, s |", "|---|---|---|---|---|---|---|"]
+             "vs one alone | slowest first token, s | resident memory, MB |", "|---|---|---|---|---|---|---|---|"]
     for name in contenders:
         alone = m(name, 1, "together")
         for count in COUNTS:
             lines.append(f"| {name} | {count} | {m(name, count, 'together'):.1f} | "
                          f"{m(name, count, 'together') / alone:.2f}x | {m(name, count, 'each_min'):.1f} | "
                          f"{m(name, count, 'each_min') / m(name, 1, 'each_min'):.2f}x | "
-                         f"{m(name, count, 'ttft_max'):.2f} |")
+                         f"{m(name, count, 'ttft_max'):.2f} | {m(name, count, 'rss_mb'):.0f} |")
     lines += ["", "A stream running while a 1,000-token prompt joins (largest gap between two chunks, ms):", "",
               "| contender | before the join | while the prompt is read | the prompt's first token, s |",
               "|---|---|---|---|"]
@@ -156,7 +183,7 @@ def report(rows: dict, gaps: dict, contenders: dict, args: argparse.Namespace, l
         lines.append(f"| {name} | {median([g['before_max'] for g in runs]) * 1000:.0f} | "
                      f"{max(g['during_max'] for g in runs) * 1000:.0f} (worst of {len(runs)}) | "
                      f"{median([g['prompt_ttft'] for g in runs]):.2f} |")
-    (RESULTS / "concurrency.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name_of(args)}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
 
@@ -173,7 +200,11 @@ def report(rows: dict, gaps: dict, contenders: dict, args: argparse.Namespace, l
     ax.set_xticks(COUNTS)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "concurrency.png", dpi=100)
+    fig.savefig(RESULTS / f"{name_of(args)}.png", dpi=100)
+
+
+def name_of(args: argparse.Namespace) -> str:
+    return "concurrency" if args.model == "bench" else "concurrency_demo"
 
 
 if __name__ == "__main__":
