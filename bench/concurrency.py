@@ -124,7 +124,7 @@ def main() -> None:
     if args.model == "demo":
         from backends.chatglm.demo_model import write_demo_model
 
-        path = CACHE / "demo-chatglm3.bin"
+        path = CACHE / "demo-endless.bin"
         if not path.exists():
             write_demo_model(path, eos_every=0)  # as `make run` writes it, but answers as long as asked
     else:
