@@ -217,6 +217,14 @@ def _row_chunks(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
         yield (min(step, shape[0] - start), *shape[1:])
 
 
+def _slices(table: np.ndarray) -> Chunks:
+    """A held table in slices of rows, so that encoding it needs no full-size temporaries."""
+    at = 0
+    for part in _row_chunks(table.shape):
+        yield table[at:at + part[0]]
+        at += part[0]
+
+
 def _normal_table(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     table = np.empty(shape, np.float32)
     at = 0
@@ -269,9 +277,9 @@ def make_weights(c: ModelConfig, tok: Tokenizer, specials: tuple[str, ...], *, e
     for name in sorted(tensors, key=lambda n: n.startswith("transformer.vision.")):
         shape = tensors[name][0]
         if name.endswith("word_embeddings.weight"):
-            yield name, iter([emb])
+            yield name, _slices(emb)
         elif name.endswith("output_layer.weight"):
-            yield name, iter([out])
+            yield name, _slices(out)
         elif all(d == 1 for d in shape[:-1]):  # a vector, though the checkpoint's may be [1, n] or [1, 1, n]
             norm = ("layernorm" in name or "norm1" in name) and name.endswith("weight")
             yield name, iter([np.full(shape, 1.0 if norm else 0.0, np.float32)])
