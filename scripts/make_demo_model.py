@@ -1,4 +1,6 @@
-"""Write a random-weight GGML model: python scripts/make_demo_model.py OUT.bin [--family glm4] [--endless]"""
+"""Write a random-weight GGML model:
+    python scripts/make_demo_model.py OUT.bin [--family glm4] [--dtype q4_0] [--endless]
+"""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.chatglm.demo_model import DEFAULT_EOS_EVERY, FAMILY_IDS, write_demo_model  # noqa: E402
+from backends.chatglm.demo_model import DEFAULT_EOS_EVERY, FAMILY_IDS, WEIGHT_TYPES, write_demo_model  # noqa: E402
 
 
 def main() -> None:
@@ -21,11 +23,14 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--ffn", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (padded past the tokenizer)")
+    parser.add_argument("--dtype", choices=sorted(WEIGHT_TYPES), default="f16", help="the matrices' ggml type")
     parser.add_argument("--endless", action="store_true", help="never write end-of-text")
     args = parser.parse_args()
     path = write_demo_model(args.out, family=args.family, hidden_size=args.hidden, num_layers=args.layers,
                             num_heads=args.heads, num_kv_heads=args.kv_heads, ffn_size=args.ffn,
-                            max_length=args.max_length, eos_every=0 if args.endless else DEFAULT_EOS_EVERY)
+                            max_length=args.max_length, eos_every=0 if args.endless else DEFAULT_EOS_EVERY,
+                            vocab_size=args.vocab, dtype=args.dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -38,11 +38,14 @@ from backends.chatglm.ggml_file import (
     F16,
     FAMILY_SPECIAL_TOKENS,
     MAGIC,
+    Q4_0,
+    Q8_0,
     VISION_CONFIG,
     ModelConfig,
     VisionConfig,
     expected_tensors,
 )
+from backends.chatglm.ggml_quants import encode
 
 CORPUS = """\
 aigate is a small server that speaks the OpenAI API and answers with a model that runs on your own machine.
@@ -198,10 +201,44 @@ def bpe_tokenizer(extra_pieces: tuple[str, ...], vocab_pieces: int = 0) -> Token
     return Tokenizer(blob, len(vocab), ordinary, ids, eos=len(vocab), pad=len(vocab))  # <|endoftext|>
 
 
+# Weights are drawn and written a slice of rows at a time (about 4 MB of float32), so that a model of real
+# size (a 6B-shaped bench model is 24 GB as float32) is written without holding more than its two vocabulary
+# tables in memory. The draws are the same as one whole-tensor draw: numpy's generator fills sequentially.
+CHUNK_VALUES = 1 << 20
+
+Chunks = Iterator[np.ndarray]
+
+
+def _row_chunks(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """The shapes of the slices of rows (along the first axis) that a tensor is drawn in."""
+    per_row = int(np.prod(shape[1:]))
+    step = max(1, CHUNK_VALUES // max(per_row, 1))
+    for start in range(0, shape[0], step):
+        yield (min(step, shape[0] - start), *shape[1:])
+
+
+def _slices(table: np.ndarray) -> Chunks:
+    """A held table in slices of rows, so that encoding it needs no full-size temporaries."""
+    at = 0
+    for part in _row_chunks(table.shape):
+        yield table[at:at + part[0]]
+        at += part[0]
+
+
+def _normal_table(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    table = np.empty(shape, np.float32)
+    at = 0
+    for part in _row_chunks(shape):
+        table[at:at + part[0]] = rng.standard_normal(part)
+        at += part[0]
+    return table
+
+
 def make_weights(c: ModelConfig, tok: Tokenizer, specials: tuple[str, ...], *, eos_every: int,
                  end_token: int, seed: int, script: tuple[int, ...] = (),
-                 vision: VisionConfig | None = None) -> dict[str, np.ndarray]:
-    """Random weights whose greedy decoding follows a chain through the ordinary pieces.
+                 vision: VisionConfig | None = None) -> Iterator[tuple[str, Chunks]]:
+    """Random weights whose greedy decoding follows a chain through the ordinary pieces: (name, its float32
+    values in slices of rows) in the order they are drawn; take each tensor's slices before the next tensor.
 
     The residual stream carries each token's embedding to the output layer, whose row for token
     s(t) is the embedding of t: so the most likely next token after t is s(t), nudged by the
@@ -212,7 +249,7 @@ def make_weights(c: ModelConfig, tok: Tokenizer, specials: tuple[str, ...], *, e
     """
     rng = np.random.default_rng(seed)
     pieces = tok.pieces
-    emb = rng.standard_normal((c.vocab_size, c.hidden_size)).astype(np.float32)
+    emb = _normal_table(rng, (c.vocab_size, c.hidden_size))
     chain = rng.permutation(tok.ordinary)
     out = np.zeros((c.vocab_size, c.hidden_size), np.float32)
     for i, piece in enumerate(chain):
@@ -229,25 +266,47 @@ def make_weights(c: ModelConfig, tok: Tokenizer, specials: tuple[str, ...], *, e
             out[b] += 6 * emb[a]
     out *= 0.08
 
-    weights: dict[str, np.ndarray] = {}
+    def drawn(shape: tuple[int, ...]) -> Chunks:
+        scale = 1.5 / np.sqrt(int(np.prod(shape[1:])))
+        for part in _row_chunks(shape):
+            yield (rng.standard_normal(part) * scale).astype(np.float32)
+
     tensors = expected_tensors(c, vision)
     # Drawn text first, then the vision tower (the order these weights were first drawn in), though
     # the file holds them in convert.py's order.
     for name in sorted(tensors, key=lambda n: n.startswith("transformer.vision.")):
         shape = tensors[name][0]
         if name.endswith("word_embeddings.weight"):
-            weights[name] = emb
+            yield name, _slices(emb)
         elif name.endswith("output_layer.weight"):
-            weights[name] = out
+            yield name, _slices(out)
         elif all(d == 1 for d in shape[:-1]):  # a vector, though the checkpoint's may be [1, n] or [1, 1, n]
             norm = ("layernorm" in name or "norm1" in name) and name.endswith("weight")
-            weights[name] = np.full(shape, 1.0 if norm else 0.0, np.float32)
+            yield name, iter([np.full(shape, 1.0 if norm else 0.0, np.float32)])
         else:
-            fan_in = int(np.prod(shape[1:]))
-            weights[name] = (rng.standard_normal(shape) * (1.5 / np.sqrt(fan_in))).astype(np.float32)
-    return weights
+            yield name, drawn(shape)
 
 
+def in_file_order(drawn: Iterator[tuple[str, Chunks]], order: list[str]) -> Iterator[tuple[str, Chunks]]:
+    """The drawn tensors in the file's order: each passed on as drawn when it is the next to write, else held
+    until its turn (only GLM-4V's text weights wait, for its vision tower, and its demo models are small)."""
+    waiting: dict[str, list[np.ndarray]] = {}
+    want = iter(order)
+    next_name = next(want, None)
+    for name, chunks in drawn:
+        if name != next_name:
+            waiting[name] = list(chunks)
+            continue
+        yield name, chunks
+        next_name = next(want, None)
+        while next_name in waiting:
+            yield next_name, iter(waiting.pop(next_name))
+            next_name = next(want, None)
+    if next_name is not None or waiting:
+        raise AssertionError("the drawn tensors are not the file's tensors")
+
+
+WEIGHT_TYPES = {"f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 FAMILY_IDS = {"chatglm2": CHATGLM2, "chatglm3": CHATGLM3, "glm4": CHATGLM4, "glm4v": CHATGLM4V}
 # A GLM-4V vision tower as small as chatglm.cpp runs: a 56 px image in 14 px patches, 4 image tokens.
 SMALL_VISION = dict(hidden_size=64, image_size=56, in_channels=3, intermediate_size=128, num_attention_heads=4,
@@ -270,24 +329,28 @@ def write_demo_model(
     vocab_size: int | None = None,
     vocab_pieces: int = 0,
     seed: int = 0,
+    dtype: str = "f16",
 ) -> Path:
     """Write the model atomically (a reader never sees half a file) and return its path. ``vocab_pieces``:
     the tokenizer's ordinary pieces made up to about this many with synthetic ones (a bench's real-size
-    vocabulary; without it ~1,000 pieces are padded to ``vocab_size``, which a grammar's mask never sees)."""
+    vocabulary; without it ~1,000 pieces are padded to ``vocab_size``, which a grammar's mask never sees).
+    ``dtype``: the matrices' type, f16 or ggml's q8_0 or q4_0 blocks (the same draws, quantized as convert.py
+    quantizes: every 2-D weight, the embeddings too; norms and biases stay f32)."""
     model_type = FAMILY_IDS[family]
+    weight_type = WEIGHT_TYPES[dtype]
     specials = FAMILY_SPECIAL_TOKENS[model_type]
     extra = tuple(p for p in script if p not in specials)
     tok = (bpe_tokenizer(extra, vocab_pieces) if model_type in (CHATGLM4, CHATGLM4V)
            else sentencepiece_tokenizer(extra, vocab_pieces))
     pieces = tok.pieces
     vocab = max(vocab_size or 0, -(-(pieces + len(specials)) // PAD_TO) * PAD_TO)  # padded, as real models
-    config = ModelConfig(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size, 0, max_length,
+    config = ModelConfig(weight_type, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size, 0, max_length,
                          tok.eos)
     vision = None
     if model_type == CHATGLM4V:
         v = SMALL_VISION
         positions = (v["image_size"] // v["patch_size"]) ** 2 + 1
-        vision = VisionConfig(F16, v["hidden_size"], v["image_size"], v["in_channels"], v["intermediate_size"],
+        vision = VisionConfig(weight_type, v["hidden_size"], v["image_size"], v["in_channels"], v["intermediate_size"],
                               v["num_attention_heads"], v["num_hidden_layers"], positions, v["patch_size"])
     end_token = vocab - 1 if end_with_padding else tok.eos
     script_ids = tuple(pieces + specials.index(p) if p in specials else tok.ids[p] for p in script)
@@ -302,20 +365,22 @@ def write_demo_model(
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + struct.pack("<ii", model_type, 2))
-            f.write(CONFIG_V2.pack(F16, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size,
+            f.write(CONFIG_V2.pack(weight_type, vocab, hidden_size, num_heads, num_kv_heads, num_layers, ffn_size,
                                    1e-5, 0, 10000.0, max_length, tok.eos, tok.pad))
             if vision is not None:
                 f.write(VISION_CONFIG.pack(vision.dtype, vision.hidden_size, vision.image_size, vision.in_channels,
                                            vision.intermediate_size, 1e-6, vision.num_attention_heads,
                                            vision.num_hidden_layers, vision.num_positions, vision.patch_size, 8.0))
             f.write(struct.pack("<i", len(tok.blob)) + tok.blob)
-            for name, (shape, ggml_type) in expected_tensors(config, vision).items():
-                data = weights[name].astype(np.float16 if ggml_type == F16 else np.float32)
+            tensors = expected_tensors(config, vision)
+            for name, chunks in in_file_order(weights, list(tensors)):
+                shape, ggml_type = tensors[name]
                 encoded = name.encode()
                 f.write(struct.pack(f"<i{len(encoded)}si", len(encoded), encoded, len(shape)))
                 f.write(struct.pack(f"<{len(shape) + 1}i", *shape, ggml_type))
                 f.write(b"\0" * (-f.tell() % ALIGN))
-                f.write(data.tobytes())
+                for chunk in chunks:
+                    f.write(encode(chunk, ggml_type).data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -44,7 +44,7 @@ GGML_TYPES: dict[int, tuple[int, int]] = {
     7: (32, 24),   # Q5_1
     8: (32, 34),   # Q8_0
 }
-F32, F16 = 0, 1
+F32, F16, Q4_0, Q8_0 = 0, 1, 2, 8
 PREFIX = "past_key_values"  # the one tensor chatglm.cpp reads by its shape; the weights it copies by byte size
 
 # Config records after the version field (chatglm.h): V1GQA and V2.
