@@ -1,7 +1,8 @@
 """Benchmark 14: many people on one local model (issue 25): aigate's batched engine against one chat alone, and
-llama.cpp's server on the same shape when given one (--llama-server, --gguf).
+llama.cpp's server on the same weights when given one (--llama-server: the model copied into a GGUF file by
+bench/ggml_to_gguf.py).
 
-    .venv/bin/python bench/concurrency.py [--llama-server PATH --gguf PATH] [--tokens 128] [--rounds 3]
+    .venv/bin/python bench/concurrency.py [--llama-server PATH] [--tokens 128] [--rounds 3]
     .venv/bin/python bench/concurrency.py --model demo   # the demo model `make run` serves (capacity table)
 
 The bench-size model (bench/common.py: ChatGLM3-shaped f16, never ends an answer itself), one server with
@@ -116,8 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--llama-server", type=Path)
-    parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's server, run on the same weights as a GGUF")
     parser.add_argument("--model", choices=("bench", "demo"), default="bench")
     args = parser.parse_args()
 
@@ -131,8 +131,13 @@ def main() -> None:
         path = bench_model()
     contenders = {"aigate": lambda port: start_aigate(port, CHATGLM_MODEL=str(path), CHATGLM_MODEL_ID="bench",
                                                       GENERATION_SLOTS=str(SLOTS), MAX_QUEUE=str(SLOTS))}
-    if args.llama_server and args.gguf:
-        contenders["llama.cpp"] = lambda port: start_llama(args.llama_server, args.gguf, port)
+    if args.llama_server:
+        from ggml_to_gguf import convert
+
+        gguf = path.with_suffix(".gguf")
+        if not gguf.exists() or gguf.stat().st_mtime < path.stat().st_mtime:
+            convert(path, gguf)  # the very weights aigate runs, under llama.cpp's names
+        contenders["llama.cpp"] = lambda port: start_llama(args.llama_server, gguf, port)
     load = Path("/proc/loadavg").read_text().split()[:3]
     rows: dict[tuple[str, int], list[dict[str, float]]] = {}
     gaps: dict[str, list[dict[str, float]]] = {}

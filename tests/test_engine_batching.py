@@ -103,8 +103,13 @@ def test_forced_tool_calls_and_seeded_samples_beside_plain_answers(demo_model):
         call = next(e for e in batch[0] if isinstance(e, ToolCall))
         assert call.name == "get_weather" and set(json.loads(call.arguments)) == {"city", "days"}
         assert [text(e) for e in batch] == [text(e) for e in alone]
-        logprobs = [e.logprobs for e in batch[1] if isinstance(e, TextDelta)]
-        assert logprobs == [e.logprobs for e in alone[1] if isinstance(e, TextDelta)] and all(logprobs)
+        # the logits of a batched step may differ from alone in their last bits (the current ggml picks another
+        # matrix kernel for several rows, and the difference carries on through the cache): the same tokens, the
+        # same logprobs to 1e-2 (measured: 4e-4 at most)
+        got, want = ([lp for e in events if isinstance(e, TextDelta) for lp in e.logprobs or ()]
+                     for events in (batch[1], alone[1]))
+        assert got and [t.token for t in got] == [t.token for t in want]
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(got, want, strict=True)) < 1e-2
     finally:
         model.close()
 
