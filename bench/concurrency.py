@@ -85,7 +85,7 @@ def stream_times(url: str, body: dict, times: list[float]) -> None:
             times.append(time.perf_counter())
 
 
-def gap_test(url: str, model: str, prompt_tokens: int) -> dict[str, float]:
+def gap_test(url: str, model: str, prompt_tokens: int, salt: int) -> dict[str, float]:
     """One stream of 400 tokens; after its first second a prompt of about ``prompt_tokens`` tokens joins.
     The running stream's largest gap before the join and while the prompt is read."""
     times: list[float] = []
@@ -96,7 +96,8 @@ def gap_test(url: str, model: str, prompt_tokens: int) -> dict[str, float]:
     while len(times) < 20:
         time.sleep(0.01)
     joined_at = time.perf_counter()
-    long_prompt = " ".join(f"w{i}" for i in range(prompt_tokens // 2))  # "w123" is about two tokens
+    long_prompt = " ".join(f"w{i + salt}" for i in range(prompt_tokens // 2))  # about two tokens each; no two alike
+    # (a prompt seen before would come from the cache)
     joiner = stream_chat(url, {"model": model, "messages": [{"role": "user", "content": long_prompt}],
                                "max_tokens": 4, "temperature": 0})
     read_at = joined_at + joiner.ttft
@@ -153,7 +154,7 @@ def main() -> None:
                     row["rss_mb"] = resident_mb(PROCESS[name])
                     rows.setdefault((name, count), []).append(row)
                     print(name, count, rows[(name, count)][-1], flush=True)
-            gaps[name] = [gap_test(url, "bench", 1000) for _ in range(args.rounds)]
+            gaps[name] = [gap_test(url, "bench", 1000, salt=7 * r) for r in range(args.rounds)]
             print(name, "gaps", gaps[name], flush=True)
         finally:
             server.terminate()

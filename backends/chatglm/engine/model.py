@@ -177,14 +177,18 @@ class Model:
         self.tokens = token_bytes(model) if LOGITS else []
         self.real_tokens = max((i + 1 for i, t in enumerate(self.tokens) if t), default=0)  # padding after
         self.grammars = Grammars(model, self.family, self.tokens, self._encode, self._end_ids) if LOGITS else None
-        for pipeline in pipelines:
-            warm_up(self, pipeline.model)
+        runners: list[Runner]
         if BATCHED:
-            self.stepper = Stepper(pipelines[0].model, self.vocab_size, slots, self.prefill_rows,
-                                   name=f"stepper {model.path.name}")
-            self.stepper.times.per_prompt_token = self.costs.prefill
-            runners: list[Runner] = [BatchedRunner(self.stepper, pipelines[0].model, i) for i in range(slots)]
+            stepper = self.stepper = Stepper(pipelines[0].model, self.vocab_size, slots, self.prefill_rows,
+                                             name=f"stepper {model.path.name}")
+            # on the stepper's thread, as every call to the model: the current ggml keeps a team of OpenMP threads
+            # per calling thread, and a second team would spin beside the first after each of its graphs
+            stepper.call(lambda: warm_up(self, pipelines[0].model))
+            stepper.times.per_prompt_token = self.costs.prefill
+            runners = [BatchedRunner(stepper, pipelines[0].model, i) for i in range(slots)]
         else:
+            for pipeline in pipelines:
+                warm_up(self, pipeline.model)
             runners = [LegacyRunner(p.model) for p in pipelines]
         self.slots = [Slot(self, runner) for runner in runners]
 
