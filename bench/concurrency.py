@@ -33,15 +33,16 @@ PROCESS = {"aigate": "backends.chatglm.engine.server", "llama.cpp": "llama-serve
 THREADS = 2  # chatglm.cpp takes every core of this 2-core machine; llama.cpp is given the same
 
 
-def resident_mb(pattern: str) -> float:
-    """The resident memory of the process whose command line holds ``pattern`` (the engine, llama-server)."""
+def resident_mb(program: str) -> float:
+    """The resident memory of the process running ``program`` (its executable, or a Python module run with -m)."""
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and pattern in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if proc.name.isdigit() and (argv[0].endswith("/" + program) or argv[1:3] == ["-m", program]):
                 for line in (proc / "status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1]) / 1024
-        except OSError:
+        except (OSError, IndexError):
             continue
     return 0.0
 
