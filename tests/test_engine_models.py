@@ -30,6 +30,15 @@ class Engine:
             assert self.changed.wait_for(lambda: any(text in line for line in self.log), timeout), "".join(self.log)
             return next(line for line in self.log if text in line)
 
+    def wait_for_counts(self, timeout: float = 30, **counts: int) -> str:
+        """The log, once each text (a keyword's value below, by name) is in it as many times as asked: a line
+        written as a state changes may reach the reader a moment after the state is seen."""
+        with self.changed:
+            done = self.changed.wait_for(lambda: all("".join(self.log).count(t) == n for t, n in counts.items()),
+                                         timeout)
+            assert done, "".join(self.log)
+            return "".join(self.log)
+
     def states(self) -> dict[str, str]:
         status = self.client.status()
         assert status is not None
@@ -78,9 +87,8 @@ def test_requests_alternating_between_two_models_are_all_answered_one_model_load
         assert ask(engine, model).usage.completion_tokens == 4
         assert engine.states() == {"demo": "unloaded", "glm4": "loaded"} if model == "glm4" else \
             {"demo": "loaded", "glm4": "unloaded"}
-    log = "".join(engine.log)
-    assert log.count("loaded glm4 in") == 2 and log.count("unloaded glm4 (") == 2
-    assert log.count("loaded demo in") == 3 and log.count("unloaded demo (") == 2
+    log = engine.wait_for_counts(**{"loaded glm4 in": 2, "unloaded glm4 (": 2, "loaded demo in": 3,
+                                    "unloaded demo (": 2})
     assert "a request for glm4 waited" in log
     assert engine.process.poll() is None
 
@@ -112,7 +120,7 @@ def test_requests_arriving_while_their_model_loads_wait_for_it_and_are_answered(
     for thread in threads:
         thread.join(60)
     assert [f.usage.completion_tokens for f in finishes] == [4, 4, 4]
-    assert "".join(engine.log).count("loaded glm4 in") == 1  # one load for the three
+    engine.wait_for_counts(**{"loaded glm4 in": 1})  # one load for the three
 
 
 def test_a_model_that_cannot_be_loaded_in_time_is_a_queue_timeout_and_the_busy_one_goes_on(engine_of, slow_model):
