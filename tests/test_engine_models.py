@@ -152,7 +152,7 @@ def test_v1_models_lists_every_local_model_and_which_is_loaded(server_factory, d
     assert httpx.get(server.base_url + "/ready").status_code == 200
     for model in ("gpt-4o", "demo", "glm4"):
         answer = httpx.post(server.v1 + "/chat/completions", timeout=60, json={
-            "model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+            "model": model, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
     assert models_of(server.base_url) == {"demo": "unloaded", "glm4": "loaded", "gpt-4o": "loaded"}
     assert httpx.get(server.base_url + "/ready").status_code == 200  # an unloaded model is served all the same
