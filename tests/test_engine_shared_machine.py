@@ -377,7 +377,7 @@ def test_junk_lines_cost_one_log_line_each_and_no_traceback(demo_model):
 
 
 def test_a_handover_frame_without_end_is_cut_at_its_bound(endless_demo):
-    request = ChatRequest(model="x", messages=(Message("user", "go"),), max_tokens=500)
+    request = ChatRequest(model="x", messages=(Message("user", "go"),), max_tokens=500, temperature=0)
     with bare_engine(endless_demo) as (process, address, log), ExitStack() as stack:
         sock = stack.enter_context(connect(address, timeout=10))
         mine, theirs = (stack.enter_context(s) for s in socket.socketpair())
@@ -426,7 +426,7 @@ def test_a_reader_that_acknowledges_slowly_lets_go_of_its_slot(endless_demo):
     """Each acknowledgement comes 0.8 s late, within the 1 s a single wait may take: after a few the
     reader is 1 s behind the model (its steps refill what the reader takes, up to 1 s), and the
     generation ends there."""
-    request = ChatRequest(model="x", messages=(Message("user", "go"),), max_tokens=5000)
+    request = ChatRequest(model="x", messages=(Message("user", "go"),), max_tokens=5000, temperature=0)
     with bare_engine(endless_demo, "--send-timeout", "1") as (process, address, log), connect(address) as sock:
         sock.sendall(protocol.encode(protocol.generate_request(request)))
         lines = sock.makefile("rb")
