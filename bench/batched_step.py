@@ -21,9 +21,7 @@ sentencepiece, requests and matplotlib beside it, e.g. a scratch venv:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from typing import Any
 
 import chatglm_cpp
 import numpy as np
-from common import BENCH_MODEL, RESULTS, bench_model
+from common import BENCH_MODEL, RESULTS, bench_model, loadavg, progress, steal
 
 from backends.chatglm.demo_model import write_demo_model
 
@@ -252,20 +250,6 @@ def join_times(path: Path, chunk: int, decoding: int = 3) -> tuple[list[float], 
         with_chunk.append(step([C.StepEntry(decoding, piece, joined, joined, greedy() if done else None)]))
         joined += len(piece)
     return plain, with_chunk, time.perf_counter() - first
-
-
-def progress(text: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} load {loadavg()}: {text}", file=sys.stderr, flush=True)
-
-
-def loadavg() -> str:
-    return "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
-
-
-def steal() -> tuple[int, int]:
-    """(steal, total) jiffies since boot, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[7], sum(fields)
 
 
 def main() -> None:

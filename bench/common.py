@@ -137,6 +137,21 @@ def _content(response: bytes) -> str:
     return "".join(text)
 
 
+def progress(text: str) -> None:
+    """A line on stderr, with the time and the load: a long benchmark says where it is and how quiet it was."""
+    print(f"{time.strftime('%H:%M:%S')} load {loadavg()}: {text}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    return "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
+
+
+def steal() -> tuple[int, int]:
+    """(steal, total) jiffies since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7], sum(fields)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

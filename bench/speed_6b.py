@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, RESULTS, ROOT, free_port, wait_until_ready
+from common import CACHE, RESULTS, ROOT, free_port, loadavg, progress, steal, wait_until_ready
 
 from backends.chatglm.demo_model import write_demo_model
 from backends.chatglm.ggml_file import read_model_file, tensor_nbytes
@@ -187,19 +187,6 @@ def start_llama(binary: Path, gguf: Path) -> Contender:
                                 "--no-webui"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until_ready(f"http://127.0.0.1:{port}/health", process, timeout=900)
     return Contender("llama.cpp server", port, True, process)
-
-
-def progress(text: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} load {loadavg()}: {text}", file=sys.stderr, flush=True)
-
-
-def loadavg() -> str:
-    return "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
-
-
-def steal() -> tuple[int, int]:
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[7], sum(fields)
 
 
 def busy(seconds: float = 2.0) -> float:
