@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -123,8 +124,15 @@ def test_a_metrics_directory_that_cannot_be_recreated_costs_metrics_only(tmp_pat
     try:
         assert stream_completes(server)
         worker = int(re.findall(r"Booting worker with pid: (\d+)", "".join(server.log))[-1])
-        parent.rename(tmp_path / "gone")  # at once: a worker may still be writing a file in it
-        parent.write_text("a file where the directory was: it cannot be made again")
+        file = tmp_path / "file"
+        file.write_text("a file where the directory was: it cannot be made again")
+        for n in itertools.count():  # a worker finishing its request may make the directory again: move it aside
+            parent.rename(tmp_path / f"gone{n}")
+            try:
+                file.rename(parent)  # atomic, and refused while a directory is there again
+                break
+            except IsADirectoryError:
+                continue
         os.kill(worker, signal.SIGKILL)  # its replacement finds no directory to write in
         wait_until(server, lambda: ready_workers(server) >= 2)
         for _ in range(3):  # each holds and frees the machine's only generation slot

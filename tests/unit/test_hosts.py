@@ -18,12 +18,15 @@ from backends.chatglm.engine.hosts import Hosts, ModelHost
 class Loads:
     """What the loader did, in order ("+a": loaded a, "-a": unloaded a), with a condition to await it."""
 
-    def __init__(self, failing: set[str] | None = None) -> None:
+    def __init__(self, failing: set[str] | None = None, gates: dict[str, threading.Event] | None = None) -> None:
         self.done: list[str] = []
         self.changed = threading.Condition()
         self.failing = failing or set()
+        self.gates = gates or {}  # a load of this id waits for its event
 
     def load(self, host: ModelHost[str]) -> str:
+        if host.id in self.gates:
+            assert self.gates[host.id].wait(5)
         if host.id in self.failing:
             self.failing.discard(host.id)  # once
             raise RuntimeError("out of memory")
@@ -110,7 +113,8 @@ def test_the_least_recently_used_idle_model_makes_room():
 
 
 def test_a_busy_model_is_drained_for_a_waiting_one_and_its_next_request_waits_its_turn():
-    with hosts("a", "b") as (h, loads):
+    b_loads = threading.Event()
+    with hosts("a", "b", loads=Loads(gates={"b": b_loads})) as (h, loads):
         first = Holder(h, "a")
         assert first.holding.wait(5)
         second = Holder(h, "b")  # waits: a is busy and the limit is reached
@@ -119,12 +123,30 @@ def test_a_busy_model_is_drained_for_a_waiting_one_and_its_next_request_waits_it
         third = Holder(h, "a")  # a takes no new request while it drains: this one waits behind b
         assert not second.holding.is_set() and not third.holding.is_set()
         first.done()
+        with h._changed:  # a is unloaded and third asks for it again while b loads
+            assert h._changed.wait_for(lambda: h.hosts["a"] in h._loads and h.hosts["b"].state == "loading", 5)
+        b_loads.set()  # b, just loaded and not yet taken, is not "idle" to be unloaded for a
         assert second.holding.wait(5) and second.got == "b" and not third.holding.is_set()
         second.done()
         assert third.holding.wait(5) and third.got == "a"
         third.done()
         assert loads.done == ["+a", "-a", "+b", "-b", "+a"]
         assert all(r.error is None for r in (first, second, third))
+
+
+def test_a_model_just_loaded_for_waiting_requests_is_theirs_before_it_counts_as_idle():
+    # The loader decides its next job right after a load, holding the lock: the requests it loaded for may
+    # not have run yet. Another model wanted then must not unload this one as "idle" under them.
+    with hosts("a", "b") as (h, loads):
+        a, b = h.hosts["a"], h.hosts["b"]
+        with h._changed:
+            a.waiting, b.waiting = 1, 1  # woken for a, not yet scheduled; and one asking for b
+            h._loads.append(b)
+            try:
+                assert h._next_job() is None
+            finally:
+                a.waiting, b.waiting = 0, 0
+                h._loads.clear()
 
 
 def test_a_request_waits_for_room_at_most_its_time_then_the_busy_model_serves_on():

@@ -151,6 +151,8 @@ class Hosts(Generic[L]):
                     self._changed.wait(self._until_next_expiry())
                     continue
                 kind, host, why = job
+                if kind == "unload":  # before the lock goes: no request may take it from here on
+                    host.state, host.draining = "unloaded", None
                 self._changed.release()
                 try:
                     if kind == "load":
@@ -169,7 +171,7 @@ class Hosts(Generic[L]):
             if host.state == "loaded" and host.users == 0:
                 if host.draining:
                     return "unload", host, f"drained, to make room for {host.draining}"
-                if self.keep_alive > 0 and now - host.last_used >= self.keep_alive:
+                if self.keep_alive > 0 and now - host.last_used >= self.keep_alive and not host.waiting:
                     return "unload", host, f"idle for {now - host.last_used:.1f}s"
         while self._loads and ((self._loads[0].waiting == 0 and self._loads[0] is not self._preload)
                                or self._loads[0].state in ("loaded", "loading")):
@@ -186,6 +188,8 @@ class Hosts(Generic[L]):
             self._preload = None
             wanted.state = "loading"
             return "load", wanted, ""
+        if any(h.state == "loaded" and h.waiting and not h.draining for h in taken):
+            return None  # just loaded for requests that have yet to take it: busy or idle only once they have
         idle = [h for h in taken if h.state == "loaded" and h.users == 0]
         if idle:
             victim = min(idle, key=lambda h: h.last_used)
@@ -225,7 +229,6 @@ class Hosts(Generic[L]):
         before = resident_mb()
         with self._changed:
             loaded, host.loaded = host.loaded, None
-            host.state, host.draining = "unloaded", None
         if loaded is not None:
             self._unload(loaded)
             del loaded
