@@ -88,3 +88,43 @@ def test_the_writer_streams_the_layers(tmp_path, monkeypatch):
         tracemalloc.stop()
     tables = 2 * read_model_file(path).config.vocab_size * 1024 * 4
     assert peak < tables + 24 * 2**20
+
+
+def smaps(path: Path) -> dict[str, int]:
+    """This process's memory (kB) in the mapping of ``path`` and, for the whole process, its anonymous huge pages."""
+    got = {"file_rss": 0, "huge": 0}
+    mapping = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not line[0].isupper():  # a mapping's header: address range, permissions, ..., path
+            mapping = fields[-1] == str(path)
+        elif fields[0] == "Rss:" and mapping:
+            got["file_rss"] += int(fields[1])
+        elif fields[0] == "AnonHugePages:":
+            got["huge"] += int(fields[1])
+    return got
+
+
+def aigate_build() -> int:
+    """The +aigate.N of this chatglm-cpp (0: a stock one)."""
+    _, _, n = chatglm_cpp.__version__.partition("+aigate.")
+    return int(n or 0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc/PID/smaps")
+@pytest.mark.skipif(aigate_build() < 5, reason="a chatglm-cpp before aigate's build 5 (+aigate.5) keeps both copies")
+def test_repacked_weights_count_once_in_memory_and_sit_in_huge_pages(tmp_path):
+    # aigate's build copies q4_0 matrices at load into ggml's repacked layout: the mapped file's copy is then let go
+    # (it would count a second time in the resident memory), and the copy asks for transparent huge pages.
+    path = write_demo_model(tmp_path / "q4.bin", dtype="q4_0", hidden_size=1024, ffn_size=4096, num_heads=8,
+                            num_layers=4, max_length=512)
+    before = smaps(path)["huge"]
+    pipeline = chatglm_cpp.Pipeline(str(path))
+    pipeline.chat([chatglm_cpp.ChatMessage(role="user", content="Hello")], max_new_tokens=2, do_sample=False)
+    after = smaps(path)
+    size_kb = path.stat().st_size // 1024
+    # what stays mapped: the embedding table (read by rows, a few of them) and the small vectors
+    assert after["file_rss"] < 0.25 * size_kb, (after, size_kb)
+    if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert after["huge"] - before >= 0.25 * size_kb, (after, before, size_kb)  # most of the matrices
+    del pipeline
