@@ -7,6 +7,11 @@ them: a token to decode, or a prompt, which goes in chunks between decode steps 
 flowing while it is read (the chunk sized to keep a step near STEP_TARGET_SECONDS). A step waits a moment for
 the sequences of the previous step to hand in their next token, so that they go together rather than in turns.
 
+A sequence whose token chatglm.cpp just sampled is decoded one token ahead: the next step evaluates that token at
+once, while the generation's thread is still busy with it (its text, stop strings, the client), and hands the
+result over when the generation asks for exactly that evaluation; anything else it asks drops it (the cache
+position it wrote is written again). So one chat's steps follow each other without waiting for the hand-over.
+
 Steps of every model in the process, and the single-sequence calls of a build without ``step``, take turns
 through COMPUTE: on a small machine two graphs computed at once each spin their threads on the same cores and
 both crawl.
@@ -82,6 +87,8 @@ class Job:
     token: int = -1
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
+    ahead: bool = False  # evaluated before its generation asked (and not claimed yet)
+    dropped: bool = False  # an ahead job its generation did not want
 
     @property
     def left(self) -> int:
@@ -122,6 +129,8 @@ class Stepper:
         self._jobs: list[Job] = []  # handed in, in order, not yet finished
         self._calls: deque[tuple[Callable[[], Any], Job]] = deque()
         self._expected: set[int] = set()  # slots whose token the last step gave: their next one is near
+        self._ahead: dict[int, Job] = {}  # each slot's job evaluated ahead, until its generation claims it
+        self._max_length = int(model.config.max_length)
         self._closed = False
         self.times = StepTimes()
         self.steps = 0
@@ -135,8 +144,16 @@ class Stepper:
         with self._cv:
             if self._closed:
                 raise RuntimeError("the model was unloaded")
-            self._jobs.append(job)
-            self._cv.notify_all()
+            ahead = self._ahead.pop(job.slot, None)
+            if ahead is not None and _same(ahead, job):
+                job, ahead.ahead = ahead, False  # claimed: from now on the generation's own
+                if job.finished.is_set() and job.error is None:
+                    self._go_ahead(job)
+            else:
+                if ahead is not None:
+                    ahead.dropped = True
+                self._jobs.append(job)
+                self._cv.notify_all()
         job.finished.wait()
         if job.error is not None:
             raise job.error
@@ -161,6 +178,9 @@ class Stepper:
         """The sequence in ``slot`` hands in nothing more (its answer ended): the next step need not wait for it."""
         with self._cv:
             self._expected.discard(slot)
+            ahead = self._ahead.pop(slot, None)
+            if ahead is not None:
+                ahead.dropped = True
             self._cv.notify_all()
 
     def close(self) -> None:
@@ -210,6 +230,9 @@ class Stepper:
         taken: list[tuple[Job, int]] = []
         prompt: Job | None = None
         for job in jobs:
+            if job.dropped:  # not wanted, and its slot may have the wanted job in this very step
+                self._finish(job)
+                continue
             if job.cancelled is not None and job.done and job.cancelled():  # between two chunks of its prompt
                 self._finish(job, ClientGone("cancelled"))
                 continue
@@ -249,6 +272,22 @@ class Stepper:
             self._finish(job)
         with self._cv:
             self._expected = finished
+            for job, _ in taken:  # a claimed job's token goes on at once (an unclaimed one waits for its claim)
+                if job.finished.is_set() and job.error is None and not job.ahead and not job.dropped:
+                    self._go_ahead(job)
+
+    def _go_ahead(self, job: Job) -> None:
+        """Queue the evaluation of the token ``job`` just sampled (holding the condition), when it was sampled
+        by chatglm.cpp and fits in the context."""
+        if job.sample is None or job.logits is not None or job.token < 0 or job.slot in self._ahead:
+            return
+        kv_pos = job.kv_pos + len(job.tokens)
+        if kv_pos + 1 > self._max_length:
+            return
+        ahead = Job(job.slot, [job.token], kv_pos, job.rope_pos + len(job.tokens), sample=job.sample, ahead=True)
+        self._ahead[job.slot] = ahead
+        self._jobs.append(ahead)
+        self._cv.notify_all()
 
     def _compute(self, taken: list[tuple[Job, int]]) -> list[int]:
         """One step over ``count`` tokens of each job; the logits asked for in ``self._out``'s rows, in order."""
@@ -276,3 +315,9 @@ class Stepper:
         with self._cv:
             self._jobs.remove(job)
         job.end(error)
+
+
+def _same(ahead: Job, asked: Job) -> bool:
+    """Whether the generation asks exactly what was evaluated ahead."""
+    return (asked.tokens == ahead.tokens and asked.kv_pos == ahead.kv_pos and asked.rope_pos == ahead.rope_pos
+            and asked.sample is ahead.sample and asked.logits is None and not ahead.dropped)
