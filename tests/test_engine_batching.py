@@ -75,6 +75,21 @@ def test_greedy_answers_batched_are_the_answers_alone(model):
 
 
 @batched
+def test_one_chat_decodes_a_token_ahead_and_a_stop_drops_it(model):
+    # The stepper evaluates each sampled token before the generation asks for it: a greedy answer alone takes it
+    # for every token after the first; a stop string ends the answer early and the evaluation ahead is dropped
+    # (its cache position is written again): the next answer on that slot is the one it would have been.
+    answer = request(PROMPTS[0])
+    claimed = model.stepper.claimed_ahead
+    first = run(model, 0, answer)
+    tokens = next(f.usage.completion_tokens for f in first if isinstance(f, Finish))
+    assert model.stepper.claimed_ahead - claimed >= tokens - 2
+    stop = text(first)[4:7]
+    assert text(run(model, 0, request(PROMPTS[0], stop=[stop]))) == text(first)[:text(first).index(stop)]
+    assert text(run(model, 0, request(PROMPTS[1]))) == text(run(model, 1, request(PROMPTS[1])))
+
+
+@batched
 def test_stop_strings_and_cancellation_under_batching(model):
     alone = [text(run(model, 0, request(p))) for p in PROMPTS]
     stop = alone[0][5:8]

@@ -134,6 +134,7 @@ class Stepper:
         self._closed = False
         self.times = StepTimes()
         self.steps = 0
+        self.claimed_ahead = 0  # evaluations a generation found done (or under way) when it asked
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -147,6 +148,7 @@ class Stepper:
             ahead = self._ahead.pop(job.slot, None)
             if ahead is not None and _same(ahead, job):
                 job, ahead.ahead = ahead, False  # claimed: from now on the generation's own
+                self.claimed_ahead += 1
                 if job.finished.is_set() and job.error is None:
                     self._go_ahead(job)
             else:
