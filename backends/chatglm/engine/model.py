@@ -180,7 +180,7 @@ class Model:
         runners: list[Runner]
         if BATCHED:
             stepper = self.stepper = Stepper(pipelines[0].model, self.vocab_size, slots, self.prefill_rows,
-                                             name=f"stepper {model.path.name}")
+                                             self.is_end, name=f"stepper {model.path.name}")
             # on the stepper's thread, as every call to the model: the current ggml keeps a team of OpenMP threads
             # per calling thread, and a second team would spin beside the first after each of its graphs
             stepper.call(lambda: warm_up(self, pipelines[0].model))

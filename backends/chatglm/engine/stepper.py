@@ -121,8 +121,10 @@ def _average(old: float, new: float) -> float:
 class Stepper:
     """The thread that owns a batched model (``model.step``) and steps every sequence's jobs together."""
 
-    def __init__(self, model: Any, vocab_size: int, slots: int, max_chunk: int, name: str = "stepper") -> None:
+    def __init__(self, model: Any, vocab_size: int, slots: int, max_chunk: int,
+                 is_end: Callable[[int], bool] = lambda token: False, name: str = "stepper") -> None:
         self._model = model
+        self._is_end = is_end  # a token that ends an answer: nothing is evaluated after it
         self._max_chunk = max_chunk  # rows a prompt chunk may have at most (its attention scores' memory)
         self._out = np.empty((slots, vocab_size), np.float32)  # the logits rows of one step
         self._cv = threading.Condition()
@@ -149,8 +151,7 @@ class Stepper:
             if ahead is not None and _same(ahead, job):
                 job, ahead.ahead = ahead, False  # claimed: from now on the generation's own
                 self.claimed_ahead += 1
-                if job.finished.is_set() and job.error is None:
-                    self._go_ahead(job)
+                self._go_ahead(job)  # its step may be over already
             else:
                 if ahead is not None:
                     ahead.dropped = True
@@ -275,13 +276,15 @@ class Stepper:
         with self._cv:
             self._expected = finished
             for job, _ in taken:  # a claimed job's token goes on at once (an unclaimed one waits for its claim)
-                if job.finished.is_set() and job.error is None and not job.ahead and not job.dropped:
+                if not job.ahead:
                     self._go_ahead(job)
 
     def _go_ahead(self, job: Job) -> None:
-        """Queue the evaluation of the token ``job`` just sampled (holding the condition), when it was sampled
-        by chatglm.cpp and fits in the context."""
-        if job.sample is None or job.logits is not None or job.token < 0 or job.slot in self._ahead:
+        """Queue the evaluation of the token ``job`` just sampled (holding the condition), when its step is over,
+        chatglm.cpp sampled it (a failed or dropped job has no token), it does not end the answer and it fits in the
+        context."""
+        if (not job.finished.is_set() or job.sample is None or job.token < 0 or self._is_end(job.token)
+                or job.slot in self._ahead):
             return
         kv_pos = job.kv_pos + len(job.tokens)
         if kv_pos + 1 > self._max_length:
@@ -322,4 +325,4 @@ class Stepper:
 def _same(ahead: Job, asked: Job) -> bool:
     """Whether the generation asks exactly what was evaluated ahead."""
     return (asked.tokens == ahead.tokens and asked.kv_pos == ahead.kv_pos and asked.rope_pos == ahead.rope_pos
-            and asked.sample is ahead.sample and asked.logits is None and not ahead.dropped)
+            and asked.sample is ahead.sample and asked.logits is None)
