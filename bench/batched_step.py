@@ -30,7 +30,7 @@ from typing import Any
 
 import chatglm_cpp
 import numpy as np
-from common import BENCH_MODEL, RESULTS, bench_model, loadavg, progress, steal
+from common import BENCH_MODEL, RESULTS, HostRecord, bench_model, progress, watch_host
 
 from backends.chatglm.demo_model import write_demo_model
 
@@ -290,17 +290,15 @@ def main() -> None:
 
 
 def speed(args: argparse.Namespace, bench: Path, checks: list[str], errors: list[str]) -> None:
-    load_before, steal_before, began = loadavg(), steal(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    host = watch_host()
     rates = decode_rates(bench, args.rounds, args.steps)
     progress(f"decode rates {dict((k, round(statistics.median(v), 1)) for k, v in rates.items())}")
     joins = {chunk: join_times(bench, chunk) for chunk in CHUNKS}
-    load_after, steal_after = loadavg(), steal()
-    stolen = (steal_after[0] - steal_before[0]) / max(1, steal_after[1] - steal_before[1])
-    report(args, checks, errors, rates, joins, (began, load_before, load_after, stolen))
+    report(args, checks, errors, rates, joins, host())
 
 
 def report(args: argparse.Namespace, checks: list[str], errors: list[str], rates: dict[str, list[float]],
-           joins: dict[int, tuple[list[float], list[float], float]], host: tuple[str, str, str, float]) -> None:
+           joins: dict[int, tuple[list[float], list[float], float]], host: HostRecord) -> None:
     began, load_before, load_after, stolen = host
     one = statistics.median(rates["1"])
     old = statistics.median(rates["old"])

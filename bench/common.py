@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -146,10 +147,24 @@ def loadavg() -> str:
     return "{:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
 
 
-def steal() -> tuple[int, int]:
-    """(steal, total) jiffies since boot, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[7], sum(fields)
+def cpu_times() -> list[int]:
+    """The machine's CPU time since boot by kind (user, nice, system, idle, iowait, irq, softirq, steal...), in
+    jiffies, from /proc/stat."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+HostRecord = tuple[str, str, str, float]  # when it began, the load average before and after, the share stolen
+
+
+def watch_host() -> Callable[[], HostRecord]:
+    """Start watching how quiet the host is; the function returned, called at the end, gives when it began, the
+    load average (1 / 5 / 15 min) before and after, and the share of CPU time the hypervisor took meanwhile."""
+    began, load_before, before = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), loadavg(), cpu_times()
+
+    def done() -> HostRecord:
+        after = cpu_times()
+        return began, load_before, loadavg(), (after[7] - before[7]) / max(1, sum(after) - sum(before))
+    return done
 
 
 def median(values: list[float]) -> float:

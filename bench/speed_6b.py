@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, RESULTS, ROOT, free_port, loadavg, progress, steal, wait_until_ready
+from common import CACHE, RESULTS, ROOT, HostRecord, cpu_times, free_port, progress, wait_until_ready, watch_host
 
 from backends.chatglm.demo_model import write_demo_model
 from backends.chatglm.ggml_file import read_model_file, tensor_nbytes
@@ -193,7 +193,7 @@ def busy(seconds: float = 2.0) -> float:
     """The fraction of the machine's CPU time that was busy over `seconds` (between measurements our servers are
     idle, so this is everyone else)."""
     def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        fields = cpu_times()
         return fields[3] + fields[4], sum(fields)
 
     idle0, total0 = sample()
@@ -228,7 +228,7 @@ def main() -> None:
     limit = bandwidth[THREADS] * 1e9 / per_token
     progress(f"bandwidth {bandwidth}, limit {limit:.2f} tok/s")
 
-    load_before, steal_before, began = loadavg(), steal(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    host = watch_host()
     results: dict[str, dict[str, list[float]]] = {}
     contenders: list[Contender] = []
     try:
@@ -257,13 +257,11 @@ def main() -> None:
         for c in contenders:
             c.process.terminate()
             c.process.wait()
-    load_after, steal_after = loadavg(), steal()
-    stolen = (steal_after[0] - steal_before[0]) / max(1, steal_after[1] - steal_before[1])
-    report(results, bandwidth, per_token, limit, (began, load_before, load_after, stolen), args.rounds)
+    report(results, bandwidth, per_token, limit, host(), args.rounds)
 
 
 def report(results: dict[str, dict[str, list[float]]], bandwidth: dict[int, float], per_token: int, limit: float,
-           host: tuple[str, str, str, float], rounds: int) -> None:
+           host: HostRecord, rounds: int) -> None:
     began, load_before, load_after, stolen = host
     med = {label: {k: statistics.median(v) for k, v in got.items()} for label, got in results.items()}
     llama = med["llama.cpp server"]
