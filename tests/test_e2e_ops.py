@@ -87,7 +87,8 @@ def test_metrics_add_up_across_workers(server):
     assert len(set(pids)) == 2, pids
     assert requests.post(server.v1 + "/chat/completions", json={"model": "nope", "messages": USER},
                          headers={**headers, "X-Request-ID": "m-404"}, timeout=30).status_code == 404
-    served_by(server, "m-404")  # counted when its response closed, which may come after the client read it
+    # Counted when its response closed (which may come after the client read it), before its line was logged.
+    served_by(server, "m-404")
     after = requests.get(server.base_url + "/metrics", timeout=10).text
     route = "/v1/chat/completions"
     served = metric(after, "aigate_requests_total", route=route, model="endless", status="200")

@@ -62,10 +62,10 @@ class RequestLog:
         record.completion_tokens += record.unfinished_tokens
         record.unfinished_tokens = 0
         ttft = None if record.first_token_at is None else record.first_token_at - record.started
+        if self.count is not None:  # first: a request whose line is in the log is in the metrics
+            self.count(record, ended, ttft)
         if log.isEnabledFor(logging.INFO):  # the line is built only to be written
             _line(record, ended, ttft, self.log_prompts)
-        if self.count is not None:
-            self.count(record, ended, ttft)
 
 
 def init_app(app: Flask) -> RequestLog:
