@@ -77,17 +77,21 @@ def test_greedy_answers_batched_are_the_answers_alone(model):
 @batched
 def test_one_chat_decodes_a_token_ahead_and_a_stop_drops_it(model):
     # The stepper evaluates each sampled token before the generation asks for it: a greedy answer alone takes it
-    # for every token after the first, and nothing is evaluated after an end token (an answer that ends so costs
-    # no step of waste); a stop string ends the answer early and the evaluation ahead is dropped (its cache
+    # for every token after the first, and nothing is evaluated after an end token or max_tokens' last token (an
+    # answer that ends so costs no step of waste); a stop string ends the answer early and the evaluation ahead is dropped (its cache
     # position is written again): the next answer on that slot is the one it would have been.
     answer = request(PROMPTS[0])
     claimed, steps = model.stepper.claimed_ahead, model.stepper.steps
     first = run(model, 0, answer)
     finish = next(f for f in first if isinstance(f, Finish))
     tokens = finish.usage.completion_tokens
+    assert tokens > 3
     assert model.stepper.claimed_ahead - claimed >= tokens - 2
     if finish.reason == "stop":  # its end token: one step for the prompt and each token after the first
         assert model.stepper.steps - steps == tokens
+    steps = model.stepper.steps  # nor after the last token max_tokens allows
+    cut = [f for f in run(model, 0, request(PROMPTS[0], max_tokens=tokens - 1)) if isinstance(f, Finish)]
+    assert [f.reason for f in cut] == ["length"] and model.stepper.steps - steps == tokens - 1
     stop = text(first)[4:7]
     assert text(run(model, 0, request(PROMPTS[0], stop=[stop]))) == text(first)[:text(first).index(stop)]
     assert text(run(model, 0, request(PROMPTS[1]))) == text(run(model, 1, request(PROMPTS[1])))

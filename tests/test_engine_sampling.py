@@ -253,8 +253,8 @@ def test_tokens_the_grammar_forces_are_not_sampled_and_go_in_one_pass(chatglm3, 
               "required": ["a_rather_long_property_name", "another_long_property_name"], "additionalProperties": False}
     passes: list[int] = []
     evaluate = engine_model.Sampled.evaluate
-    monkeypatch.setattr(engine_model.Sampled, "evaluate", lambda self, ids, *rest: (
-        passes.append(len(ids)), evaluate(self, ids, *rest))[1])
+    monkeypatch.setattr(engine_model.Sampled, "evaluate", lambda self, ids, *rest, **named: (
+        passes.append(len(ids)), evaluate(self, ids, *rest, **named))[1])
     request = ChatRequest(model="demo", messages=ASK, response_format=JsonFormat(schema, strict=True), max_tokens=200,
                           temperature=0, logit_bias=quiet(chatglm3))
     events = list(chatglm3.slots[0].generate(request, chatglm3.prompt_ids(request), lambda: False))

@@ -484,7 +484,7 @@ class Slot:
         self._ids, self._cached = list(prompt), 0  # until a step returns, what the cache holds is unknown
         ids = self._ids
         started = time.monotonic()
-        self._prefill(prompt, reuse, step, image, cancelled)
+        self._prefill(prompt, reuse, step, image, cancelled, last=max_new <= 1)
         if reuse == 0:
             model.costs.note_prefill(time.monotonic() - started, len(prompt))
         generated = 0
@@ -510,7 +510,7 @@ class Slot:
             if step.forcing:  # the grammar's next token needs no logits: taken with the others in one pass
                 continue
             began = time.monotonic()
-            step.evaluate(ids, evaluated, extra)
+            step.evaluate(ids, evaluated, extra, last=generated + 1 >= max_new)
             self._cached = len(ids) if image is None else 0  # with an image, cache positions are not the ids
             if len(ids) - evaluated == 1:
                 model.costs.note_decode(time.monotonic() - began)
@@ -536,10 +536,10 @@ class Slot:
                        model.token_logprob if request.logprobs else None)
 
     def _prefill(self, prompt: list[int], reuse: int, step: Plain | Sampled, image: Any,
-                 cancelled: Callable[[], bool]) -> None:
+                 cancelled: Callable[[], bool], last: bool) -> None:
         """Evaluate what the cache lacks of ``prompt`` (the next token is then ``step.choose()``)."""
         if self.runner.batched or image is not None or (reuse == 0 and not PATCHED):
-            step.evaluate(prompt, reuse, 0, image, cancelled)  # the stepper reads a prompt in chunks itself
+            step.evaluate(prompt, reuse, 0, image, cancelled, last)  # the stepper reads a prompt in chunks itself
         elif PATCHED:  # in pieces: a graph holds each new token's scores against every key
             rows = self.model.prefill_rows
             for start in range(reuse, len(prompt), rows):
@@ -567,9 +567,10 @@ class Plain:
         self._token = 0
 
     def evaluate(self, ids: list[int], start: int, extra: int, image: Any = None,
-                 cancelled: Callable[[], bool] | None = None) -> None:
-        """Evaluate ``ids[start:]`` (the cache holds what is before, ``extra`` positions more after an image)."""
-        self._token = self._runner.next_token(ids, start, extra, self._config, image, cancelled)
+                 cancelled: Callable[[], bool] | None = None, last: bool = False) -> None:
+        """Evaluate ``ids[start:]`` (the cache holds what is before, ``extra`` positions more after an image);
+        ``last``: the answer takes no token after the one chosen next."""
+        self._token = self._runner.next_token(ids, start, extra, self._config, image, cancelled, last)
 
     def choose(self) -> int:
         return int(self._token)
@@ -599,7 +600,7 @@ class Sampled:
         return ByteDetokenizer(self._owner.tokens) if self.constraint is not None else self._owner.detokenizer()
 
     def evaluate(self, ids: list[int], start: int, extra: int, image: Any = None,
-                 cancelled: Callable[[], bool] | None = None) -> None:
+                 cancelled: Callable[[], bool] | None = None, last: bool = False) -> None:
         self._runner.logits(ids, start, extra, self._logits, image, cancelled)
 
     def choose(self) -> int:

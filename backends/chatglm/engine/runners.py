@@ -24,7 +24,9 @@ class Runner(Protocol):
     batched: bool
 
     def next_token(self, ids: list[int], start: int, extra: int, config: Any, image: Any = None,
-                   cancelled: Callable[[], bool] | None = None) -> int: ...
+                   cancelled: Callable[[], bool] | None = None, last: bool = False) -> int:
+        """Evaluate ``ids[start:]`` and return the token chatglm.cpp samples after them; ``last``: the answer
+        takes no token after that one."""
 
     def logits(self, ids: list[int], start: int, extra: int, out: np.ndarray, image: Any = None,
                cancelled: Callable[[], bool] | None = None) -> None: ...
@@ -45,7 +47,7 @@ class LegacyRunner:
         self._model = model  # the slot's own Pipeline's model
 
     def next_token(self, ids: list[int], start: int, extra: int, config: Any, image: Any = None,
-                   cancelled: Callable[[], bool] | None = None) -> int:
+                   cancelled: Callable[[], bool] | None = None, last: bool = False) -> int:
         with COMPUTE:
             return int(self._model.generate_next_token(ids, image, config, _n_past(start, extra), len(ids)))
 
@@ -67,12 +69,12 @@ class BatchedRunner:
         self._slot = slot
 
     def next_token(self, ids: list[int], start: int, extra: int, config: Any, image: Any = None,
-                   cancelled: Callable[[], bool] | None = None) -> int:
+                   cancelled: Callable[[], bool] | None = None, last: bool = False) -> int:
         if image is not None:  # a step cannot take an image: the single-sequence path, on this slot
             return int(self._stepper.call(lambda: self._single(
                 lambda: self._model.generate_next_token(ids, image, config, 0, len(ids)))))
         return self._stepper.evaluate(Job(self._slot, ids[start:], start + extra, start, sample=config,
-                                          cancelled=cancelled))
+                                          cancelled=cancelled, last=last))
 
     def logits(self, ids: list[int], start: int, extra: int, out: np.ndarray, image: Any = None,
                cancelled: Callable[[], bool] | None = None) -> None:

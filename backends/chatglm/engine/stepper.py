@@ -87,6 +87,7 @@ class Job:
     token: int = -1
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
+    last: bool = False  # the answer takes no token after the one this job samples: nothing to evaluate ahead
     ahead: bool = False  # evaluated before its generation asked (and not claimed yet)
     dropped: bool = False  # an ahead job its generation did not want
 
@@ -149,7 +150,7 @@ class Stepper:
                 raise RuntimeError("the model was unloaded")
             ahead = self._ahead.pop(job.slot, None)
             if ahead is not None and _same(ahead, job):
-                job, ahead.ahead = ahead, False  # claimed: from now on the generation's own
+                job, ahead.ahead, ahead.last = ahead, False, job.last  # claimed: from now on the generation's own
                 self.claimed_ahead += 1
                 self._go_ahead(job)  # its step may be over already
             else:
@@ -281,10 +282,10 @@ class Stepper:
 
     def _go_ahead(self, job: Job) -> None:
         """Queue the evaluation of the token ``job`` just sampled (holding the condition), when its step is over,
-        chatglm.cpp sampled it (a failed or dropped job has no token), it does not end the answer and it fits in the
-        context."""
+        chatglm.cpp sampled it (a failed or dropped job has no token), it does not end the answer (an end token, or
+        the last token max_tokens allows) and it fits in the context."""
         if (not job.finished.is_set() or job.sample is None or job.token < 0 or self._is_end(job.token)
-                or job.slot in self._ahead):
+                or job.last or job.slot in self._ahead):
             return
         kv_pos = job.kv_pos + len(job.tokens)
         if kv_pos + 1 > self._max_length:
