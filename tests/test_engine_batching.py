@@ -78,8 +78,8 @@ def test_greedy_answers_batched_are_the_answers_alone(model):
 def test_one_chat_decodes_a_token_ahead_and_a_stop_drops_it(model):
     # The stepper evaluates each sampled token before the generation asks for it: a greedy answer alone takes it
     # for every token after the first, and nothing is evaluated after an end token or max_tokens' last token (an
-    # answer that ends so costs no step of waste); a stop string ends the answer early and the evaluation ahead is dropped (its cache
-    # position is written again): the next answer on that slot is the one it would have been.
+    # answer that ends so costs no step of waste); a stop string ends the answer early and the evaluation ahead is
+    # dropped (its cache position is written again): the next answer on that slot is the one it would have been.
     answer = request(PROMPTS[0])
     claimed, steps = model.stepper.claimed_ahead, model.stepper.steps
     first = run(model, 0, answer)
