@@ -7,10 +7,11 @@ them: a token to decode, or a prompt, which goes in chunks between decode steps 
 flowing while it is read (the chunk sized to keep a step near STEP_TARGET_SECONDS). A step waits a moment for
 the sequences of the previous step to hand in their next token, so that they go together rather than in turns.
 
-A sequence whose token chatglm.cpp just sampled is decoded one token ahead: the next step evaluates that token at
-once, while the generation's thread is still busy with it (its text, stop strings, the client), and hands the
-result over when the generation asks for exactly that evaluation; anything else it asks drops it (the cache
-position it wrote is written again). So one chat's steps follow each other without waiting for the hand-over.
+A sequence whose token chatglm.cpp just sampled is decoded one token ahead (unless that token ends the answer: an
+end token, or the last one max_tokens allows): the next step evaluates that token at once, while the generation's
+thread is still busy with it (its text, stop strings, the client), and hands the result over when the generation
+asks for exactly that evaluation; anything else it asks drops it (the cache position it wrote is written again).
+So one chat's steps follow each other without waiting for the hand-over.
 
 Steps of every model in the process, and the single-sequence calls of a build without ``step``, take turns
 through COMPUTE: on a small machine two graphs computed at once each spin their threads on the same cores and
