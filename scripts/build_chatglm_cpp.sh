@@ -8,8 +8,10 @@
 #     sdist's 2024 one: llama.cpp's, as vendored in the llama-cpp-python 0.3.36 sdist (pinned by its sha256). Its
 #     CPU kernels (q4_0 weights repacked at load for AVX2/AVX-512 GEMV/GEMM, llamafile's tiled GEMM for prompts,
 #     OpenMP threads) are what make a quantized model decode at the machine's memory bandwidth; the patch also
-#     aligns the CPU backend's scratch buffer to a cache line (its kernels' 64-byte loads split in two otherwise).
-# It installs as 0.4.2+aigate.6, which still satisfies requirements.txt's chatglm-cpp==0.4.2; a stock install
+#     aligns the CPU backend's scratch buffer to a cache line (its kernels' 64-byte loads split in two otherwise)
+#     and, on CPUs with AVX512-VNNI, computes the repacked q4_0 matrices with its own GEMV and 4-row GEMM (the
+#     nibbles fed to vpdpbusd unsigned: about half the instructions of ggml's sign-extending kernels).
+# It installs as 0.4.2+aigate.7, which still satisfies requirements.txt's chatglm-cpp==0.4.2; a stock install
 # works too, with less, and slower.
 #   scripts/build_chatglm_cpp.sh PATH/TO/VENV/bin/pip
 # CMAKE_BUILD_PARALLEL_LEVEL sets the compile jobs (default: one per core); CMAKE_ARGS passes options on to CMake.
