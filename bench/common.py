@@ -58,7 +58,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 120) 
         try:
             if requests.get(url, timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet; busy loading a big model
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} never answered")

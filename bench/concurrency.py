@@ -4,6 +4,7 @@ bench/ggml_to_gguf.py).
 
     .venv/bin/python bench/concurrency.py [--llama-server PATH] [--tokens 128] [--rounds 3]
     .venv/bin/python bench/concurrency.py --model demo   # the demo model `make run` serves (capacity table)
+    .venv/bin/python bench/concurrency.py --model 6b --tokens 64   # benchmark 13's 6B-shaped q4_0 model
 
 The bench-size model (bench/common.py: ChatGLM3-shaped f16, never ends an answer itself), one server with
 GENERATION_SLOTS=8 (llama.cpp: --parallel 8, continuous batching), 2 threads each. Clients run in this process
@@ -11,7 +12,8 @@ GENERATION_SLOTS=8 (llama.cpp: --parallel 8, continuous batching), 2 threads eac
 each a distinct greedy prompt and the same number of tokens: tokens per second together (all tokens over the
 wall time from the first request to the last token), against one chat alone; each chat's own rate (tokens after
 its first over the time after it); the slowest first token. Then the gap test: one stream runs while a
-1,000-token prompt joins; the running stream's largest gap between two chunks, against its largest gap before.
+long prompt joins (500 words, ~1,900 tokens); the running stream's largest gap between two chunks, against its
+largest gap before.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def stream_times(url: str, body: dict, times: list[float]) -> None:
             times.append(time.perf_counter())
 
 
-def gap_test(url: str, model: str, prompt_tokens: int, salt: int) -> dict[str, float]:
-    """One stream of 400 tokens; after its first second a prompt of about ``prompt_tokens`` tokens joins.
+def gap_test(url: str, model: str, words: int, salt: int) -> dict[str, float]:
+    """One stream of 400 tokens; after its first second a prompt of ``words`` words joins.
     The running stream's largest gap before the join and while the prompt is read."""
     times: list[float] = []
     runner = threading.Thread(target=stream_times, args=(url, {
@@ -97,7 +99,7 @@ def gap_test(url: str, model: str, prompt_tokens: int, salt: int) -> dict[str, f
     while len(times) < 20:
         time.sleep(0.01)
     joined_at = time.perf_counter()
-    long_prompt = " ".join(f"w{i + salt}" for i in range(prompt_tokens // 2))  # about two tokens each; no two alike
+    long_prompt = " ".join(f"w{i + salt}" for i in range(words))  # ~3.8 tokens each (ChatGLM3's); no two alike
     # (a prompt seen before would come from the cache)
     joiner = stream_chat(url, {"model": model, "messages": [{"role": "user", "content": long_prompt}],
                                "max_tokens": 4, "temperature": 0})
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-server", type=Path, help="llama.cpp's server, run on the same weights as a GGUF")
-    parser.add_argument("--model", choices=("bench", "demo"), default="bench")
+    parser.add_argument("--model", choices=("bench", "demo", "6b"), default="bench")
     args = parser.parse_args()
 
     if args.model == "demo":
@@ -129,6 +131,10 @@ def main() -> None:
         path = CACHE / "demo-endless.bin"
         if not path.exists():
             write_demo_model(path, eos_every=0)  # as `make run` writes it, but answers as long as asked
+    elif args.model == "6b":
+        from speed_6b import model_files
+
+        path = model_files()[0]
     else:
         path = bench_model()
     contenders = {"aigate": lambda port: start_aigate(port, CHATGLM_MODEL=str(path), CHATGLM_MODEL_ID="bench",
@@ -155,7 +161,7 @@ def main() -> None:
                     row["rss_mb"] = resident_mb(PROCESS[name])
                     rows.setdefault((name, count), []).append(row)
                     print(name, count, rows[(name, count)][-1], flush=True)
-            gaps[name] = [gap_test(url, "bench", 1000, salt=7 * r) for r in range(args.rounds)]
+            gaps[name] = [gap_test(url, "bench", 500, salt=7 * r) for r in range(args.rounds)]
             print(name, "gaps", gaps[name], flush=True)
         finally:
             server.terminate()
@@ -167,8 +173,9 @@ def report(rows: dict, gaps: dict, contenders: dict, args: argparse.Namespace, l
     def m(name: str, count: int, key: str) -> float:
         return median([r[key] for r in rows[(name, count)]])
 
-    model = ("Bench-size model (ChatGLM3-shaped f16, hidden 1024, 8 layers, vocabulary 65,024)" if args.model == "bench"
-             else "The demo model `make run` serves (ChatGLM3-shaped, tiny, random weights)")
+    model = {"bench": "Bench-size model (ChatGLM3-shaped f16, hidden 1024, 8 layers, vocabulary 65,024)",
+             "demo": "The demo model `make run` serves (ChatGLM3-shaped, tiny, random weights)",
+             "6b": "Benchmark 13's model (ChatGLM3-6B's shape in q4_0, random weights, 3.5 GB)"}[args.model]
     lines = ["# Benchmark 14: many people on one local model", "",
              f"{model}, one server with "
              f"{SLOTS} slots, {THREADS} threads per contender, greedy, {args.tokens} tokens per chat, distinct "
@@ -183,7 +190,8 @@ def report(rows: dict, gaps: dict, contenders: dict, args: argparse.Namespace, l
                          f"{m(name, count, 'together') / alone:.2f}x | {m(name, count, 'each_min'):.1f} | "
                          f"{m(name, count, 'each_min') / m(name, 1, 'each_min'):.2f}x | "
                          f"{m(name, count, 'ttft_max'):.2f} | {m(name, count, 'rss_mb'):.0f} |")
-    lines += ["", "A stream running while a 1,000-token prompt joins (largest gap between two chunks, ms):", "",
+    lines += ["", "A stream running while a prompt of 500 words (~1,900 tokens) joins (largest gap between two "
+              "chunks, ms):", "",
               "| contender | before the join | while the prompt is read | the prompt's first token, s |",
               "|---|---|---|---|"]
     for name, runs in gaps.items():
@@ -211,7 +219,7 @@ def report(rows: dict, gaps: dict, contenders: dict, args: argparse.Namespace, l
 
 
 def name_of(args: argparse.Namespace) -> str:
-    return "concurrency" if args.model == "bench" else "concurrency_demo"
+    return "concurrency" if args.model == "bench" else f"concurrency_{args.model}"
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ def main() -> None:
     progress(f"{per_token / 1e9:.2f} GB of weights read per token; measuring the read bandwidth")
     wait_quiet()
     bandwidth = {t: read_bandwidth(t) for t in (1, THREADS)}
-    seen = [bandwidth[THREADS]]  # and before each round: the host's bandwidth drifts with its neighbours
+    seen = [bandwidth[THREADS]]  # and before each decode: the host's bandwidth drifts with its neighbours
     progress(f"bandwidth {bandwidth}")
 
     host = watch_host()
@@ -242,12 +242,12 @@ def main() -> None:
         rng = np.random.default_rng(0)
         for r in range(args.rounds):
             wait_quiet()
-            seen.append(read_bandwidth(THREADS))
             for i in rng.permutation(len(contenders)):
                 c = contenders[i]
                 wait_quiet()
-                got = results.setdefault(c.label, {"decode": [], "prompt": [], "four": [], "one": []})
+                got = results.setdefault(c.label, {"decode": [], "prompt": [], "four": [], "one": [], "read": []})
                 short = prompts(FOUR, 20, seed=100 + r)
+                got["read"].append(read_bandwidth(THREADS, runs=3))  # the host's state just before this decode
                 one = complete(c.port, short[0], DECODE, c.llama)
                 got["decode"].append(one.decode_rate)
                 long = complete(c.port, prompts(1, PROMPT, seed=200 + r)[0], 1, c.llama)
@@ -259,6 +259,7 @@ def main() -> None:
         for c in contenders:
             c.process.terminate()
             c.process.wait()
+    seen += [b for got in results.values() for b in got["read"]]
     bandwidth[THREADS] = max(seen)  # the limit the machine showed it can reach, the strictest
     report(results, bandwidth, seen, per_token, bandwidth[THREADS] * 1e9 / per_token, host(), args.rounds)
 
@@ -278,17 +279,21 @@ def report(results: dict[str, dict[str, list[float]]], bandwidth: dict[int, floa
         f"in. Median of {rounds} rounds in rotation. Command: `.venv/bin/python bench/speed_6b.py`.",
         "",
         f"Memory read bandwidth (best of 7 reads of 2.7 GB, glibc memchr): {bandwidth[1]:.1f} GB/s with one thread "
-        f"before the run; with {THREADS}, measured then and before each round, {min(seen):.1f}-{max(seen):.1f} GB/s, "
+        f"before the run; with {THREADS}, measured then and before each decode, {min(seen):.1f}-{max(seen):.1f} GB/s, "
         f"the best {bandwidth[THREADS]:.1f} GB/s taken for the limit. One decode step reads "
         f"{per_token / 1e9:.2f} GB of weights (all but the embedding table), so the limit is **{limit:.2f} "
         "tokens/s**.",
         "",
-        "| contender | decode, one chat, tok/s | of the bandwidth limit | vs llama.cpp | "
-        f"prompt ({PROMPT} tokens), tok/s | vs llama.cpp | four at once, tok/s together | vs one alone |",
-        "|---|---|---|---|---|---|---|---|",
+        "| contender | decode, one chat, tok/s | of the bandwidth limit | of the bandwidth read just before it | "
+        f"vs llama.cpp | prompt ({PROMPT} tokens), tok/s | vs llama.cpp | four at once, tok/s together | "
+        "vs one alone |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in med.items():
-        lines.append(f"| {label} | {m['decode']:.2f} | {m['decode'] / limit:.0%} | {m['decode'] / llama['decode']:.2f}x"
+        paired = statistics.median(d * per_token / 1e9 / b for d, b in zip(results[label]["decode"],
+                                                                          results[label]["read"], strict=True))
+        lines.append(f"| {label} | {m['decode']:.2f} | {m['decode'] / limit:.0%} | {paired:.0%} | "
+                     f"{m['decode'] / llama['decode']:.2f}x"
                      f" | {m['prompt']:.1f} | {m['prompt'] / llama['prompt']:.2f}x | {m['four']:.2f} | "
                      f"{m['four'] / m['one']:.2f}x |")
     lines += [
@@ -298,12 +303,12 @@ def report(results: dict[str, dict[str, list[float]]], bandwidth: dict[int, floa
         f"Measured from {began}: load average (1 / 5 / 15 min) {load_before} before, {load_after} after; the "
         f"hypervisor took {stolen:.1%} of the CPU time (steal) meanwhile. Every round's numbers:",
         "",
-        "| contender | decode | prompt | one alone | four at once |",
-        "|---|---|---|---|---|",
+        "| contender | bandwidth read before the decode, GB/s | decode | prompt | one alone | four at once |",
+        "|---|---|---|---|---|---|",
     ]
     for label, got in results.items():
-        lines.append(f"| {label} | " + " | ".join(", ".join(f"{x:.2f}" for x in got[k])
-                                                  for k in ("decode", "prompt", "one", "four")) + " |")
+        lines.append(f"| {label} | " + " | ".join(", ".join(f"{x:.{1 if k == 'read' else 2}f}" for x in got[k])
+                                                  for k in ("read", "decode", "prompt", "one", "four")) + " |")
     (RESULTS / "speed_6b.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(med, limit)
