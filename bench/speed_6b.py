@@ -15,8 +15,10 @@ client (a lean socket reader, in its own process):
 Measured in rotation, median of `--rounds`: decode of one chat (tokens after the first over the time after the
 first), prompt evaluation of an ~800-token prompt (its length over the time to its first token), and four chats at
 once (their tokens together over the same span) against one alone. The bandwidth limit: the weights one decode
-step reads (every matrix but the embedding table) over the best of several timed reads of a 2.5 GB buffer with
-the same 2 threads (glibc's memchr through ctypes, which releases the GIL).
+step reads (every matrix but the embedding table) over the best of several timed reads of a 2.7 GB buffer with
+the same 2 threads (glibc's memchr through ctypes, which releases the GIL), read before the run and before each
+contender's decode: this host's bandwidth switches between two states from minute to minute, so each decode is
+also given as a share of the read just before it.
 
     .venv/bin/python bench/speed_6b.py [--rounds 5] [--chatglm 'aigate build=/path'] [--chatglm 'before=']
 """
