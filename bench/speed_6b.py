@@ -243,7 +243,6 @@ def main() -> None:
             complete(c.port, prompts(1, 20, seed=1)[0], 4, c.llama)
         rng = np.random.default_rng(0)
         for r in range(args.rounds):
-            wait_quiet()
             for i in rng.permutation(len(contenders)):
                 c = contenders[i]
                 wait_quiet()
