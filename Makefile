@@ -38,12 +38,12 @@ audit: $(VENV)/.installed-dev
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# chatglm-cpp first, from its PyPI source with aigate's patches on a current ggml (0.4.2+aigate.8 satisfies the
+# chatglm-cpp first, from its PyPI source with aigate's patches on a current ggml (0.4.2+aigate.9 satisfies the
 # pin, so requirements.txt keeps it); a stock build works too, with less (see README).
 $(VENV)/.installed: requirements.txt $(wildcard patches/chatglm-cpp-0.4.2-*.patch) scripts/build_chatglm_cpp.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/python -c "import chatglm_cpp, sys; sys.exit(chatglm_cpp.__version__ != '0.4.2+aigate.8')" 2>/dev/null \
+	$(BIN)/python -c "import chatglm_cpp, sys; sys.exit(chatglm_cpp.__version__ != '0.4.2+aigate.9')" 2>/dev/null \
 	  || scripts/build_chatglm_cpp.sh $(BIN)/pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@

@@ -13,8 +13,9 @@ client (a lean socket reader, in its own process):
 * llama.cpp: `llama-server` (`--llama-server`, default /work/llama-server/build/bin/llama-server), 4 slots.
 
 Measured in rotation, median of `--rounds`: decode of one chat (tokens after the first over the time after the
-first), prompt evaluation of an ~800-token prompt (its length over the time to its first token), and four chats at
-once (their tokens together over the same span) against one alone. The bandwidth limit: the weights one decode
+first), prompt evaluation of an ~800-token prompt (its length over the time to its first token) and the decode
+that follows it (each step attends over 800-864 positions), and four chats at once (their tokens together over the
+same span) against one alone. The bandwidth limit: the weights one decode
 step reads (every matrix but the embedding table) over the best of several timed reads of a 2.7 GB buffer with
 the same 2 threads (glibc's memchr through ctypes, which releases the GIL), read before the run and before each
 contender's decode: this host's bandwidth switches between two states from minute to minute, so each decode is
@@ -246,13 +247,15 @@ def main() -> None:
             for i in rng.permutation(len(contenders)):
                 c = contenders[i]
                 wait_quiet()
-                got = results.setdefault(c.label, {"decode": [], "prompt": [], "four": [], "one": [], "read": []})
+                got = results.setdefault(c.label, {"decode": [], "prompt": [], "deep": [], "four": [], "one": [],
+                                                   "read": []})
                 short = prompts(FOUR, 20, seed=100 + r)
                 got["read"].append(read_bandwidth(THREADS, runs=3))  # the host's state just before this decode
                 one = complete(c.port, short[0], DECODE, c.llama)
                 got["decode"].append(one.decode_rate)
-                long = complete(c.port, prompts(1, PROMPT, seed=200 + r)[0], 1, c.llama)
+                long = complete(c.port, prompts(1, PROMPT, seed=200 + r)[0], DECODE, c.llama)
                 got["prompt"].append(PROMPT / long.ttft)
+                got["deep"].append(long.decode_rate)
                 got["one"].append(complete(c.port, short[1], DECODE, c.llama).decode_rate)
                 got["four"].append(at_once(c.port, short, DECODE, c.llama))
                 progress(f"round {r + 1} {c.label}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in got.items()))
@@ -286,16 +289,17 @@ def report(results: dict[str, dict[str, list[float]]], bandwidth: dict[int, floa
         "tokens/s**.",
         "",
         "| contender | decode, one chat, tok/s | of the bandwidth limit | of the bandwidth read just before it | "
-        f"vs llama.cpp | prompt ({PROMPT} tokens), tok/s | vs llama.cpp | four at once, tok/s together | "
-        "vs one alone |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"vs llama.cpp | prompt ({PROMPT} tokens), tok/s | vs llama.cpp | decode after that prompt, tok/s | "
+        "vs llama.cpp | four at once, tok/s together | vs one alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in med.items():
         paired = statistics.median(d * per_token / 1e9 / b for d, b in zip(results[label]["decode"],
                                                                           results[label]["read"], strict=True))
         lines.append(f"| {label} | {m['decode']:.2f} | {m['decode'] / limit:.0%} | {paired:.0%} | "
                      f"{m['decode'] / llama['decode']:.2f}x"
-                     f" | {m['prompt']:.1f} | {m['prompt'] / llama['prompt']:.2f}x | {m['four']:.2f} | "
+                     f" | {m['prompt']:.1f} | {m['prompt'] / llama['prompt']:.2f}x | {m['deep']:.2f} | "
+                     f"{m['deep'] / llama['deep']:.2f}x | {m['four']:.2f} | "
                      f"{m['four'] / m['one']:.2f}x |")
     lines += [
         "",
@@ -304,12 +308,14 @@ def report(results: dict[str, dict[str, list[float]]], bandwidth: dict[int, floa
         f"Measured from {began}: load average (1 / 5 / 15 min) {load_before} before, {load_after} after; the "
         f"hypervisor took {stolen:.1%} of the CPU time (steal) meanwhile. Every round's numbers:",
         "",
-        "| contender | bandwidth read before the decode, GB/s | decode | prompt | one alone | four at once |",
-        "|---|---|---|---|---|---|",
+        "| contender | bandwidth read before the decode, GB/s | decode | prompt | decode after it | one alone | "
+        "four at once |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, got in results.items():
         lines.append(f"| {label} | " + " | ".join(", ".join(f"{x:.{1 if k == 'read' else 2}f}" for x in got[k])
-                                                  for k in ("read", "decode", "prompt", "one", "four")) + " |")
+                                                  for k in ("read", "decode", "prompt", "deep", "one", "four"))
+                     + " |")
     (RESULTS / "speed_6b.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(med, limit)
@@ -323,12 +329,16 @@ def plot(med: dict[str, dict[str, float]], limit: float) -> None:
 
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(13, 4.2))
     labels = list(med)
-    left.bar(labels, [med[x]["decode"] for x in labels], color="tab:blue")
+    at = np.arange(len(labels))
+    left.bar(at - 0.2, [med[x]["decode"] for x in labels], width=0.4, color="tab:blue", label="a short prompt")
+    left.bar(at + 0.2, [med[x]["deep"] for x in labels], width=0.4, color="tab:cyan",
+             label=f"after {PROMPT} tokens")
+    left.set_xticks(at, labels)
     left.axhline(limit, color="tab:red", linestyle="dashed", label="bandwidth limit")
     left.axhline(0.9 * limit, color="tab:orange", linestyle="dotted", label="90% of it")
     left.set_ylabel("tokens/s")
     left.set_title("Decode, one chat")
-    left.legend()
+    left.legend(fontsize="small")
     mid.bar(labels, [med[x]["prompt"] for x in labels], color="tab:green")
     mid.set_title(f"Prompt evaluation ({PROMPT} tokens)")
     mid.set_ylabel("tokens/s")

@@ -10,9 +10,10 @@
 #     OpenMP threads) are what make a quantized model decode at the machine's memory bandwidth; the patch also
 #     aligns the CPU backend's scratch buffer to a cache line (its kernels' 64-byte loads split in two otherwise)
 #     and, on CPUs with AVX512-VNNI, computes the repacked q4_0 matrices with its own GEMV and 4-row GEMM (the
-#     nibbles fed to vpdpbusd unsigned: about half the instructions of ggml's sign-extending kernels); and a model
-#     loads without holding the GIL (the engine's other models keep streaming meanwhile).
-# It installs as 0.4.2+aigate.8, which still satisfies requirements.txt's chatglm-cpp==0.4.2; a stock install
+#     nibbles fed to vpdpbusd unsigned: about half the instructions of ggml's sign-extending kernels); a model
+#     loads without holding the GIL (the engine's other models keep streaming meanwhile); and decode attends over
+#     the KV cache padded to a multiple of 16 positions, where ggml's tiled GEMM takes the attention products.
+# It installs as 0.4.2+aigate.9, which still satisfies requirements.txt's chatglm-cpp==0.4.2; a stock install
 # works too, with less, and slower.
 #   scripts/build_chatglm_cpp.sh PATH/TO/VENV/bin/pip
 # CMAKE_BUILD_PARALLEL_LEVEL sets the compile jobs (default: one per core); CMAKE_ARGS passes options on to CMake.

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from backends.base import ChatRequest, Event, Finish, ImageInput, Message, TextDelta, Tool, ToolCall
@@ -262,6 +263,27 @@ def test_long_prompt_chunks_attend_by_flash_attention_with_the_same_answers(chat
                      for events in (flash, plain))
         differences = [abs(a - b) for a, b in zip(got, want, strict=True)]
         assert 0 < max(differences) < 1e-2
+    finally:
+        model.close()
+
+
+@batched
+def test_what_an_earlier_sequence_left_in_a_slot_never_reaches_an_answer(demo_model):
+    """Decode and short chunks attend over the cache up to the next multiple of 16 positions (aigate's build from
+    +aigate.9: that is when ggml's tiled GEMM takes the attention products), so the positions past a sequence,
+    which hold what the slot's earlier, longer sequence left there, must not count: the same tokens give the same
+    logits, to the bit, in that slot as in a fresh one."""
+    model = Model(read_model_file(demo_model), 1024, slots=2)
+    try:
+        runners = [slot.runner for slot in model.slots]
+        runners[0].logits([10 + i % 500 for i in range(300)], 0, 0, np.empty(model.vocab_size, np.float32))
+        ids = [20 + i % 300 for i in range(41)]  # 41 and 42 positions: neither a multiple of 16
+        logits = [[np.empty(model.vocab_size, np.float32) for _ in range(2)] for _ in runners]
+        for runner, (prompt, decode) in zip(runners, logits, strict=True):
+            runner.logits(ids[:-1], 0, 0, prompt)  # one chunk of 40, from position 0
+            runner.logits(ids, 40, 0, decode)  # one decode step
+        assert all(np.isfinite(x).all() for pair in logits for x in pair)
+        assert np.array_equal(logits[0][0], logits[1][0]) and np.array_equal(logits[0][1], logits[1][1])
     finally:
         model.close()
 
