@@ -64,6 +64,14 @@ def slow_model(models_dir: Path) -> Path:
     return write_demo_model(models_dir / "endless.bin", **SLOW_MODEL, max_length=TEST_CONTEXT)
 
 
+@pytest.fixture(scope="session")
+def slow_q8_0_model(models_dir: Path) -> Path:
+    """The slow model in q8_0, whose logits aigate's build gives bit for bit batched or alone (f16 matrices of
+    several columns go through ggml's tiled GEMM, one column through the dot product: ~0.01 apart)."""
+    (models_dir / "q8_0").mkdir(exist_ok=True)  # the same name, so the same model id: "endless"
+    return write_demo_model(models_dir / "q8_0" / "endless.bin", **SLOW_MODEL, dtype="q8_0", max_length=TEST_CONTEXT)
+
+
 # The other families, as small as the demo model; they never write end-of-text, so max_tokens
 # decides every length (GLM-4's tokens are short: a few hundred make a long answer).
 @pytest.fixture(scope="session")
