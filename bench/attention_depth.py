@@ -3,11 +3,11 @@
 Each decode step attends over every position of the sequence's cache, so a long conversation decodes slower than a
 short one. Here each build (`--build LABEL=PYTHONPATH`, the chatglm_cpp to import; empty: this venv's) runs in a
 process of its own with benchmark 13's 6B-shaped q4_0 model, 2 threads, one slot; it reads one prompt of
---context tokens once, then, asked for a depth, decodes 16 tokens from that position of its cache (the cache
-positions after it are written again each time: the prompt stays). The processes take turns: in each round every
-build decodes at every depth, the order of the builds alternating, so each ratio is taken against a run seconds
-apart (this host's speed wanders by more than the differences measured here). 16 tokens from a depth cover every
-remainder of the cache length modulo 16.
+--context tokens once, then, asked for a depth, decodes 16 tokens from that position of its cache (writing over
+16 positions of the prompt, which changes what later runs attend to, not how long they take). The processes take
+turns: in each round every build decodes at every depth, the order of the builds alternating, so each ratio is
+taken against a run seconds apart (this host's speed wanders by more than the differences measured here). 16 tokens
+from a depth cover every remainder of the cache length modulo 16.
 
     .venv/bin/python bench/attention_depth.py --build '+aigate.9=' --build '+aigate.8=/path' [--rounds 10]
 """
@@ -28,24 +28,23 @@ DEPTHS = (32, 500, 1000, 2000, 3000)
 TOKENS = 16
 
 
-def worker(model: str, context: int) -> None:
+def worker(path: str, context: int) -> None:
     """The model in this process: reads the prompt, then answers each "DEPTH" line with the seconds 16 tokens took."""
     import chatglm_cpp
 
     C = chatglm_cpp._C
-    pipeline = chatglm_cpp.Pipeline(model, max_length=int(SHAPE["max_length"]), num_slots=1)
-    model_ = pipeline.model
+    model = chatglm_cpp.Pipeline(path, max_length=int(SHAPE["max_length"]), num_slots=1).model
     greedy = C.GenerationConfig(do_sample=False)
     prompt = [10 + (i * 7) % 800 for i in range(context)]
     for start in range(0, context, 256):
-        model_.step([C.StepEntry(0, prompt[start:start + 256], start, start, None, False)])
+        model.step([C.StepEntry(0, prompt[start:start + 256], start, start, None, False)])
     print(chatglm_cpp.__version__, flush=True)
     for line in sys.stdin:
         depth = int(line)
         token = prompt[depth]
         started = time.perf_counter()
         for i in range(TOKENS):
-            token = model_.step([C.StepEntry(0, [token], depth + i, depth + i, greedy)])[0]
+            token = model.step([C.StepEntry(0, [token], depth + i, depth + i, greedy)])[0]
         print(time.perf_counter() - started, flush=True)
 
 
