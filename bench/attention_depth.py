@@ -96,6 +96,13 @@ def main() -> None:
     report(rates, [label for label, _ in builds], args, host())
 
 
+def paired(rates: dict[tuple[str, int], list[float]], label: str, base: str, depth: int) -> tuple[float, float, float]:
+    """``label``'s rate over ``base``'s in the same round at ``depth``: lower quartile, median, upper quartile."""
+    low, mid, high = statistics.quantiles([a / b for a, b in zip(rates[(label, depth)], rates[(base, depth)],
+                                                                  strict=True)], n=4)
+    return low, mid, high
+
+
 def report(rates: dict[tuple[str, int], list[float]], labels: list[str], args: argparse.Namespace,
            host: HostRecord) -> None:
     began, load_before, load_after, stolen = host
@@ -117,9 +124,8 @@ def report(rates: dict[tuple[str, int], list[float]], labels: list[str], args: a
     for depth in DEPTHS:
         row = [f"{statistics.median(rates[(label, depth)]):.2f}" for label in labels]
         for label in labels[:-1]:
-            pairs = sorted(a / b for a, b in zip(rates[(label, depth)], rates[(base, depth)], strict=True))
-            q = statistics.quantiles(pairs, n=4)
-            row.append(f"{statistics.median(pairs):.2f}x ({q[0]:.2f}-{q[2]:.2f})")
+            low, mid, high = paired(rates, label, base, depth)
+            row.append(f"{mid:.2f}x ({low:.2f}-{high:.2f})")
         lines.append(f"| {depth}-{depth + TOKENS} | " + " | ".join(row) + " |")
     lines += [
         "",
@@ -147,11 +153,9 @@ def plot(rates: dict[tuple[str, int], list[float]], labels: list[str]) -> None:
     left.set_title("Decode speed (the host's speed wanders: see the pairs)")
     left.legend()
     for label in labels[:-1]:
-        pairs = [sorted(a / b for a, b in zip(rates[(label, d)], rates[(base, d)], strict=True)) for d in DEPTHS]
-        mid = [statistics.median(p) for p in pairs]
-        quartiles = [statistics.quantiles(p, n=4) for p in pairs]
-        right.errorbar(DEPTHS, mid, yerr=[[m - q[0] for m, q in zip(mid, quartiles, strict=True)],
-                                          [q[2] - m for m, q in zip(mid, quartiles, strict=True)]],
+        low, mid, high = zip(*(paired(rates, label, base, d) for d in DEPTHS), strict=True)
+        right.errorbar(DEPTHS, mid, yerr=[[m - lo for m, lo in zip(mid, low, strict=True)],
+                                          [hi - m for m, hi in zip(mid, high, strict=True)]],
                        marker="o", capsize=4, label=f"{label} / {base}")
     right.axhline(1.0, color="grey", linestyle="dashed")
     right.set_xlabel("positions in the cache")
